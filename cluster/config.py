@@ -1,0 +1,471 @@
+"""One validated config tree for every stage of tame.
+
+Loaded from YAML with ``--set dotted.key=value`` overrides, validated by pydantic with
+``extra="forbid"`` so a typo is an error, frozen after parsing, and dumped whole into the
+run directory. This module imports nothing else of the project: the roles (actors,
+learner, reward service) share it without importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override: the message names the key, file and line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# --------------------------------------------------------------------------- run / models
+
+
+class RunConfig(Section):
+    name: str = Field("tame", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Run name: the run directory is `<output_dir>/<name>/` and the wandb run is named after it."""
+    output_dir: str = "runs"
+    """Folder that holds one directory per run."""
+    seed: int = Field(0, ge=0)
+    """Seed for every random choice of the run (data order, sampling, initialisation)."""
+
+
+class ModelConfig(Section):
+    policy: str = "runs/assets/small/policy"
+    """Path of the policy (a Hugging Face causal LM folder): the SFT model that PPO starts from."""
+    reward: str | None = "runs/assets/small/reward"
+    """Path of the reward model (a Hugging Face sequence-classification folder), or null for rule-based rewards only."""
+    build_assets: Literal["tiny", "small", "base"] | None = None
+    """When set and the model paths do not exist, build the offline assets of this size there first (`tame assets`)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype for the learner and the rollout engines. CPU runs use float32."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    prompts: str = "runs/assets/small/data/prompts.jsonl"
+    """JSONL of prompts, one object a line: {"prompt": str} or {"messages": [{"role", "content"}, ...]}."""
+    shuffle: bool = True
+    """Reshuffle the prompt order at every epoch (from the run seed and the epoch number)."""
+    chat_template: bool = True
+    """Format prompts with the tokenizer's chat template; false sends the raw text (base models)."""
+    max_prompt_tokens: int = Field(256, ge=1)
+    """Prompts longer than this (in tokens, after the template) are rejected when the data is loaded."""
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    """Sampling temperature. The learner computes log-probs at the same temperature."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass. Values below 1 make behaviour log-probs differ from the full softmax."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k sampling; -1 disables it."""
+    max_new_tokens: int = Field(48, ge=1, le=32768)
+    """Most tokens generated per response; longer responses end with finish reason 'length'."""
+    samples_per_prompt: int = Field(1, ge=1, le=64)
+    """Completions sampled for each prompt."""
+    stop: list[str] = Field(default_factory=list)
+    """Extra stop strings (the tokenizer's EOS token always stops)."""
+
+
+class RolloutConfig(Section):
+    num_actors: int = Field(1, ge=1, le=1024)
+    """Number of rollout actors (vLLM engines) at start; `tame scale` changes it while a job runs."""
+    num_cpus: float = Field(1.0, gt=0.0)
+    """Ray CPUs per actor. Ray sets the actor's thread count from this."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """Ray GPUs per actor (1 on a GPU cluster, so each engine gets its own device)."""
+    max_model_len: int = Field(512, ge=16)
+    """Longest prompt plus response, in tokens, that an engine accepts."""
+    kv_cache_gib: float = Field(1.0, gt=0.0, le=1024.0)
+    """KV-cache size per engine in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    """Share of a GPU's memory an engine may take (GPU only)."""
+    prompts_per_batch: int = Field(32, ge=1)
+    """Prompts an actor generates in one call before it checks for new weights."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Sampling parameters shared by all actors."""
+
+
+# --------------------------------------------------------------------------- reward
+
+
+class RewardFunctionConfig(Section):
+    function: str = Field(..., pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """A Python callable `module:function` taking (prompt: str, response: str) and returning a float."""
+    weight: float = 1.0
+    """Weight of this callable in the summed reward."""
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0)
+    """Serve autoscaling: fewest replicas."""
+    max_replicas: int = Field(1, ge=1)
+    """Serve autoscaling: most replicas."""
+    target_ongoing_requests: float = Field(2.0, gt=0.0)
+    """Serve autoscaling: ongoing requests per replica to aim for."""
+
+
+class RewardConfig(Section):
+    model_weight: float = 1.0
+    """Weight of the reward model's score in the summed reward (ignored when model.reward is null)."""
+    functions: list[RewardFunctionConfig] = Field(default_factory=list)
+    """Rule-based rewards added to the model's score, each with its weight."""
+    replicas: int = Field(1, ge=1, le=256)
+    """Serve replicas of the reward deployment (ignored when autoscaling is set)."""
+    autoscaling: AutoscalingConfig | None = None
+    """Serve autoscaling settings, passed through; null means a fixed replica count."""
+    num_cpus: float = Field(1.0, ge=0.0)
+    """Ray CPUs per replica."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """Ray GPUs per replica."""
+    max_batch_size: int = Field(64, ge=1)
+    """Most (prompt, response) items scored in one forward pass (serve.batch)."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    """How long a replica waits to fill a batch."""
+    max_items: int = Field(256, ge=1)
+    """Most items accepted in one request."""
+    max_chars: int = Field(16384, ge=1)
+    """Longest prompt or response string accepted, in characters."""
+    max_length: int = Field(512, ge=8)
+    """Tokens fed to the reward model per item; longer inputs keep their last tokens."""
+    timeout_s: float = Field(60.0, gt=0.0)
+    """Time budget of one scoring call from a rollout actor, retries included."""
+    retries: int = Field(3, ge=0, le=100)
+    """Retries of a failed scoring call within the time budget."""
+    host: str = "127.0.0.1"
+    """HTTP bind address of the reward service."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port of the reward service."""
+    token_env: str = "TAME_REWARD_TOKEN"
+    """Environment variable holding the bearer token; when it is set, HTTP requests must carry it."""
+
+
+# --------------------------------------------------------------------------- learner / PPO
+
+
+class KLConfig(Section):
+    coef: float = Field(0.05, ge=0.0)
+    """Initial KL coefficient beta of the per-token penalty toward the reference (SFT) model."""
+    adaptive: bool = False
+    """Adapt beta toward `target` (Ziegler et al. 2019); false keeps it fixed."""
+    target: float = Field(6.0, gt=0.0)
+    """Target KL per sequence (nats) of the adaptive controller."""
+    horizon: int = Field(10000, ge=1)
+    """Horizon (samples) of the adaptive controller."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator used in the reward penalty (Schulman's k1, k2, k3)."""
+
+
+class PPOConfig(Section):
+    epochs: int = Field(1, ge=1, le=100)
+    """PPO epochs over each batch of rollouts."""
+    minibatch_size: int = Field(16, ge=1)
+    """Sequences per optimizer step."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward pass; gradients accumulate up to the minibatch."""
+    learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
+    """Policy learning rate (AdamW)."""
+    critic_learning_rate: float = Field(1e-5, gt=0.0, le=1.0)
+    """Critic learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up, in optimizer steps."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay after warm-up, over the run's optimizer steps."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    """Gradient-norm clip."""
+    clip_ratio: float = Field(0.2, gt=0.0, le=10.0)
+    """PPO ratio clip epsilon."""
+    value_clip: float = Field(0.2, gt=0.0)
+    """Clip range of the value prediction around its old value."""
+    vf_coef: float = Field(0.1, ge=0.0)
+    """Weight of the value loss."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of the entropy bonus."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """Discount factor of GAE."""
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
+    """Lambda of GAE."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch's response tokens."""
+    whiten_rewards: bool = False
+    """Whiten the scores over the batch before shaping."""
+    is_cap: float = Field(2.0, ge=1.0)
+    """C of the truncated importance weight min(pi_prox / pi_behaviour, C) for off-policy rollouts."""
+    missing_eos_penalty: float | None = None
+    """If set, subtract this from the score of responses that did not end with EOS."""
+    truncate_at_stop: bool = True
+    """Ignore tokens after the first stop token of a response."""
+    ptx_coef: float = Field(0.0, ge=0.0)
+    """Weight of the pretraining log-likelihood term (PPO-ptx); 0 disables it."""
+    ptx_data: str | None = None
+    """JSONL of {"prompt", "response"} for PPO-ptx."""
+    kl: KLConfig = KLConfig()
+    """KL penalty toward the reference model."""
+
+    @model_validator(mode="after")
+    def _micro_divides_minibatch(self) -> PPOConfig:
+        if self.minibatch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must divide "
+                f"minibatch_size ({self.minibatch_size})"
+            )
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ValueError("ptx_coef > 0 needs ptx_data")
+        return self
+
+
+class LearnerConfig(Section):
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    """Torch device of the learner: cpu, cuda or cuda:N."""
+    num_cpus: float = Field(1.0, gt=0.0)
+    """Ray CPUs of the learner actor; torch uses as many threads."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """Ray GPUs of the learner actor."""
+    critic: Literal["reward", "policy"] = "reward"
+    """Initialise the critic from the reward model (InstructGPT) or from the policy with a fresh value head."""
+    transport_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Cast the weights to this dtype for the broadcast; null keeps model.dtype."""
+    checkpoint_every: int = Field(10, ge=1)
+    """Write a checkpoint every this many updates (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Keep the newest K checkpoints."""
+    max_nonfinite_updates: int = Field(3, ge=1)
+    """Stop the run after this many consecutive updates skipped for NaN or Inf."""
+
+
+# --------------------------------------------------------------------------- loop
+
+
+class TrainConfig(Section):
+    total_updates: int = Field(20, ge=1)
+    """Learner updates (policy versions) to run."""
+    total_samples: int | None = Field(None, ge=1)
+    """Stop after this many trained samples instead, if reached first."""
+    rollout_batch_size: int = Field(32, ge=1)
+    """Completions per learner update."""
+    max_staleness: int = Field(0, ge=0)
+    """Largest allowed learner version minus record version: 0 is synchronous on-policy PPO."""
+    queue_size: int = Field(4, ge=1)
+    """Bound of the experience queue, in generation batches."""
+
+
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled", "auto"] = "auto"
+    """online, offline or disabled; auto is online when an API key is set, else offline."""
+    project: str = "tame"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user)."""
+    tags: list[str] = Field(default_factory=list)
+    """wandb tags."""
+
+
+class LoggingConfig(Section):
+    wandb: WandbConfig = WandbConfig()
+    """Weights & Biases settings."""
+    sample_every: int = Field(5, ge=1)
+    """Log a table of sample completions every this many updates."""
+    samples_in_table: int = Field(8, ge=1)
+    """Rows of the sample table."""
+
+
+class ClusterConfig(Section):
+    address: str | None = None
+    """Ray address to connect to; null uses RAY_ADDRESS or starts a local Ray."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local Ray started by tame (null: all of the machine's)."""
+
+
+# --------------------------------------------------------------------------- stage 1 and 2
+
+
+class SFTConfig(Section):
+    data: str = "runs/assets/small/data/sft.jsonl"
+    """JSONL of {"prompt", "response"} demonstrations (or a local Hugging Face dataset folder)."""
+    init: str | None = None
+    """Causal LM to start from; null uses model.policy."""
+    output: str = "runs/sft"
+    """Where the fine-tuned policy is saved (Hugging Face format)."""
+    epochs: int = Field(2, ge=1)
+    """Passes over the data."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per optimizer step."""
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    """AdamW learning rate (linear decay after a short warm-up)."""
+    max_length: int = Field(256, ge=8)
+    """Longest prompt plus response in tokens; longer examples are truncated."""
+
+
+class RewardModelTrainConfig(Section):
+    data: str = "runs/assets/small/data/preferences.jsonl"
+    """JSONL of {"prompt", "chosen", "rejected"} pairs (or a local Hugging Face dataset folder)."""
+    init: str | None = None
+    """Model to start from: a sequence-classification folder, or a causal-LM folder (such as
+    the SFT policy) whose body is reused under a fresh score head; null uses model.reward."""
+    output: str = "runs/rm"
+    """Where the trained reward model is saved (Hugging Face format)."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the training pairs."""
+    batch_size: int = Field(16, ge=1)
+    """Pairs per optimizer step."""
+    learning_rate: float = Field(5e-4, gt=0.0, le=1.0)
+    """AdamW learning rate."""
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of pairs held out to measure pairwise accuracy."""
+    max_length: int = Field(256, ge=8)
+    """Longest prompt plus response in tokens."""
+
+
+# --------------------------------------------------------------------------- the tree
+
+
+class TameConfig(Section):
+    run: RunConfig = RunConfig()
+    """Run name, output folder and seed."""
+    model: ModelConfig = ModelConfig()
+    """Model paths and dtype."""
+    data: DataConfig = DataConfig()
+    """Prompt data for PPO."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Rollout actors (vLLM engines) and sampling."""
+    reward: RewardConfig = RewardConfig()
+    """Reward service (Ray Serve) and rule-based rewards."""
+    ppo: PPOConfig = PPOConfig()
+    """PPO hyper-parameters."""
+    learner: LearnerConfig = LearnerConfig()
+    """Learner actor: device, resources, checkpoints."""
+    train: TrainConfig = TrainConfig()
+    """The actor-learner loop: length, batch size, staleness."""
+    logging: LoggingConfig = LoggingConfig()
+    """Metrics and wandb."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Which Ray cluster to use."""
+    sft: SFTConfig = SFTConfig()
+    """Stage 1: supervised fine-tuning (`tame sft`)."""
+    reward_model: RewardModelTrainConfig = RewardModelTrainConfig()
+    """Stage 2: reward-model training (`tame train-rm`)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map every key path of a YAML document to the 1-based line where it appears."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (key.value,)
+            lines[path] = key.start_mark.line + 1
+            lines.update(_key_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            path = prefix + (i,)
+            lines[path] = value.start_mark.line + 1
+            lines.update(_key_lines(value, path))
+    return lines
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TameConfig:
+    """Read a YAML config, apply `dotted.key=value` overrides and validate the whole tree.
+
+    Raises ConfigError naming the key path, the file and the line for every problem.
+    """
+    data: dict = {}
+    lines: dict[tuple, int] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{where}: config file not found")
+        text = p.read_text()
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{where}{at}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}:1: the config must be a mapping of sections")
+        lines = _key_lines(node) if node is not None else {}
+
+    overridden: set[tuple] = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(data, keys, value)
+        overridden.add(tuple(keys))
+
+    try:
+        return TameConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, where, lines, overridden)) from None
+
+
+def _describe(err: ValidationError, where: str, lines: dict, overridden: set) -> str:
+    out = []
+    for problem in err.errors():
+        loc = tuple(problem["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
+            origin = f"--set {key}"
+        else:
+            # The nearest enclosing key that the file spells out gives the line.
+            line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+            origin = f"{where}:{line}" if line else where
+        msg = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in problem and problem["type"] != "missing":
+            msg += f" (got {json.dumps(problem['input'], default=str)[:80]})"
+        out.append(f"{origin}: {key}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(out)
+
+
+def schema_json() -> str:
+    return json.dumps(TameConfig.model_json_schema(), indent=2)
