@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny offline assets and one local Ray for the whole session.
+
+Building a vLLM engine or starting Ray costs seconds on 2 cores, so both are made once and
+shared; tests that need their own cluster (job submission, multi-node) start it themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Tokenizer, policy, reward model and demo data of size tiny, built once per session."""
+    from cluster.assets import ensure_assets
+
+    return ensure_assets(tmp_path_factory.mktemp("assets") / "tiny", "tiny", seed=0, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with more logical CPUs than cores, so every role can be placed at once."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                           "VLLM_CPU_KVCACHE_SPACE": "1",
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
