@@ -34,7 +34,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=4, include_dashboard=False,
                  runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                            "VLLM_CPU_KVCACHE_SPACE": "1",
                                            "TOKENIZERS_PARALLELISM": "false"}})
