@@ -1,0 +1,224 @@
+"""The PPO math against numbers worked out by hand (pure torch, fast)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner import ppo
+
+LN2 = math.log(2.0)
+
+
+def t(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+
+def test_masked_mean_and_unbiased_variance_ignore_masked_values():
+    x = t([2.0, 4.0, 100.0], [6.0, -50.0, 7.0])
+    mask = t([1, 1, 0], [1, 0, 0])
+    assert ppo.masked_mean(x, mask).item() == pytest.approx(4.0)
+    # (2-4)^2 + 0 + (6-4)^2 = 8, over n - 1 = 2.
+    assert ppo.masked_var(x, mask).item() == pytest.approx(4.0)
+    assert ppo.masked_var(x, mask, unbiased=False).item() == pytest.approx(8.0 / 3.0)
+    assert ppo.masked_mean(x, mask, dim=1).tolist() == pytest.approx([3.0, 6.0])
+
+
+def test_whitening_with_mask():
+    x = t([2.0, 4.0, 100.0], [6.0, -50.0, 7.0])
+    mask = t([1, 1, 0], [1, 0, 0])
+    # mean 4, std 2: the masked values become -1, 0, 1 and the rest 0.
+    white = ppo.masked_whiten(x, mask)
+    assert white.tolist() == [pytest.approx([-1.0, 0.0, 0.0]), pytest.approx([1.0, 0.0, 0.0])]
+    scaled = ppo.masked_whiten(x, mask, shift_mean=False)
+    assert scaled.tolist() == [pytest.approx([3.0, 4.0, 0.0]), pytest.approx([5.0, 0.0, 0.0])]
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def test_logprobs_and_entropy_at_a_temperature():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # probs 1/4, 3/4 at T=1
+    tokens = torch.tensor([[1]])
+    assert ppo.logprobs_from_logits(logits, tokens).item() == pytest.approx(math.log(0.75))
+    # At T=2 the logits halve: p(1) = sqrt(3) / (1 + sqrt(3)).
+    s3 = math.sqrt(3.0)
+    assert ppo.logprobs_from_logits(logits, tokens, 2.0).item() == pytest.approx(math.log(s3 / (1 + s3)))
+    uniform = torch.zeros(1, 1, 4)
+    assert ppo.entropy_from_logits(uniform).item() == pytest.approx(math.log(4.0))
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert ppo.entropy_from_logits(logits).item() == pytest.approx(h, rel=1e-6)
+
+
+def test_shifted_token_logprobs_align_with_the_next_token():
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.3, 0.7]]]))
+    ids = torch.tensor([[0, 1, 0]])
+    out = ppo.shifted_token_logprobs(logits, ids)
+    assert out.tolist()[0] == pytest.approx([math.log(0.5), math.log(0.9)], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- KL estimators
+
+
+def test_kl_estimators_by_hand():
+    # pi = 1/2, pi_ref = 1/4: log(pi / pi_ref) = ln 2, r = pi_ref / pi = 1/2.
+    logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    assert ppo.kl_k1(logp, ref).item() == pytest.approx(LN2)
+    assert ppo.kl_k2(logp, ref).item() == pytest.approx(0.5 * LN2**2)
+    assert ppo.kl_k3(logp, ref).item() == pytest.approx(0.5 - 1.0 + LN2)
+    # Reversed: k1 goes negative, k3 stays positive: r = 2 -> (2 - 1) - ln 2.
+    assert ppo.kl_k1(ref, logp).item() == pytest.approx(-LN2)
+    assert ppo.kl_k3(ref, logp).item() == pytest.approx(1.0 - LN2)
+    assert set(ppo.KL_ESTIMATORS) == {"k1", "k2", "k3"}
+
+
+def test_kl_estimators_average_to_the_true_kl():
+    # Sampling from pi, k1 and k3 are unbiased estimates of KL(pi || ref).
+    pi = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    ref = torch.tensor([0.4, 0.4, 0.2], dtype=torch.float64)
+    true_kl = float((pi * (pi / ref).log()).sum())
+    lp, lr = pi.log(), ref.log()
+    for name in ("k1", "k3"):
+        expected = float((pi * ppo.KL_ESTIMATORS[name](lp, lr)).sum())
+        assert expected == pytest.approx(true_kl, rel=1e-12), name
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def test_kl_shaped_reward_puts_the_score_on_the_last_response_token():
+    logp = t([0.0, math.log(0.5), math.log(0.5), math.log(0.25), 0.0])
+    ref = t([0.0, math.log(0.25), math.log(0.5), math.log(0.5), 0.0])
+    mask = t([0, 1, 1, 1, 0])  # a prompt position, three response tokens, one pad
+    rewards, kl = ppo.kl_shaped_rewards(t(2.0), logp, ref, mask, kl_coef=0.1, estimator="k1")
+    assert kl.tolist()[0] == pytest.approx([0.0, LN2, 0.0, -LN2, 0.0])
+    assert rewards.tolist()[0] == pytest.approx([0.0, -0.1 * LN2, 0.0, 0.1 * LN2 + 2.0, 0.0])
+    _, kl2 = ppo.kl_shaped_rewards(t(2.0), logp, ref, mask, kl_coef=0.1, estimator="k2")
+    assert kl2.tolist()[0] == pytest.approx([0.0, 0.5 * LN2**2, 0.0, 0.5 * LN2**2, 0.0])
+
+
+def test_missing_eos_penalty_and_truncation_at_the_stop_token():
+    scores = ppo.apply_missing_eos_penalty(t(1.0, 1.0), torch.tensor([True, False]), 0.5)
+    assert scores.tolist() == [1.0, 0.5]
+    tokens = torch.tensor([[9, 5, 1, 7, 1], [9, 5, 6, 7, 0]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    assert ppo.mask_after_stop(tokens, mask, stop_token_id=1).tolist() == [[0, 1, 1, 0, 0],
+                                                                          [0, 1, 1, 1, 0]]
+
+
+# --------------------------------------------------------------------------- GAE
+
+
+def test_gae_by_hand():
+    rewards, values = t([0.0, 0.0, 1.0]), t([0.5, 0.6, 0.7])
+    adv, ret = ppo.gae(rewards, values, t([1, 1, 1]), gamma=1.0, gae_lambda=0.5)
+    # t=2: 1 - 0.7 = 0.3; t=1: (0.7 - 0.6) + 0.5 * 0.3 = 0.25; t=0: 0.1 + 0.5 * 0.25 = 0.225
+    assert adv.tolist()[0] == pytest.approx([0.225, 0.25, 0.3])
+    assert ret.tolist()[0] == pytest.approx([0.725, 0.85, 1.0])
+
+
+def test_gae_discounts_and_ignores_prompt_and_padding():
+    # gamma 0.9, lambda 1: A_0 is the discounted return minus V_0 = 0.9 * 1 - 0.2.
+    rewards = t([7.0, 0.0, 1.0, 5.0], [0.0, 2.0, 0.0, 0.0])
+    values = t([3.0, 0.2, 0.4, 9.0], [0.0, 1.5, 0.0, 0.0])
+    mask = t([0, 1, 1, 0], [0, 1, 0, 0])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=0.9, gae_lambda=1.0)
+    assert adv.tolist() == [pytest.approx([0.0, 0.7, 0.6, 0.0]), pytest.approx([0.0, 0.5, 0.0, 0.0])]
+    assert ret.tolist() == [pytest.approx([0.0, 0.9, 1.0, 0.0]), pytest.approx([0.0, 2.0, 0.0, 0.0])]
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_clipped_policy_loss_on_both_sides_of_the_clip():
+    # (advantage, ratio): + with r above 1+eps (clipped), + with r below (not clipped),
+    # - with r below 1-eps (clipped), - with r above (not clipped).
+    adv = t([1.0, 1.0, -1.0, -1.0])
+    ratio = t([1.5, 0.5, 0.5, 1.5])
+    old = t([-1.0, -2.0, -0.5, -3.0])
+    logp = (old + ratio.log()).requires_grad_()
+    out = ppo.clipped_policy_loss(logp, old, adv, torch.ones_like(adv), clip_ratio=0.2)
+    # per token: max(-1.5, -1.2) = -1.2, max(-0.5, -0.8) = -0.5, max(0.5, 0.8) = 0.8,
+    # max(1.5, 1.2) = 1.5 -> mean 0.15
+    assert out.loss.item() == pytest.approx(0.15)
+    assert out.clipfrac.item() == pytest.approx(0.5)
+    assert out.ratio.item() == pytest.approx(1.0)
+    assert out.approxkl.item() == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + 2 * LN2**2) / 4)
+    out.loss.backward()
+    # Clipped tokens get no gradient; the others d(-A r)/dlogp / 4 = -A r / 4.
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, -0.125, 0.0, 0.375])
+
+
+def test_policy_loss_weights_mask_and_normaliser():
+    adv, old = t([1.0, 2.0, 3.0]), t([0.0, 0.0, 0.0])
+    logp = t([0.0, 0.0, 0.0])
+    weights, mask = t([0.5, 2.0, 1.0]), t([1, 1, 0])
+    out = ppo.clipped_policy_loss(logp, old, adv, mask, 0.2, weights=weights)
+    assert out.loss.item() == pytest.approx((-1.0 * 0.5 - 2.0 * 2.0) / 2)
+    out10 = ppo.clipped_policy_loss(logp, old, adv, mask, 0.2, weights=weights, normaliser=10)
+    assert out10.loss.item() == pytest.approx(-4.5 / 10)
+
+
+def test_clipped_value_loss_on_both_sides_of_the_clip():
+    values = t([0.5, 0.1, 0.5, -0.5]).requires_grad_()
+    old, returns = t([0.0, 0.0, 0.0, 0.0]), t([1.0, 1.0, 0.0, 1.0])
+    out = ppo.clipped_value_loss(values, old, returns, torch.ones(1, 4), value_clip=0.2)
+    # 0.5 * max((0.5-1)^2, (0.2-1)^2) = 0.32 (clipped branch), 0.5 * 0.81 = 0.405,
+    # 0.5 * max(0.25, 0.04) = 0.125, 0.5 * max(2.25, 1.44) = 1.125
+    assert out.loss.item() == pytest.approx((0.32 + 0.405 + 0.125 + 1.125) / 4)
+    assert out.clipfrac.item() == pytest.approx(0.25)
+    out.loss.backward()
+    # d/dv of 0.5 (v - R)^2 / 4 where the unclipped branch wins; 0 where the clip does.
+    assert values.grad.tolist()[0] == pytest.approx([0.0, -0.9 / 4, 0.5 / 4, -1.5 / 4])
+
+
+def test_entropy_bonus_and_nll():
+    mask = t([1, 1, 0])
+    assert ppo.entropy_bonus(t([1.0, 2.0, 9.0]), mask).item() == pytest.approx(1.5)
+    assert ppo.nll_loss(t([-1.0, -3.0, -9.0]), mask).item() == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------------------- importance weight
+
+
+def test_truncated_importance_weight():
+    prox = t([math.log(0.3), math.log(0.1), math.log(0.2)])
+    behaviour = t([math.log(0.1), math.log(0.2), math.log(0.2)])
+    w = ppo.truncated_importance_weight(prox, behaviour, cap=2.0)
+    assert w.tolist()[0] == pytest.approx([2.0, 0.5, 1.0])  # 3 is capped at C = 2
+    assert not w.requires_grad
+
+
+# --------------------------------------------------------------------------- KL controllers
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(9.0, n_samples=1000)  # error 0.5 clipped to 0.2: x (1 + 0.2 * 0.1)
+    assert ctl.value == pytest.approx(0.102)
+    ctl.update(3.0, n_samples=1000)  # error -0.5 clipped to -0.2: x 0.98
+    assert ctl.value == pytest.approx(0.102 * 0.98)
+    ctl.update(6.6, n_samples=500)  # error 0.1: x (1 + 0.1 * 0.05)
+    assert ctl.value == pytest.approx(0.102 * 0.98 * 1.005)
+    ctl.update(float("nan"), n_samples=500)
+    assert ctl.value == pytest.approx(0.102 * 0.98 * 1.005)
+    restored = ppo.AdaptiveKLController(0.5, 6.0, 10000)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value
+
+
+def test_fixed_kl_controller_stays():
+    ctl = ppo.FixedKLController(0.05)
+    ctl.update(100.0, 1000)
+    assert ctl.value == 0.05
+
+
+def test_any_nonfinite():
+    assert not ppo.any_nonfinite(t(1.0), t(2.0))
+    assert ppo.any_nonfinite(t(1.0), t(float("nan")))
+    assert ppo.any_nonfinite(t(float("-inf")))
