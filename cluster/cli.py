@@ -1,0 +1,198 @@
+"""The `tame` command line.
+
+Exit codes: 0 success; 2 bad usage, config or data (the message names the field, file and
+line); 1 a failure at run time. Heavy imports (torch, ray, vllm) happen inside the command
+that needs them, so `tame config ...` and every config error answer within a second or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cluster.config import TameConfig, UserError, load_config, schema_json
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def log(message: str) -> None:
+    """Progress lines for long work, on stderr so stdout stays machine-readable."""
+    _console().print(f"[bold cyan]tame[/] {message}")
+
+
+def _config(args) -> TameConfig:
+    return load_config(args.config, args.set or [])
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_config(args) -> int:
+    if args.action == "schema":
+        print(schema_json())
+    else:
+        print(_config(args).to_yaml(), end="")
+    return EXIT_OK
+
+
+def cmd_assets(args) -> int:
+    from cluster.assets import build_assets
+
+    build_assets(args.out, args.size, args.seed, log=log)
+    return EXIT_OK
+
+
+def cmd_sft(args) -> int:
+    cfg = _config(args)
+    from learner.sft import run_sft
+
+    _prepare_models(cfg)
+    path = run_sft(cfg, log=log)
+    log(f"SFT policy saved to {path}")
+    return EXIT_OK
+
+
+def cmd_train_rm(args) -> int:
+    cfg = _config(args)
+    from reward_service.train import train_reward_model
+
+    _prepare_models(cfg)
+    result = train_reward_model(cfg, log=log)
+    log(f"reward model saved to {result['output']}: held-out pairwise accuracy {result['accuracy']:.3f}")
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    cfg = _config(args)
+    from cluster.controller import train
+
+    _prepare_models(cfg)
+    train(cfg, resume=args.resume, log=log)
+    return EXIT_OK
+
+
+def cmd_serve_reward(args) -> int:
+    from reward_service.service import serve_forever
+
+    overrides = list(args.set or [])
+    overrides.append(f"model.reward={args.model}")
+    overrides.append(f"reward.host={args.host}")
+    if args.port is not None:
+        overrides.append(f"reward.port={args.port}")
+    if args.replicas is not None:
+        overrides.append(f"reward.replicas={args.replicas}")
+    cfg = load_config(args.config, overrides)
+    if not (Path(args.model) / "config.json").is_file():
+        raise UserError(f"--model {args.model}: not a Hugging Face model folder (no config.json)")
+    serve_forever(cfg)
+    return EXIT_OK
+
+
+def cmd_scale(args) -> int:
+    from cluster.controller import scale
+
+    if args.actors < 0:
+        raise UserError(f"--actors {args.actors}: the pool size must be 0 or more")
+    now = scale(args.actors, run=args.run, address=args.address)
+    log(f"run {now['run']}: rollout pool resized to {now['num_actors']} actors")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from cluster.demo import run_demo
+
+    run_demo(out=Path(args.out), size=args.size, overrides=args.set or [], log=log)
+    return EXIT_OK
+
+
+def _prepare_models(cfg: TameConfig) -> None:
+    """Build the offline assets a config asks for (model.build_assets) when they are missing."""
+    if cfg.model.build_assets is None:
+        return
+    from cluster.assets import ensure_assets
+
+    root = Path(cfg.model.policy).parent
+    ensure_assets(root, cfg.model.build_assets, cfg.run.seed, log=log)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tame",
+        description="Distributed RLHF: vLLM rollout actors, a Ray Serve reward service and a "
+        "PPO learner on Ray. Stages: `tame sft`, `tame train-rm`, `tame train` (PPO).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def training(name: str, help: str):
+        s = sub.add_parser(name, help=help, description=help)
+        s.add_argument("--config", required=True, help="YAML config file (see `tame config schema`)")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one config value, e.g. --set ppo.kl.coef=0.1 (repeatable)")
+        s.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint of the run")
+        return s
+
+    s = sub.add_parser("demo", help="the whole pipeline (SFT, reward model, PPO) on the synthetic task")
+    s.add_argument("--out", default="runs/demo", help="folder for the demo's models and runs")
+    s.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="model size")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a PPO config value")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("assets", help="build the offline tokenizer, policy, reward model and demo data")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--size", default="tiny", choices=["tiny", "small", "base"],
+                   help="tiny for tests, small (~5M parameters) for the demo, base (~90M) for benchmarks")
+    s.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    s.set_defaults(func=cmd_assets)
+
+    training("sft", "stage 1: supervised fine-tuning on demonstrations").set_defaults(func=cmd_sft)
+    training("train-rm", "stage 2: train a reward model on preference pairs").set_defaults(func=cmd_train_rm)
+    training("train", "stage 3: PPO with the actor-learner loop on Ray").set_defaults(func=cmd_train)
+
+    s = sub.add_parser("serve-reward", help="serve a reward model over HTTP (POST /v1/score) until interrupted")
+    s.add_argument("--model", required=True, help="Hugging Face sequence-classification folder")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default from the config, 8000)")
+    s.add_argument("--replicas", type=int, help="Serve replicas")
+    s.add_argument("--config", help="optional YAML config for the reward section")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    s.set_defaults(func=cmd_serve_reward)
+
+    s = sub.add_parser("scale", help="resize the rollout pool of a running `tame train` job")
+    s.add_argument("--actors", type=int, required=True, help="the new number of rollout actors")
+    s.add_argument("--run", help="run name (default: the only running one)")
+    s.add_argument("--address", help="Ray address (default RAY_ADDRESS or the local cluster)")
+    s.set_defaults(func=cmd_scale)
+
+    s = sub.add_parser("config", help="print the resolved config or its JSON schema")
+    s.add_argument("action", choices=["show", "schema"])
+    s.add_argument("--config", help="YAML config file (defaults only when omitted)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    s.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"tame {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"tame {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

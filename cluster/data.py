@@ -1,0 +1,119 @@
+"""Prompt data: a JSONL loader that names the file and line of a bad record, and the prompt
+source the controller hands out from, with a cursor that checkpoints capture.
+
+Exactly-once accounting: every prompt of an epoch leaves the source once; a prompt whose
+rollouts are not trained on (its actor died, its score failed, it grew too stale) comes back
+through `give_back` and is handed out again before any new prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+from pathlib import Path
+
+from cluster.config import DataError
+from cluster.records import Prompt
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a line that is not a JSON object fails
+    with the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    rows = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 ({e.reason})") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append((n, row))
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return rows
+
+
+def _messages(row: dict, where: str) -> tuple[tuple[str, str], ...]:
+    if "messages" in row:
+        turns = row["messages"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        out = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get("role") not in ROLES \
+                    or not isinstance(turn.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {ROLES}, \"content\": str}}")
+            out.append((turn["role"], turn["content"]))
+        return tuple(out)
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: expected a non-empty string field 'prompt' (or 'messages')")
+    return (("user", prompt),)
+
+
+def load_prompts(path: str | Path) -> list[tuple[tuple[str, str], ...]]:
+    """The prompts of a JSONL file, each as chat turns, in file order."""
+    return [_messages(row, f"{path}:{n}") for n, row in read_jsonl(path)]
+
+
+class PromptSource:
+    """Hands out prompts epoch by epoch, reshuffled per epoch from (seed, epoch)."""
+
+    def __init__(self, prompts: list[tuple[tuple[str, str], ...]], seed: int, shuffle: bool = True):
+        self.prompts = prompts
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self.returned: deque[str] = deque()
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def prompt(self, prompt_id: str) -> Prompt:
+        index = int(prompt_id.split(":")[1])
+        return Prompt(prompt_id, self.prompts[index])
+
+    def take(self, n: int) -> list[Prompt]:
+        """The next n prompts: given-back ones first, then the epoch's order."""
+        out = []
+        while len(out) < n and self.returned:
+            out.append(self.prompt(self.returned.popleft()))
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            index = self._order[self.position]
+            self.position += 1
+            out.append(Prompt(f"{self.epoch}:{index}", self.prompts[index]))
+        return out
+
+    def give_back(self, prompt_ids) -> None:
+        self.returned.extend(prompt_ids)
+
+    def state(self, outstanding: list[str]) -> dict:
+        """The cursor for a checkpoint; `outstanding` are prompts handed out but not trained on."""
+        return {"epoch": self.epoch, "position": self.position,
+                "returned": list(outstanding) + list(self.returned)}
+
+    def restore(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+        self._order = self._permutation(self.epoch)
+        self.returned = deque(state["returned"])

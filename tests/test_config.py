@@ -1,0 +1,106 @@
+"""Config loading, overrides and every kind of bad config: exit code 2, key, file and line named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from cluster.config import ConfigError, TameConfig, load_config
+
+REPO_CONFIGS = ["configs/demo.yaml", "configs/smoke.yaml", "configs/gpu.yaml"]
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", REPO_CONFIGS)
+def test_shipped_configs_are_valid(name):
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / name)
+    assert isinstance(cfg, TameConfig)
+
+
+def test_yaml_values_and_overrides_apply(tmp_path):
+    path = write(tmp_path, "ppo:\n  clip_ratio: 0.3\n  kl:\n    coef: 0.02\nrollout:\n  num_actors: 2\n")
+    cfg = load_config(path, ["ppo.kl.coef=0.5", "rollout.sampling.stop=[a, b]", "run.name=x1"])
+    assert cfg.ppo.clip_ratio == 0.3
+    assert cfg.ppo.kl.coef == 0.5  # the override wins over the file
+    assert cfg.rollout.num_actors == 2
+    assert cfg.rollout.sampling.stop == ["a", "b"]
+    assert str(cfg.run_dir) == "runs/x1"
+    # Defaults fill what the file leaves out.
+    assert cfg.ppo.gae_lambda == TameConfig().ppo.gae_lambda
+
+
+def test_config_is_frozen_and_round_trips(tmp_path):
+    cfg = load_config(None, ["train.max_staleness=2"])
+    with pytest.raises(Exception):
+        cfg.train.max_staleness = 3
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "text, override, needle",
+    [
+        ("ppo:\n  clip_ratio: 0.2\n  klcoef: 0.1\n", [], "c.yaml:3: ppo.klcoef: unknown key"),
+        ("rollout:\n  num_actors: many\n", [], "c.yaml:2: rollout.num_actors: Input should be a valid integer"),
+        ("ppo:\n  gamma: 1.5\n", [], "c.yaml:2: ppo.gamma: Input should be less than or equal to 1"),
+        ("train:\n  max_staleness: -1\n", [], "c.yaml:2: train.max_staleness"),
+        ("ppo:\n  minibatch_size: 16\n  micro_batch_size: 5\n", [], "micro_batch_size (5) must divide"),
+        ("run: {}\n", ["ppo.kll.coef=1"], "--set ppo.kll: ppo.kll: unknown key"),
+        ("run: {}\n", ["rollout.sampling.temperature=0"], "--set rollout.sampling.temperature"),
+        ("ppo: [1, 2\n", [], "c.yaml:2: invalid YAML"),
+        ("- 1\n- 2\n", [], "c.yaml:1: the config must be a mapping"),
+    ],
+)
+def test_bad_config_names_key_file_and_line(tmp_path, text, override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), override)
+    assert needle in str(err.value)
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["ppo.kl.coef"])
+
+
+def tame(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=60)
+
+
+def test_cli_bad_config_exits_2_fast_before_ray(tmp_path):
+    path = write(tmp_path, "learner:\n  devise: cpu\n")
+    start = time.monotonic()
+    for command in ("train", "sft", "train-rm"):
+        out = tame(command, "--config", str(path))
+        assert out.returncode == 2, out.stderr
+        assert f"{path}:2: learner.devise: unknown key" in out.stderr
+    assert time.monotonic() - start < 30  # three commands, each well under ten seconds
+    assert "ray" not in out.stderr.lower().replace("tame train-rm", "")
+
+
+def test_cli_config_show_and_schema(tmp_path):
+    path = write(tmp_path, "train:\n  total_updates: 7\n")
+    out = tame("config", "show", "--config", str(path), "--set", "ppo.epochs=3")
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert shown["train"]["total_updates"] == 7 and shown["ppo"]["epochs"] == 3
+    schema = json.loads(tame("config", "schema").stdout)
+    assert schema["additionalProperties"] is False
+    ppo = schema["$defs"]["PPOConfig"]["properties"]
+    # Every field is described, so the schema documents the config.
+    assert all("description" in field for field in ppo.values())
+    assert ppo["clip_ratio"]["exclusiveMinimum"] == 0.0
