@@ -1,0 +1,194 @@
+"""A Hugging Face sequence-classification reward model: (prompt, response) text -> one score.
+
+Text becomes tokens exactly as the policy saw it (`cluster.records.prompt_token_ids` then
+`response_token_ids`, which ends with EOS), and the score is the head's output at the last
+token. Serving, benchmarks and reward-model training all go through `sequence_scores`, so
+a score means the same thing everywhere.
+
+The score head may carry a bias: training normalises the scores by shifting it (the
+InstructGPT recipe), but Llama's `GenericForSequenceClassification` head is built without
+one, so plain `from_pretrained` would drop `score.bias` from the checkpoint with an
+"unexpected key" warning. `load_reward_model` puts it back; load reward models with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cluster.records import prompt_token_ids, response_token_ids
+
+SCORE_BIAS_KEY = "score.bias"
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into a batch.
+
+    Returns `input_ids` (B, T) and `attention_mask` (B, T) with T the longest length; the
+    real tokens of row b are positions [0, len_b), so causal attention never sees padding.
+    """
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("pad_right needs a non-empty list of non-empty sequences")
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scores (B,) of right-padded sequences (B, T): the head's output at each row's last real token.
+
+    Reads the head at position `len_b - 1` explicitly rather than trusting the model's own
+    pooling, which finds the last token by comparing ids with `config.pad_token_id` and
+    silently picks the wrong position when that id is unset or equals EOS.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    last = attention_mask.sum(dim=1) - 1  # (B,)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return model.score(pooled).squeeze(-1)  # (B,)
+
+
+# ------------------------------------------------------------------------- load / save
+
+
+def _checkpoint_tensor(path: Path, key: str) -> torch.Tensor | None:
+    """One tensor from a safetensors checkpoint (single file or sharded), or None if absent."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shard = json.loads(index.read_text())["weight_map"].get(key)
+        files = [path / shard] if shard else []
+    else:
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if key in f.keys():
+                return f.get_tensor(key)
+    return None
+
+
+def set_score_bias(model: nn.Module, bias: float | torch.Tensor) -> None:
+    """Give the score head a bias (adding one if it has none) equal to `bias`."""
+    head: nn.Linear = model.score
+    bias_t = torch.as_tensor(bias, dtype=head.weight.dtype, device=head.weight.device).reshape(head.out_features)
+    if head.bias is None:
+        new = nn.Linear(head.in_features, head.out_features, bias=True,
+                        device=head.weight.device, dtype=head.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(head.weight)
+        model.score = new
+        head = new
+    with torch.no_grad():
+        head.bias.copy_(bias_t)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability: reward scores must be deterministic in training too."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for name in dir(model.config):
+        if name.endswith("dropout") and isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+
+
+def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
+                      init_head: bool = False) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) of a sequence-classification reward model.
+
+    `init_head=True` accepts a causal-LM folder (such as the SFT policy) and builds its
+    sequence-classification class with a fresh one-output score head over the same body.
+    Dropout is disabled and `config.pad_token_id` is set from the tokenizer; a model whose
+    PAD equals EOS is refused, because right padding would then be indistinguishable from
+    the EOS that ends every response.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{path}: the tokenizer needs a PAD token distinct from EOS "
+                         f"(pad={tokenizer.pad_token_id}, eos={tokenizer.eos_token_id})")
+    config = AutoConfig.from_pretrained(path)
+    is_seq_cls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if not is_seq_cls and not init_head:
+        raise ValueError(f"{path}: not a sequence-classification model "
+                         f"(architectures {config.architectures})")
+    if is_seq_cls and config.num_labels != 1:
+        raise ValueError(f"{path}: a reward model has one output, this one has {config.num_labels}")
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    bias = _checkpoint_tensor(path, SCORE_BIAS_KEY) if is_seq_cls else None
+    # The only unexpected key would be our own score.bias, put back below: keep the load
+    # report (which lists it as UNEXPECTED) out of the logs in that case.
+    verbosity = hf_logging.get_verbosity()
+    if bias is not None:
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=getattr(torch, dtype))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if bias is not None:
+        set_score_bias(model, bias)
+    disable_dropout(model)
+    return model.to(device).eval(), tokenizer
+
+
+def save_reward_model(model: nn.Module, tokenizer: Any, out: str | Path) -> None:
+    """Save in Hugging Face format (weights with `score.bias`, config, tokenizer)."""
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# ------------------------------------------------------------------------- text -> score
+
+
+@dataclass
+class RewardModel:
+    """A loaded reward model with the text-to-tokens rule of the whole project."""
+
+    model: nn.Module
+    tokenizer: Any
+    chat_template: bool = True
+    max_length: int = 512
+    """Tokens per item; longer inputs keep their last tokens (the response and its EOS)."""
+
+    @classmethod
+    def load(cls, path: str | Path, *, chat_template: bool = True, max_length: int = 512,
+             dtype: str = "float32", device: str = "cpu") -> RewardModel:
+        model, tokenizer = load_reward_model(path, dtype=dtype, device=device)
+        positions = getattr(model.config, "max_position_embeddings", None) or max_length
+        return cls(model, tokenizer, chat_template, min(max_length, positions))
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        """Prompt ids (chat template, assistant turn opened) + response ids + EOS, last tokens kept."""
+        ids = prompt_token_ids(self.tokenizer, prompt, self.chat_template) \
+            + response_token_ids(self.tokenizer, response)
+        return ids[-self.max_length:]
+
+    @torch.inference_mode()
+    def score_ids(self, sequences: list[list[int]]) -> list[float]:
+        """Scores of token id lists, in one right-padded forward pass."""
+        if not sequences:
+            return []
+        device = self.model.score.weight.device
+        input_ids, attention_mask = pad_right(sequences, self.tokenizer.pad_token_id)
+        scores = sequence_scores(self.model, input_ids.to(device), attention_mask.to(device))
+        return scores.float().cpu().tolist()
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses, strict=True)])

@@ -1,0 +1,93 @@
+"""The reward of a (prompt, response) pair: a weighted sum of a reward model and rule functions.
+
+    reward = model_weight * reward_model(prompt, response) + sum_i weight_i * f_i(prompt, response)
+
+Verifiable tasks need no model (`model.reward: null`): the sum is then over the rule
+functions alone. Rule functions are named in the config as `module:function` and take
+(prompt: str, response: str) -> float. The sum is computed inside the Serve deployment, so
+every caller (deployment handle or HTTP) gets the same figure. No Ray here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.config import ConfigError, RewardFunctionConfig, TameConfig
+from reward_service.model import RewardModel
+
+RuleFunction = Callable[[str, str], float]
+
+
+@dataclass(frozen=True)
+class WeightedFunction:
+    name: str
+    """`module:function` as written in the config."""
+    function: RuleFunction
+    weight: float
+
+
+def resolve_function(spec: str, where: str) -> RuleFunction:
+    """Import `module:function`; a ConfigError names `where` (the config key) and the cause."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{where}: {spec!r} is not of the form module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # an import runs arbitrary code: any failure is the config's problem
+        raise ConfigError(f"{where}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from None
+    function = getattr(module, attr, None)
+    if function is None:
+        raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(function):
+        raise ConfigError(f"{where}: {spec!r} is not callable")
+    return function
+
+
+def load_functions(functions: list[RewardFunctionConfig]) -> list[WeightedFunction]:
+    return [WeightedFunction(f.function, resolve_function(f.function, f"reward.functions[{i}].function"), f.weight)
+            for i, f in enumerate(functions)]
+
+
+def check_reward_config(cfg: TameConfig) -> None:
+    """Fail at start-up, with the config key, on what would otherwise fail inside a replica."""
+    if cfg.model.reward is None and not cfg.reward.functions:
+        raise ConfigError("model.reward is null and reward.functions is empty: there is nothing to score with")
+    if cfg.model.reward is not None and not (Path(cfg.model.reward) / "config.json").is_file():
+        raise ConfigError(f"model.reward: {cfg.model.reward} is not a Hugging Face model folder (no config.json)")
+    load_functions(cfg.reward.functions)
+
+
+@dataclass
+class RewardSum:
+    """`model_weight * model + sum_i w_i * f_i`, over a batch of (prompt, response) pairs."""
+
+    model: RewardModel | None
+    model_weight: float = 1.0
+    functions: list[WeightedFunction] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg: TameConfig, device: str = "cpu") -> RewardSum:
+        check_reward_config(cfg)
+        model = None
+        if cfg.model.reward is not None:
+            model = RewardModel.load(cfg.model.reward, chat_template=cfg.data.chat_template,
+                                     max_length=cfg.reward.max_length, dtype=cfg.model.dtype, device=device)
+        return cls(model, cfg.reward.model_weight, load_functions(cfg.reward.functions))
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        totals = [0.0] * len(prompts)
+        if self.model is not None:
+            totals = [self.model_weight * s for s in self.model.score(prompts, responses)]
+        for wf in self.functions:
+            for i, (p, r) in enumerate(zip(prompts, responses)):
+                value = wf.function(p, r)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise TypeError(f"reward function {wf.name} returned {value!r}, not a finite number")
+                totals[i] += wf.weight * float(value)
+        return totals

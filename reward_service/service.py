@@ -1,0 +1,184 @@
+"""The reward service: one Ray Serve deployment, reached by deployment handle and over HTTP.
+
+Rollout actors call `handle.score.remote(prompts, responses)` (no HTTP inside the
+cluster); people and other programs call `POST /v1/score`. Both paths end in the same
+`score` method, which queues each item into `serve.batch`, so concurrent callers share
+forward passes, and the reward (model score plus weighted rule functions) is the same
+figure whichever way it was asked for.
+
+Replicas and their CPUs/GPUs come from `cfg.reward` and change without touching the
+learner or the actors; Serve's autoscaling settings pass through. HTTP binds
+`cfg.reward.host` (127.0.0.1 by default); when the environment variable named by
+`cfg.reward.token_env` is set, `/v1/score` requires `Authorization: Bearer <token>`
+(`/healthz` stays open for load balancers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import TameConfig
+from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
+from reward_service.rewards import RewardSum, check_reward_config
+
+REPLICA_HEADER = "x-tame-replica"
+"""Response header naming the replica that answered (which replica served is useful when
+debugging a deployment with several)."""
+
+app = FastAPI(title="tame reward service", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(RequestError)
+async def _client_error(request: Request, error: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse({"detail": error.detail}, status_code=error.status, headers=headers)
+
+
+@serve.deployment(name="RewardModel")
+@serve.ingress(app)
+class RewardDeployment:
+    """One replica: a `RewardSum` (model and/or rule functions) behind a dynamic batcher."""
+
+    def __init__(self, cfg: TameConfig, token: str | None):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        device = "cuda" if cfg.reward.num_gpus > 0 else "cpu"
+        self._reward = RewardSum.from_config(cfg, device=device)
+        self._limits = Limits(cfg.reward.max_items, cfg.reward.max_chars)
+        self._token = token.encode() if token else None
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._batch.set_max_batch_size(cfg.reward.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(cfg.reward.batch_wait_timeout_s)
+
+    # -- the one scoring path --------------------------------------------------------
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
+    async def _batch(self, items: list[tuple[str, str]]) -> list[float]:
+        prompts = [p for p, _ in items]
+        responses = [r for _, r in items]
+        # The forward pass runs in a thread so the event loop keeps taking requests (and
+        # filling the next batch) meanwhile.
+        return await asyncio.to_thread(self._reward, prompts, responses)
+
+    async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """Rewards of (prompt, response) pairs, in order: the handle API of the deployment."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return list(await asyncio.gather(*(self._batch((p, r)) for p, r in zip(prompts, responses))))
+
+    def replica(self) -> str:
+        """Id of the replica that answers (for tests and debugging)."""
+        return self._replica
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), self._token):
+            raise RequestError(401, "missing or wrong bearer token")
+
+    @app.post("/v1/score")
+    async def http_score(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._limits.max_body_bytes:
+            raise RequestError(413, f"body of {declared} bytes is larger than {self._limits.max_body_bytes}")
+        parsed = parse_score_request(await request.body(), self._limits)
+        scores = await self.score([it.prompt for it in parsed.items], [it.response for it in parsed.items])
+        return JSONResponse(ScoreResponse(scores=scores).model_dump(), headers={REPLICA_HEADER: self._replica})
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"}, headers={REPLICA_HEADER: self._replica})
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+def _absolute_model_path(cfg: TameConfig) -> TameConfig:
+    """Replicas may run in another working directory: give them an absolute model path."""
+    if cfg.model.reward is None:
+        return cfg
+    model = cfg.model.model_copy(update={"reward": str(Path(cfg.model.reward).resolve())})
+    return cfg.model_copy(update={"model": model})
+
+
+def deployment_options(cfg: TameConfig) -> dict:
+    """Serve options of the reward deployment, all from `cfg.reward`."""
+    r = cfg.reward
+    options: dict = {
+        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        # Enough requests in flight per replica to fill a batch from single-item callers.
+        "max_ongoing_requests": max(r.max_batch_size, 8),
+    }
+    if r.autoscaling is not None:
+        options["autoscaling_config"] = r.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = r.replicas
+    return options
+
+
+def deploy(cfg: TameConfig, *, http: bool = True, name: str = "tame-reward",
+           route_prefix: str = "/") -> DeploymentHandle:
+    """Run the reward deployment on the connected Ray cluster and return its handle.
+
+    The model comes from `cfg.model.reward` (or none: rule functions only), the chat
+    template flag from `cfg.data.chat_template`, HTTP from `cfg.reward.host`/`port` (the
+    Serve proxy is cluster-wide: if Serve already runs, its HTTP options stay). A bad
+    `module:function` or a missing model folder raises ConfigError here, before any replica
+    starts. `route_prefix` lets several reward applications share one proxy.
+    """
+    check_reward_config(cfg)
+    cfg = _absolute_model_path(cfg)
+    token = os.environ.get(cfg.reward.token_env) or None
+    if http:
+        serve.start(http_options={"host": cfg.reward.host, "port": cfg.reward.port})
+    else:
+        serve.start(proxy_location="Disabled")
+    application = RewardDeployment.options(**deployment_options(cfg)).bind(cfg, token)
+    return serve.run(application, name=name, route_prefix=route_prefix if http else None)
+
+
+def serve_forever(cfg: TameConfig, log=print) -> None:
+    """`tame serve-reward`: deploy, print the URL, block until Ctrl-C, then shut down cleanly.
+
+    Connects to `cfg.cluster.address` (or RAY_ADDRESS) when given, else starts a local Ray.
+    On a shared cluster only this application is deleted; a local Ray is shut down whole.
+    """
+    import ray
+
+    started_here = False
+    if not ray.is_initialized():
+        address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False)
+            started_here = True
+    name = "tame-reward"
+    deploy(cfg, http=True, name=name)
+    url = f"http://{cfg.reward.host}:{cfg.reward.port}"
+    auth = f"; bearer token from ${cfg.reward.token_env}" if os.environ.get(cfg.reward.token_env) else ""
+    log(f"reward service at {url}  (POST {url}/v1/score, GET {url}/healthz{auth}); Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("stopping the reward service")
+    finally:
+        if started_here:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(name)
