@@ -1,0 +1,181 @@
+"""Stage 2, `tame train-rm`: train a reward model on preference pairs.
+
+The pairwise (Bradley-Terry) loss of Stiennon et al. 2020 and Ouyang et al. 2022,
+
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected)),
+
+averaged over a batch of pairs; r is the score head at the last token of the prompt and
+response as the policy sees them (`reward_service.model`). A share of the pairs is held out
+to measure pairwise accuracy (how often r(chosen) > r(rejected)).
+
+After training the scores are normalised as InstructGPT did before RL: the score head's
+bias (added if the head has none) is shifted so that the mean score of the TRAINING
+`chosen` responses is 0. The chosen responses are the ones standing in for the
+demonstrations of good behaviour, so after normalisation a positive reward means "better
+than a typical preferred answer".
+
+`init` may be a sequence-classification folder, or a causal LM (such as the SFT policy):
+its body is reused under a fresh one-output score head. Dropout is off throughout, so the
+scores the loss sees are the scores the service serves.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cluster.config import TameConfig
+from reward_service.data import DataError, PreferencePair, load_preference_pairs
+from reward_service.model import RewardModel, load_reward_model, pad_right, save_reward_model, sequence_scores, set_score_bias
+
+__all__ = ["DataError", "pairwise_loss", "train_reward_model"]
+
+MAX_GRAD_NORM = 1.0
+"""Gradient-norm clip: keeps the first steps of a fresh score head from blowing up."""
+
+
+def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of `-log sigmoid(r_chosen - r_rejected)` over (B,) scores, and the pairwise accuracy."""
+    margin = chosen_scores - rejected_scores  # (B,)
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _pair_scores(model, pad_id: int, batch: list[tuple[list[int], list[int]]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (B,) of the chosen and (B,) of the rejected sequences, in one padded forward."""
+    sequences = [c for c, _ in batch] + [r for _, r in batch]
+    input_ids, attention_mask = pad_right(sequences, pad_id)
+    scores = sequence_scores(model, input_ids.to(device), attention_mask.to(device))  # (2B,)
+    return scores[: len(batch)], scores[len(batch):]
+
+
+@torch.no_grad()
+def _evaluate(model, pad_id: int, encoded: list[tuple[list[int], list[int]]], batch_size: int, device: str) -> dict:
+    model.eval()
+    losses, correct = [], 0
+    for batch in _batches(encoded, batch_size):
+        chosen, rejected = _pair_scores(model, pad_id, batch, device)
+        losses.append(-F.logsigmoid(chosen - rejected).sum().item())
+        correct += int((chosen > rejected).sum().item())
+    return {"accuracy": correct / len(encoded), "loss": sum(losses) / len(encoded)}
+
+
+@torch.no_grad()
+def _mean_score(model, pad_id: int, sequences: list[list[int]], batch_size: int, device: str) -> float:
+    total = 0.0
+    for batch in _batches(sequences, batch_size):
+        input_ids, attention_mask = pad_right(batch, pad_id)
+        total += sequence_scores(model, input_ids.to(device), attention_mask.to(device)).sum().item()
+    return total / len(sequences)
+
+
+def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) after a seeded shuffle; at least one pair on each side."""
+    if len(pairs) < 2:
+        raise DataError(f"need at least 2 preference pairs to hold some out, got {len(pairs)}")
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(order) * eval_fraction)), len(order) - 1)
+    return order[n_eval:], order[:n_eval]
+
+
+def train_reward_model(cfg: TameConfig, log=print) -> dict:
+    """Train, evaluate, normalise and save the reward model of `cfg.reward_model`.
+
+    Returns {"accuracy", "accuracy_before", "eval_loss", "output", "pairs", "train_pairs",
+    "eval_pairs", "steps", "score_bias", "normalised_on", "seconds"}. Raises DataError
+    (a ValueError) naming the file and line of a bad pair.
+    """
+    rm_cfg = cfg.reward_model
+    device = cfg.learner.device
+    init = rm_cfg.init or cfg.model.reward
+    if init is None:
+        raise DataError("reward_model.init and model.reward are both null: there is no model to start from")
+    started = time.perf_counter()
+
+    # -- data: load, split, tokenise exactly as the service will ----------------------
+    pairs = load_preference_pairs(rm_cfg.data)
+    train_pairs, eval_pairs = split_pairs(pairs, rm_cfg.eval_fraction, cfg.run.seed)
+    log(f"{len(pairs)} preference pairs from {rm_cfg.data}: {len(train_pairs)} to train, {len(eval_pairs)} held out")
+
+    torch.manual_seed(cfg.run.seed)  # a fresh score head (causal-LM init) is drawn from it
+    model, tokenizer = load_reward_model(init, dtype=cfg.model.dtype, device=device, init_head=True)
+    encoder = RewardModel(model, tokenizer, cfg.data.chat_template, rm_cfg.max_length)
+    pad_id = tokenizer.pad_token_id
+
+    def encode(group: list[PreferencePair]) -> list[tuple[list[int], list[int]]]:
+        return [(encoder.encode(p.prompt, p.chosen), encoder.encode(p.prompt, p.rejected)) for p in group]
+
+    train_encoded, eval_encoded = encode(train_pairs), encode(eval_pairs)
+    before = _evaluate(model, pad_id, eval_encoded, rm_cfg.batch_size, device)
+    log(f"held-out pairwise accuracy before training: {before['accuracy']:.3f}")
+
+    # -- train: epochs over shuffled batches of pairs ---------------------------------
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rm_cfg.learning_rate)
+    steps_per_epoch = -(-len(train_encoded) // rm_cfg.batch_size)
+    total_steps = steps_per_epoch * rm_cfg.epochs
+    report_every = max(1, total_steps // 10)
+    rng = random.Random(cfg.run.seed)
+    step, window_loss, window_acc, window = 0, 0.0, 0.0, 0
+    for epoch in range(rm_cfg.epochs):
+        order = list(train_encoded)
+        rng.shuffle(order)
+        model.train()  # dropout is already zeroed; train mode only matters to exotic layers
+        for batch in _batches(order, rm_cfg.batch_size):
+            chosen, rejected = _pair_scores(model, pad_id, batch, device)
+            loss, accuracy = pairwise_loss(chosen, rejected)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            step += 1
+            window_loss, window_acc, window = window_loss + loss.item(), window_acc + accuracy.item(), window + 1
+            if step % report_every == 0 or step == total_steps:
+                log(f"epoch {epoch + 1}/{rm_cfg.epochs} step {step}/{total_steps}: "
+                    f"loss {window_loss / window:.4f}, batch accuracy {window_acc / window:.3f}")
+                window_loss, window_acc, window = 0.0, 0.0, 0
+    model.eval()
+
+    # -- evaluate on the held-out pairs -------------------------------------------------
+    after = _evaluate(model, pad_id, eval_encoded, rm_cfg.batch_size, device)
+    log(f"held-out pairwise accuracy: {after['accuracy']:.3f} (loss {after['loss']:.4f}, {len(eval_pairs)} pairs)")
+
+    # -- normalise: mean score of the training `chosen` responses becomes 0 ---------------
+    mean_chosen = _mean_score(model, pad_id, [c for c, _ in train_encoded], rm_cfg.batch_size, device)
+    old_bias = model.score.bias.detach().clone() if model.score.bias is not None else torch.zeros(1)
+    set_score_bias(model, old_bias.to(model.score.weight.device) - mean_chosen)
+    score_bias = float(model.score.bias.item())
+    log(f"normalised: mean score of the training chosen responses was {mean_chosen:+.4f}; score bias now {score_bias:+.4f}")
+
+    # -- save in Hugging Face format, atomically ------------------------------------------
+    summary = {
+        "accuracy": after["accuracy"], "accuracy_before": before["accuracy"], "eval_loss": after["loss"],
+        "output": str(rm_cfg.output), "pairs": len(pairs), "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs), "steps": step, "score_bias": score_bias,
+        "normalised_on": "train_chosen", "init": str(init), "data": str(rm_cfg.data),
+        "seconds": time.perf_counter() - started,
+    }
+    out = Path(rm_cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_reward_model(model, tokenizer, tmp)
+        (tmp / "reward_model.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"reward model saved to {out} ({summary['seconds']:.1f}s)")
+    return summary
