@@ -97,6 +97,8 @@ class RolloutConfig(Section):
     """Ray CPUs per actor. Ray sets the actor's thread count from this."""
     num_gpus: float = Field(0.0, ge=0.0)
     """Ray GPUs per actor (1 on a GPU cluster, so each engine gets its own device)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, to pin the actors to some nodes (e.g. {"rollout_node": 1})."""
     max_model_len: int = Field(512, ge=16)
     """Longest prompt plus response, in tokens, that an engine accepts."""
     kv_cache_gib: float = Field(1.0, gt=0.0, le=1024.0)
@@ -246,6 +248,8 @@ class LearnerConfig(Section):
     """Ray CPUs of the learner actor; torch uses as many threads."""
     num_gpus: float = Field(0.0, ge=0.0)
     """Ray GPUs of the learner actor."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources of the learner, to pin it to a node (e.g. {"learner_node": 1})."""
     critic: Literal["reward", "policy"] = "reward"
     """Initialise the critic from the reward model (InstructGPT) or from the policy with a fresh value head."""
     transport_dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -369,6 +373,14 @@ class TameConfig(Section):
     """Stage 1: supervised fine-tuning (`tame sft`)."""
     reward_model: RewardModelTrainConfig = RewardModelTrainConfig()
     """Stage 2: reward-model training (`tame train-rm`)."""
+
+    @model_validator(mode="after")
+    def _whole_prompts_per_batch(self) -> TameConfig:
+        per_prompt = self.rollout.sampling.samples_per_prompt
+        if self.train.rollout_batch_size % per_prompt:
+            raise ValueError(f"train.rollout_batch_size ({self.train.rollout_batch_size}) must be a "
+                             f"multiple of rollout.sampling.samples_per_prompt ({per_prompt})")
+        return self
 
     @property
     def run_dir(self) -> Path:

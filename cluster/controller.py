@@ -1,0 +1,539 @@
+"""`tame train`: the actor-learner loop that wires the roles together on Ray.
+
+The loop runs in the driver. It owns the prompt cursor and the experience queue; the rollout
+actors (vLLM), the reward service (Serve) and the learner run as Ray actors. One pass of the
+loop: apply scale requests, hand prompts to idle actors whose weights are fresh enough, start
+a learner update when a batch is ready, then wait for whichever of those finishes first.
+
+Versions: the learner publishes version v as one flat buffer in the object store with a
+fingerprint; an actor loads it between generation batches and reports the fingerprint of
+what its engine holds. A record made by version v is trained at learner version V only if
+V - v <= max_staleness; older ones are dropped, counted, and their prompts handed out again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cluster.config import TameConfig, UserError
+from cluster.data import PromptSource, load_prompts
+from cluster.metrics import Metrics
+from cluster.records import Rollout, RolloutBatch, WeightsHandle, fingerprints_match
+
+NAMESPACE = "tame"
+CONTROL_PREFIX = "tame-control-"
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# --------------------------------------------------------------------------- scaling mailbox
+
+
+class Control:
+    """A named actor through which `tame scale` reaches a running job."""
+
+    def __init__(self, run: str, num_actors: int):
+        self.run = run
+        self.target = num_actors
+        self.status: dict = {"run": run, "num_actors": num_actors}
+
+    def request(self, num_actors: int) -> dict:
+        self.target = num_actors
+        return {"run": self.run, "num_actors": num_actors}
+
+    def target_size(self) -> int:
+        return self.target
+
+    def report(self, status: dict) -> None:
+        self.status = status
+
+    def get_status(self) -> dict:
+        return self.status
+
+
+def scale(num_actors: int, run: str | None = None, address: str | None = None) -> dict:
+    """Ask the running job `run` (the only one when None) for `num_actors` rollout actors."""
+    import ray
+
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace=NAMESPACE,
+             logging_level="ERROR", log_to_driver=False)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == NAMESPACE and a["name"].startswith(CONTROL_PREFIX)]
+    runs = [n.removeprefix(CONTROL_PREFIX) for n in names]
+    if run is None:
+        if len(runs) != 1:
+            raise UserError(f"--run: {len(runs)} tame runs are running ({', '.join(runs) or 'none'}): name one")
+        run = runs[0]
+    if run not in runs:
+        raise UserError(f"--run {run}: no such running tame job (running: {', '.join(runs) or 'none'})")
+    return ray.get(ray.get_actor(CONTROL_PREFIX + run, namespace=NAMESPACE).request.remote(num_actors))
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+@dataclass
+class Slot:
+    """One rollout actor as the loop sees it."""
+
+    actor_id: int
+    handle: Any
+    pid: int | None = None
+    state: str = "loading"  # loading -> idle <-> busy; draining ends it after its batch
+    version: int = -1
+    pending: Any = None  # the ObjectRef the loop waits on for this actor
+    prompt_ids: list[str] = field(default_factory=list)
+    draining: bool = False
+    idle_since: float = field(default_factory=time.monotonic)
+    idle_seconds: float = 0.0
+    tokens: int = 0
+    generate_seconds: float = 0.0
+
+
+@dataclass
+class Group:
+    """The completions of one prompt, kept together through the queue."""
+
+    prompt_id: str
+    policy_version: int
+    rollouts: list[Rollout]
+
+
+class Loop:
+    def __init__(self, cfg: TameConfig, resume: bool, log: Callable[[str], None],
+                 judge: Callable[[list[Rollout]], dict] | None = None):
+        import ray
+
+        from actors.rollout import RolloutActor
+        from learner.learner import Learner
+        from reward_service.client import RewardClient
+        from reward_service.service import deploy
+
+        self.cfg, self.log, self.judge = cfg, log, judge
+        self.run_dir = cfg.run_dir
+        self.k = cfg.train.max_staleness
+        self.source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
+        self.queue: deque[Group] = deque()
+        self.slots: dict[int, Slot] = {}
+        self.next_actor_id = 0
+        self.counters = {"samples": 0, "dropped_stale": 0, "failed_prompts": 0, "actor_failures": 0,
+                         "fingerprint_mismatches": 0, "skipped_updates": 0}
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+        log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
+        self.scorer = RewardClient(deploy(cfg, http=False), cfg.reward.timeout_s, cfg.reward.retries)
+
+        log("starting the learner")
+        self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
+                                  resources=cfg.learner.resources)(Learner).remote(cfg, str(self.run_dir))
+        extra = ray.get(self.learner.load_checkpoint.remote()) if resume else None
+        if extra:
+            self.source.restore(extra["source"])
+            self.counters.update(extra["counters"])
+            self.first = extra.get("first", {})
+        self.version: int = ray.get(self.learner.version.remote())
+        _truncate_jsonl(self.run_dir / "ledger.jsonl", "version", self.version)
+        _truncate_jsonl(self.run_dir / "metrics.jsonl", "step", self.version)
+        if resume:
+            log(f"resumed at policy version {self.version}" if extra else "no checkpoint yet: starting fresh")
+        self.publish()
+
+        self.actor_cls = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                                    resources=cfg.rollout.resources,
+                                    runtime_env={"env_vars": {**ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE":
+                                                              str(cfg.rollout.kv_cache_gib)}})(RolloutActor)
+        self.control = ray.remote(num_cpus=0)(Control).options(
+            name=CONTROL_PREFIX + cfg.run.name, namespace=NAMESPACE, get_if_exists=True,
+        ).remote(cfg.run.name, cfg.rollout.num_actors)
+        ray.get(self.control.request.remote(cfg.rollout.num_actors))
+        self.target = cfg.rollout.num_actors
+        for _ in range(self.target):
+            self.start_actor()
+        self.metrics = Metrics(cfg, self.run_dir, log)
+
+        self.update_ref = None
+        self.update_batch: list[Group] = []
+        self.update_started = 0.0
+        self.learner_idle_since = time.monotonic()
+        self.learner_idle = 0.0
+        self.last_scale_poll = 0.0
+        self.sync_seconds: dict[int, float] = {}
+        self.failed_starts = 0
+
+    # ----------------------------------------------------------------- weights
+
+    def publish(self) -> None:
+        """Put the learner's current version into the object store (once per version)."""
+        import ray
+
+        start = time.monotonic()
+        self.weights_ref = self.learner.publish.remote()
+        self.weights: WeightsHandle = ray.get(self.weights_ref)
+        self.publish_seconds = time.monotonic() - start
+        assert self.weights.version == self.version, (self.weights.version, self.version)
+
+    # ----------------------------------------------------------------- actors
+
+    def start_actor(self) -> None:
+        """A new actor loads the newest weights before it produces anything."""
+        actor_id = self.next_actor_id
+        self.next_actor_id += 1
+        handle = self.actor_cls.remote(self.cfg, actor_id, self.scorer)
+        slot = Slot(actor_id, handle)
+        slot.pending = handle.load_weights.remote(self.weights_ref)
+        self.slots[actor_id] = slot
+
+    def retire(self, slot: Slot, reason: str | None = None) -> None:
+        """Take an actor out of production; its prompts go back to the source."""
+        import ray
+
+        if slot.prompt_ids:
+            self.source.give_back(slot.prompt_ids)
+            slot.prompt_ids = []
+        self.slots.pop(slot.actor_id, None)
+        ray.kill(slot.handle)
+        if reason:
+            self.log(f"actor {slot.actor_id} removed: {reason}")
+
+    def apply_scaling(self) -> None:
+        import ray
+
+        if time.monotonic() - self.last_scale_poll < 1.0:
+            return
+        self.last_scale_poll = time.monotonic()
+        target = ray.get(self.control.target_size.remote())
+        if target != self.target:
+            self.log(f"scaling the rollout pool from {self.target} to {target} actors")
+            self.target = target
+        live = [s for s in self.slots.values() if not s.draining]
+        for _ in range(self.target - len(live)):
+            self.start_actor()
+        for slot in sorted(live, key=lambda s: -s.actor_id)[: max(0, len(live) - self.target)]:
+            slot.draining = True  # a busy actor finishes its batch first; nothing is lost
+            if slot.state == "idle":
+                self.retire(slot)
+        self.control.report.remote({"run": self.cfg.run.name, "num_actors": self.target,
+                                    "live_actors": len(self.slots), "policy_version": self.version})
+
+    def samples_in_flight(self) -> int:
+        per_prompt = self.cfg.rollout.sampling.samples_per_prompt
+        queued = sum(len(g.rollouts) for g in self.queue)
+        return queued + per_prompt * sum(len(s.prompt_ids) for s in self.slots.values())
+
+    def launch_generation(self) -> None:
+        """Hand prompts to idle actors, pulling newer weights first, within the staleness bound."""
+        per_prompt = self.cfg.rollout.sampling.samples_per_prompt
+        batch = self.cfg.train.rollout_batch_size
+        # With max_staleness 0, generation waits for the update in flight (synchronous PPO).
+        next_train_version = self.version + (1 if self.update_ref is not None else 0)
+        capacity = min(batch * (1 + self.k),
+                       self.cfg.train.queue_size * self.cfg.rollout.prompts_per_batch * per_prompt)
+        for slot in list(self.slots.values()):
+            if slot.state != "idle" or slot.draining:
+                continue
+            if slot.version < self.version:
+                slot.state, slot.pending = "loading", slot.handle.load_weights.remote(self.weights_ref)
+                self.note_idle(slot)
+                continue
+            if next_train_version - slot.version > self.k:
+                continue
+            room = capacity - self.samples_in_flight()
+            n = min(self.cfg.rollout.prompts_per_batch, -(-room // per_prompt))
+            if room <= 0 or n <= 0:
+                continue
+            prompts = self.source.take(n)
+            slot.prompt_ids = [p.prompt_id for p in prompts]
+            slot.state, slot.pending = "busy", slot.handle.generate.remote(prompts)
+            self.note_idle(slot)
+
+    def note_idle(self, slot: Slot) -> None:
+        slot.idle_seconds += time.monotonic() - slot.idle_since
+
+    def on_loaded(self, slot: Slot, result: dict) -> None:
+        """Verify that the actor holds exactly the published weights."""
+        want = self.weights
+        if result["policy_version"] == want.version and not fingerprints_match(result["fingerprint"], want.fingerprint):
+            self.counters["fingerprint_mismatches"] += 1
+            self.retire(slot, f"weight sync to version {want.version} not verified: engine fingerprint "
+                              f"{result['fingerprint']} != published {want.fingerprint}")
+            self.start_actor()
+            return
+        slot.version = result["policy_version"]
+        slot.pid = result.get("pid", slot.pid)
+        self.sync_seconds[slot.actor_id] = result.get("seconds", 0.0)
+        slot.state, slot.idle_since = "idle", time.monotonic()
+
+    def on_generated(self, slot: Slot, batch: RolloutBatch) -> None:
+        slot.tokens += batch.generated_tokens
+        slot.generate_seconds += batch.generate_seconds
+        if batch.failed_prompt_ids:
+            self.counters["failed_prompts"] += len(batch.failed_prompt_ids)
+            self.source.give_back(batch.failed_prompt_ids)
+        groups: dict[str, list[Rollout]] = {}
+        for r in batch.rollouts:
+            groups.setdefault(r.prompt_id, []).append(r)
+        for prompt_id, rollouts in groups.items():
+            self.queue.append(Group(prompt_id, batch.policy_version, rollouts))
+        slot.prompt_ids = []
+        slot.state, slot.idle_since = "idle", time.monotonic()
+        if slot.draining:
+            self.retire(slot)
+
+    # ----------------------------------------------------------------- learner
+
+    def maybe_start_update(self) -> None:
+        if self.update_ref is not None:
+            return
+        size = self.cfg.train.rollout_batch_size
+        if sum(len(g.rollouts) for g in self.queue) < size:
+            return
+        batch: list[Group] = []
+        while self.queue and sum(len(g.rollouts) for g in batch) < size:
+            group = self.queue.popleft()
+            if self.version - group.policy_version > self.k:
+                self.counters["dropped_stale"] += len(group.rollouts)
+                self.source.give_back([group.prompt_id])
+                continue
+            batch.append(group)
+        if sum(len(g.rollouts) for g in batch) < size:
+            self.queue.extendleft(reversed(batch))  # not enough fresh records yet
+            return
+        self.learner_idle += time.monotonic() - self.learner_idle_since
+        self.update_batch = batch
+        self.update_started = time.monotonic()
+        self.update_ref = self.learner.update.remote([r for g in batch for r in g.rollouts])
+
+    def on_updated(self, metrics: dict[str, float]) -> None:
+        batch, self.update_batch, self.update_ref = self.update_batch, [], None
+        self.learner_idle_since = time.monotonic()
+        if metrics.get("learner/skipped_nonfinite"):
+            # Not trained on: the prompts come back, the actors keep the previous weights.
+            self.counters["skipped_updates"] += 1
+            self.source.give_back([g.prompt_id for g in batch])
+            self.log(f"update skipped: non-finite values ({self.counters['skipped_updates']} so far)")
+            return
+        self.version += 1
+        rollouts = [r for g in batch for r in g.rollouts]
+        self.counters["samples"] += len(rollouts)
+        staleness = [self.version - 1 - g.policy_version for g in batch]
+        with (self.run_dir / "ledger.jsonl").open("a") as f:
+            f.write(json.dumps({"version": self.version, "prompts": [g.prompt_id for g in batch],
+                                "record_versions": [g.policy_version for g in batch],
+                                "actors": sorted({r.actor_id for r in rollouts})}) + "\n")
+        self.publish()
+        metrics = dict(metrics)
+        metrics.update(self.loop_metrics(staleness))
+        if self.judge is not None:
+            metrics.update(self.judge(rollouts))
+        self.first = self.first or metrics
+        self.last = metrics
+        self.metrics.step(self.version, metrics, self.cfg.train.total_updates)
+        if self.version % self.cfg.logging.sample_every == 0:
+            self.metrics.samples(self.version, [
+                {"prompt": r.prompt_text, "response": r.response_text, "reward": r.score,
+                 "policy_version": r.policy_version} for r in rollouts[: self.cfg.logging.samples_in_table]])
+        if self.version % self.cfg.learner.checkpoint_every == 0:
+            self.checkpoint()
+
+    def loop_metrics(self, staleness: list[int]) -> dict[str, float]:
+        elapsed = time.monotonic() - self.started
+        out = {
+            "rollout/staleness_mean": sum(staleness) / len(staleness),
+            "rollout/staleness_max": max(staleness),
+            "rollout/dropped_stale": self.counters["dropped_stale"],
+            "rollout/failed_prompts": self.counters["failed_prompts"],
+            "rollout/queue_depth": sum(len(g.rollouts) for g in self.queue),
+            "rollout/num_actors": len(self.slots),
+            "rollout/actor_failures": self.counters["actor_failures"],
+            "sync/version": self.version,
+            "sync/bytes": self.weights.nbytes,
+            "sync/publish_seconds": self.publish_seconds,
+            "sync/load_seconds_max": max(self.sync_seconds.values(), default=0.0),
+            "sync/fingerprint_mismatches": self.counters["fingerprint_mismatches"],
+            "perf/step_seconds": time.monotonic() - self.update_started,
+            "perf/samples": self.counters["samples"],
+            "perf/samples_per_s": self.counters["samples"] / max(elapsed, 1e-9),
+            "perf/learner_idle_share": self.learner_idle / max(elapsed, 1e-9),
+            "perf/actor_idle_share": sum(s.idle_seconds for s in self.slots.values())
+            / max(elapsed * max(len(self.slots), 1), 1e-9),
+            "learner/skipped_updates": self.counters["skipped_updates"],
+        }
+        for slot in self.slots.values():
+            if slot.generate_seconds > 0:
+                out[f"rollout/actor_{slot.actor_id}/tokens_per_s"] = slot.tokens / slot.generate_seconds
+        return out
+
+    def in_flight(self) -> list[str]:
+        """Prompts handed out but not trained on yet: a resumed run hands them out again."""
+        ids = [g.prompt_id for g in self.queue]
+        for slot in self.slots.values():
+            ids += slot.prompt_ids
+        return ids
+
+    def checkpoint(self) -> str:
+        import ray
+
+        extra = {"source": self.source.state(self.in_flight()),
+                 "counters": self.counters, "first": self.first}
+        return ray.get(self.learner.save_checkpoint.remote(extra))
+
+    # ----------------------------------------------------------------- the loop
+
+    def done(self) -> bool:
+        total = self.cfg.train.total_samples
+        return self.version >= self.cfg.train.total_updates or (total is not None and self.counters["samples"] >= total)
+
+    def run(self) -> dict:
+        import ray
+
+        self.started = time.monotonic()
+        self.log(f"training to version {self.cfg.train.total_updates} with {self.target} rollout actor(s), "
+                 f"max_staleness {self.k}")
+        while not self.done():
+            # 1. follow `tame scale`
+            self.apply_scaling()
+            # 2. keep the actors busy within the staleness bound
+            self.launch_generation()
+            # 3. train when a batch of fresh records is ready
+            self.maybe_start_update()
+            # 4. wait for whichever actor or learner call finishes first
+            pending = {s.pending: s for s in self.slots.values() if s.state in ("loading", "busy")}
+            refs = list(pending) + ([self.update_ref] if self.update_ref is not None else [])
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
+            for ref in ready:
+                if ref is self.update_ref:
+                    self.on_updated(ray.get(ref))
+                    continue
+                slot = pending[ref]
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    self.counters["actor_failures"] += 1
+                    self.retire(slot, f"actor died ({type(e).__name__}); its prompts are handed out again")
+                    self.failed_starts = self.failed_starts + 1 if slot.version < 0 else 0
+                    if self.failed_starts >= 3:
+                        raise RuntimeError(f"rollout actors fail to start, 3 in a row; the last: {e}") from e
+                    continue
+                if slot.state == "loading":
+                    self.on_loaded(slot, result)
+                else:
+                    self.on_generated(slot, result)
+        return self.finish()
+
+    def finish(self) -> dict:
+        import ray
+
+        if self.update_ref is not None:
+            self.on_updated(ray.get(self.update_ref))
+        path = self.checkpoint()
+        wall = time.monotonic() - self.started
+        summary = {
+            "run": self.cfg.run.name,
+            "steps": self.version,
+            "policy_version": self.version,
+            "samples": self.counters["samples"],
+            "reward_start": self.first.get("objective/scores"),
+            "reward_end": self.last.get("objective/scores"),
+            "kl_start": self.first.get("objective/kl"),
+            "kl_end": self.last.get("objective/kl"),
+            "wall_seconds": wall,
+            "samples_per_second": self.counters["samples"] / max(wall, 1e-9),
+            "checkpoint": path,
+            "data_position": {"epoch": self.source.epoch, "position": self.source.position},
+            "outstanding_prompts": self.in_flight() + list(self.source.returned),
+            **{k: v for k, v in self.counters.items() if k != "samples"},
+        }
+        _write_json(self.run_dir / "summary.json", summary)
+        self.metrics.finish(summary)
+        return summary
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        for slot in list(self.slots.values()):
+            ray.kill(slot.handle)
+        ray.kill(self.learner)
+        ray.kill(self.control)
+        try:
+            serve.delete("tame-reward")
+        except Exception:  # Serve may already be gone with a dying cluster
+            pass
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _truncate_jsonl(path: Path, key: str, last: int) -> None:
+    """Drop the lines of updates after `last`: a resumed run redoes them."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)[key] <= last]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def check_inputs(cfg: TameConfig) -> None:
+    """Fail with exit code 2 on missing or wrong-kind inputs before anything starts."""
+    for field_name, path, kind in [("model.policy", cfg.model.policy, "causal LM"),
+                                   ("model.reward", cfg.model.reward, "reward model")]:
+        if path is None:
+            continue
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"{field_name}: {path} is not a Hugging Face {kind} folder (no config.json)")
+    load_prompts(cfg.data.prompts)  # names the file and line of a bad record
+
+
+def connect(cfg: TameConfig, log: Callable[[str], None]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": dict(ENGINE_ENV)}
+    if address:
+        log(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
+    else:
+        cpus = cfg.cluster.num_cpus or os.cpu_count()
+        log(f"starting a local Ray with {cpus} CPUs")
+        ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, runtime_env=env,
+                 log_to_driver=False)
+
+
+def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = print,
+          judge: Callable[[list[Rollout]], dict] | None = None) -> dict:
+    """Run PPO with the actor-learner loop until the configured number of updates."""
+    run_dir = cfg.run_dir
+    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise UserError(f"run.name: {run_dir} already holds checkpoints: pass --resume to continue "
+                        f"it, or choose another run.name")
+    check_inputs(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if not resume:
+        for stale in ("ledger.jsonl", "metrics.jsonl", "summary.json", "wandb_id"):
+            (run_dir / stale).unlink(missing_ok=True)
+    connect(cfg, log)
+    loop = Loop(cfg, resume, log, judge)
+    try:
+        summary = loop.run()
+    except KeyboardInterrupt:
+        if loop.update_ref is None:
+            log(f"interrupted: checkpoint at version {loop.version} written to {loop.checkpoint()}")
+        raise
+    finally:
+        loop.shutdown()
+    log(f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s "
+        f"({summary['samples_per_second']:.1f} samples/s); summary in {run_dir / 'summary.json'}")
+    return summary

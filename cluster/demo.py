@@ -1,0 +1,156 @@
+"""`tame demo`: the whole RLHF pipeline on the synthetic world, in minutes on a CPU.
+
+Stages, each timed: build the small assets; SFT on demonstrations that are often good and
+sometimes untruthful, toxic or unhelpful; train a reward model on preference pairs labelled
+by the gold judge with noise; PPO with the actor-learner loop against that reward model;
+then judge the SFT and the PPO policies on held-out prompts with the gold judge, which the
+policy never sees: what improves, improves because of preference feedback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from cluster.config import TameConfig, load_config
+from cluster.records import Prompt, Rollout
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+EVAL_SAMPLES = 4
+"""Completions sampled per held-out prompt at temperature 1: the policy as it behaves, not its mode."""
+
+
+def gold_rates(world, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Truthful / harmless / helpful rates and the mean gold score over (prompt, response) pairs."""
+    verdicts = [world.judge(p, r) for p, r in pairs]
+    n = max(len(verdicts), 1)
+    return {"truthful": sum(v.truthful for v in verdicts) / n,
+            "harmless": sum(v.harmless for v in verdicts) / n,
+            "helpful": sum(v.helpful for v in verdicts) / n,
+            "score": sum(v.score for v in verdicts) / n}
+
+
+def evaluate(cfg: TameConfig, policy: str, prompts: list[str], world) -> dict[str, float]:
+    """Sample the policy on the held-out prompts in a rollout actor and judge every answer."""
+    import ray
+
+    from actors.rollout import RolloutActor
+    from cluster.controller import ENGINE_ENV
+
+    sampling = cfg.rollout.sampling.model_copy(update={"samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0})
+    eval_cfg = cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"policy": policy}),
+        "rollout": cfg.rollout.model_copy(update={"sampling": sampling}),
+    })
+    actor = ray.remote(num_cpus=cfg.rollout.num_cpus, runtime_env={"env_vars": ENGINE_ENV})(
+        RolloutActor).remote(eval_cfg, 0, None)
+    try:
+        batch = ray.get(actor.generate.remote([Prompt(f"eval:{i}", (("user", p),)) for i, p in enumerate(prompts)]))
+    finally:
+        ray.kill(actor)
+    return gold_rates(world, [(r.prompt_text, r.response_text) for r in batch.rollouts])
+
+
+def plot(history: Path, out: Path) -> None:
+    """Gold score, reward-model score and KL over the PPO updates (over-optimisation shows
+    as the proxy rising while gold falls)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(steps, [r["gold/score"] for r in rows], label="gold score (judge)", color="tab:green")
+    top.set_ylabel("gold score")
+    proxy = top.twinx()
+    proxy.plot(steps, [r["objective/scores"] for r in rows], label="reward model", color="tab:blue")
+    proxy.set_ylabel("reward-model score")
+    top.legend(handles=top.get_lines() + proxy.get_lines(), loc="lower right")
+    bottom.plot(steps, [r["objective/kl"] for r in rows], color="tab:red")
+    bottom.set_ylabel("KL to SFT (nats / response)")
+    bottom.set_xlabel("PPO update (policy version)")
+    fig.suptitle("tame demo: PPO on the synthetic world")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def report(summary: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="tame demo: held-out prompts, judged by the gold judge")
+    table.add_column("policy")
+    for name in ("truthful", "harmless", "helpful", "gold score"):
+        table.add_column(name, justify="right")
+    for stage in ("sft", "ppo"):
+        g = summary["gold"][stage]
+        table.add_row(stage.upper(), f"{g['truthful']:.3f}", f"{g['harmless']:.3f}", f"{g['helpful']:.3f}",
+                      f"{g['score']:.3f}")
+    console.print(table)
+    console.print(f"reward-model held-out accuracy {summary['rm_accuracy']:.3f}   "
+                  f"final KL to SFT {summary['kl_to_sft']:.3f} nats")
+    console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
+
+
+def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Callable[[str], None] = print) -> dict:
+    from rich.console import Console
+
+    from cluster import world as world_module
+    from cluster.assets import ensure_assets
+    from cluster.controller import connect, train
+    from learner.sft import run_sft
+    from reward_service.train import train_reward_model
+
+    out = Path(out)
+    paths = [f"run.output_dir={out}", f"model.policy={out}/sft", f"model.reward={out}/rm",
+             f"data.prompts={out}/assets/data/prompts.jsonl", f"sft.init={out}/assets/policy",
+             f"sft.data={out}/assets/data/sft.jsonl", f"sft.output={out}/sft", f"reward_model.init={out}/sft",
+             f"reward_model.data={out}/assets/data/preferences.jsonl", f"reward_model.output={out}/rm"]
+    cfg = load_config(DEMO_CONFIG, paths + list(overrides))
+    world = world_module.World.build(0)  # the gold judge knows the seed-0 world only
+    heldout = world.heldout_prompts()
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        log(f"[bold]{name}[/]")
+        start = time.monotonic()
+        result = fn()
+        seconds[name] = time.monotonic() - start
+        return result
+
+    stage("assets", lambda: ensure_assets(out / "assets", size, seed=0, log=log))
+    stage("sft", lambda: run_sft(cfg, log=log))
+    rm = stage("reward_model", lambda: train_reward_model(cfg, log=log))
+    connect(cfg, log)
+    sft_gold = stage("eval_sft", lambda: evaluate(cfg, cfg.model.policy, heldout, world))
+
+    def judge(rollouts: list[Rollout]) -> dict[str, float]:
+        rates = gold_rates(world, [(r.prompt_text, r.response_text) for r in rollouts])
+        return {f"gold/{k}": v for k, v in rates.items()}
+
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a demo starts its PPO run afresh
+    ppo = stage("ppo", lambda: train(cfg, log=log, judge=judge))
+    final_policy = str(Path(ppo["checkpoint"]) / "policy")
+    ppo_gold = stage("eval_ppo", lambda: evaluate(cfg, final_policy, heldout, world))
+
+    run_dir = cfg.run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update({
+        "gold": {"sft": sft_gold, "ppo": ppo_gold},
+        "rm_accuracy": rm["accuracy"],
+        "kl_to_sft": ppo["kl_end"],
+        "stage_seconds": seconds,
+        "eval": {"prompts": len(heldout), "samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0},
+        "policy": final_policy,
+    })
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(run_dir / "metrics.jsonl", run_dir / "demo.png")
+    report(summary, Console())
+    log(f"summary in {run_dir / 'summary.json'}, plot in {run_dir / 'demo.png'}")
+    return summary

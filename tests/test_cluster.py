@@ -1,0 +1,146 @@
+"""The actor-learner loop end to end on CPU: real Ray, vLLM actors, a Serve reward
+deployment, the learner, and wandb offline read back from its run file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from cluster.config import load_config
+from tests.conftest import REPO
+from tests.wandb_offline import history
+
+DESIGN_METRICS = [
+    "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+    "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+    "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens",
+    "rollout/staleness_mean", "rollout/staleness_max", "rollout/behaviour_kl", "rollout/max_abs_logp_delta",
+    "sync/version", "sync/bytes", "sync/publish_seconds", "perf/samples_per_s", "perf/learner_idle_share",
+    "rollout/queue_depth",
+]
+
+
+def smoke(tiny_assets, tmp_path, *overrides, prompts=None):
+    return load_config(REPO / "configs/smoke.yaml", [
+        f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}", "model.build_assets=null",
+        f"data.prompts={prompts or tiny_assets.data / 'prompts.jsonl'}", f"run.output_dir={tmp_path}",
+        *overrides,
+    ])
+
+
+def ledger(run_dir):
+    return [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+
+
+def test_synchronous_loop_trains_on_fresh_records_and_logs_to_wandb(tiny_assets, ray_local, tmp_path):
+    from cluster.controller import train
+
+    cfg = smoke(tiny_assets, tmp_path, "train.max_staleness=0", "train.total_updates=3", "run.name=sync")
+    summary = train(cfg, log=lambda *_: None)
+
+    assert summary["steps"] == 3 and summary["policy_version"] == 3
+    assert summary["samples"] == 3 * cfg.train.rollout_batch_size
+    assert summary["fingerprint_mismatches"] == 0 and summary["dropped_stale"] == 0
+    # max_staleness 0: every record of update v+1 was made by policy version v, so the
+    # versions the actors generated with advanced with the learner's.
+    for entry in ledger(cfg.run_dir):
+        assert set(entry["record_versions"]) == {entry["version"] - 1}
+
+    rows = [r for r in history(cfg.run_dir) if "objective/kl" in r]
+    assert [r["sync/version"] for r in rows] == [1, 2, 3]
+    for name in DESIGN_METRICS:
+        assert name in rows[-1], name
+    assert all(r["rollout/staleness_max"] == 0 for r in rows)
+    # The sync alarm stays quiet when the actors really hold the learner's weights.
+    assert all(r["rollout/max_abs_logp_delta"] < 1e-3 for r in rows)
+    assert (cfg.run_dir / "config.yaml").is_file()
+    written = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert written["steps"] == 3 and written["samples_per_second"] > 0
+
+
+def test_async_loop_scales_the_pool_and_counts_every_prompt_once(tiny_assets, ray_local, tmp_path):
+    from cluster.controller import CONTROL_PREFIX, NAMESPACE, train
+
+    # A small prompt file, so the run goes through several epochs and accounting is exact.
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in (tiny_assets.data / "prompts.jsonl").read_text().splitlines()][:24]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = smoke(tiny_assets, tmp_path, "train.max_staleness=1", "train.total_updates=14", "run.name=scaled",
+                "rollout.prompts_per_batch=8", "train.rollout_batch_size=8", "ppo.minibatch_size=8",
+                "ppo.micro_batch_size=8", "rollout.sampling.samples_per_prompt=1", prompts=prompts)
+
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(train(cfg, log=lambda *_: None)))
+    runner.start()
+
+    def wait_for(predicate, limit=240):
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and runner.is_alive():
+            if (cfg.run_dir / "ledger.jsonl").exists() and predicate(ledger(cfg.run_dir)):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def tame_scale(n):
+        out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", str(n), "--run", "scaled"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+
+    assert wait_for(lambda entries: len(entries) >= 1)
+    tame_scale(2)
+    assert wait_for(lambda entries: any(1 in e["actors"] for e in entries)), "the second actor never trained"
+    tame_scale(1)
+    runner.join(timeout=600)
+    assert not runner.is_alive()
+    assert result["steps"] == 14
+
+    entries = ledger(cfg.run_dir)
+    actors = Counter(a for e in entries for a in e["actors"])
+    assert actors[0] > 0 and actors[1] > 0
+    for e in entries:
+        assert all(e["version"] - 1 - v <= 1 for v in e["record_versions"])
+    trained = [p for e in entries for p in e["prompts"]]
+    assert len(trained) == len(set(trained)), "a prompt was trained on twice"
+    outstanding = set(result["outstanding_prompts"])
+    assert not outstanding & set(trained)
+    # Every prompt of every finished epoch was trained on or is still outstanding: none lost.
+    last_epoch = result["data_position"]["epoch"]
+    assert last_epoch >= 1
+    for epoch in range(last_epoch):
+        seen = {p for p in trained + list(outstanding) if p.startswith(f"{epoch}:")}
+        assert seen == {f"{epoch}:{i}" for i in range(24)}
+
+    # The pool really went back to one actor, and the named control actor is gone with the run.
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+    assert CONTROL_PREFIX + "scaled" not in names
+
+
+def test_scale_without_a_running_job_is_a_usage_error(ray_local):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", "2", "--run", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--run nope: no such running tame job" in out.stderr
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("model.policy=/does/not/exist", "model.policy: /does/not/exist is not a Hugging Face causal LM folder"),
+    ("data.prompts=/does/not/exist.jsonl", "/does/not/exist.jsonl: data file not found"),
+])
+def test_bad_inputs_exit_2_before_ray(tiny_assets, tmp_path, bad, needle):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--config", str(REPO / "configs/smoke.yaml"),
+                          "--set", "model.build_assets=null", "--set", f"model.reward={tiny_assets.reward}",
+                          "--set", f"model.policy={tiny_assets.policy}",
+                          "--set", f"data.prompts={tiny_assets.data / 'prompts.jsonl'}",
+                          "--set", f"run.output_dir={tmp_path}", "--set", bad],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr
+    assert not (tmp_path / "smoke").exists()  # nothing half-written
