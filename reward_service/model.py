@@ -92,14 +92,23 @@ def set_score_bias(model: nn.Module, bias: float | torch.Tensor) -> None:
         head.bias.copy_(bias_t)
 
 
+def _zero_dropout_fields(obj: Any) -> None:
+    for name, value in list(vars(obj).items()):
+        if name.endswith("dropout") and isinstance(value, float):
+            setattr(obj, name, 0.0)
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout probability: reward scores must be deterministic in training too."""
+    """Zero every dropout probability: reward scores must be deterministic in training too.
+
+    Covers `nn.Dropout` modules and the float rates that attention layers copy from the
+    config at construction (Llama's `attention_dropout`).
+    """
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    for name in dir(model.config):
-        if name.endswith("dropout") and isinstance(getattr(model.config, name, None), float):
-            setattr(model.config, name, 0.0)
+        _zero_dropout_fields(module)
+    _zero_dropout_fields(model.config)
 
 
 def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
@@ -131,11 +140,13 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
         raise ValueError(f"{path}: a reward model has one output, this one has {config.num_labels}")
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
+    _zero_dropout_fields(config)
     bias = _checkpoint_tensor(path, SCORE_BIAS_KEY) if is_seq_cls else None
-    # The only unexpected key would be our own score.bias, put back below: keep the load
-    # report (which lists it as UNEXPECTED) out of the logs in that case.
+    # Transformers reports our own score.bias (put back below) as UNEXPECTED, and a causal
+    # LM's lm_head and missing score head likewise: both are intended, so keep that load
+    # report out of the logs.
     verbosity = hf_logging.get_verbosity()
-    if bias is not None:
+    if bias is not None or not is_seq_cls:
         hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
