@@ -115,10 +115,19 @@ def pack_state_dict(state: dict[str, Any], dtype: Any = None) -> tuple[np.ndarra
 
 def unpack_state_dict(flat: np.ndarray, specs: tuple[TensorSpec, ...]) -> dict[str, Any]:
     """Views (no copy) of the named tensors inside a flat buffer made by `pack_state_dict`."""
+    import warnings
+
     import torch
 
-    base = torch.frombuffer(memoryview(flat), dtype=torch.uint8) if not flat.flags.writeable \
-        else torch.from_numpy(flat)
+    if flat.flags.writeable:
+        base = torch.from_numpy(flat)
+    else:
+        # A buffer from ray.get is read-only shared memory; torch warns that writing to it
+        # would be undefined. The views are only ever read (copied into a model), so the
+        # warning says nothing here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            base = torch.frombuffer(memoryview(flat), dtype=torch.uint8)
     out = {}
     for spec in specs:
         dtype = getattr(torch, spec.dtype)

@@ -1,0 +1,151 @@
+"""Building a vLLM engine from the config and turning its outputs into `Rollout` records.
+
+Small functions without Ray, so the rollout actor, the benchmark and the tests share them.
+The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): that keeps one process per
+actor and lets the actor reach the model to load new weights (`actors.weights`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from cluster.config import TameConfig
+from cluster.records import Prompt, Rollout, prompt_token_ids
+
+# vLLM reports these finish reasons; the records carry only "stop" or "length".
+_FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def configure_vllm_env() -> None:
+    """Environment vLLM reads at import time: an in-process engine. Call before `import vllm`."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_engine(cfg: TameConfig, seed: int) -> Any:
+    """A vLLM `LLM` for `cfg.model.policy` with the rollout section's limits.
+
+    Log-probs are "processed": taken after temperature, top-k and top-p, so they are the
+    log-probs of the distribution the tokens were actually sampled from. With top_p=1 and
+    top_k=-1 that is exactly log_softmax(logits / temperature), what the learner computes.
+    """
+    configure_vllm_env()
+    from vllm import LLM
+
+    return LLM(
+        model=cfg.model.policy,
+        tokenizer=cfg.model.policy,
+        dtype=cfg.model.dtype,
+        max_model_len=cfg.rollout.max_model_len,
+        seed=seed,
+        # On CPU this sizes the KV cache directly (it replaces VLLM_CPU_KVCACHE_SPACE, which
+        # takes only whole GiB); on a GPU the share of device memory below applies instead.
+        kv_cache_memory_bytes=int(cfg.rollout.kv_cache_gib * 2**30),
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        logprobs_mode="processed_logprobs",
+        # CUDA graphs would have to be recaptured after each weight load; eager is simpler
+        # and is all that CPU supports.
+        enforce_eager=True,
+    )
+
+
+def sampling_params(cfg: TameConfig, max_new_tokens: int | None = None) -> Any:
+    """vLLM `SamplingParams` from `cfg.rollout.sampling`, asking for the sampled token's log-prob."""
+    from vllm import SamplingParams
+
+    s = cfg.rollout.sampling
+    return SamplingParams(
+        n=s.samples_per_prompt,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_tokens=max_new_tokens or s.max_new_tokens,
+        stop=list(s.stop) or None,
+        logprobs=0,  # only the sampled token's log-prob
+        flat_logprobs=True,  # a few flat lists per sequence instead of one dict per token
+        detokenize=True,
+        skip_special_tokens=True,
+    )
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat_template: bool,
+                   max_model_len: int) -> list[list[int]]:
+    """Prompt token ids as the policy sees them (`cluster.records.prompt_token_ids`).
+
+    Raises ValueError naming the prompt when one leaves no room for a response: the data
+    loader should have rejected it, and vLLM would otherwise fail the whole batch.
+    """
+    encoded = []
+    for prompt in prompts:
+        ids = prompt_token_ids(tokenizer, prompt.messages, chat_template)
+        if len(ids) >= max_model_len:
+            raise ValueError(
+                f"prompt {prompt.prompt_id!r} has {len(ids)} tokens, which leaves no room for a "
+                f"response within rollout.max_model_len={max_model_len}")
+        encoded.append(ids)
+    return encoded
+
+
+def run_generate(llm: Any, prompt_ids: Sequence[list[int]], params: Any) -> list[Any]:
+    """vLLM `RequestOutput`s for already tokenised prompts, in prompt order."""
+    from vllm.inputs import TokensPrompt
+
+    return llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                        use_tqdm=False)
+
+
+def sampled_logprobs(completion: Any) -> list[float]:
+    """log pi(token) of each sampled token of one vLLM `CompletionOutput`."""
+    logprobs = completion.logprobs
+    token_ids = completion.token_ids
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is not None and len(flat) == len(token_ids):
+        # With logprobs=0 each position holds exactly the sampled token.
+        return list(flat)
+    # General form: a mapping token id -> Logprob per position.
+    return [position[token].logprob for position, token in zip(logprobs, token_ids)]
+
+
+def build_rollouts(prompts: Sequence[Prompt], prompt_ids: Sequence[list[int]],
+                   outputs: Sequence[Any], policy_version: int, actor_id: int,
+                   generate_seconds: float) -> list[Rollout]:
+    """One `Rollout` per completion, in prompt order then sample order."""
+    rollouts = []
+    for prompt, ids, output in zip(prompts, prompt_ids, outputs, strict=True):
+        for sample_index, completion in enumerate(output.outputs):
+            finish = _FINISH_REASONS.get(completion.finish_reason)
+            if finish is None:
+                raise RuntimeError(f"vLLM ended prompt {prompt.prompt_id!r} with finish reason "
+                                   f"{completion.finish_reason!r}")
+            rollouts.append(Rollout(
+                prompt_id=prompt.prompt_id,
+                sample_index=sample_index,
+                prompt_text=prompt.text,
+                prompt_token_ids=list(ids),
+                response_token_ids=list(completion.token_ids),
+                response_text=completion.text,
+                behaviour_logprobs=sampled_logprobs(completion),
+                finish_reason=finish,
+                policy_version=policy_version,
+                actor_id=actor_id,
+                generate_seconds=generate_seconds,
+            ))
+    return rollouts
+
+
+def apply_scores(rollouts: list[Rollout], scores: Sequence[float], score_seconds: float) -> set[str]:
+    """Write `scores` (one per rollout, in order) into the records; return the prompt ids whose
+    score is not a finite number, so those prompts are handed out again rather than trained on."""
+    if len(scores) != len(rollouts):
+        raise ValueError(f"the scorer returned {len(scores)} scores for {len(rollouts)} responses")
+    bad = set()
+    for rollout, score in zip(rollouts, scores):
+        value = float(score)
+        if not math.isfinite(value):
+            bad.add(rollout.prompt_id)
+        rollout.score = value
+        rollout.score_seconds = score_seconds
+    return bad

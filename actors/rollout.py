@@ -1,0 +1,167 @@
+"""The rollout actor: one in-process vLLM engine that turns prompts into scored rollouts.
+
+A plain class; `cluster/` makes it a Ray actor with
+`ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)`, so on a GPU
+cluster each actor holds its own device. Each call reads top to bottom: tokenise, generate
+with the current weights, build records, score them through the reward service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from actors.engine import (
+    apply_scores,
+    build_engine,
+    build_rollouts,
+    configure_vllm_env,
+    encode_prompts,
+    run_generate,
+    sampling_params,
+)
+from actors.weights import (
+    WeightsMismatchError,
+    checkpoint_layout,
+    engine_fingerprint,
+    load_into_engine,
+    validate_buffer,
+    validate_specs,
+)
+from cluster.config import TameConfig
+from cluster.records import Prompt, RolloutBatch, WeightsHandle, unpack_state_dict
+
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[list[str], list[str]], list[float]]
+"""scorer(prompt_texts, response_texts) -> scores in the same order; raises when it cannot."""
+
+
+class RolloutActor:
+    """Owns one vLLM engine; generates completions tagged with the policy version that made them."""
+
+    def __init__(self, cfg: TameConfig, actor_id: int, scorer: Scorer | None = None):
+        configure_vllm_env()
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.actor_id = actor_id
+        self._scorer = scorer
+        # Each actor draws its own samples: the same seed would give every actor the same
+        # completions of the same prompt.
+        self._llm = build_engine(cfg, seed=cfg.run.seed + actor_id)
+        self._tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+        self._params = sampling_params(cfg)
+        self._layout = checkpoint_layout(cfg.model.policy)
+        self._version = 0  # the weights on disk at cfg.model.policy
+        self._warm_up()
+        self._fingerprint = engine_fingerprint(self._llm)
+
+    def _warm_up(self) -> None:
+        # The first generate on CPU spends seconds preparing kernels; pay it before the
+        # actor reports ready, so the first real batch is timed fairly.
+        prompt = Prompt("warm-up", (("user", "Hello"),))
+        ids = encode_prompts(self._tokenizer, [prompt], self.cfg.data.chat_template,
+                             self.cfg.rollout.max_model_len)
+        run_generate(self._llm, ids, sampling_params(self.cfg, max_new_tokens=4))
+
+    def ready(self) -> dict:
+        """Identity and loaded version: the controller waits on this before handing out work."""
+        return {"actor_id": self.actor_id, "pid": os.getpid(),
+                "policy_version": self._version, "fingerprint": self._fingerprint}
+
+    def policy_version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: list[Prompt]) -> RolloutBatch:
+        """`samples_per_prompt` completions of each prompt, scored when a scorer was given.
+
+        Prompts whose completions could not be scored are listed in `failed_prompt_ids`
+        and their rollouts left out: they are handed out again, never scored as 0.
+        """
+        # Tokenise exactly as every other role does (chat template or raw text).
+        prompt_ids = encode_prompts(self._tokenizer, prompts, self.cfg.data.chat_template,
+                                    self.cfg.rollout.max_model_len)
+
+        # Generate with the current weights and tag every record with their version.
+        start = time.perf_counter()
+        outputs = run_generate(self._llm, prompt_ids, self._params)
+        generate_seconds = time.perf_counter() - start
+        rollouts = build_rollouts(prompts, prompt_ids, outputs, self._version, self.actor_id,
+                                  generate_seconds)
+        batch = RolloutBatch(
+            actor_id=self.actor_id,
+            policy_version=self._version,
+            rollouts=rollouts,
+            prompt_ids=[p.prompt_id for p in prompts],
+            generated_tokens=sum(len(r.response_token_ids) for r in rollouts),
+            generate_seconds=generate_seconds,
+        )
+
+        # Score here, so the completions reach the reward service without a detour
+        # through the controller.
+        if self._scorer is not None and rollouts:
+            self._score(batch)
+        return batch
+
+    def _score(self, batch: RolloutBatch) -> None:
+        start = time.perf_counter()
+        try:
+            scores = self._scorer([r.prompt_text for r in batch.rollouts],
+                                  [r.response_text for r in batch.rollouts])
+            batch.score_seconds = time.perf_counter() - start
+            failed = apply_scores(batch.rollouts, scores, batch.score_seconds)
+        except Exception as e:  # the reward service's failure must not stop generation
+            batch.score_seconds = time.perf_counter() - start
+            log.warning("actor %d: scoring %d responses failed: %r",
+                        self.actor_id, len(batch.rollouts), e)
+            failed = {r.prompt_id for r in batch.rollouts}
+        if failed:
+            batch.failed_prompt_ids = [pid for pid in batch.prompt_ids if pid in failed]
+            batch.rollouts = [r for r in batch.rollouts if r.prompt_id not in failed]
+
+    def load_weights(self, handle: WeightsHandle) -> dict:
+        """Load a newer policy version into the live engine; a version <= the current is a no-op.
+
+        The handle is checked against the engine's checkpoint layout before any weight is
+        touched: a broken handle raises `WeightsMismatchError` and the engine keeps serving
+        its previous weights. Returns the loaded version, the fingerprint measured from the
+        engine afterwards, the wall seconds and bytes of the load (and their parts).
+        """
+        if handle.version <= self._version:
+            return {"policy_version": self._version, "fingerprint": self._fingerprint,
+                    "seconds": 0.0, "bytes": 0, "loaded": False}
+
+        start = time.perf_counter()
+        validate_specs(handle.specs, self._layout)
+        flat = _fetch(handle.buffer)
+        if flat.dtype != np.uint8 or flat.ndim != 1:
+            raise WeightsMismatchError(f"weights handle v{handle.version}: the buffer is "
+                                       f"{flat.dtype}{list(flat.shape)}, expected flat uint8")
+        validate_buffer(flat.nbytes, handle.specs)
+        fetched = time.perf_counter()
+        # Views into the object-store buffer go straight into the engine: no staging copy.
+        tensors = unpack_state_dict(flat, handle.specs)
+        load_into_engine(self._llm, tensors.items())
+        loaded = time.perf_counter()
+        self._version = handle.version
+
+        self._fingerprint = engine_fingerprint(self._llm)
+        return {"policy_version": self._version, "fingerprint": self._fingerprint,
+                "seconds": loaded - start, "bytes": int(flat.nbytes), "loaded": True,
+                "fetch_seconds": fetched - start, "reload_seconds": loaded - fetched,
+                "fingerprint_seconds": time.perf_counter() - loaded}
+
+
+def _fetch(buffer: Any) -> np.ndarray:
+    """The flat uint8 buffer of a handle: zero-copy from the Ray object store."""
+    if isinstance(buffer, np.ndarray):
+        return buffer
+    import ray
+
+    return ray.get(buffer)

@@ -1,0 +1,278 @@
+"""The rollout actor against a real vLLM engine in a real Ray actor, checked with transformers.
+
+Two actors are built once for the module (engines cost seconds on CPU): one samples at
+temperature 1 and scores through a scorer, the other samples at temperature 0.7 with
+samples_per_prompt=2 and a short max_new_tokens, so both finish reasons occur.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.config import TameConfig
+from cluster.records import (
+    Prompt,
+    WeightsHandle,
+    fingerprint,
+    fingerprints_match,
+    pack_state_dict,
+    prompt_token_ids,
+)
+
+PROMPTS = [
+    Prompt("0:0", (("user", "What colour is the sky?"),)),
+    Prompt("0:1", (("user", "Tell me about the fox."),)),
+    Prompt("0:2", (("user", "Hello"), ("assistant", "Hi!"), ("user", "Please answer in one word."))),
+]
+
+
+def length_scorer(prompts: list[str], responses: list[str]) -> list[float]:
+    """Score = characters of the response; raises for a prompt asking it to, NaN on request."""
+    if any("RAISE" in p for p in prompts):
+        raise ConnectionError("reward service unreachable")
+    return [math.nan if "NAN" in p else float(len(r)) for p, r in zip(prompts, responses)]
+
+
+def make_config(policy: str, **sampling) -> TameConfig:
+    return TameConfig.model_validate({
+        "model": {"policy": policy, "reward": None},
+        "rollout": {"num_cpus": 1, "max_model_len": 256, "kv_cache_gib": 0.25,
+                    "sampling": {"max_new_tokens": 24, **sampling}},
+    })
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_assets.policy)
+
+
+@pytest.fixture(scope="module")
+def hf_policy(tiny_assets):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_assets.policy, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def actors(tiny_assets, ray_local):
+    """(actor at T=1 with a scorer, actor at T=0.7 with 2 samples and 6 new tokens)."""
+    from ray import cloudpickle
+
+    from actors.rollout import RolloutActor
+
+    # The scorer travels to the actor by value: the worker cannot import this test module.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    remote = ray_local.remote(num_cpus=1)(RolloutActor)
+    scored = remote.remote(make_config(str(tiny_assets.policy)), 0, length_scorer)
+    warm = remote.remote(make_config(str(tiny_assets.policy), temperature=0.7,
+                                     samples_per_prompt=2, max_new_tokens=6), 1)
+    infos = ray_local.get([scored.ready.remote(), warm.ready.remote()])
+    yield scored, warm, infos
+    for actor in (scored, warm):
+        ray_local.kill(actor)
+
+
+def hf_logprobs(model, prompt_ids: list[int], response_ids: list[int], temperature: float) -> np.ndarray:
+    """log_softmax(logits / T) of each response token under `model`: what the learner computes."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1: -1].float()  # (R, V)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(1, torch.tensor(response_ids)[:, None])[:, 0].numpy()
+
+
+def max_logprob_error(model, batch, temperature: float) -> float:
+    return max(
+        float(np.abs(hf_logprobs(model, r.prompt_token_ids, r.response_token_ids, temperature)
+                     - np.array(r.behaviour_logprobs)).max())
+        for r in batch.rollouts)
+
+
+def perturbed_handle(hf_policy, version: int, seed: int, dtype=None) -> tuple[WeightsHandle, dict]:
+    """A published version: the policy's weights plus noise, packed into one buffer in Ray."""
+    import ray
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in hf_policy.state_dict().items()}
+    flat, specs = pack_state_dict(state, dtype)
+    tensors = [t.to(dtype) for t in state.values()] if dtype is not None else state.values()
+    handle = WeightsHandle(version=version, buffer=ray.put(flat), specs=specs,
+                           fingerprint=fingerprint(tensors), nbytes=flat.nbytes)
+    return handle, state
+
+
+def test_ready_reports_version_zero_and_the_disk_fingerprint(actors, hf_policy, tiny_assets):
+    from safetensors.torch import load_file
+
+    _, _, infos = actors
+    on_disk = fingerprint(load_file(tiny_assets.policy / "model.safetensors").values())
+    assert [info["actor_id"] for info in infos] == [0, 1]
+    assert [info["policy_version"] for info in infos] == [0, 0]
+    assert infos[0]["pid"] != infos[1]["pid"]
+    # Measured from the engine (vLLM fuses q/k/v and gate/up, packs linears for oneDNN).
+    for info in infos:
+        assert fingerprints_match(info["fingerprint"], on_disk), (info["fingerprint"], on_disk)
+
+
+def test_generate_returns_well_formed_scored_records(actors, tokenizer, hf_policy):
+    import ray
+
+    scored, _, _ = actors
+    batch = ray.get(scored.generate.remote(PROMPTS))
+
+    assert batch.actor_id == 0 and batch.policy_version == 0
+    assert batch.prompt_ids == [p.prompt_id for p in PROMPTS]
+    assert batch.failed_prompt_ids == []
+    assert [(r.prompt_id, r.sample_index) for r in batch.rollouts] == [(p.prompt_id, 0) for p in PROMPTS]
+    assert batch.generated_tokens == sum(len(r.response_token_ids) for r in batch.rollouts)
+    assert batch.generate_seconds > 0 and batch.score_seconds > 0
+    for prompt, r in zip(PROMPTS, batch.rollouts):
+        # The chat template was applied, ending with the opened assistant turn.
+        assert r.prompt_token_ids == prompt_token_ids(tokenizer, prompt.messages, True)
+        assert tokenizer.decode(r.prompt_token_ids).endswith("<|assistant|>")
+        assert r.prompt_text == prompt.messages[-1][1]
+        assert 1 <= len(r.response_token_ids) == len(r.behaviour_logprobs) <= 24
+        assert all(math.isfinite(x) and x <= 0 for x in r.behaviour_logprobs)
+        assert r.response_text == tokenizer.decode(r.response_token_ids, skip_special_tokens=True)
+        if r.finish_reason == "stop":
+            assert r.response_token_ids[-1] == tokenizer.eos_token_id
+        else:
+            assert r.finish_reason == "length" and len(r.response_token_ids) == 24
+            assert tokenizer.eos_token_id not in r.response_token_ids
+        assert r.policy_version == 0 and r.actor_id == 0
+        assert r.score == float(len(r.response_text)) and r.score_seconds == batch.score_seconds
+    assert max_logprob_error(hf_policy, batch, temperature=1.0) < 1e-4
+
+
+def test_behaviour_logprobs_are_at_the_sampling_temperature(actors, hf_policy, tokenizer):
+    import ray
+
+    _, warm, _ = actors
+    batch = ray.get(warm.generate.remote(PROMPTS))
+
+    # Two samples of each prompt; with 6 new tokens at most, "length" is the usual ending.
+    assert [(r.prompt_id, r.sample_index) for r in batch.rollouts] == \
+        [(p.prompt_id, i) for p in PROMPTS for i in (0, 1)]
+    assert all(r.score is None for r in batch.rollouts)
+    for r in batch.rollouts:
+        n = len(r.response_token_ids)
+        assert r.finish_reason == ("stop" if r.response_token_ids[-1] == tokenizer.eos_token_id else "length")
+        assert n == 6 or r.finish_reason == "stop"
+    assert max_logprob_error(hf_policy, batch, temperature=0.7) < 1e-4
+    # Raw (temperature 1) log-probs would be far off: the check can tell them apart.
+    assert max_logprob_error(hf_policy, batch, temperature=1.0) > 1e-2
+
+
+def test_scorer_failures_hand_prompts_back(actors):
+    import ray
+
+    scored, _, _ = actors
+    nan_prompt = Prompt("0:3", (("user", "NAN please"),))
+    batch = ray.get(scored.generate.remote([PROMPTS[0], nan_prompt]))
+    assert batch.prompt_ids == ["0:0", "0:3"]
+    assert batch.failed_prompt_ids == ["0:3"]
+    assert [r.prompt_id for r in batch.rollouts] == ["0:0"]
+
+    raising = Prompt("0:4", (("user", "RAISE please"),))
+    batch = ray.get(scored.generate.remote([PROMPTS[1], raising]))
+    assert batch.failed_prompt_ids == ["0:1", "0:4"]
+    assert batch.rollouts == []
+
+
+def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
+    import ray
+
+    scored, _, _ = actors
+    handle, state = perturbed_handle(hf_policy, version=1, seed=1)
+    result = ray.get(scored.load_weights.remote(handle))
+
+    assert result["policy_version"] == 1 and result["loaded"] is True
+    assert result["bytes"] == handle.nbytes and result["seconds"] > 0
+    assert fingerprints_match(result["fingerprint"], handle.fingerprint)
+    assert not fingerprints_match(result["fingerprint"], fingerprint(hf_policy.state_dict().values()))
+    assert ray.get(scored.policy_version.remote()) == 1
+
+    batch = ray.get(scored.generate.remote(PROMPTS))
+    assert batch.policy_version == 1 and all(r.policy_version == 1 for r in batch.rollouts)
+    new_policy = _model_with(hf_policy, state)
+    assert max_logprob_error(new_policy, batch, temperature=1.0) < 1e-4
+    assert max_logprob_error(hf_policy, batch, temperature=1.0) > 1e-2
+
+    # An older or equal version changes nothing.
+    older, _ = perturbed_handle(hf_policy, version=1, seed=2)
+    again = ray.get(scored.load_weights.remote(older))
+    assert again["loaded"] is False and again["policy_version"] == 1 and again["bytes"] == 0
+    assert again["fingerprint"] == result["fingerprint"]
+
+
+def test_weight_load_in_bfloat16_transport(actors, hf_policy):
+    """A handle in a narrower dtype than the engine is cast on load; fingerprints still agree."""
+    import ray
+
+    _, warm, _ = actors
+    handle, _ = perturbed_handle(hf_policy, version=3, seed=3, dtype=torch.bfloat16)
+    result = ray.get(warm.load_weights.remote(handle))
+    assert result["policy_version"] == 3
+    assert fingerprints_match(result["fingerprint"], handle.fingerprint)
+
+
+@pytest.mark.parametrize("break_it, message", [
+    ("shape", "'model.layers.1.mlp.down_proj.weight' has shape (64, 127)"),
+    ("name", "'model.layers.1.mlp.down_proj.weights' is not a weight"),
+    ("missing", "'model.layers.1.mlp.down_proj.weight' of the engine's model is missing"),
+])
+def test_broken_handle_is_refused_and_the_actor_keeps_serving(actors, hf_policy, break_it, message):
+    import ray
+
+    from actors.weights import WeightsMismatchError
+
+    scored, _, _ = actors
+    before = ray.get(scored.ready.remote())
+    state = dict(hf_policy.state_dict())
+    bad = "model.layers.1.mlp.down_proj.weight"
+    if break_it == "shape":
+        state[bad] = state[bad][:, :127]
+    elif break_it == "name":
+        state[bad + "s"] = state.pop(bad)
+    else:
+        del state[bad]
+    flat, specs = pack_state_dict(state)
+    handle = WeightsHandle(version=before["policy_version"] + 10, buffer=ray.put(flat),
+                           specs=specs, fingerprint=fingerprint(state.values()), nbytes=flat.nbytes)
+
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(scored.load_weights.remote(handle))
+    assert isinstance(err.value.as_instanceof_cause(), WeightsMismatchError)
+    assert message in str(err.value)
+
+    after = ray.get(scored.ready.remote())
+    assert after["pid"] == before["pid"]
+    assert after["policy_version"] == before["policy_version"]
+    assert after["fingerprint"] == before["fingerprint"]
+    batch = ray.get(scored.generate.remote(PROMPTS[:1]))
+    assert batch.policy_version == before["policy_version"] and len(batch.rollouts) == 1
+
+
+def test_plain_text_prompts_skip_the_chat_template(tokenizer):
+    from actors.engine import encode_prompts
+
+    prompt = Prompt("0:9", (("user", "The quick brown fox"),))
+    (ids,) = encode_prompts(tokenizer, [prompt], chat_template=False, max_model_len=64)
+    assert ids == tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match=f"prompt '0:9' has {len(ids)} tokens"):
+        encode_prompts(tokenizer, [prompt], chat_template=False, max_model_len=len(ids))
+
+
+def _model_with(model, state: dict):
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(state)
+    return clone.eval()
