@@ -2,7 +2,7 @@
 
 Two actors are built once for the module (engines cost seconds on CPU): one samples at
 temperature 1 and scores through a scorer, the other samples at temperature 0.7 with
-samples_per_prompt=2 and a short max_new_tokens, so both finish reasons occur.
+samples_per_prompt=4, a short max_new_tokens and a stop string, so both finish reasons occur.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def hf_policy(tiny_assets):
 
 @pytest.fixture(scope="module")
 def actors(tiny_assets, ray_local):
-    """(actor at T=1 with a scorer, actor at T=0.7 with 2 samples and 6 new tokens)."""
+    """(actor at T=1 with a scorer, actor at T=0.7 with 4 samples, 6 new tokens, stop "h")."""
     from ray import cloudpickle
 
     from actors.rollout import RolloutActor
@@ -72,7 +72,7 @@ def actors(tiny_assets, ray_local):
     remote = ray_local.remote(num_cpus=1)(RolloutActor)
     scored = remote.remote(make_config(str(tiny_assets.policy)), 0, length_scorer)
     warm = remote.remote(make_config(str(tiny_assets.policy), temperature=0.7,
-                                     samples_per_prompt=2, max_new_tokens=6), 1)
+                                     samples_per_prompt=4, max_new_tokens=6, stop=["h"]), 1)
     infos = ray_local.get([scored.ready.remote(), warm.ready.remote()])
     yield scored, warm, infos
     for actor in (scored, warm):
@@ -157,14 +157,19 @@ def test_behaviour_logprobs_are_at_the_sampling_temperature(actors, hf_policy, t
     _, warm, _ = actors
     batch = ray.get(warm.generate.remote(PROMPTS))
 
-    # Two samples of each prompt; with 6 new tokens at most, "length" is the usual ending.
+    # Four samples of each prompt; each ends at the stop string "h" or after 6 tokens.
     assert [(r.prompt_id, r.sample_index) for r in batch.rollouts] == \
-        [(p.prompt_id, i) for p in PROMPTS for i in (0, 1)]
+        [(p.prompt_id, i) for p in PROMPTS for i in range(4)]
     assert all(r.score is None for r in batch.rollouts)
     for r in batch.rollouts:
-        n = len(r.response_token_ids)
-        assert r.finish_reason == ("stop" if r.response_token_ids[-1] == tokenizer.eos_token_id else "length")
-        assert n == 6 or r.finish_reason == "stop"
+        full_text = tokenizer.decode(r.response_token_ids, skip_special_tokens=True)
+        if r.finish_reason == "stop":
+            # The text stops before the stop string; the tokens include the one that made it.
+            assert "h" not in r.response_text and "h" in full_text
+        else:
+            assert r.finish_reason == "length" and len(r.response_token_ids) == 6
+            assert "h" not in full_text
+    assert {r.finish_reason for r in batch.rollouts} == {"stop", "length"}
     assert max_logprob_error(hf_policy, batch, temperature=0.7) < 1e-4
     # Raw (temperature 1) log-probs would be far off: the check can tell them apart.
     assert max_logprob_error(hf_policy, batch, temperature=1.0) > 1e-2
@@ -210,6 +215,32 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
     again = ray.get(scored.load_weights.remote(older))
     assert again["loaded"] is False and again["policy_version"] == 1 and again["bytes"] == 0
     assert again["fingerprint"] == result["fingerprint"]
+
+
+def test_a_policy_that_ends_at_once_finishes_with_stop(actors, hf_policy, tokenizer):
+    """Weights rigged so EOS takes nearly all probability: every response is [EOS], 'stop'."""
+    import ray
+
+    scored, _, _ = actors
+    eos, j = tokenizer.eos_token_id, 0
+    state = {k: v.clone() for k, v in hf_policy.state_dict().items()}
+    # A constant coordinate j dominates the residual stream, the final norm keeps only j,
+    # and only EOS reads it: logit(EOS) is about 8 * 3 = 24, every other logit under 1.
+    state["model.embed_tokens.weight"][:, j] += 10.0
+    state["model.norm.weight"].zero_()
+    state["model.norm.weight"][j] = 1.0
+    state["lm_head.weight"][eos, j] = 3.0
+    flat, specs = pack_state_dict(state)
+    version = ray.get(scored.policy_version.remote()) + 1
+    handle = WeightsHandle(version=version, buffer=ray.put(flat), specs=specs,
+                           fingerprint=fingerprint(state.values()), nbytes=flat.nbytes)
+    assert fingerprints_match(ray.get(scored.load_weights.remote(handle))["fingerprint"], handle.fingerprint)
+
+    batch = ray.get(scored.generate.remote(PROMPTS))
+    assert [r.response_token_ids for r in batch.rollouts] == [[eos]] * len(PROMPTS)
+    assert all(r.finish_reason == "stop" and r.response_text == "" for r in batch.rollouts)
+    assert all(r.score == 0.0 and r.policy_version == version for r in batch.rollouts)
+    assert max_logprob_error(_model_with(hf_policy, state), batch, temperature=1.0) < 1e-4
 
 
 def test_weight_load_in_bfloat16_transport(actors, hf_policy):
