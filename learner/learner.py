@@ -1,0 +1,620 @@
+"""The learner: policy, frozen reference, critic, optimizers; one PPO update per call.
+
+`cluster/` runs `Learner` as a Ray actor (`ray.remote(num_cpus=..., num_gpus=...)`); the
+class itself does not need Ray except for `ray.put` in `publish`.
+
+One update, top to bottom (`update`):
+1. tokens: prompt + response ids of each scored rollout, right-padded; a mask marks the
+   response tokens (cut after the first EOS when `ppo.truncate_at_stop`).
+2. no-grad passes: the proximal log-probs (the current weights, before this update), the
+   reference log-probs and the critic's values.
+3. rewards: the score at the last response token minus `kl_coef * KL` per token; GAE;
+   whitened advantages; the truncated importance weight min(pi_prox / pi_behaviour, C).
+4. PPO epochs over shuffled minibatches, each accumulated over micro-batches: clipped
+   surrogate (ratio against the proximal policy, times the IS weight), clipped value loss,
+   entropy bonus, PPO-ptx; gradient clipping; AdamW; learning-rate schedule.
+5. version += 1 and the KL controller adapts. A NaN or Inf anywhere skips the update:
+   the weights and optimizer states are restored and nothing new is published.
+
+Per-token tensors have shape (B, L-1): position t is the prediction of input_ids[:, t+1].
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import re
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster.config import TameConfig
+from cluster.records import Rollout, WeightsHandle, fingerprint, pack_state_dict, unpack_state_dict
+from learner import ppo
+from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
+from learner.training import (
+    atomic_directory,
+    disable_dropout,
+    make_scheduler,
+    set_torch_threads,
+    torch_dtype,
+)
+
+CHECKPOINT_NAME = re.compile(r"^version-(\d{6,})$")
+
+
+class NonFiniteUpdatesError(RuntimeError):
+    """Too many consecutive updates had NaN or Inf in their rewards, losses or gradients."""
+
+
+# --------------------------------------------------------------------------- experience
+
+
+@dataclass
+class Experience:
+    """A batch of scored rollouts as tensors on the learner's device.
+
+    Token tensors are (B, L); per-token tensors are (B, W) and cover the prediction
+    positions `offset .. offset + W - 1` (a window cut by `select` to what its rows need).
+    """
+
+    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    mask: torch.Tensor  # (B, W) float: 1 where the position predicts a response token that counts
+    behaviour_logprobs: torch.Tensor  # (B, W) log pi_behaviour from the rollout engine
+    scores: torch.Tensor  # (B,) reward as scored (before the missing-EOS penalty)
+    has_eos: torch.Tensor  # (B,) bool: the response ended (EOS or a stop string)
+    offset: int = 0
+    old_logprobs: torch.Tensor | None = None  # (B, W) proximal policy, no grad
+    ref_logprobs: torch.Tensor | None = None  # (B, W)
+    old_values: torch.Tensor | None = None  # (B, W)
+    rewards: torch.Tensor | None = None  # (B, W) KL-shaped per-token rewards
+    advantages: torch.Tensor | None = None  # (B, W)
+    returns: torch.Tensor | None = None  # (B, W)
+    is_weights: torch.Tensor | None = None  # (B, W) min(pi_prox / pi_behaviour, C)
+
+    PER_TOKEN = ("mask", "behaviour_logprobs", "old_logprobs", "ref_logprobs", "old_values",
+                 "rewards", "advantages", "returns", "is_weights")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> Experience:
+        """The given rows, cut to the columns they need: up to their longest sequence, and
+        per-token tensors from their earliest response token (so prompt positions that
+        no row needs are never sent through the LM head)."""
+        assert self.offset == 0, "select() works on a full batch"
+        attention = self.attention_mask[rows]
+        width = int(attention.sum(1).max())
+        mask = self.mask[rows]
+        start = int(mask.any(0).nonzero()[0])
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.PER_TOKEN:
+                value = None if value is None else value[rows, start: width - 1]
+            elif f.name in ("input_ids", "attention_mask"):
+                value = value[rows, :width]
+            elif isinstance(value, torch.Tensor):
+                value = value[rows]
+            out[f.name] = value
+        out["offset"] = start
+        return Experience(**out)
+
+
+# --------------------------------------------------------------------------- the learner
+
+
+class Learner:
+    """Policy, frozen reference, critic and their optimizers; PPO updates, weight
+    publication and checkpoints. See the module docstring for the shape of one update."""
+
+    def __init__(self, cfg: TameConfig, run_dir: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.threads = set_torch_threads(cfg.learner.num_cpus)
+        self.device = torch.device(cfg.learner.device)
+        self.dtype = torch_dtype(cfg.model.dtype)
+        self.temperature = cfg.rollout.sampling.temperature
+        torch.manual_seed(cfg.run.seed)
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.eos_id
+
+        # The policy we train and the frozen reference (the SFT model) it is held close to.
+        self.policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
+        self.reference = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
+        self.reference.requires_grad_(False)
+        self.critic = self._load_critic()
+        for model in (self.policy, self.reference, self.critic):
+            disable_dropout(model)
+            model.to(self.device)
+        self.value_head = _value_head(self.critic)
+
+        p = cfg.ppo
+        self.policy_optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
+        self.critic_optimizer = torch.optim.AdamW(
+            self.critic.parameters(), lr=p.critic_learning_rate, weight_decay=p.weight_decay)
+        minibatches = math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
+        total_steps = cfg.train.total_updates * p.epochs * minibatches
+        self.policy_scheduler = make_scheduler(self.policy_optimizer, p.lr_schedule,
+                                               p.warmup_steps, total_steps)
+        self.critic_scheduler = make_scheduler(self.critic_optimizer, p.lr_schedule,
+                                               p.warmup_steps, total_steps)
+        self.kl_controller = (
+            ppo.AdaptiveKLController(p.kl.coef, p.kl.target, p.kl.horizon) if p.kl.adaptive
+            else ppo.FixedKLController(p.kl.coef))
+        self.shuffle = torch.Generator().manual_seed(cfg.run.seed)
+
+        self.ptx_examples: list[Example] = []
+        self.ptx_cursor = 0
+        if p.ptx_coef > 0:
+            rows = read_demonstrations(p.ptx_data)
+            self.ptx_examples = encode_demonstrations(
+                self.tokenizer, rows, cfg.rollout.max_model_len, cfg.data.chat_template)
+
+        self._version = 0
+        self._handle: WeightsHandle | None = None
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+
+    def _load_critic(self) -> torch.nn.Module:
+        """A sequence-classification model used per token: its body's hidden state at every
+        position through its score head is the value of that state. From the reward model
+        (InstructGPT) or from the policy's body with a fresh zero value head."""
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        if self.cfg.learner.critic == "reward":
+            if self.cfg.model.reward is None:
+                raise ValueError("learner.critic: 'reward' needs model.reward; "
+                                 "set learner.critic to 'policy' for rule-based rewards")
+            return AutoModelForSequenceClassification.from_pretrained(
+                self.cfg.model.reward, num_labels=1, dtype=self.dtype)
+        # Loading a causal LM as seq-cls reports the missing head and the unused LM head:
+        # expected here, so keep it out of the logs.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            critic = AutoModelForSequenceClassification.from_pretrained(
+                self.cfg.model.policy, num_labels=1, dtype=self.dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        head = _value_head(critic)
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
+        return critic
+
+    # ------------------------------------------------------------------ versions and weights
+
+    def version(self) -> int:
+        return self._version
+
+    def publish(self) -> WeightsHandle:
+        """Put the current policy weights into the Ray object store as one flat buffer
+        (once per version: later calls return the cached handle)."""
+        if self._handle is not None and self._handle.version == self._version:
+            return self._handle
+        import ray
+
+        dtype = torch_dtype(self.cfg.learner.transport_dtype or self.cfg.model.dtype)
+        flat, specs = pack_state_dict(dict(self.policy.named_parameters()), dtype)
+        # Fingerprint the tensors exactly as sent (after the cast), so an actor can check
+        # what it loaded against it.
+        sent = fingerprint(unpack_state_dict(flat, specs).values())
+        self._handle = WeightsHandle(version=self._version, buffer=ray.put(flat), specs=specs,
+                                     fingerprint=sent, nbytes=int(flat.nbytes))
+        return self._handle
+
+    # ------------------------------------------------------------------ tokens and passes
+
+    def tokens(self, rollouts: list[Rollout], truncate: bool | None = None) -> Experience:
+        """Right-padded prompt + response ids of the rollouts, with the response mask."""
+        if not rollouts:
+            raise ValueError("no rollouts")
+        truncate = self.cfg.ppo.truncate_at_stop if truncate is None else truncate
+        length = max(len(r.prompt_token_ids) + len(r.response_token_ids) for r in rollouts)
+        batch = len(rollouts)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        mask = torch.zeros((batch, length - 1))
+        behaviour = torch.zeros((batch, length - 1))
+        for b, r in enumerate(rollouts):
+            n_prompt, n_response = len(r.prompt_token_ids), len(r.response_token_ids)
+            if n_prompt == 0 or n_response == 0:
+                raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: empty prompt or response")
+            if len(r.behaviour_logprobs) != n_response:
+                raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: "
+                                 f"{len(r.behaviour_logprobs)} behaviour log-probs for "
+                                 f"{n_response} response tokens")
+            input_ids[b, : n_prompt + n_response] = torch.tensor(
+                r.prompt_token_ids + r.response_token_ids)
+            attention_mask[b, : n_prompt + n_response] = 1
+            # Position t predicts token t + 1, so the response starts at n_prompt - 1.
+            mask[b, n_prompt - 1: n_prompt - 1 + n_response] = 1.0
+            behaviour[b, n_prompt - 1: n_prompt - 1 + n_response] = torch.tensor(
+                r.behaviour_logprobs, dtype=torch.float32)
+        if truncate:
+            mask = ppo.mask_after_stop(input_ids[:, 1:], mask, self.eos_id)
+        has_eos = torch.tensor([r.finish_reason == "stop" or self.eos_id in r.response_token_ids
+                                for r in rollouts])
+        scores = torch.tensor([math.nan if r.score is None else r.score for r in rollouts],
+                              dtype=torch.float32)
+        d = self.device
+        return Experience(input_ids.to(d), attention_mask.to(d), mask.to(d), behaviour.to(d),
+                          scores.to(d), has_eos.to(d))
+
+    def _token_logprobs(self, model: torch.nn.Module, mb: Experience, with_entropy: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(token) at every response position of `mb` (B, W), and the entropy of the
+        policy there (B, W) when asked. Only the window's positions go through the LM head,
+        and only the response positions through the softmax."""
+        keep = mb.input_ids.shape[1] - mb.offset
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                       use_cache=False, logits_to_keep=keep).logits[:, :-1]  # (B, W, V)
+        targets = mb.input_ids[:, mb.offset + 1:]  # (B, W)
+        selected = mb.mask.bool()
+        logp_all = torch.log_softmax(logits[selected].float() / self.temperature, dim=-1)  # (N, V)
+        token_logp = logp_all.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)  # (N,)
+        logp = torch.zeros(selected.shape, device=logp_all.device).masked_scatter(selected, token_logp)
+        if not with_entropy:
+            return logp, None
+        entropy_tokens = -(logp_all.exp() * logp_all).sum(-1)  # (N,)
+        entropy = torch.zeros(selected.shape, device=logp_all.device).masked_scatter(
+            selected, entropy_tokens)
+        return logp, entropy
+
+    def _values(self, mb: Experience) -> torch.Tensor:
+        """The critic's value of the state before each window token. -> (B, W)"""
+        hidden = self.critic.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                        use_cache=False).last_hidden_state  # (B, L, H)
+        window = hidden[:, mb.offset: mb.input_ids.shape[1] - 1]  # (B, W, H)
+        return self.value_head(window).squeeze(-1).float() * mb.mask
+
+    @torch.no_grad()
+    def _no_grad_passes(self, exp: Experience) -> None:
+        """Fill the proximal and reference log-probs and the old values, micro-batch by
+        micro-batch (each cut to its own window, then written back at its columns)."""
+        shape = exp.mask.shape
+        exp.old_logprobs = torch.zeros(shape, device=self.device)
+        exp.ref_logprobs = torch.zeros(shape, device=self.device)
+        exp.old_values = torch.zeros(shape, device=self.device)
+        for rows in torch.arange(len(exp), device=self.device).split(self.cfg.ppo.micro_batch_size):
+            mb = exp.select(rows)
+            cols = slice(mb.offset, mb.offset + mb.mask.shape[1])
+            exp.old_logprobs[rows, cols] = self._token_logprobs(self.policy, mb)[0]
+            exp.ref_logprobs[rows, cols] = self._token_logprobs(self.reference, mb)[0]
+            exp.old_values[rows, cols] = self._values(mb)
+
+    # ------------------------------------------------------------------ experience
+
+    def prepare(self, rollouts: list[Rollout]) -> tuple[Experience, dict[str, float]]:
+        """Steps 1-3 of an update: tokens, no-grad passes, shaped rewards, GAE and IS
+        weights. Returns the experience and the rollout/objective metrics."""
+        p = self.cfg.ppo
+        exp = self.tokens(rollouts)
+        self._no_grad_passes(exp)
+        mask = exp.mask
+
+        scores = exp.scores
+        if p.missing_eos_penalty is not None:
+            scores = ppo.apply_missing_eos_penalty(scores, exp.has_eos, p.missing_eos_penalty)
+        if p.whiten_rewards and len(exp) > 1:
+            scores = ppo.masked_whiten(scores[:, None], torch.ones_like(scores[:, None]),
+                                       shift_mean=False)[:, 0]
+        kl_coef = self.kl_controller.value
+        rewards, kl = ppo.kl_shaped_rewards(scores, exp.old_logprobs, exp.ref_logprobs, mask,
+                                            kl_coef, p.kl.estimator)
+        advantages, returns = ppo.gae(rewards, exp.old_values, mask, p.gamma, p.gae_lambda)
+        if p.whiten_advantages and mask.sum() > 1:
+            advantages = ppo.masked_whiten(advantages, mask)
+        exp.rewards, exp.advantages, exp.returns = rewards, advantages, returns
+        exp.is_weights = ppo.truncated_importance_weight(
+            exp.old_logprobs, exp.behaviour_logprobs, p.is_cap) * mask
+
+        # Behaviour vs proximal: the same weights should give the same log-probs; a large
+        # gap means stale rollouts or a weight sync that did not happen.
+        delta = (exp.old_logprobs - exp.behaviour_logprobs) * mask
+        behaviour_kl = ppo.masked_mean(ppo.kl_k3(exp.behaviour_logprobs, exp.old_logprobs), mask)
+        non_score = (-kl_coef * kl).sum(1)
+        targets = exp.input_ids[:, 1:]
+        metrics = {
+            "objective/kl": kl.sum(1).mean(),
+            "objective/entropy": (-exp.old_logprobs * mask).sum(1).mean(),
+            "objective/scores": exp.scores.mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (scores + non_score).mean(),
+            "val/num_eos_tokens": ((targets == self.eos_id) * mask.bool()).sum(),
+            "val/mean": ppo.masked_mean(exp.old_values, mask),
+            "rollout/behaviour_kl": behaviour_kl,
+            "rollout/max_abs_logp_delta": delta.abs().max(),
+            "rollout/is_weight_mean": ppo.masked_mean(exp.is_weights, mask),
+            "rollout/response_tokens_mean": mask.sum(1).mean(),
+            "learner/kl_coef": torch.tensor(kl_coef),
+        }
+        return exp, {k: float(v) for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ gradients
+
+    def accumulate_gradients(self, exp: Experience, rows: torch.Tensor,
+                             micro_batch_size: int) -> dict[str, float]:
+        """Forward and backward the PPO loss of the minibatch `rows`, micro-batch by
+        micro-batch; gradients add up in .grad. Every term is a token sum divided by the
+        minibatch's token count, so the result does not depend on `micro_batch_size`."""
+        p = self.cfg.ppo
+        n_tokens = float(exp.mask[rows].sum())
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for micro in rows.split(micro_batch_size):
+            mb = exp.select(micro)
+            logp, entropy = self._token_logprobs(self.policy, mb, with_entropy=True)
+            pg = ppo.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
+                                         p.clip_ratio, weights=mb.is_weights, normaliser=n_tokens)
+            vf = ppo.clipped_value_loss(self._values(mb), mb.old_values, mb.returns, mb.mask,
+                                        p.value_clip, normaliser=n_tokens)
+            if p.entropy_coef == 0:
+                entropy = entropy.detach()
+            ent = ppo.entropy_bonus(entropy, mb.mask, normaliser=n_tokens)
+            loss = pg.loss + p.vf_coef * vf.loss - p.entropy_coef * ent
+            loss.backward()
+            for key, value in (("loss", loss), ("policy", pg.loss), ("value", vf.loss),
+                               ("clipfrac", pg.clipfrac), ("approxkl", pg.approxkl),
+                               ("ratio", pg.ratio), ("vf_clipfrac", vf.clipfrac),
+                               ("entropy", ent)):
+                totals[key] += value.detach()
+        if p.ptx_coef > 0:
+            totals["ptx"] = self._ptx_backward(len(rows), micro_batch_size)
+            totals["loss"] += p.ptx_coef * totals["ptx"]
+        return {k: float(v) for k, v in totals.items()}
+
+    def _ptx_backward(self, n_examples: int, micro_batch_size: int) -> torch.Tensor:
+        """PPO-ptx (InstructGPT): `ptx_coef` times the NLL of the next `n_examples`
+        demonstrations (response tokens only), cycling through the ptx data."""
+        batch = [self.ptx_examples[(self.ptx_cursor + i) % len(self.ptx_examples)]
+                 for i in range(n_examples)]
+        self.ptx_cursor = (self.ptx_cursor + n_examples) % len(self.ptx_examples)
+        n_tokens = float(sum(len(e.input_ids) - e.prompt_length for e in batch))
+        total = torch.zeros((), device=self.device)
+        for start in range(0, len(batch), micro_batch_size):
+            ids, attention, loss_mask = collate_demonstrations(
+                batch[start: start + micro_batch_size], self.pad_id, self.device)
+            logits = self.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            logp = ppo.shifted_token_logprobs(logits, ids, self.temperature)
+            nll = ppo.nll_loss(logp, loss_mask, normaliser=n_tokens)
+            (self.cfg.ppo.ptx_coef * nll).backward()
+            total += nll.detach()
+        return total
+
+    # ------------------------------------------------------------------ the update
+
+    def update(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """One PPO update on scored rollouts; returns the metrics. The version goes up by
+        one unless a NaN or Inf made the update be skipped."""
+        started = time.perf_counter()
+        p = self.cfg.ppo
+
+        # 1-3. tokens, no-grad passes, rewards and advantages
+        exp, metrics = self.prepare(rollouts)
+        if ppo.any_nonfinite(exp.rewards, exp.advantages, exp.returns):
+            return self._skip(metrics, started)
+
+        # 4. PPO epochs over shuffled minibatches
+        steps = p.epochs * math.ceil(len(exp) / p.minibatch_size)
+        snapshot = self._snapshot() if steps > 1 else None
+        stats: dict[str, list[float]] = defaultdict(list)
+        grad_norms: dict[str, list[float]] = defaultdict(list)
+        for _epoch in range(p.epochs):
+            order = torch.randperm(len(exp), generator=self.shuffle).to(self.device)
+            for rows in order.split(p.minibatch_size):
+                mb_stats = self.accumulate_gradients(exp, rows, p.micro_batch_size)
+                policy_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
+                critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), p.max_grad_norm)
+                if not all(math.isfinite(x) for x in (mb_stats["loss"], float(policy_norm),
+                                                      float(critic_norm))):
+                    self._zero_grad()
+                    if snapshot is not None:
+                        self._restore(snapshot)
+                    return self._skip(metrics, started)
+                for optimizer, scheduler in ((self.policy_optimizer, self.policy_scheduler),
+                                             (self.critic_optimizer, self.critic_scheduler)):
+                    optimizer.step()
+                    scheduler.step()
+                self._zero_grad()
+                for key, value in mb_stats.items():
+                    stats[key].append(value)
+                grad_norms["policy"].append(float(policy_norm))
+                grad_norms["critic"].append(float(critic_norm))
+
+        # 5. a new version; the KL controller sees this batch's KL per sequence
+        self._version += 1
+        self.nonfinite_in_row = 0
+        self.kl_controller.update(metrics["objective/kl"], len(exp))
+        avg = {k: sum(v) / len(v) for k, v in stats.items()}
+        metrics.update({
+            "policy/approxkl_avg": avg["approxkl"],
+            "policy/clipfrac_avg": avg["clipfrac"],
+            "policy/entropy_avg": avg["entropy"],
+            "policy/grad_norm_avg": sum(grad_norms["policy"]) / len(grad_norms["policy"]),
+            "loss/policy_avg": avg["policy"],
+            "loss/value_avg": avg["value"],
+            "loss/total_avg": avg["loss"],
+            "val/clipfrac_avg": avg["vf_clipfrac"],
+            "val/ratio": avg["ratio"],
+            "val/ratio_first": stats["ratio"][0],
+            "val/grad_norm_avg": sum(grad_norms["critic"]) / len(grad_norms["critic"]),
+            "learner/version": float(self._version),
+            "learner/lr": self.policy_scheduler.get_last_lr()[0],
+            "learner/critic_lr": self.critic_scheduler.get_last_lr()[0],
+            "learner/optimizer_steps": float(steps),
+            "learner/skipped_nonfinite": 0.0,
+            "learner/nonfinite_total": float(self.nonfinite_total),
+            "perf/update_seconds": time.perf_counter() - started,
+        })
+        if p.ptx_coef > 0:
+            metrics["loss/ptx_avg"] = avg["ptx"]
+        return metrics
+
+    def _skip(self, metrics: dict[str, float], started: float) -> dict[str, float]:
+        """Account for an update skipped for NaN or Inf; raise after too many in a row."""
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.learner.max_nonfinite_updates
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteUpdatesError(
+                f"{self.nonfinite_in_row} updates in a row had NaN or Inf in their rewards, "
+                f"advantages, losses or gradients (learner.max_nonfinite_updates = {limit}); "
+                f"the last good policy version is {self._version}. Check the reward function "
+                "and lower ppo.learning_rate.")
+        metrics.update({"learner/skipped_nonfinite": 1.0,
+                        "learner/nonfinite_total": float(self.nonfinite_total),
+                        "learner/version": float(self._version),
+                        "learner/lr": self.policy_scheduler.get_last_lr()[0],
+                        "perf/update_seconds": time.perf_counter() - started})
+        return metrics
+
+    def _zero_grad(self) -> None:
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def _trainable(self) -> dict[str, object]:
+        return {"policy": self.policy, "critic": self.critic,
+                "policy_optimizer": self.policy_optimizer,
+                "critic_optimizer": self.critic_optimizer,
+                "policy_scheduler": self.policy_scheduler,
+                "critic_scheduler": self.critic_scheduler}
+
+    def _snapshot(self) -> dict[str, dict]:
+        """Copies of everything an update changes, to undo an update that goes non-finite
+        after some of its optimizer steps (the version must match the weights)."""
+        return {name: copy.deepcopy(obj.state_dict()) for name, obj in self._trainable().items()}
+
+    def _restore(self, snapshot: dict[str, dict]) -> None:
+        for name, obj in self._trainable().items():
+            obj.load_state_dict(snapshot[name])
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
+        """The learner's log-probs (at the sampling temperature) of every response token."""
+        exp = self.tokens(rollouts, truncate=False)
+        out = []
+        for rows in torch.arange(len(exp), device=self.device).split(self.cfg.ppo.micro_batch_size):
+            mb = exp.select(rows)
+            logp, _ = self._token_logprobs(self.policy, mb)
+            out.extend(logp[row][mb.mask[row].bool()].tolist() for row in range(len(rows)))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self, extra: dict) -> str:
+        """Write `<run_dir>/checkpoints/version-NNNNNN/{policy,critic,trainer_state.pt}`
+        atomically, then keep only the newest `learner.keep_checkpoints`."""
+        final = self.checkpoint_dir / f"version-{self._version:06d}"
+        with atomic_directory(final) as tmp:
+            self.policy.save_pretrained(tmp / "policy")
+            self.tokenizer.save_pretrained(tmp / "policy")
+            generation_config = getattr(self.policy, "generation_config", None)
+            if generation_config is not None:
+                generation_config.save_pretrained(tmp / "policy")
+            self.critic.save_pretrained(tmp / "critic")
+            self.tokenizer.save_pretrained(tmp / "critic")
+            torch.save(self._trainer_state(extra), tmp / "trainer_state.pt")
+        self._prune_checkpoints()
+        return str(final)
+
+    def _trainer_state(self, extra: dict) -> dict:
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(),
+               "torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "version": self._version,
+            "policy_optimizer": self.policy_optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict(),
+            "policy_scheduler": self.policy_scheduler.state_dict(),
+            "critic_scheduler": self.critic_scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "ptx_cursor": self.ptx_cursor,
+            "nonfinite": {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total},
+            "rng": rng,
+            "extra": extra,
+        }
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints under the run directory, oldest first. Temporary folders
+        of an interrupted save are hidden (dot-prefixed) and never listed."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), d) for d in self.checkpoint_dir.iterdir()
+                 if (m := CHECKPOINT_NAME.match(d.name)) and (d / "trainer_state.pt").is_file()]
+        return [d for _, d in sorted(found)]
+
+    def _prune_checkpoints(self) -> None:
+        for old in self.checkpoints()[: -self.cfg.learner.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: str | None = None) -> dict | None:
+        """Restore weights, optimizers, schedulers, KL controller, version and RNG states
+        from `path`, or from the newest complete checkpoint of the run when None. Returns
+        the `extra` dict saved with it, or None when there is no checkpoint."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        if path is None:
+            found = self.checkpoints()
+            if not found:
+                return None
+            path = found[-1]
+        path = Path(path)
+        if not (path / "trainer_state.pt").is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer_state.pt)")
+        for model, loader, sub in ((self.policy, AutoModelForCausalLM, "policy"),
+                                   (self.critic, AutoModelForSequenceClassification, "critic")):
+            loaded = loader.from_pretrained(path / sub, dtype=self.dtype)
+            model.load_state_dict(loaded.state_dict())
+        # Our own file, holding numpy and python RNG states that weights_only cannot load.
+        state = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=False)
+        self._version = state["version"]
+        self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.policy_scheduler.load_state_dict(state["policy_scheduler"])
+        self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.ptx_cursor = state["ptx_cursor"]
+        self.nonfinite_in_row = state["nonfinite"]["in_row"]
+        self.nonfinite_total = state["nonfinite"]["total"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"].cpu())
+        self.shuffle.set_state(rng["shuffle"].cpu())
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        self._handle = None
+        return state["extra"]
+
+
+def _value_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head of a sequence-classification model (`score` in most HF models)."""
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear) and head.out_features == 1:
+            return head
+    raise ValueError(f"{type(model).__name__}: no scalar head (score/classifier) to use as "
+                     "the critic's value head")

@@ -1,0 +1,100 @@
+"""Small pieces shared by the PPO learner and the SFT stage: dtypes, threads, dropout,
+learning-rate schedules and atomic directory writes."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"float32" -> torch.float32 (names as cluster.config spells them)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks and containers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_torch_threads(n: float | int) -> int:
+    """Use `n` intra-op threads (at least 1, at most the cores available); returns it.
+
+    Ray also sets the thread count of an actor from its num_cpus; setting it here makes the
+    same true outside Ray, so the roles do not fight over the cores.
+    """
+    threads = max(1, min(int(n), available_cores()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Turn off every dropout of a model we train (N+ paper): with dropout, the log-probs of
+    the same tokens differ between the rollout, the proximal pass and the update, so the
+    PPO ratio and the KL would measure noise.
+
+    eval() covers nn.Dropout and the attention dropout that HF models gate on
+    `self.training`; zeroing the probabilities keeps it off if someone calls train().
+    """
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "hidden_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear
+    warm-up over `warmup_steps`, then constant, linear decay to 0 or cosine decay to 0 at
+    `total_steps`. Steps past `total_steps` keep the final value."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, schedule, warmup_steps, total_steps))
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `final`; when the block ends without error it
+    is renamed to `final` (replacing an older one), so a reader never sees a half-written
+    folder under that name. On error the temporary folder is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            # rename() cannot replace a non-empty folder: move the old one aside first.
+            trash = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+            final.rename(trash / final.name)
+            tmp.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
