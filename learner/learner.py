@@ -40,8 +40,10 @@ from learner import ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
 from learner.training import (
     atomic_directory,
+    demonstration_nll,
     disable_dropout,
     make_scheduler,
+    response_logprobs,
     set_torch_threads,
     torch_dtype,
 )
@@ -259,23 +261,9 @@ class Learner:
 
     def _token_logprobs(self, model: torch.nn.Module, mb: Experience, with_entropy: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log pi(token) at every response position of `mb` (B, W), and the entropy of the
-        policy there (B, W) when asked. Only the window's positions go through the LM head,
-        and only the response positions through the softmax."""
-        keep = mb.input_ids.shape[1] - mb.offset
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                       use_cache=False, logits_to_keep=keep).logits[:, :-1]  # (B, W, V)
-        targets = mb.input_ids[:, mb.offset + 1:]  # (B, W)
-        selected = mb.mask.bool()
-        logp_all = torch.log_softmax(logits[selected].float() / self.temperature, dim=-1)  # (N, V)
-        token_logp = logp_all.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)  # (N,)
-        logp = torch.zeros(selected.shape, device=logp_all.device).masked_scatter(selected, token_logp)
-        if not with_entropy:
-            return logp, None
-        entropy_tokens = -(logp_all.exp() * logp_all).sum(-1)  # (N,)
-        entropy = torch.zeros(selected.shape, device=logp_all.device).masked_scatter(
-            selected, entropy_tokens)
-        return logp, entropy
+        """log pi(token) at every window position of `mb` (B, W), and the entropy there."""
+        return response_logprobs(model, mb.input_ids, mb.attention_mask, mb.mask, mb.offset,
+                                 self.temperature, with_entropy)
 
     def _values(self, mb: Experience) -> torch.Tensor:
         """The critic's value of the state before each window token. -> (B, W)"""
@@ -390,9 +378,8 @@ class Learner:
         for start in range(0, len(batch), micro_batch_size):
             ids, attention, loss_mask = collate_demonstrations(
                 batch[start: start + micro_batch_size], self.pad_id, self.device)
-            logits = self.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            logp = ppo.shifted_token_logprobs(logits, ids, self.temperature)
-            nll = ppo.nll_loss(logp, loss_mask, normaliser=n_tokens)
+            nll = demonstration_nll(self.policy, ids, attention, loss_mask, n_tokens,
+                                    self.temperature)
             (self.cfg.ppo.ptx_coef * nll).backward()
             total += nll.detach()
         return total
@@ -413,6 +400,7 @@ class Learner:
         # 4. PPO epochs over shuffled minibatches
         steps = p.epochs * math.ceil(len(exp) / p.minibatch_size)
         snapshot = self._snapshot() if steps > 1 else None
+        ptx_cursor = self.ptx_cursor
         stats: dict[str, list[float]] = defaultdict(list)
         grad_norms: dict[str, list[float]] = defaultdict(list)
         for _epoch in range(p.epochs):
@@ -426,6 +414,7 @@ class Learner:
                     self._zero_grad()
                     if snapshot is not None:
                         self._restore(snapshot)
+                    self.ptx_cursor = ptx_cursor
                     return self._skip(metrics, started)
                 for optimizer, scheduler in ((self.policy_optimizer, self.policy_scheduler),
                                              (self.critic_optimizer, self.critic_scheduler)):

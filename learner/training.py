@@ -77,6 +77,50 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
         optimizer, lambda step: lr_factor(step, schedule, warmup_steps, total_steps))
 
 
+def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, mask: torch.Tensor, offset: int,
+                      temperature: float = 1.0, with_entropy: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token | prefix) at the response positions of a right-padded batch.
+
+    input_ids, attention_mask: (B, L). mask: (B, W) marks the positions that count among
+    the prediction positions offset .. offset + W - 1 (position t predicts
+    input_ids[:, t + 1]; W = L - 1 - offset). Only those W positions go through the LM
+    head (`logits_to_keep`), and only the masked ones through the softmax, so prompt
+    positions cost no vocabulary-sized work.
+
+    Returns log-probs (B, W), zero where mask is 0, and the entropy of
+    softmax(logits / temperature) there (B, W) when `with_entropy`.
+    """
+    keep = input_ids.shape[1] - offset
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=keep).logits[:, :-1]  # (B, W, V)
+    targets = input_ids[:, offset + 1:]  # (B, W)
+    selected = mask.bool()
+    logp_all = torch.log_softmax(logits[selected].float() / temperature, dim=-1)  # (N, V)
+    token_logp = logp_all.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)  # (N,)
+    zeros = torch.zeros(selected.shape, device=logp_all.device)
+    logp = zeros.masked_scatter(selected, token_logp)
+    if not with_entropy:
+        return logp, None
+    entropy = zeros.masked_scatter(selected, -(logp_all.exp() * logp_all).sum(-1))
+    return logp, entropy
+
+
+def demonstration_nll(model: torch.nn.Module, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                      normaliser: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Negative log-likelihood of the response tokens of a batch (the SFT loss, and the
+    pretraining term of PPO-ptx): a sum over response tokens / normaliser (default: their
+    count). input_ids, attention_mask: (B, L); loss_mask: (B, L-1) -> scalar."""
+    from learner.ppo import nll_loss
+
+    offset = int(loss_mask.any(0).nonzero()[0])
+    window = loss_mask[:, offset:]
+    logp, _ = response_logprobs(model, input_ids, attention_mask, window, offset, temperature)
+    return nll_loss(logp, window, normaliser)
+
+
 @contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `final`; when the block ends without error it
