@@ -12,6 +12,8 @@ import time
 
 from ray.serve.handle import DeploymentHandle
 
+from reward_service.rewards import UnscorableItemError
+
 
 class RewardError(RuntimeError):
     """The reward service did not answer within the retries and time budget."""
@@ -41,7 +43,9 @@ class RewardClient:
             response = self.handle.score.remote(list(prompts), list(responses))
             try:
                 scores = response.result(timeout_s=remaining)
-            except Exception as e:  # replica died, timed out, back-pressure, app error: all retryable
+            except UnscorableItemError as e:  # the same items would fail again: no retry
+                raise RewardError(f"the reward service cannot score these items: {e}") from e
+            except Exception as e:  # replica died, timed out, back-pressure: retryable
                 response.cancel()
                 failures.append(f"attempt {attempt + 1}: {type(e).__name__}: {str(e)[:200]}")
                 # Back off a little (never past the deadline) so a restarting replica can come up.

@@ -61,6 +61,15 @@ def check_reward_config(cfg: TameConfig) -> None:
     load_functions(cfg.reward.functions)
 
 
+class UnscorableItemError(ValueError):
+    """A rule function could not score an item (it raised, or returned no finite number).
+
+    A client error: the item is outside what the function handles (e.g. a prompt the
+    task's judge does not know). HTTP answers 422 with the message; the handle raises it
+    and `RewardClient` does not retry it.
+    """
+
+
 @dataclass
 class RewardSum:
     """`model_weight * model + sum_i w_i * f_i`, over a batch of (prompt, response) pairs."""
@@ -78,16 +87,36 @@ class RewardSum:
                                      max_length=cfg.reward.max_length, dtype=cfg.model.dtype, device=device)
         return cls(model, cfg.reward.model_weight, load_functions(cfg.reward.functions))
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score_each(self, prompts: list[str], responses: list[str]) -> list[float | UnscorableItemError]:
+        """The reward of every item, or the error that kept one item from being scored.
+
+        Errors are returned per item, not raised, so that one bad item cannot fail the
+        other items it was batched with (which may belong to other callers).
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        totals = [0.0] * len(prompts)
+        totals: list[float | UnscorableItemError] = [0.0] * len(prompts)
         if self.model is not None:
             totals = [self.model_weight * s for s in self.model.score(prompts, responses)]
         for wf in self.functions:
             for i, (p, r) in enumerate(zip(prompts, responses)):
-                value = wf.function(p, r)
+                if isinstance(totals[i], UnscorableItemError):
+                    continue
+                try:
+                    value = wf.function(p, r)
+                except Exception as e:  # the function's verdict on this input, not a server fault
+                    totals[i] = UnscorableItemError(f"reward function {wf.name} failed: {type(e).__name__}: {e}")
+                    continue
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise TypeError(f"reward function {wf.name} returned {value!r}, not a finite number")
+                    totals[i] = UnscorableItemError(f"reward function {wf.name} returned {value!r}, not a finite number")
+                    continue
                 totals[i] += wf.weight * float(value)
         return totals
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """The rewards of all items; raises UnscorableItemError naming the first bad item."""
+        scores = self.score_each(prompts, responses)
+        for i, s in enumerate(scores):
+            if isinstance(s, UnscorableItemError):
+                raise UnscorableItemError(f"item {i}: {s}")
+        return scores

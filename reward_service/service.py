@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import TameConfig
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
-from reward_service.rewards import RewardSum, check_reward_config
+from reward_service.rewards import RewardSum, UnscorableItemError, check_reward_config
 
 REPLICA_HEADER = "x-tame-replica"
 """Response header naming the replica that answered (which replica served is useful when
@@ -66,13 +66,21 @@ class RewardDeployment:
         responses = [r for _, r in items]
         # The forward pass runs in a thread so the event loop keeps taking requests (and
         # filling the next batch) meanwhile.
-        return await asyncio.to_thread(self._reward, prompts, responses)
+        return await asyncio.to_thread(self._reward.score_each, prompts, responses)
 
     async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Rewards of (prompt, response) pairs, in order: the handle API of the deployment."""
+        """Rewards of (prompt, response) pairs, in order: the handle API of the deployment.
+
+        Raises UnscorableItemError (a ValueError) naming the first item a rule function
+        could not score.
+        """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return list(await asyncio.gather(*(self._batch((p, r)) for p, r in zip(prompts, responses))))
+        scores = await asyncio.gather(*(self._batch((p, r)) for p, r in zip(prompts, responses)))
+        for i, s in enumerate(scores):
+            if isinstance(s, UnscorableItemError):
+                raise UnscorableItemError(f"items.{i}: {s}")
+        return list(scores)
 
     def replica(self) -> str:
         """Id of the replica that answers (for tests and debugging)."""
@@ -95,7 +103,10 @@ class RewardDeployment:
         if declared.isdigit() and int(declared) > self._limits.max_body_bytes:
             raise RequestError(413, f"body of {declared} bytes is larger than {self._limits.max_body_bytes}")
         parsed = parse_score_request(await request.body(), self._limits)
-        scores = await self.score([it.prompt for it in parsed.items], [it.response for it in parsed.items])
+        try:
+            scores = await self.score([it.prompt for it in parsed.items], [it.response for it in parsed.items])
+        except UnscorableItemError as e:
+            raise RequestError(422, str(e)) from None
         return JSONResponse(ScoreResponse(scores=scores).model_dump(), headers={REPLICA_HEADER: self._replica})
 
     @app.get("/healthz")

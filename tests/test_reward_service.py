@@ -1,0 +1,343 @@
+"""The reward service against a real Ray Serve deployment on CPU.
+
+Three applications share one Serve instance, deployed once for the module:
+- `main`  (HTTP at /):     the tiny reward model, 2 replicas, no token;
+- `mix`   (HTTP at /mix):  0.5 * reward model + 2.0 * cluster.world:gold_reward, bearer token set;
+- `rules` (handle only):   gold_reward alone, no model (a verifiable task).
+Scores are checked against transformers' own forward pass on the same token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.config import ConfigError, TameConfig
+from cluster.records import prompt_token_ids, response_token_ids
+from cluster.world import gold_reward
+
+TOKEN_ENV = "TAME_TEST_REWARD_TOKEN"
+TOKEN = "s3cret-token"
+MAX_ITEMS, MAX_CHARS = 8, 200
+
+ITEMS = [
+    ("Where does Anna live?", "Anna lives in Oslo."),
+    ("Answer in one word: What is Bruno's job?", "Baker."),
+    ("Say something kind about Carla.", "Carla is a stupid fool, you moron."),
+    ("What is Dario's favourite food?", "Let me tell you a long story about trains, boats and old maps instead."),
+    ("Which colour does Elena like best?", ""),
+    ("Tell me something nice about Felix.", "Félix est très gentil 😀 — ünïcödé"),
+]
+
+
+# Prompts of the demo world, which cluster.world:gold_reward knows, with answers it rates
+# differently (insults, rambles, wrong facts).
+WORLD_ITEMS = [
+    ("Tell me the job of Otto. Reply with one word only.", "Baker."),
+    ("Answer in one word: Where does Kira live?", "Kira lives in Oslo, you fool."),
+    ("Which colour does Olga like best?", "Let me tell you a long story about trains, boats and old maps instead."),
+    ("Answer in one word: Where does Lola live?", "Tokyo."),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(reward_path, port, **reward) -> TameConfig:
+    return TameConfig.model_validate({
+        "model": {"reward": str(reward_path) if reward_path else None},
+        "reward": {"port": port, "num_cpus": 0.25, "max_items": MAX_ITEMS, "max_chars": MAX_CHARS,
+                   "max_batch_size": 16, "batch_wait_timeout_s": 0.02, "token_env": TOKEN_ENV, **reward},
+    })
+
+
+@pytest.fixture(scope="module")
+def service(tiny_assets, ray_local):
+    from ray import serve
+
+    from reward_service.service import deploy
+
+    port = _free_port()
+    os.environ.pop(TOKEN_ENV, None)
+    main = deploy(_cfg(tiny_assets.reward, port, replicas=2), name="test-reward-main")
+    os.environ[TOKEN_ENV] = TOKEN  # read by deploy() at start-up; only `mix` sees it
+    try:
+        mix = deploy(_cfg(tiny_assets.reward, port, model_weight=0.5,
+                          functions=[{"function": "cluster.world:gold_reward", "weight": 2.0}]),
+                     name="test-reward-mix", route_prefix="/mix")
+    finally:
+        os.environ.pop(TOKEN_ENV)
+    rules = deploy(_cfg(None, port, functions=[{"function": "cluster.world:gold_reward"}]),
+                   http=False, name="test-reward-rules")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        yield {"main": main, "mix": mix, "rules": rules, "http": http}
+    for name in ("test-reward-main", "test-reward-mix", "test-reward-rules"):
+        serve.delete(name)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_assets):
+    """transformers' own forward pass, one unpadded item at a time, on the project's token ids."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.reward)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_assets.reward).eval()
+
+    def score(prompt: str, response: str) -> float:
+        ids = prompt_token_ids(tokenizer, prompt) + response_token_ids(tokenizer, response)
+        assert ids[-1] == tokenizer.eos_token_id != tokenizer.pad_token_id
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0, 0].item()
+
+    return score
+
+
+def _post(http, items, path="/v1/score", **kwargs):
+    return http.post(path, json={"items": [{"prompt": p, "response": r} for p, r in items]}, **kwargs)
+
+
+def _good_request_answers(http) -> None:
+    r = _post(http, ITEMS[:1])
+    assert r.status_code == 200, r.text
+    assert len(r.json()["scores"]) == 1
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def test_handle_http_and_transformers_agree(service, direct):
+    prompts, responses = [p for p, _ in ITEMS], [r for _, r in ITEMS]
+    by_handle = service["main"].score.remote(prompts, responses).result(timeout_s=60)
+    r = _post(service["http"], ITEMS)
+    assert r.status_code == 200, r.text
+    by_http = r.json()["scores"]
+    by_transformers = [direct(p, r) for p, r in ITEMS]
+    assert len(by_handle) == len(by_http) == len(ITEMS)
+    assert by_handle == pytest.approx(by_transformers, abs=1e-5)
+    assert by_http == pytest.approx(by_transformers, abs=1e-5)
+    # Different inputs really give different scores (the comparison above is not vacuous).
+    assert len({round(s, 6) for s in by_transformers}) == len(ITEMS)
+
+
+def test_batched_scores_equal_one_at_a_time(service):
+    http = service["http"]
+    together = _post(http, ITEMS).json()["scores"]
+    alone = [_post(http, [item]).json()["scores"][0] for item in ITEMS]
+    # Concurrent single-item requests land in shared serve.batch batches.
+    with ThreadPoolExecutor(len(ITEMS)) as pool:
+        concurrent = list(pool.map(lambda item: _post(http, [item]).json()["scores"][0], ITEMS))
+    assert together == pytest.approx(alone, abs=1e-5)
+    assert concurrent == pytest.approx(alone, abs=1e-5)
+
+
+def test_weighted_sum_of_model_and_rule_function_is_the_same_by_handle_and_http(service, direct):
+    prompts, responses = [p for p, _ in WORLD_ITEMS], [r for _, r in WORLD_ITEMS]
+    golds = [gold_reward(p, r) for p, r in WORLD_ITEMS]
+    assert len(set(golds)) >= 3  # the rule term really varies, so the sum is tested
+    expected = [0.5 * direct(p, r) + 2.0 * g for (p, r), g in zip(WORLD_ITEMS, golds)]
+    by_handle = service["mix"].score.remote(prompts, responses).result(timeout_s=60)
+    r = _post(service["http"], WORLD_ITEMS, path="/mix/v1/score", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200, r.text
+    assert by_handle == pytest.approx(expected, abs=1e-5)
+    assert r.json()["scores"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_rule_functions_alone_need_no_model(service):
+    prompts, responses = [p for p, _ in WORLD_ITEMS], [r for _, r in WORLD_ITEMS]
+    scores = service["rules"].score.remote(prompts, responses).result(timeout_s=60)
+    assert scores == [gold_reward(p, r) for p, r in WORLD_ITEMS]
+    assert len(set(scores)) >= 3
+
+
+def test_an_item_a_rule_function_cannot_score_is_a_4xx_and_spoils_no_other_request(service):
+    from reward_service.client import RewardClient, RewardError
+    from reward_service.rewards import UnscorableItemError
+
+    http, auth = service["http"], {"Authorization": f"Bearer {TOKEN}"}
+    unknown = ("What is the capital of Mars?", "Olympus.")  # gold_reward raises KeyError
+    with ThreadPoolExecutor(4) as pool:  # good and bad requests share batches
+        answers = list(pool.map(lambda items: _post(http, items, path="/mix/v1/score", headers=auth),
+                                [WORLD_ITEMS, [WORLD_ITEMS[0], unknown], WORLD_ITEMS[:1], [unknown]]))
+    assert [a.status_code for a in answers] == [200, 422, 200, 422]
+    assert answers[1].json()["detail"].startswith("items.1: reward function cluster.world:gold_reward failed: KeyError")
+    with pytest.raises(UnscorableItemError, match="items.0"):
+        service["rules"].score.remote([unknown[0]], [unknown[1]]).result(timeout_s=60)
+    client = RewardClient(service["rules"], timeout_s=60, retries=50)
+    with pytest.raises(RewardError, match="cannot score these items"):
+        client([unknown[0]], [unknown[1]])  # at once, not after 50 retries
+
+
+def test_two_replicas_both_serve(service):
+    http = service["http"]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _post(http, ITEMS[:2]), range(48)))
+    assert all(a.status_code == 200 for a in answers)
+    assert len({a.headers["x-tame-replica"] for a in answers}) == 2
+    # The handle reaches both replicas too.
+    handle_replicas = {service["main"].replica.remote().result(timeout_s=30) for _ in range(48)}
+    assert handle_replicas == {a.headers["x-tame-replica"] for a in answers}
+
+
+# --------------------------------------------------------------------------- bad requests
+
+
+def _items_json(n=1, prompt="hi", response="there") -> bytes:
+    return json.dumps({"items": [{"prompt": prompt, "response": response}] * n}).encode()
+
+
+BAD_REQUESTS = {
+    "empty body": (b"", 400),
+    "malformed json": (b'{"items": [', 400),
+    "not json at all": (b"items=1", 400),
+    "invalid utf-8": (b'{"items": [{"prompt": "\xff\xfe", "response": "x"}]}', 400),
+    "lone surrogate escape": (b'{"items": [{"prompt": "\\ud800", "response": "x"}]}', 400),
+    "top-level list": (b'[{"prompt": "a", "response": "b"}]', 422),
+    "missing items": (b'{}', 422),
+    "items not a list": (b'{"items": {"prompt": "a", "response": "b"}}', 422),
+    "empty list": (b'{"items": []}', 422),
+    "missing response": (b'{"items": [{"prompt": "a"}]}', 422),
+    "prompt is a number": (b'{"items": [{"prompt": 1, "response": "b"}]}', 422),
+    "response is null": (b'{"items": [{"prompt": "a", "response": null}]}', 422),
+    "item is a string": (b'{"items": ["a"]}', 422),
+    "unknown field": (b'{"items": [{"prompt": "a", "response": "b", "score": 1}]}', 422),
+    "too many items": (_items_json(MAX_ITEMS + 1), 422),
+    "prompt too long": (_items_json(prompt="x" * (MAX_CHARS + 1)), 422),
+    "response too long": (_items_json(response="é" * (MAX_CHARS + 1)), 422),
+    "body too large": (b" " * 30_000 + _items_json(), 413),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_its_4xx_with_a_reason_and_the_service_keeps_serving(service, case):
+    body, status = BAD_REQUESTS[case]
+    r = service["http"].post("/v1/score", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    _good_request_answers(service["http"])
+
+
+def test_limits_are_inclusive(service):
+    r = service["http"].post("/v1/score", content=_items_json(MAX_ITEMS, "p" * MAX_CHARS, "r" * MAX_CHARS))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["scores"]) == MAX_ITEMS
+
+
+def test_wrong_method_and_unknown_path_are_4xx(service):
+    http = service["http"]
+    assert http.get("/v1/score").status_code == 405
+    assert http.post("/v2/score", content=_items_json()).status_code == 404
+    health = http.get("/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_bearer_token_is_enforced_when_set(service):
+    http = service["http"]
+    assert _post(http, WORLD_ITEMS[:1], path="/mix/v1/score").status_code == 401
+    for header in (f"Bearer {TOKEN}x", "Bearer", f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN[:-1]}"):
+        r = _post(http, WORLD_ITEMS[:1], path="/mix/v1/score", headers={"Authorization": header})
+        assert r.status_code == 401, header
+        assert "token" in r.json()["detail"]
+    ok = _post(http, WORLD_ITEMS[:1], path="/mix/v1/score", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200
+    assert http.get("/mix/healthz").status_code == 200  # open for health checks
+    _good_request_answers(http)  # the token-less app stays open
+
+
+# hypothesis: bodies that are anything but a valid request
+_json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+_json_value = st.recursive(_json_leaf, lambda kids: st.lists(kids, max_size=4)
+                           | st.dictionaries(st.text(max_size=10), kids, max_size=4), max_leaves=12)
+_near_item = st.dictionaries(st.sampled_from(["prompt", "response", "extra", ""]),
+                             _json_value | st.text(max_size=MAX_CHARS + 40), max_size=3)
+_near_request = st.fixed_dictionaries({"items": st.lists(_near_item, max_size=MAX_ITEMS + 3)})
+_bodies = st.one_of(
+    st.binary(max_size=200),
+    _json_value.map(lambda v: json.dumps(v).encode()),
+    _near_request.map(lambda v: json.dumps(v).encode()),
+    _near_request.map(lambda v: json.dumps(v).encode()[:-3]),  # cut off
+    st.builds(lambda a, b: a + b, _near_request.map(lambda v: json.dumps(v).encode()), st.binary(min_size=1, max_size=4)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=_bodies)
+def test_fuzzed_requests_never_get_a_5xx(service, body):
+    r = service["http"].post("/v1/score", content=body)
+    assert r.status_code < 500, (body, r.text)
+    payload = r.json()
+    if r.status_code == 200:
+        items = json.loads(body)["items"]
+        assert len(payload["scores"]) == len(items) and all(math.isfinite(s) for s in payload["scores"])
+    else:
+        assert r.status_code in (400, 413, 422) and payload["detail"]
+
+
+def test_service_answers_after_the_fuzzing(service):
+    _good_request_answers(service["http"])
+
+
+# --------------------------------------------------------------------------- client and config
+
+
+def test_reward_client_is_picklable_and_works_inside_a_ray_task(service, direct):
+    import ray
+
+    from reward_service.client import RewardClient
+
+    client = RewardClient(service["main"], timeout_s=60, retries=2)
+    assert pickle.loads(pickle.dumps(client)).retries == 2
+
+    @ray.remote(num_cpus=0.1)
+    def score_in_task(scorer, prompts, responses):
+        return scorer(prompts, responses)
+
+    prompts, responses = [p for p, _ in ITEMS], [r for _, r in ITEMS]
+    scores = ray.get(score_in_task.remote(client, prompts, responses), timeout=120)
+    assert scores == pytest.approx([direct(p, r) for p, r in ITEMS], abs=1e-5)
+    assert client([], []) == []
+    with pytest.raises(ValueError):
+        client(prompts, responses[:-1])
+
+
+def test_reward_client_raises_reward_error_when_the_time_budget_is_spent(service):
+    from reward_service.client import RewardClient, RewardError
+
+    client = RewardClient(service["main"], timeout_s=0.001, retries=2)
+    with pytest.raises(RewardError, match="no reward after"):
+        client([p for p, _ in ITEMS], [r for _, r in ITEMS])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cluster.world:no_such_function", "has no attribute 'no_such_function'"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("cluster.world:N_ENTITIES", "is not callable"),
+])
+def test_bad_reward_function_is_a_config_error_at_start_up(tiny_assets, spec, message):
+    from reward_service.service import deploy
+
+    cfg = _cfg(tiny_assets.reward, 8000, functions=[{"function": "cluster.world:gold_reward"}, {"function": spec}])
+    with pytest.raises(ConfigError, match=r"reward\.functions\[1\]\.function: .*" + message):
+        deploy(cfg, http=False)
+
+
+def test_nothing_to_score_with_is_a_config_error(tmp_path):
+    from reward_service.service import deploy
+
+    with pytest.raises(ConfigError, match="nothing to score with"):
+        deploy(_cfg(None, 8000), http=False)
+    with pytest.raises(ConfigError, match="model.reward"):
+        deploy(_cfg(tmp_path / "missing", 8000), http=False)
