@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -307,3 +308,20 @@ def _model_with(model, state: dict):
     clone = copy.deepcopy(model)
     clone.load_state_dict(state)
     return clone.eval()
+
+
+def test_pack_into_a_reused_buffer_round_trips():
+    from cluster.records import unpack_state_dict
+
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1.5, -2.0]).bfloat16()}
+    out = np.full(1024, 7, dtype=np.uint8)
+    flat, specs = pack_state_dict(state, out=out)
+    assert flat.base is out or np.shares_memory(flat, out)
+    assert [s.offset for s in specs] == [0, 64]  # 64-byte aligned
+    flat.flags.writeable = False  # as ray.get returns it: unpacked without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        views = unpack_state_dict(flat, specs)
+    assert torch.equal(views["a"], state["a"]) and torch.equal(views["b"], state["b"])
+    with pytest.raises(ValueError, match="at least 128 bytes"):
+        pack_state_dict(state, out=np.empty(67, dtype=np.uint8))

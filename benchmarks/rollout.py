@@ -1,0 +1,193 @@
+"""Rollout throughput and weight-load cost, each against its raw baseline in the same run.
+
+1. Tokens per second of raw vLLM `LLM.generate` in this process versus the same prompts and
+   sampling through one `RolloutActor` (a Ray actor), end to end: tokenising, generating,
+   building the records and returning them to the caller. Rounds alternate between the two
+   so that load from other processes hits both alike; the medians are compared.
+2. One weight load into a live actor (fetch from the object store, copy into the engine)
+   versus a plain memory copy of the same bytes, for each asset size asked for.
+
+    .venv/bin/python benchmarks/rollout.py [--prompts 64] [--rounds 3] [--load-sizes small base]
+
+Prints a table and, as its last line, one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# The raw baseline gets the threads Ray gives the actor (num_cpus=1): the comparison is then
+# of the code paths, not of thread counts. (On 2 busy cores, 2 OpenMP threads that spin at
+# their barriers also run several times slower than one.)
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from cluster.config import TameConfig  # noqa: E402
+from cluster.records import Prompt, WeightsHandle, fingerprint, fingerprints_match, pack_state_dict  # noqa: E402
+
+
+def make_config(policy: Path, max_new_tokens: int) -> TameConfig:
+    return TameConfig.model_validate({
+        "model": {"policy": str(policy), "reward": None},
+        "rollout": {"num_cpus": 1, "max_model_len": 512, "kv_cache_gib": 1.0,
+                    "sampling": {"max_new_tokens": max_new_tokens}},
+    })
+
+
+def load_prompts(path: Path, n: int) -> list[Prompt]:
+    prompts = []
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if i == n:
+                break
+            row = json.loads(line)
+            messages = tuple((m["role"], m["content"]) for m in row["messages"]) if "messages" in row \
+                else (("user", row["prompt"]),)
+            prompts.append(Prompt(f"0:{i}", messages))
+    return prompts
+
+
+def memcpy_seconds(nbytes: int, repeats: int = 5) -> float:
+    """Best time of one single-threaded copy of `nbytes` between two warm buffers."""
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def throughput(args, assets_root: Path, ray) -> dict:
+    from transformers import AutoTokenizer
+
+    from actors.engine import build_engine, encode_prompts, run_generate, sampling_params
+    from actors.rollout import RolloutActor
+    from cluster.assets import ensure_assets
+
+    assets = ensure_assets(assets_root / "small", "small", seed=0)
+    cfg = make_config(assets.policy, args.max_new_tokens)
+    prompts = load_prompts(assets.data / "prompts.jsonl", args.prompts)
+
+    # (a) raw vLLM in this process, on already tokenised prompts, with the same sampling.
+    llm = build_engine(cfg, seed=cfg.run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.data.chat_template, cfg.rollout.max_model_len)
+    params = sampling_params(cfg)
+    run_generate(llm, prompt_ids, params)  # warm-up
+
+    # (b) one rollout actor, as the cluster makes it.
+    actor = ray.remote(num_cpus=cfg.rollout.num_cpus)(RolloutActor).remote(cfg, 0)
+    ray.get(actor.ready.remote())
+    ray.get(actor.generate.remote(prompts))  # warm-up
+
+    raw, wrapped = [], []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        outputs = run_generate(llm, prompt_ids, params)
+        seconds = time.perf_counter() - start
+        raw.append(sum(len(c.token_ids) for o in outputs for c in o.outputs) / seconds)
+
+        start = time.perf_counter()
+        batch = ray.get(actor.generate.remote(prompts))
+        seconds = time.perf_counter() - start
+        wrapped.append(batch.generated_tokens / seconds)
+    ray.kill(actor)
+    del llm
+    return {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+            "raw_tokens_per_s": statistics.median(raw), "actor_tokens_per_s": statistics.median(wrapped),
+            "ratio": statistics.median(wrapped) / statistics.median(raw),
+            "raw_rounds": raw, "actor_rounds": wrapped}
+
+
+def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
+    from safetensors.torch import load_file
+
+    from actors.rollout import RolloutActor
+    from cluster.assets import ensure_assets
+
+    assets = ensure_assets(assets_root / size, size, seed=0)
+    cfg = make_config(assets.policy, 8)
+    actor = ray.remote(num_cpus=cfg.rollout.num_cpus)(RolloutActor).remote(cfg, 0)
+    ray.get(actor.ready.remote())
+    state = load_file(assets.policy / "model.safetensors")
+
+    results, publish, buffer = [], [], None
+    for version in range(1, loads + 1):
+        perturbed = {k: v + 1e-3 * version for k, v in state.items()}
+        # The publisher's side, for reference: pack into a reused buffer, fingerprint, put.
+        start = time.perf_counter()
+        buffer, specs = pack_state_dict(perturbed, out=buffer)
+        handle = WeightsHandle(version, ray.put(buffer), specs, fingerprint(perturbed.values()),
+                               buffer.nbytes)
+        publish.append(time.perf_counter() - start)
+        result = ray.get(actor.load_weights.remote(handle))
+        if not fingerprints_match(result["fingerprint"], handle.fingerprint):
+            raise RuntimeError(f"{size}: the engine's fingerprint does not match version {version}")
+        results.append(result)
+    ray.kill(actor)
+
+    nbytes = results[0]["bytes"]
+    copy = memcpy_seconds(nbytes)
+    # The first load also pays one-off allocations; the steady state is what a run sees.
+    steady = results[1:] or results
+    pick = lambda key: statistics.median(r[key] for r in steady)  # noqa: E731
+    return {"size": size, "bytes": nbytes, "loads": loads,
+            "load_seconds": pick("seconds"), "first_load_seconds": results[0]["seconds"],
+            "fetch_seconds": pick("fetch_seconds"), "reload_seconds": pick("reload_seconds"),
+            "fingerprint_seconds": pick("fingerprint_seconds"),
+            "publish_seconds": statistics.median(publish[1:] or publish),
+            "memcpy_seconds": copy, "ratio_to_memcpy": pick("seconds") / copy}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--assets", default="runs/assets", help="folder holding the <size>/ assets (built when missing)")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--loads", type=int, default=3, help="weight loads per size (the first is cold)")
+    parser.add_argument("--load-sizes", nargs="*", default=["small", "base"])
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    root = Path(args.assets)
+    gen = throughput(args, root, ray)
+    loads = [weight_load(size, root, args.loads, ray) for size in args.load_sizes]
+    ray.shutdown()
+
+    print()
+    print(f"generation, small assets, {gen['prompts']} prompts x {gen['max_new_tokens']} new tokens, "
+          f"median of {gen['rounds']} rounds")
+    print(f"  {'path':<28}{'tokens/s':>12}")
+    print(f"  {'raw vLLM LLM.generate':<28}{gen['raw_tokens_per_s']:>12.0f}")
+    print(f"  {'RolloutActor.generate':<28}{gen['actor_tokens_per_s']:>12.0f}")
+    print(f"  {'actor / raw':<28}{gen['ratio']:>12.3f}   (target >= 0.95)")
+    print()
+    print("weight load into a live actor (median of the warm loads) vs one memcpy of the same bytes")
+    print(f"  {'size':<6}{'MB':>8}{'load s':>9}{'fetch s':>9}{'reload s':>10}{'memcpy s':>10}"
+          f"{'ratio':>8}{'fingerprint s':>15}{'publish s':>11}")
+    for r in loads:
+        print(f"  {r['size']:<6}{r['bytes'] / 1e6:>8.1f}{r['load_seconds']:>9.4f}{r['fetch_seconds']:>9.4f}"
+              f"{r['reload_seconds']:>10.4f}{r['memcpy_seconds']:>10.4f}{r['ratio_to_memcpy']:>8.1f}"
+              f"{r['fingerprint_seconds']:>15.3f}{r['publish_seconds']:>11.3f}")
+    print(json.dumps({"generation": gen, "weight_load": loads}))
+
+
+if __name__ == "__main__":
+    main()
