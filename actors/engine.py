@@ -34,17 +34,20 @@ def build_engine(cfg: TameConfig, seed: int) -> Any:
     """
     configure_vllm_env()
     from vllm import LLM
+    from vllm.platforms import current_platform
 
+    if current_platform.is_cpu():
+        # Sizes the KV cache directly (VLLM_CPU_KVCACHE_SPACE takes only whole GiB).
+        memory = {"kv_cache_memory_bytes": int(cfg.rollout.kv_cache_gib * 2**30)}
+    else:
+        memory = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}
     return LLM(
         model=cfg.model.policy,
         tokenizer=cfg.model.policy,
         dtype=cfg.model.dtype,
         max_model_len=cfg.rollout.max_model_len,
         seed=seed,
-        # On CPU this sizes the KV cache directly (it replaces VLLM_CPU_KVCACHE_SPACE, which
-        # takes only whole GiB); on a GPU the share of device memory below applies instead.
-        kv_cache_memory_bytes=int(cfg.rollout.kv_cache_gib * 2**30),
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        **memory,
         logprobs_mode="processed_logprobs",
         # CUDA graphs would have to be recaptured after each weight load; eager is simpler
         # and is all that CPU supports.
