@@ -40,14 +40,19 @@ class Control:
     def __init__(self, run: str, num_actors: int):
         self.run = run
         self.target = num_actors
+        self.stopping = False
         self.status: dict = {"run": run, "num_actors": num_actors}
 
     def request(self, num_actors: int) -> dict:
         self.target = num_actors
         return {"run": self.run, "num_actors": num_actors}
 
-    def target_size(self) -> int:
-        return self.target
+    def stop(self) -> None:
+        """Finish the run early, as if its last update were reached: checkpoint and summary."""
+        self.stopping = True
+
+    def poll(self) -> tuple[int, bool]:
+        return self.target, self.stopping
 
     def report(self, status: dict) -> None:
         self.status = status
@@ -83,7 +88,6 @@ class Slot:
 
     actor_id: int
     handle: Any
-    pid: int | None = None
     state: str = "loading"  # loading -> idle <-> busy; draining ends it after its batch
     version: int = -1
     pending: Any = None  # the ObjectRef the loop waits on for this actor
@@ -132,6 +136,7 @@ class Loop:
         log("starting the learner")
         self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                                   resources=cfg.learner.resources)(Learner).remote(cfg, str(self.run_dir))
+        self.placement: dict = {"learner": _node_of(self.learner), "actors": {}}
         extra = ray.get(self.learner.load_checkpoint.remote()) if resume else None
         if extra:
             self.source.restore(extra["source"])
@@ -146,8 +151,7 @@ class Loop:
 
         self.actor_cls = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
                                     resources=cfg.rollout.resources,
-                                    runtime_env={"env_vars": {**ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE":
-                                                              str(cfg.rollout.kv_cache_gib)}})(RolloutActor)
+                                    runtime_env={"env_vars": ENGINE_ENV})(RolloutActor)
         self.control = ray.remote(num_cpus=0)(Control).options(
             name=CONTROL_PREFIX + cfg.run.name, namespace=NAMESPACE, get_if_exists=True,
         ).remote(cfg.run.name, cfg.rollout.num_actors)
@@ -165,6 +169,7 @@ class Loop:
         self.last_scale_poll = 0.0
         self.sync_seconds: dict[int, float] = {}
         self.failed_starts = 0
+        self.stop_requested = False
 
     # ----------------------------------------------------------------- weights
 
@@ -207,7 +212,7 @@ class Loop:
         if time.monotonic() - self.last_scale_poll < 1.0:
             return
         self.last_scale_poll = time.monotonic()
-        target = ray.get(self.control.target_size.remote())
+        target, self.stop_requested = ray.get(self.control.poll.remote())
         if target != self.target:
             self.log(f"scaling the rollout pool from {self.target} to {target} actors")
             self.target = target
@@ -219,7 +224,9 @@ class Loop:
             if slot.state == "idle":
                 self.retire(slot)
         self.control.report.remote({"run": self.cfg.run.name, "num_actors": self.target,
-                                    "live_actors": len(self.slots), "policy_version": self.version})
+                                    "live_actors": len(self.slots), "policy_version": self.version,
+                                    "actors": {i: self.placement["actors"].get(i) for i in self.slots},
+                                    "learner": self.placement["learner"]})
 
     def samples_in_flight(self) -> int:
         per_prompt = self.cfg.rollout.sampling.samples_per_prompt
@@ -264,8 +271,9 @@ class Loop:
                               f"{result['fingerprint']} != published {want.fingerprint}")
             self.start_actor()
             return
+        if slot.version < 0:
+            self.placement["actors"][slot.actor_id] = _node_of(slot.handle)
         slot.version = result["policy_version"]
-        slot.pid = result.get("pid", slot.pid)
         self.sync_seconds[slot.actor_id] = result.get("seconds", 0.0)
         slot.state, slot.idle_since = "idle", time.monotonic()
 
@@ -387,7 +395,7 @@ class Loop:
 
     def done(self) -> bool:
         total = self.cfg.train.total_samples
-        return self.version >= self.cfg.train.total_updates or (total is not None and self.counters["samples"] >= total)
+        return self.stop_requested or self.version >= self.cfg.train.total_updates or (total is not None and self.counters["samples"] >= total)
 
     def run(self) -> dict:
         import ray
@@ -447,6 +455,7 @@ class Loop:
             "checkpoint": path,
             "data_position": {"epoch": self.source.epoch, "position": self.source.position},
             "outstanding_prompts": self.in_flight() + list(self.source.returned),
+            "placement": self.placement,
             **{k: v for k, v in self.counters.items() if k != "samples"},
         }
         _write_json(self.run_dir / "summary.json", summary)
@@ -474,6 +483,14 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+def _node_of(actor) -> dict:
+    """The Ray node an actor landed on, and its process id."""
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(
+        lambda _self: {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}))
 
 
 def _truncate_jsonl(path: Path, key: str, last: int) -> None:
