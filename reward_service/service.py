@@ -43,6 +43,11 @@ async def _client_error(request: Request, error: RequestError) -> JSONResponse:
     return JSONResponse({"detail": error.detail}, status_code=error.status, headers=headers)
 
 
+def _count_items(chunks: list[list[tuple[str, str]]]) -> int:
+    """Batch size in items (for serve.batch), where each queued entry is a chunk of items."""
+    return sum(len(chunk) for chunk in chunks)
+
+
 @serve.deployment(name="RewardModel")
 @serve.ingress(app)
 class RewardDeployment:
@@ -55,36 +60,57 @@ class RewardDeployment:
         self._limits = Limits(cfg.reward.max_items, cfg.reward.max_chars)
         self._token = token.encode() if token else None
         self._replica = serve.get_replica_context().replica_id.unique_id
+        self._max_batch_size = cfg.reward.max_batch_size
+        self._forward_passes, self._items_scored, self._largest_batch = 0, 0, 0
         self._batch.set_max_batch_size(cfg.reward.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.reward.batch_wait_timeout_s)
 
     # -- the one scoring path --------------------------------------------------------
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
-    async def _batch(self, items: list[tuple[str, str]]) -> list[float]:
-        prompts = [p for p, _ in items]
-        responses = [r for _, r in items]
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_count_items)
+    async def _batch(self, chunks: list[list[tuple[str, str]]]) -> list[list[float | UnscorableItemError]]:
+        """Score chunks of items from any callers in one forward pass; answer chunk by chunk."""
+        flat = [item for chunk in chunks for item in chunk]
+        self._forward_passes += 1
+        self._items_scored += len(flat)
+        self._largest_batch = max(self._largest_batch, len(flat))
         # The forward pass runs in a thread so the event loop keeps taking requests (and
         # filling the next batch) meanwhile.
-        return await asyncio.to_thread(self._reward.score_each, prompts, responses)
+        scores = await asyncio.to_thread(self._reward.score_each, [p for p, _ in flat], [r for _, r in flat])
+        answers, start = [], 0
+        for chunk in chunks:
+            answers.append(scores[start:start + len(chunk)])
+            start += len(chunk)
+        return answers
 
     async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Rewards of (prompt, response) pairs, in order: the handle API of the deployment.
 
-        Raises UnscorableItemError (a ValueError) naming the first item a rule function
-        could not score.
+        A request enters the batcher in chunks of at most `max_batch_size` items (not item
+        by item: per-entry queueing costs more than a tiny model's forward pass), and the
+        batcher packs chunks of concurrent callers up to `max_batch_size` items. Raises
+        UnscorableItemError (a ValueError) naming the first item a rule function could not
+        score.
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        scores = await asyncio.gather(*(self._batch((p, r)) for p, r in zip(prompts, responses)))
+        pairs = list(zip(prompts, responses))
+        size = self._max_batch_size
+        parts = await asyncio.gather(*(self._batch(pairs[i:i + size]) for i in range(0, len(pairs), size)))
+        scores = [s for part in parts for s in part]
         for i, s in enumerate(scores):
             if isinstance(s, UnscorableItemError):
                 raise UnscorableItemError(f"items.{i}: {s}")
-        return list(scores)
+        return scores
 
     def replica(self) -> str:
         """Id of the replica that answers (for tests and debugging)."""
         return self._replica
+
+    def stats(self) -> dict:
+        """This replica's batching so far: forward passes, items scored, largest batch."""
+        return {"replica": self._replica, "forward_passes": self._forward_passes,
+                "items": self._items_scored, "largest_batch": self._largest_batch}
 
     # -- HTTP ------------------------------------------------------------------------
 

@@ -144,6 +144,30 @@ def test_batched_scores_equal_one_at_a_time(service):
     assert concurrent == pytest.approx(alone, abs=1e-5)
 
 
+def test_concurrent_callers_share_forward_passes(service):
+    handle = service["main"]
+
+    def stats_by_replica() -> dict:
+        seen: dict = {}
+        for _ in range(40):  # each call lands on some replica; 40 reach both
+            s = handle.stats.remote().result(timeout_s=30)
+            seen[s["replica"]] = s
+        return seen
+
+    before = stats_by_replica()
+    prompts = [p for p, _ in ITEMS] * 8  # 48 single-item calls, all in flight at once
+    responses = [r for _, r in ITEMS] * 8
+    pending = [handle.score.remote([p], [r]) for p, r in zip(prompts, responses)]
+    scores = [x.result(timeout_s=60)[0] for x in pending]
+    after = stats_by_replica()
+    passes = sum(after[k]["forward_passes"] - before.get(k, {}).get("forward_passes", 0) for k in after)
+    items = sum(after[k]["items"] - before.get(k, {}).get("items", 0) for k in after)
+    assert items == len(prompts)
+    assert passes < len(prompts) / 2  # dynamic batching merged the callers
+    assert max(s["largest_batch"] for s in after.values()) > 1
+    assert scores == pytest.approx(_post(service["http"], ITEMS).json()["scores"] * 8, abs=1e-5)
+
+
 def test_weighted_sum_of_model_and_rule_function_is_the_same_by_handle_and_http(service, direct):
     prompts, responses = [p for p, _ in WORLD_ITEMS], [r for _, r in WORLD_ITEMS]
     golds = [gold_reward(p, r) for p, r in WORLD_ITEMS]
