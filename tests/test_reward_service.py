@@ -365,3 +365,16 @@ def test_nothing_to_score_with_is_a_config_error(tmp_path):
         deploy(_cfg(None, 8000), http=False)
     with pytest.raises(ConfigError, match="model.reward"):
         deploy(_cfg(tmp_path / "missing", 8000), http=False)
+
+
+def test_replicas_resources_and_autoscaling_come_from_the_config(tiny_assets):
+    from reward_service.service import RewardDeployment, deployment_options
+
+    fixed = RewardDeployment.options(**deployment_options(_cfg(tiny_assets.reward, 8000, replicas=3, num_gpus=0.5)))
+    assert fixed.num_replicas == 3
+    assert fixed.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.5}
+    auto_cfg = _cfg(tiny_assets.reward, 8000,
+                    autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3})
+    auto = RewardDeployment.options(**deployment_options(auto_cfg))
+    scaling = auto._deployment_config.autoscaling_config  # Serve has no public accessor for it
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 3)
