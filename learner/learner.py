@@ -168,6 +168,7 @@ class Learner:
 
         self._version = 0
         self._handle: WeightsHandle | None = None
+        self._pack_buffer: np.ndarray | None = None
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
 
@@ -213,7 +214,11 @@ class Learner:
         import ray
 
         dtype = torch_dtype(self.cfg.learner.transport_dtype or self.cfg.model.dtype)
-        flat, specs = pack_state_dict(dict(self.policy.named_parameters()), dtype)
+        # One buffer reused for every version: faulting in fresh pages each time costs far
+        # more than the copy. ray.put copies it into the object store, so reuse is safe.
+        flat, specs = pack_state_dict(dict(self.policy.named_parameters()), dtype,
+                                      out=self._pack_buffer)
+        self._pack_buffer = flat
         # Fingerprint the tensors exactly as sent (after the cast), so an actor can check
         # what it loaded against it.
         sent = fingerprint(unpack_state_dict(flat, specs).values())
