@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.config import DataError  # the project's data error: the CLI maps it to exit 2
+
+__all__ = ["DataError", "FIELDS", "PreferencePair", "load_preference_pairs"]
+
 FIELDS = ("prompt", "chosen", "rejected")
-
-
-class DataError(ValueError):
-    """A user error in a data file: the message names the file and the line (or row)."""
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,9 @@ def test_invalid_utf8_and_empty_files_are_data_errors(tmp_path):
         load_preference_pairs(path)
     with pytest.raises(DataError, match="no such file"):
         load_preference_pairs(tmp_path / "missing.jsonl")
-    assert issubclass(DataError, ValueError)
+    from cluster.config import UserError
+
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)  # exit code 2
 
 
 def test_training_fails_with_the_data_error_before_any_work(tiny_assets, tmp_path):
