@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from cluster.config import DataError  # the project's data error: the CLI maps it to exit 2
 from cluster.records import prompt_token_ids, response_token_ids
 
-
-class DataError(ValueError):
-    """A user error in a data file: the message names the file and the line."""
+__all__ = ["DataError", "Example", "collate_demonstrations", "encode_demonstrations",
+           "read_demonstrations"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,12 @@ def _check_record(row: Any, where: str) -> dict[str, str]:
 
 def _read_jsonl(path: Path) -> list[dict[str, str]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: not valid UTF-8") from None
             if not line.strip():
                 continue
             try:

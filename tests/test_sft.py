@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import load_config
+from cluster.config import UserError, load_config
 from cluster.records import prompt_token_ids, response_token_ids
 from learner.data import (
     DataError,
@@ -92,7 +92,7 @@ def test_sft_loss_covers_response_tokens_only(tiny_assets):
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1], -1)
     token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
     expected = -(token_logp * loss_mask).sum() / loss_mask.sum()
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert loss_mask.sum() == sum(len(e.input_ids) - e.prompt_length for e in examples)
 
     (logits,) = captured  # the window of positions from the earliest response token
@@ -116,7 +116,11 @@ def test_bad_data_lines_name_the_file_and_line(tiny_assets, tmp_path):
         with pytest.raises(DataError) as err:
             read_demonstrations(path)
         assert str(err.value).startswith(str(path)) and message in str(err.value), str(err.value)
-    assert issubclass(DataError, ValueError)
+    latin1 = '{"prompt": "caf\xe9", "response": "x"}'.encode("latin-1")
+    (tmp_path / "latin1.jsonl").write_bytes(good.encode() + b"\n" + latin1 + b"\n")
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8"):
+        read_demonstrations(tmp_path / "latin1.jsonl")
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)  # exit code 2
     with pytest.raises(DataError, match="not found"):
         read_demonstrations(tmp_path / "nope.jsonl")
 
