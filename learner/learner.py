@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster.config import TameConfig
+from cluster.config import ConfigError, TameConfig
 from cluster.records import Rollout, WeightsHandle, fingerprint, pack_state_dict, unpack_state_dict
 from learner import ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
@@ -181,8 +181,8 @@ class Learner:
 
         if self.cfg.learner.critic == "reward":
             if self.cfg.model.reward is None:
-                raise ValueError("learner.critic: 'reward' needs model.reward; "
-                                 "set learner.critic to 'policy' for rule-based rewards")
+                raise ConfigError("learner.critic: 'reward' needs model.reward; set "
+                                  "learner.critic to 'policy' for rule-based rewards only")
             return AutoModelForSequenceClassification.from_pretrained(
                 self.cfg.model.reward, num_labels=1, dtype=self.dtype)
         # Loading a causal LM as seq-cls reports the missing head and the unused LM head:
@@ -242,7 +242,8 @@ class Learner:
         for b, r in enumerate(rollouts):
             n_prompt, n_response = len(r.prompt_token_ids), len(r.response_token_ids)
             if n_prompt == 0 or n_response == 0:
-                raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: empty prompt or response")
+                raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: "
+                                 "empty prompt or response")
             if len(r.behaviour_logprobs) != n_response:
                 raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: "
                                  f"{len(r.behaviour_logprobs)} behaviour log-probs for "
@@ -412,8 +413,9 @@ class Learner:
             order = torch.randperm(len(exp), generator=self.shuffle).to(self.device)
             for rows in order.split(p.minibatch_size):
                 mb_stats = self.accumulate_gradients(exp, rows, p.micro_batch_size)
-                policy_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), p.max_grad_norm)
-                critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), p.max_grad_norm)
+                clip = torch.nn.utils.clip_grad_norm_
+                policy_norm = clip(self.policy.parameters(), p.max_grad_norm)
+                critic_norm = clip(self.critic.parameters(), p.max_grad_norm)
                 if not all(math.isfinite(x) for x in (mb_stats["loss"], float(policy_norm),
                                                       float(critic_norm))):
                     self._zero_grad()
@@ -446,6 +448,7 @@ class Learner:
             "loss/total_avg": avg["loss"],
             "val/clipfrac_avg": avg["vf_clipfrac"],
             "val/ratio": avg["ratio"],
+            # 1 up to rounding: before the first step pi is the proximal policy.
             "val/ratio_first": stats["ratio"][0],
             "val/grad_norm_avg": sum(grad_norms["critic"]) / len(grad_norms["critic"]),
             "learner/version": float(self._version),

@@ -78,15 +78,16 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
                          temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) of the given tokens.
 
-    logits: (B, T, V) predicting `tokens`: (B, T) -> (B, T). The division by the sampling
-    temperature makes these the log-probs of the distribution the tokens were sampled from.
+    logits: (..., V) predicting `tokens`: (...) -> (...), e.g. (B, T, V), (B, T) -> (B, T).
+    The division by the sampling temperature makes these the log-probs of the distribution
+    the tokens were sampled from.
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) at every position. (B, T, V) -> (B, T)."""
+    """Entropy of softmax(logits / temperature) at every position. (..., V) -> (...)."""
     logits = logits.float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)

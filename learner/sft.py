@@ -61,7 +61,9 @@ def run_sft(cfg: TameConfig, log: Callable[[str], None] = print) -> Path:
     examples = encode_demonstrations(tokenizer, rows, s.max_length, cfg.data.chat_template)
     if not examples:
         raise DataError(f"{s.data}: every prompt fills sft.max_length ({s.max_length}) tokens")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
 
     # model and optimizer
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch_dtype(cfg.model.dtype))

@@ -160,6 +160,20 @@ def test_critic_from_the_policy_starts_at_zero(tiny_assets, tmp_path):
     assert metrics["learner/skipped_nonfinite"] == 0.0 and learner.version() == 1
 
 
+def test_ptx_term_trains_on_demonstrations(tiny_assets, tmp_path):
+    lines = (tiny_assets.data / "sft.jsonl").read_text().splitlines()[:6]
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text("\n".join(lines) + "\n")
+    learner = Learner(make_cfg(tiny_assets, "ppo.ptx_coef=1.0", f"ppo.ptx_data={ptx}"),
+                      str(tmp_path / "run"))
+    assert len(learner.ptx_examples) == 6
+    losses = [learner.update(sample(learner, prompts(tiny_assets, 16, start=16 * i), seed=30 + i))
+              ["loss/ptx_avg"] for i in range(3)]
+    # Two minibatches of 8 demonstrations per update, cycling through the 6: 48 % 6 = 0.
+    assert learner.ptx_cursor == 0
+    assert losses[-1] < losses[0] - 0.1, losses  # starts near ln(1024) ~ 6.9
+
+
 # --------------------------------------------------------------------------- non-finite updates
 
 
