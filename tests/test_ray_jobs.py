@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -37,11 +38,12 @@ def test_ray_job_submit_runs_tame_train(tiny_assets, tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         # Short: Ray puts Unix sockets there, whose paths may not exceed 107 bytes.
+         f"--temp-dir={tempfile.mkdtemp(prefix='tame-ray-', dir='/tmp')}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             try:
                 urllib.request.urlopen(address, timeout=2)
