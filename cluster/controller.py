@@ -130,6 +130,9 @@ class Loop:
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
 
+        # A Serve instance this run starts is stopped with it, so a later deployment on the
+        # same cluster starts Serve afresh with its own HTTP options.
+        self.owns_serve = not _serve_running()
         log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
         self.scorer = RewardClient(deploy(cfg, http=False), cfg.reward.timeout_s, cfg.reward.retries)
 
@@ -471,7 +474,7 @@ class Loop:
         ray.kill(self.learner)
         ray.kill(self.control)
         try:
-            serve.delete("tame-reward")
+            serve.shutdown() if self.owns_serve else serve.delete("tame-reward")
         except Exception:  # Serve may already be gone with a dying cluster
             pass
 
@@ -483,6 +486,14 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+def _serve_running() -> bool:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return any(a["name"] == SERVE_CONTROLLER_NAME and a["namespace"] == SERVE_NAMESPACE
+               for a in ray.util.list_named_actors(all_namespaces=True))
 
 
 def _node_of(actor) -> dict:

@@ -52,10 +52,15 @@ def test_ray_job_submit_runs_tame_train(tiny_assets, tmp_path):
                 assert time.monotonic() < deadline, "the Ray head never answered"
                 time.sleep(1)
         sets = [a for o in smoke_overrides(tiny_assets, tmp_path / "runs", "job") for a in ("--set", o)]
-        out = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-             "tame", "train", "--config", "configs/smoke.yaml", *sets],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(20):
+            out = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+                 "tame", "train", "--config", "configs/smoke.yaml", *sets],
+                env=env, capture_output=True, text=True, timeout=600)
+            # The job server answers before its agent has registered: Ray asks to try again.
+            if "No available agent to submit job" not in out.stdout + out.stderr:
+                break
+            time.sleep(5)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["samples"] == 32

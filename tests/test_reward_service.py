@@ -70,6 +70,8 @@ def service(tiny_assets, ray_local):
 
     from reward_service.service import deploy
 
+    # Start Serve afresh, so its HTTP proxy binds this module's port whatever ran before.
+    serve.shutdown()
     port = _free_port()
     os.environ.pop(TOKEN_ENV, None)
     main = deploy(_cfg(tiny_assets.reward, port, replicas=2), name="test-reward-main")
