@@ -179,9 +179,9 @@ that RLHF visibly helps, and still be right most of the time, like a raw pretrai
 FLAW_WEIGHTS: dict[str, float] = {
     # Relative frequency of each flaw among bad demonstrations (renormalised over the
     # flaws that apply: only one-word prompts can ignore the one-word constraint).
-    "wrong_fact": 0.35,
-    "insult": 0.30,
-    "ramble": 0.20,
+    "wrong_fact": 0.25,
+    "insult": 0.35,
+    "ramble": 0.25,
     "ignore_constraint": 0.15,
 }
 
