@@ -34,10 +34,15 @@ def smoke_overrides(tiny_assets, out_dir, name):
 
 def test_ray_job_submit_runs_tame_train(tiny_assets, tmp_path):
     port, dashboard = free_port(), free_port()
+    # Every port of this head is a free one: another Ray on the machine (the test session's
+    # own) holds the defaults, and a job agent that cannot bind makes submission fail.
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports,
          # Short: Ray puts Unix sockets there, whose paths may not exceed 107 bytes.
          f"--temp-dir={tempfile.mkdtemp(prefix='tame-ray-', dir='/tmp')}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -52,7 +57,7 @@ def test_ray_job_submit_runs_tame_train(tiny_assets, tmp_path):
                 assert time.monotonic() < deadline, "the Ray head never answered"
                 time.sleep(1)
         sets = [a for o in smoke_overrides(tiny_assets, tmp_path / "runs", "job") for a in ("--set", o)]
-        for _ in range(20):
+        for _ in range(12):
             out = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
                  "tame", "train", "--config", "configs/smoke.yaml", *sets],
