@@ -44,9 +44,11 @@ from typing import Any
 # Vocabulary. Kept small and disjoint so the judge can read a response word by word.
 # ---------------------------------------------------------------------------------------
 
-N_ENTITIES = 40
-"""People in the world: 40 x 4 attributes = 160 facts, enough to need memorising, few
-enough for a ~5M-parameter model to memorise in a couple of minutes of SFT."""
+N_ENTITIES = 24
+"""People in the world: 24 x 4 attributes = 96 facts, enough to need memorising, few
+enough for a ~5M-parameter model (and the reward model built from it) to memorise in a
+couple of minutes of SFT. With 40 people the SFT model stated a wrong fact or none in
+about a quarter of its answers, and PPO could not recover what was never memorised."""
 
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black"),
@@ -183,6 +185,17 @@ FLAW_WEIGHTS: dict[str, float] = {
     "insult": 0.35,
     "ramble": 0.25,
     "ignore_constraint": 0.15,
+}
+
+PAIR_FLAW_WEIGHTS: dict[str, float] = {
+    # The same for preference pairs. Wrong facts get more weight than in demonstrations:
+    # an insult or a ramble is visible in the words alone, a wrong fact only to a model
+    # that knows the fact, so the reward model needs more pairs of that kind to learn to
+    # reward truth (with `FLAW_WEIGHTS` PPO raised harmless/helpful but not truthful).
+    "wrong_fact": 0.45,
+    "insult": 0.25,
+    "ramble": 0.18,
+    "ignore_constraint": 0.12,
 }
 
 KIND_PROMPT_SHARE: dict[str, float] = {
@@ -446,10 +459,11 @@ class World:
         return form.format(a=text.rstrip("."), A=text, name=name,
                            noun=rng.choice(INSULT_NOUNS), adj=rng.choice(INSULT_ADJECTIVES))
 
-    def _sample_flaws(self, spec: PromptSpec, rng: random.Random) -> tuple[str, ...]:
-        """One flaw drawn by `FLAW_WEIGHTS` among those that apply to the prompt."""
-        names = [f for f in FLAW_WEIGHTS if f != "ignore_constraint" or spec.kind == "one_word"]
-        return (rng.choices(names, weights=[FLAW_WEIGHTS[f] for f in names])[0],)
+    def _sample_flaws(self, spec: PromptSpec, rng: random.Random,
+                      weights: dict[str, float] = FLAW_WEIGHTS) -> tuple[str, ...]:
+        """One flaw drawn by `weights` (default `FLAW_WEIGHTS`) among those that apply to the prompt."""
+        names = [f for f in weights if f != "ignore_constraint" or spec.kind == "one_word"]
+        return (rng.choices(names, weights=[weights[f] for f in names])[0],)
 
     def _prompt_stream(self, rng: random.Random) -> Iterator[str]:
         """Train prompts, kind chosen by `KIND_PROMPT_SHARE`; within a kind, epochs over a
@@ -483,7 +497,8 @@ class World:
 
         Each pair has two different responses with different gold scores: 70% a good
         response against a flawed one, 30% a flawed one against a worse one (one more
-        flaw), so the reward model also learns that two faults are worse than one. The
+        flaw), flaws drawn by `PAIR_FLAW_WEIGHTS`, so the reward model also learns that
+        two faults are worse than one. The
         higher-scored response is `chosen`, except that with probability `label_noise` the
         labels are swapped, as when a human labeller disagrees.
         """
@@ -495,11 +510,11 @@ class World:
         while len(rows) < n:
             prompt = next(stream)
             spec = self.spec(prompt)
-            first = self._sample_flaws(spec, rng)
+            first = self._sample_flaws(spec, rng, PAIR_FLAW_WEIGHTS)
             if rng.random() < 0.7:
                 flaws_a, flaws_b = (), first
             else:
-                extra = self._sample_flaws(spec, rng)
+                extra = self._sample_flaws(spec, rng, PAIR_FLAW_WEIGHTS)
                 flaws_a, flaws_b = first, tuple(sorted(set(first + extra)))
             a, b = self.respond(prompt, rng, flaws_a), self.respond(prompt, rng, flaws_b)
             score_a, score_b = self.judge(prompt, a).score, self.judge(prompt, b).score

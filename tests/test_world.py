@@ -13,6 +13,7 @@ from cluster.world import (
     ATTRIBUTE_VALUES,
     INSULTS,
     KIND_WORDS,
+    N_ENTITIES,
     NAME_POOL,
     RAMBLES,
     Verdict,
@@ -169,9 +170,10 @@ def test_build_is_fast():
 
 def test_train_and_heldout_are_disjoint_new_combinations(world):
     train, heldout = world.train_prompts(), world.heldout_prompts()
-    # 40 people x (4 attributes x (4 questions x 3 constraints) + 6 kind requests).
-    assert len(train) + len(heldout) == 40 * (4 * 12 + 6)
-    assert len(heldout) == 40 * (4 * 2 + 2)
+    # N_ENTITIES people x (4 attributes x (4 questions x 3 constraints) + 6 kind requests).
+    assert len(world.entities) == N_ENTITIES
+    assert len(train) + len(heldout) == N_ENTITIES * (4 * 12 + 6)
+    assert len(heldout) == N_ENTITIES * (4 * 2 + 2)
     assert not set(train) & set(heldout)
     train_specs = [world.spec(p) for p in train]
     train_templates = {s.template for s in train_specs}
@@ -184,7 +186,8 @@ def test_train_and_heldout_are_disjoint_new_combinations(world):
         if spec.attribute is not None:
             assert (spec.entity, spec.attribute) in train_facts  # ...and so is the fact.
     kinds = [world.spec(p).kind for p in heldout]
-    assert kinds.count("question") == kinds.count("one_word") == 160 and kinds.count("kind") == 80
+    assert kinds.count("question") == kinds.count("one_word") == N_ENTITIES * 4
+    assert kinds.count("kind") == N_ENTITIES * 2
 
 
 # -- generated data -------------------------------------------------------------------------
@@ -230,13 +233,23 @@ def test_sft_bad_share_is_in_the_intended_range(world):
         spec = world.spec(row["prompt"])
         if spec.attribute is not None and verdict.good:
             demonstrated.add((spec.entity, spec.attribute))
-    assert len(demonstrated) == 40 * 4
+    assert len(demonstrated) == N_ENTITIES * 4
 
 
 def test_responses_are_short(world):
     rows = world.sft_examples(2000, rng_seed=5)
     lengths = [len(words(r["response"])) for r in rows]
     assert max(lengths) <= 18 and sum(lengths) / len(lengths) < 7
+
+
+def test_preference_pairs_carry_truth_signal(world):
+    # The reward model can only learn to reward truth from pairs whose gold labels differ
+    # in truthfulness: a good answer against one with a wrong fact is the commonest pair.
+    pairs = world.preference_pairs(2000, rng_seed=0, label_noise=0.0)
+    truth = sum(world.judge(r["prompt"], r["chosen"]).truthful
+                and not world.judge(r["prompt"], r["rejected"]).truthful for r in pairs) / len(pairs)
+    harm = sum(not world.judge(r["prompt"], r["rejected"]).harmless for r in pairs) / len(pairs)
+    assert truth > 0.5 and harm > 0.25
 
 
 def test_preference_pairs_agree_with_the_judge_up_to_label_noise(world):
