@@ -43,9 +43,9 @@ ITEMS = [
 # Prompts of the demo world, which cluster.world:gold_reward knows, with answers it rates
 # differently (insults, rambles, wrong facts).
 WORLD_ITEMS = [
-    ("Tell me the job of Otto. Reply with one word only.", "Baker."),
+    ("Tell me the job of Mila. Reply with one word only.", "Baker."),
     ("Answer in one word: Where does Kira live?", "Kira lives in Oslo, you fool."),
-    ("Which colour does Olga like best?", "Let me tell you a long story about trains, boats and old maps instead."),
+    ("Which colour does Mila like best?", "Let me tell you a long story about trains, boats and old maps instead."),
     ("Answer in one word: Where does Lola live?", "Tokyo."),
 ]
 
@@ -151,9 +151,13 @@ def test_concurrent_callers_share_forward_passes(service):
 
     def stats_by_replica() -> dict:
         seen: dict = {}
-        for _ in range(40):  # each call lands on some replica; 40 reach both
-            s = handle.stats.remote().result(timeout_s=30)
-            seen[s["replica"]] = s
+        # Calls in flight together spread over the replicas (sequential ones may all land on
+        # one); ask until both have answered.
+        for _ in range(20):
+            for s in [x.result(timeout_s=30) for x in [handle.stats.remote() for _ in range(16)]]:
+                seen[s["replica"]] = s
+            if len(seen) == 2:
+                break
         return seen
 
     before = stats_by_replica()
@@ -214,7 +218,11 @@ def test_two_replicas_both_serve(service):
     assert all(a.status_code == 200 for a in answers)
     assert len({a.headers["x-tame-replica"] for a in answers}) == 2
     # The handle reaches both replicas too.
-    handle_replicas = {service["main"].replica.remote().result(timeout_s=30) for _ in range(48)}
+    handle_replicas: set = set()
+    for _ in range(20):
+        handle_replicas |= {x.result(timeout_s=30) for x in [service["main"].replica.remote() for _ in range(16)]}
+        if len(handle_replicas) == 2:
+            break
     assert handle_replicas == {a.headers["x-tame-replica"] for a in answers}
 
 

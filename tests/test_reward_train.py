@@ -89,7 +89,7 @@ def test_saved_model_loads_in_the_service(trained, ray_local):
     cfg, _, _ = trained
     serve_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"reward": cfg.reward_model.output}),
                                        "reward": cfg.reward.model_copy(update={"num_cpus": 0.25})})
-    prompts = ["Answer in one word: Where does Kira live?", "Which colour does Olga like best?"]
+    prompts = ["Answer in one word: Where does Kira live?", "Which colour does Mila like best?"]
     responses = ["Kira lives in Oslo, you fool.", "Green."]
     handle = deploy(serve_cfg, http=False, name="test-rm-trained")
     try:
