@@ -49,7 +49,14 @@ def cmd_assets(args) -> int:
     return EXIT_OK
 
 
+def _no_resume(args) -> None:
+    if args.resume:
+        raise UserError(f"--resume: `tame {args.command}` is short and restarts from its init model; "
+                        f"only `tame train` resumes from checkpoints")
+
+
 def cmd_sft(args) -> int:
+    _no_resume(args)
     cfg = _config(args)
     from learner.sft import run_sft
 
@@ -60,6 +67,7 @@ def cmd_sft(args) -> int:
 
 
 def cmd_train_rm(args) -> int:
+    _no_resume(args)
     cfg = _config(args)
     from reward_service.train import train_reward_model
 
