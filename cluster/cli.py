@@ -79,10 +79,17 @@ def cmd_train_rm(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _config(args)
-    from cluster.controller import train
+    from cluster.controller import RunError, train
 
     _prepare_models(cfg)
-    train(cfg, resume=args.resume, log=log)
+    try:
+        train(cfg, resume=args.resume, log=log)
+    except RunError as e:  # already explained in the log, with the checkpoint to resume from
+        print(f"tame train: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SystemExit:  # SIGTERM, e.g. `ray job stop`: the final checkpoint is written
+        print("tame train: terminated", file=sys.stderr)
+        return 143
     return EXIT_OK
 
 

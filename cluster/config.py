@@ -107,6 +107,9 @@ class RolloutConfig(Section):
     """Share of a GPU's memory an engine may take (GPU only)."""
     prompts_per_batch: int = Field(32, ge=1)
     """Prompts an actor generates in one call before it checks for new weights."""
+    replace_failed: bool = True
+    """A rollout actor that dies is replaced by a new one, which loads the current weights
+    before it produces. False carries on with the actors left (the run fails when none is)."""
     sampling: SamplingConfig = SamplingConfig()
     """Sampling parameters shared by all actors."""
 
@@ -154,7 +157,8 @@ class RewardConfig(Section):
     max_length: int = Field(512, ge=8)
     """Tokens fed to the reward model per item; longer inputs keep their last tokens."""
     timeout_s: float = Field(60.0, gt=0.0)
-    """Time budget of one scoring call from a rollout actor, retries included."""
+    """Time budget of one scoring call from a rollout actor, retries included; each attempt gets
+    an equal share of what is left, so one stuck on a dead replica leaves time to retry."""
     retries: int = Field(3, ge=0, le=100)
     """Retries of a failed scoring call within the time budget."""
     host: str = "127.0.0.1"

@@ -31,6 +31,12 @@ CONTROL_PREFIX = "tame-control-"
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
+class RunError(RuntimeError):
+    """The run cannot go on (no actor left, the learner died, too many NaN updates).
+
+    Its message says what happened and where the newest checkpoint is."""
+
+
 # --------------------------------------------------------------------------- scaling mailbox
 
 
@@ -139,7 +145,8 @@ class Loop:
         log("starting the learner")
         self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                                   resources=cfg.learner.resources)(Learner).remote(cfg, str(self.run_dir))
-        self.placement: dict = {"learner": _node_of(self.learner), "actors": {}}
+        self.placement: dict = {"learner": _node_of(self.learner), "actors": {},
+                                "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}}
         extra = ray.get(self.learner.load_checkpoint.remote()) if resume else None
         if extra:
             self.source.restore(extra["source"])
@@ -173,6 +180,7 @@ class Loop:
         self.sync_seconds: dict[int, float] = {}
         self.failed_starts = 0
         self.stop_requested = False
+        self.learner_alive = True
 
     # ----------------------------------------------------------------- weights
 
@@ -226,10 +234,12 @@ class Loop:
             slot.draining = True  # a busy actor finishes its batch first; nothing is lost
             if slot.state == "idle":
                 self.retire(slot)
-        self.control.report.remote({"run": self.cfg.run.name, "num_actors": self.target,
-                                    "live_actors": len(self.slots), "policy_version": self.version,
-                                    "actors": {i: self.placement["actors"].get(i) for i in self.slots},
-                                    "learner": self.placement["learner"]})
+        self.control.report.remote({
+            "run": self.cfg.run.name, "num_actors": self.target, "live_actors": len(self.slots),
+            "policy_version": self.version, "counters": dict(self.counters),
+            "actors": {i: {**(self.placement["actors"].get(i) or {}), "version": s.version}
+                       for i, s in self.slots.items()},
+            "learner": self.placement["learner"], "driver": self.placement["driver"]})
 
     def samples_in_flight(self) -> int:
         per_prompt = self.cfg.rollout.sampling.samples_per_prompt
@@ -280,6 +290,23 @@ class Loop:
         self.sync_seconds[slot.actor_id] = result.get("seconds", 0.0)
         slot.state, slot.idle_since = "idle", time.monotonic()
 
+    def on_actor_died(self, slot: Slot, error: Exception) -> None:
+        """Hand the dead actor's prompts out again; replace it unless the config says not to."""
+        self.counters["actor_failures"] += 1
+        self.retire(slot, f"actor died ({type(error).__name__}); its {len(slot.prompt_ids)} prompt(s) "
+                          "are handed out again")
+        self.failed_starts = self.failed_starts + 1 if slot.version < 0 else 0
+        if self.failed_starts >= 3:
+            raise RunError(f"rollout actors fail to start, 3 in a row; the last: {error}") from error
+        if self.cfg.rollout.replace_failed or slot.draining:
+            return  # apply_scaling starts the replacement
+        self.target -= 1
+        self.control.request.remote(self.target)  # `tame scale` sees the smaller pool
+        self.log(f"rollout.replace_failed is false: carrying on with {self.target} actor(s)")
+        if self.target == 0:
+            raise RunError("the last rollout actor died and rollout.replace_failed is false; "
+                           "resume with `tame train --resume` once the cluster has room")
+
     def on_generated(self, slot: Slot, batch: RolloutBatch) -> None:
         slot.tokens += batch.generated_tokens
         slot.generate_seconds += batch.generate_seconds
@@ -319,6 +346,23 @@ class Loop:
         self.update_batch = batch
         self.update_started = time.monotonic()
         self.update_ref = self.learner.update.remote([r for g in batch for r in g.rollouts])
+
+    def update_result(self) -> dict[str, float]:
+        """The metrics of the update in flight; a RunError when the learner cannot go on."""
+        import ray
+
+        from learner.learner import NonFiniteUpdatesError
+
+        try:
+            return ray.get(self.update_ref)
+        except ray.exceptions.RayActorError as e:
+            self.learner_alive = False
+            raise RunError(f"the learner died ({type(e).__name__}); resume with `tame train --resume` "
+                           f"from the newest checkpoint in {self.run_dir / 'checkpoints'}") from e
+        except NonFiniteUpdatesError as e:
+            self.source.give_back([g.prompt_id for g in self.update_batch])
+            self.update_batch, self.update_ref = [], None
+            raise RunError(str(e)) from e
 
     def on_updated(self, metrics: dict[str, float]) -> None:
         batch, self.update_batch, self.update_ref = self.update_batch, [], None
@@ -387,6 +431,19 @@ class Loop:
             ids += slot.prompt_ids
         return ids
 
+    def final_checkpoint(self) -> str | None:
+        """After an interruption or a failure: finish the update in flight and save, if the
+        learner is still there. Returns the checkpoint path, None when none could be written."""
+        if not self.learner_alive:
+            return None
+        try:
+            if self.update_ref is not None:
+                self.on_updated(self.update_result())
+            return self.checkpoint()
+        except Exception as e:  # the failure that brought us here may have taken the learner
+            self.log(f"no final checkpoint: {type(e).__name__}: {e}")
+            return None
+
     def checkpoint(self) -> str:
         import ray
 
@@ -419,17 +476,13 @@ class Loop:
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
             for ref in ready:
                 if ref is self.update_ref:
-                    self.on_updated(ray.get(ref))
+                    self.on_updated(self.update_result())
                     continue
                 slot = pending[ref]
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    self.counters["actor_failures"] += 1
-                    self.retire(slot, f"actor died ({type(e).__name__}); its prompts are handed out again")
-                    self.failed_starts = self.failed_starts + 1 if slot.version < 0 else 0
-                    if self.failed_starts >= 3:
-                        raise RuntimeError(f"rollout actors fail to start, 3 in a row; the last: {e}") from e
+                    self.on_actor_died(slot, e)
                     continue
                 if slot.state == "loading":
                     self.on_loaded(slot, result)
@@ -441,7 +494,7 @@ class Loop:
         import ray
 
         if self.update_ref is not None:
-            self.on_updated(ray.get(self.update_ref))
+            self.on_updated(self.update_result())
         path = self.checkpoint()
         wall = time.monotonic() - self.started
         summary = {
@@ -556,9 +609,13 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
     loop = Loop(cfg, resume, log, judge)
     try:
         summary = loop.run()
-    except KeyboardInterrupt:
-        if loop.update_ref is None:
-            log(f"interrupted: checkpoint at version {loop.version} written to {loop.checkpoint()}")
+    except (KeyboardInterrupt, SystemExit, RunError) as e:
+        # Ctrl-C, a stopped Ray job (SIGTERM: Ray's handler raises SystemExit) or a failure
+        # the run cannot go on from: save what was trained, then stop every process of the run.
+        why = str(e) if isinstance(e, RunError) else "interrupted"
+        path = loop.final_checkpoint()
+        log(f"{why}; " + (f"checkpoint at version {loop.version} written to {path}" if path
+                          else "the newest complete checkpoint is in " + str(run_dir / "checkpoints")))
         raise
     finally:
         loop.shutdown()

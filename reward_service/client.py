@@ -42,7 +42,9 @@ class RewardClient:
                 break
             response = self.handle.score.remote(list(prompts), list(responses))
             try:
-                scores = response.result(timeout_s=remaining)
+                # An equal share of what is left per attempt: a call stuck on a dead replica
+                # gives up in time for a retry to reach a live one.
+                scores = response.result(timeout_s=remaining / (self.retries + 1 - attempt))
             except UnscorableItemError as e:  # the same items would fail again: no retry
                 raise RewardError(f"the reward service cannot score these items: {e}") from e
             except Exception as e:  # replica died, timed out, back-pressure: retryable

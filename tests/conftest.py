@@ -29,14 +29,17 @@ def tiny_assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(tmp_path_factory):
     """A local Ray with more logical CPUs than cores, so every role can be placed at once."""
     import ray
 
+    # The switch of tests.faults:gold_unless_poisoned, seen by every process of the cluster.
+    os.environ["TAME_TEST_POISON"] = str(tmp_path_factory.mktemp("faults") / "poison")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False,
                  runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                            "VLLM_CPU_KVCACHE_SPACE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+                                           "TOKENIZERS_PARALLELISM": "false",
+                                           "TAME_TEST_POISON": os.environ["TAME_TEST_POISON"]}})
     yield ray
     ray.shutdown()

@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from cluster.config import load_config
 from tests.conftest import REPO
+from tests.runs import SMALL_BATCHES, assert_each_prompt_once, few_prompts, ledger, smoke, uninterrupted
 from tests.wandb_offline import history
 
 DESIGN_METRICS = [
@@ -24,18 +24,6 @@ DESIGN_METRICS = [
     "sync/version", "sync/bytes", "sync/publish_seconds", "perf/samples_per_s", "perf/learner_idle_share",
     "rollout/queue_depth",
 ]
-
-
-def smoke(tiny_assets, tmp_path, *overrides, prompts=None):
-    return load_config(REPO / "configs/smoke.yaml", [
-        f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}", "model.build_assets=null",
-        f"data.prompts={prompts or tiny_assets.data / 'prompts.jsonl'}", f"run.output_dir={tmp_path}",
-        *overrides,
-    ])
-
-
-def ledger(run_dir):
-    return [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
 
 
 def test_synchronous_loop_trains_on_fresh_records_and_logs_to_wandb(tiny_assets, ray_local, tmp_path):
@@ -51,6 +39,9 @@ def test_synchronous_loop_trains_on_fresh_records_and_logs_to_wandb(tiny_assets,
     # versions the actors generated with advanced with the learner's.
     for entry in ledger(cfg.run_dir):
         assert set(entry["record_versions"]) == {entry["version"] - 1}
+    # Each update trained on the next 16 prompts of the source, as the resume tests expect.
+    chunks, position = uninterrupted(cfg, 3, 16)
+    assert [e["prompts"] for e in ledger(cfg.run_dir)] == chunks and summary["data_position"] == position
 
     rows = [r for r in history(cfg.run_dir) if "objective/kl" in r]
     assert [r["sync/version"] for r in rows] == [1, 2, 3]
@@ -67,13 +58,9 @@ def test_synchronous_loop_trains_on_fresh_records_and_logs_to_wandb(tiny_assets,
 def test_async_loop_scales_the_pool_and_counts_every_prompt_once(tiny_assets, ray_local, tmp_path):
     from cluster.controller import CONTROL_PREFIX, NAMESPACE, train
 
-    # A small prompt file, so the run goes through several epochs and accounting is exact.
-    prompts = tmp_path / "prompts.jsonl"
-    rows = [json.loads(line) for line in (tiny_assets.data / "prompts.jsonl").read_text().splitlines()][:24]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = few_prompts(tiny_assets, tmp_path)
     cfg = smoke(tiny_assets, tmp_path, "train.max_staleness=1", "train.total_updates=10000", "run.name=scaled",
-                "rollout.prompts_per_batch=8", "train.rollout_batch_size=8", "ppo.minibatch_size=8",
-                "ppo.micro_batch_size=8", "rollout.sampling.samples_per_prompt=1", prompts=prompts)
+                *SMALL_BATCHES, prompts=prompts)
 
     import ray
 
@@ -111,16 +98,7 @@ def test_async_loop_scales_the_pool_and_counts_every_prompt_once(tiny_assets, ra
     assert actors[0] > 0 and actors[1] > 0
     for e in entries:
         assert all(e["version"] - 1 - v <= 1 for v in e["record_versions"])
-    trained = [p for e in entries for p in e["prompts"]]
-    assert len(trained) == len(set(trained)), "a prompt was trained on twice"
-    outstanding = set(result["outstanding_prompts"])
-    assert not outstanding & set(trained)
-    # Every prompt of every finished epoch was trained on or is still outstanding: none lost.
-    last_epoch = result["data_position"]["epoch"]
-    assert last_epoch >= 1
-    for epoch in range(last_epoch):
-        seen = {p for p in trained + list(outstanding) if p.startswith(f"{epoch}:")}
-        assert seen == {f"{epoch}:{i}" for i in range(24)}
+    assert_each_prompt_once(entries, result, 24)
 
     # The named control actor is gone with the run.
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]

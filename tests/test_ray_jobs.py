@@ -15,7 +15,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from tests.conftest import REPO
+from tests.runs import ledger, smoke, uninterrupted
+from tests.wandb_offline import history
 
 BIN = Path(sys.executable).parent
 
@@ -32,7 +36,10 @@ def smoke_overrides(tiny_assets, out_dir, name):
             "train.total_updates=2"]
 
 
-def test_ray_job_submit_runs_tame_train(tiny_assets, tmp_path):
+def test_ray_job_killed_with_sigkill_resumes_where_it_stopped(tiny_assets, tmp_path):
+    """`ray job submit` to a head the test starts; the job's driver is killed with SIGKILL
+    after its checkpoint at version 2, and the same job resubmitted with --resume ends as an
+    uninterrupted run would: same updates, same prompts per update, same data position."""
     port, dashboard = free_port(), free_port()
     # Every port of this head is a free one: another Ray on the machine (the test session's
     # own) holds the defaults, and a job agent that cannot bind makes submission fail.
@@ -46,8 +53,26 @@ def test_ray_job_submit_runs_tame_train(tiny_assets, tmp_path):
          # Short: Ray puts Unix sockets there, whose paths may not exceed 107 bytes.
          f"--temp-dir={tempfile.mkdtemp(prefix='tame-ray-', dir='/tmp')}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    overrides = [*smoke_overrides(tiny_assets, tmp_path / "runs", "job"), "train.total_updates=4"]
+    run_dir = tmp_path / "runs" / "job"
+
+    def ray_job(command, *args, timeout=600):
+        return subprocess.run([str(BIN / "ray"), "job", command, f"--address={address}", *args],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(job_args: list[str], train_args: list[str]):
+        sets = [a for o in overrides for a in ("--set", o)]
+        for _ in range(12):
+            out = ray_job("submit", f"--working-dir={REPO}", *job_args, "--",
+                          "tame", "train", "--config", "configs/smoke.yaml", *sets, *train_args)
+            # The job server answers before its agent has registered: Ray asks to try again.
+            if "No available agent to submit job" not in out.stdout + out.stderr:
+                return out
+            time.sleep(5)
+        return out
+
     try:
-        address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -56,22 +81,47 @@ def test_ray_job_submit_runs_tame_train(tiny_assets, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "the Ray head never answered"
                 time.sleep(1)
-        sets = [a for o in smoke_overrides(tiny_assets, tmp_path / "runs", "job") for a in ("--set", o)]
-        for _ in range(12):
-            out = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-                 "tame", "train", "--config", "configs/smoke.yaml", *sets],
-                env=env, capture_output=True, text=True, timeout=600)
-            # The job server answers before its agent has registered: Ray asks to try again.
-            if "No available agent to submit job" not in out.stdout + out.stderr:
-                break
-            time.sleep(5)
+
+        out = submit(["--no-wait", "--submission-id=first"], [])
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
-        assert summary["steps"] == 2 and summary["samples"] == 32
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "version-000002" / "trainer_state.pt").exists():
+            if time.monotonic() > deadline or (run_dir / "summary.json").exists():
+                raise AssertionError(ray_job("logs", "first").stdout[-3000:])
+            time.sleep(0.2)
+        wandb_id = (run_dir / "wandb_id").read_text()
+        driver = [p for p in psutil.process_iter(["cmdline"])
+                  if str(run_dir.parent) in " ".join(p.info["cmdline"] or []) and "train" in (p.info["cmdline"] or [])
+                  and Path((p.info["cmdline"] or [""])[0]).name.startswith("python")]
+        assert len(driver) == 1, [p.info["cmdline"] for p in driver]
+        driver[0].kill()  # SIGKILL: no handler, no final checkpoint
+        deadline = time.monotonic() + 120
+        while "failed" not in ((status := ray_job("status", "first")).stdout + status.stderr).lower():
+            assert time.monotonic() < deadline, f"the killed job never failed: {status.stdout} {status.stderr}"
+            time.sleep(1)
+
+        out = submit(["--submission-id=resumed"], ["--resume"])
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "resumed at policy version" in out.stdout + out.stderr
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = smoke(tiny_assets, tmp_path / "runs", *overrides)
+    chunks, position = uninterrupted(cfg, 4, 16)
+    assert summary["steps"] == 4 and summary["samples"] == 64
+    assert [e["prompts"] for e in ledger(run_dir)] == chunks
+    assert summary["data_position"] == position
+    # One wandb run across both drivers: the resumed one reopened it.
+    assert (run_dir / "wandb_id").read_text() == wandb_id
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(d.name.endswith("-" + wandb_id.strip()) for d in runs), runs
+    # metrics.jsonl has every update once; wandb's offline file of the killed driver may miss
+    # the steps its writer had not flushed, the resumed driver logs from version 3 on.
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    steps = [row["sync/version"] for row in history(run_dir) if "sync/version" in row]
+    assert steps[-2:] == [3, 4]
 
 
 def test_multi_node_places_learner_and_actors_on_different_nodes(tiny_assets, tmp_path):

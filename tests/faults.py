@@ -1,0 +1,20 @@
+"""A reward the fault-injection tests can poison from outside the cluster.
+
+While the file named by TAME_TEST_POISON exists, every reward is 1e300: a finite Python
+float that passes the reward service's checks and overflows to Inf in the learner's float32,
+as an exploding reward model would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cluster.world import gold_reward
+
+
+def gold_unless_poisoned(prompt: str, response: str) -> float:
+    switch = os.environ.get("TAME_TEST_POISON")
+    if switch and Path(switch).exists():
+        return 1e300
+    return gold_reward(prompt, response)

@@ -1,0 +1,60 @@
+"""What the loop tests share: configs on the tiny assets, the ledger, and the prompt accounting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cluster.config import TameConfig, load_config
+from tests.conftest import REPO
+
+
+def smoke(tiny_assets, out_dir: Path, *overrides: str, prompts: Path | None = None) -> TameConfig:
+    """configs/smoke.yaml on the session's tiny assets, writing under out_dir."""
+    return load_config(REPO / "configs/smoke.yaml", [
+        f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}", "model.build_assets=null",
+        f"data.prompts={prompts or tiny_assets.data / 'prompts.jsonl'}", f"run.output_dir={out_dir}",
+        *overrides,
+    ])
+
+
+# One prompt per generation slot and per update: every update trains on 8 whole prompts.
+SMALL_BATCHES = ("rollout.prompts_per_batch=8", "train.rollout_batch_size=8", "ppo.minibatch_size=8",
+                 "ppo.micro_batch_size=8", "rollout.sampling.samples_per_prompt=1")
+
+
+def few_prompts(tiny_assets, out_dir: Path, n: int = 24) -> Path:
+    """The first n prompts of the tiny data, so a run goes through several epochs."""
+    path = out_dir / "prompts.jsonl"
+    lines = (tiny_assets.data / "prompts.jsonl").read_text().splitlines()[:n]
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def ledger(run_dir: Path) -> list[dict]:
+    path = run_dir / "ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_each_prompt_once(entries: list[dict], summary: dict, n_prompts: int) -> None:
+    """No prompt trained twice, and every prompt of every finished epoch trained or still
+    outstanding (handed out, queued or given back) at the end: nothing lost."""
+    trained = [p for e in entries for p in e["prompts"]]
+    assert len(trained) == len(set(trained)), "a prompt was trained on twice"
+    outstanding = set(summary["outstanding_prompts"])
+    assert not outstanding & set(trained), "a trained prompt is still outstanding"
+    last_epoch = summary["data_position"]["epoch"]
+    assert last_epoch >= 1, "the run did not finish an epoch"
+    for epoch in range(last_epoch):
+        seen = {p for p in trained + list(outstanding) if p.startswith(f"{epoch}:")}
+        assert seen == {f"{epoch}:{i}" for i in range(n_prompts)}, f"prompts of epoch {epoch} lost"
+
+
+def uninterrupted(cfg: TameConfig, updates: int, per_update: int) -> tuple[list[list[str]], dict]:
+    """The prompts of each update, and the data position after them, of a synchronous run
+    that nothing interrupted: consecutive takes from the prompt source."""
+    from cluster.data import PromptSource, load_prompts
+
+    source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
+    chunks = [[p.prompt_id for p in source.take(per_update)] for _ in range(updates)]
+    return chunks, {"epoch": source.epoch, "position": source.position}
