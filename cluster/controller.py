@@ -181,6 +181,7 @@ class Loop:
         self.failed_starts = 0
         self.stop_requested = False
         self.learner_alive = True
+        self.started = time.monotonic()
 
     # ----------------------------------------------------------------- weights
 
@@ -431,19 +432,6 @@ class Loop:
             ids += slot.prompt_ids
         return ids
 
-    def final_checkpoint(self) -> str | None:
-        """After an interruption or a failure: finish the update in flight and save, if the
-        learner is still there. Returns the checkpoint path, None when none could be written."""
-        if not self.learner_alive:
-            return None
-        try:
-            if self.update_ref is not None:
-                self.on_updated(self.update_result())
-            return self.checkpoint()
-        except Exception as e:  # the failure that brought us here may have taken the learner
-            self.log(f"no final checkpoint: {type(e).__name__}: {e}")
-            return None
-
     def checkpoint(self) -> str:
         import ray
 
@@ -490,12 +478,19 @@ class Loop:
                     self.on_generated(slot, result)
         return self.finish()
 
-    def finish(self) -> dict:
-        import ray
-
-        if self.update_ref is not None:
-            self.on_updated(self.update_result())
-        path = self.checkpoint()
+    def finish(self, error: str | None = None) -> dict:
+        """Finish the update in flight, write the final checkpoint and summary.json. After an
+        interruption or a failure (`error`), as much of that as the learner still allows."""
+        path = None
+        if self.learner_alive:
+            try:
+                if self.update_ref is not None:
+                    self.on_updated(self.update_result())
+                path = self.checkpoint()
+            except Exception as e:  # the failure that brought us here may have taken the learner
+                if error is None:
+                    raise
+                self.log(f"no final checkpoint: {type(e).__name__}: {e}")
         wall = time.monotonic() - self.started
         summary = {
             "run": self.cfg.run.name,
@@ -512,6 +507,7 @@ class Loop:
             "data_position": {"epoch": self.source.epoch, "position": self.source.position},
             "outstanding_prompts": self.in_flight() + list(self.source.returned),
             "placement": self.placement,
+            "error": error,
             **{k: v for k, v in self.counters.items() if k != "samples"},
         }
         _write_json(self.run_dir / "summary.json", summary)
@@ -613,7 +609,7 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         # Ctrl-C, a stopped Ray job (SIGTERM: Ray's handler raises SystemExit) or a failure
         # the run cannot go on from: save what was trained, then stop every process of the run.
         why = str(e) if isinstance(e, RunError) else "interrupted"
-        path = loop.final_checkpoint()
+        path = loop.finish(error=why)["checkpoint"]
         log(f"{why}; " + (f"checkpoint at version {loop.version} written to {path}" if path
                           else "the newest complete checkpoint is in " + str(run_dir / "checkpoints")))
         raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 from cluster.config import TameConfig, load_config
@@ -58,3 +60,50 @@ def uninterrupted(cfg: TameConfig, updates: int, per_update: int) -> tuple[list[
     source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
     chunks = [[p.prompt_id for p in source.take(per_update)] for _ in range(updates)]
     return chunks, {"epoch": source.epoch, "position": source.position}
+
+
+class Run(threading.Thread):
+    """`tame train` in a thread of the test, watched through the run's control actor."""
+
+    def __init__(self, cfg: TameConfig):
+        super().__init__(daemon=True)
+        self.cfg = cfg
+        self.logs: list[str] = []
+        self.summary: dict | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        from cluster.controller import train
+
+        try:
+            self.summary = train(self.cfg, log=self.logs.append)
+        except BaseException as e:  # the test asserts on it
+            self.error = e
+
+    def status(self) -> dict:
+        """What the loop last reported: pool, versions, counters, placement with PIDs."""
+        import ray
+
+        from cluster.controller import CONTROL_PREFIX, NAMESPACE
+
+        try:
+            control = ray.get_actor(CONTROL_PREFIX + self.cfg.run.name, namespace=NAMESPACE)
+        except ValueError:  # not started yet, or gone
+            return {}
+        return ray.get(control.get_status.remote())
+
+    def wait_for(self, what: str, predicate, limit: float = 240) -> dict:
+        """Poll until predicate(status, ledger entries) holds; returns that status."""
+        deadline = time.monotonic() + limit
+        while self.is_alive() and time.monotonic() < deadline:
+            status = self.status()
+            if status.get("actors") and predicate(status, ledger(self.cfg.run_dir)):
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"waited in vain for {what}; run alive: {self.is_alive()}, "
+                             f"error: {self.error!r}, last log lines: {self.logs[-5:]}")
+
+
+def trained_by(actor_id: int, entries: list[dict]) -> bool:
+    return any(actor_id in e["actors"] for e in entries)

@@ -4,16 +4,18 @@ deployment, the learner, and wandb offline read back from its run file."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
-import threading
-import time
-from collections import Counter
+from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import REPO
-from tests.runs import SMALL_BATCHES, assert_each_prompt_once, few_prompts, ledger, smoke, uninterrupted
+from tests.runs import (SMALL_BATCHES, Run, assert_each_prompt_once, few_prompts, ledger, smoke, trained_by,
+                        uninterrupted)
 from tests.wandb_offline import history
 
 DESIGN_METRICS = [
@@ -55,54 +57,68 @@ def test_synchronous_loop_trains_on_fresh_records_and_logs_to_wandb(tiny_assets,
     assert written["steps"] == 3 and written["samples_per_second"] > 0
 
 
-def test_async_loop_scales_the_pool_and_counts_every_prompt_once(tiny_assets, ray_local, tmp_path):
-    from cluster.controller import CONTROL_PREFIX, NAMESPACE, train
-
-    prompts = few_prompts(tiny_assets, tmp_path)
-    cfg = smoke(tiny_assets, tmp_path, "train.max_staleness=1", "train.total_updates=10000", "run.name=scaled",
-                *SMALL_BATCHES, prompts=prompts)
-
+def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tiny_assets, ray_local, tmp_path):
+    """Two actors with rollout.replace_failed false: one killed (the run carries on with the
+    other), `tame scale` up and down (the removed actor drains), then the last one killed:
+    the run stops with a clear error, a final checkpoint and summary, and no process left."""
     import ray
 
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(train(cfg, log=lambda *_: None)))
-    runner.start()
+    from cluster.controller import CONTROL_PREFIX, NAMESPACE, RunError
 
-    def wait_for(predicate, limit=300):
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline and runner.is_alive():
-            if (cfg.run_dir / "ledger.jsonl").exists() and predicate(ledger(cfg.run_dir)):
-                return True
-            time.sleep(0.5)
-        return False
-
+    run = Run(smoke(tiny_assets, tmp_path, "run.name=pool", "rollout.num_actors=2", "rollout.replace_failed=false",
+                    "train.max_staleness=1", "train.total_updates=10000", *SMALL_BATCHES,
+                    prompts=few_prompts(tiny_assets, tmp_path)))
     address = ray.get_runtime_context().gcs_address
 
     def tame_scale(n):
-        out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", str(n), "--run", "scaled",
+        out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", str(n), "--run", "pool",
                               "--address", address], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
 
-    assert wait_for(lambda entries: len(entries) >= 1)
+    def last_by(actors, n=3):
+        return lambda s, e: len(e) > n and all(x["actors"] == actors for x in e[-n:])
+
+    # One of two actors dies: no replacement, the other carries the run.
+    status = run.wait_for("both actors training", lambda s, e: trained_by(0, e) and trained_by(1, e)
+                          and all("pid" in a for a in s["actors"].values()))
+    pids = {i: a["pid"] for i, a in status["actors"].items()}
+    os.kill(pids[1], signal.SIGKILL)
+    status = run.wait_for("the pool to shrink to one", lambda s, e: s["num_actors"] == 1 and last_by([0])(s, e))
+    assert list(status["actors"]) == [0]
+    # Grown through the real CLI: a new actor (id 2) trains; shrunk again: it drains.
     tame_scale(2)
-    assert wait_for(lambda entries: any(1 in e["actors"] for e in entries)), "the second actor never trained"
+    status = run.wait_for("the new actor training", lambda s, e: trained_by(2, e) and "pid" in s["actors"].get(2, {}))
+    pids[2] = status["actors"][2]["pid"]
+    learner = status["learner"]["pid"]
     tame_scale(1)
-    # Back to one actor: the second drains, and from then on only the first one's samples arrive.
-    assert wait_for(lambda entries: len(entries) > 3 and all(e["actors"] == [0] for e in entries[-3:]))
-    ray.get_actor(CONTROL_PREFIX + "scaled", namespace=NAMESPACE).stop.remote()
-    runner.join(timeout=300)
-    assert not runner.is_alive() and result
+    run.wait_for("the pool back to one", lambda s, e: list(s["actors"]) == [0] and last_by([0])(s, e))
+    # The last actor dies: the run cannot go on, and says so.
+    os.kill(pids[0], signal.SIGKILL)
+    run.join(timeout=300)
+    assert not run.is_alive() and isinstance(run.error, RunError), run.error
+    assert "the last rollout actor died and rollout.replace_failed is false" in str(run.error)
 
-    entries = ledger(cfg.run_dir)
-    actors = Counter(a for e in entries for a in e["actors"])
-    assert actors[0] > 0 and actors[1] > 0
-    for e in entries:
-        assert all(e["version"] - 1 - v <= 1 for v in e["record_versions"])
-    assert_each_prompt_once(entries, result, 24)
+    summary = json.loads((run.cfg.run_dir / "summary.json").read_text())
+    entries = ledger(run.cfg.run_dir)
+    assert summary["error"] == str(run.error) and summary["actor_failures"] == 2
+    assert summary["steps"] == entries[-1]["version"]
+    assert summary["checkpoint"].endswith(f"version-{summary['steps']:06d}")
+    assert (Path(summary["checkpoint"]) / "trainer_state.pt").is_file()
+    assert all(e["version"] - 1 - v <= 1 for e in entries for v in e["record_versions"])
+    assert_each_prompt_once(entries, summary, 24)
 
-    # The named control actor is gone with the run.
+    # Nothing of the run is left: learner and actor processes, the control actor.
+    gone = psutil.wait_procs([p for p in map(_process, [learner, *pids.values()]) if p], timeout=60)[1]
+    assert not gone, [p.pid for p in gone]
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
-    assert CONTROL_PREFIX + "scaled" not in names
+    assert CONTROL_PREFIX + "pool" not in names
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def test_scale_without_a_running_job_is_a_usage_error(ray_local):

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
-from tests.runs import SMALL_BATCHES, assert_each_prompt_once, few_prompts, ledger, smoke
+from tests.runs import SMALL_BATCHES, Run, assert_each_prompt_once, few_prompts, ledger, smoke, trained_by
 
 TOTAL = 24
 
@@ -18,54 +16,33 @@ TOTAL = 24
 def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, ray_local, tmp_path):
     import ray
 
-    from cluster.controller import CONTROL_PREFIX, NAMESPACE, train
-
     poison = Path(os.environ["TAME_TEST_POISON"])
     poison.unlink(missing_ok=True)
-    cfg = smoke(tiny_assets, tmp_path, "run.name=faults", "train.max_staleness=1", f"train.total_updates={TOTAL}",
-                *SMALL_BATCHES, "learner.max_nonfinite_updates=1000", "learner.checkpoint_every=1000",
-                "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
-                # Short enough that scoring calls give up while the killed replica is down.
-                "reward.timeout_s=3",
-                prompts=few_prompts(tiny_assets, tmp_path))
-    logs: list[str] = []
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(train(cfg, log=logs.append)))
-    runner.start()
-
-    def wait_for(what, predicate, limit=240):
-        deadline = time.monotonic() + limit
-        while runner.is_alive() and time.monotonic() < deadline:
-            try:
-                status = ray.get(ray.get_actor(CONTROL_PREFIX + "faults", namespace=NAMESPACE).get_status.remote())
-            except ValueError:  # the control actor is not there yet
-                status = {}
-            if status.get("actors") and predicate(status, ledger(cfg.run_dir)):
-                return status
-            time.sleep(0.2)
-        raise AssertionError(f"waited in vain for {what}; run alive: {runner.is_alive()}; log: {logs[-5:]}")
+    run = Run(smoke(tiny_assets, tmp_path, "run.name=faults", "train.max_staleness=1", f"train.total_updates={TOTAL}",
+                    *SMALL_BATCHES, "learner.max_nonfinite_updates=1000", "learner.checkpoint_every=1000",
+                    "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
+                    # Short enough that scoring calls give up while the killed replica is down.
+                    "reward.timeout_s=3",
+                    prompts=few_prompts(tiny_assets, tmp_path)))
 
     def reward_replicas():
         return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["namespace"] == "serve" and "tame-reward" in a["name"] and "REPLICA" in a["name"]]
 
-    def trained_by(actor_id, entries):
-        return any(actor_id in e["actors"] for e in entries)
-
     # 1. Kill the only rollout actor's process, twice, each time once it has trained. A
     #    replacement starts, loads the current weights, and takes over the dead one's prompts.
     for victim in (0, 1):
-        status = wait_for(f"actor {victim} training",
-                          lambda s, e: trained_by(victim, e) and "pid" in s["actors"].get(victim, {}))
+        status = run.wait_for(f"actor {victim} training",
+                              lambda s, e: trained_by(victim, e) and "pid" in s["actors"].get(victim, {}))
         os.kill(status["actors"][victim]["pid"], signal.SIGKILL)
-    wait_for("actor 2 training", lambda s, e: trained_by(2, e))
+    run.wait_for("actor 2 training", lambda s, e: trained_by(2, e))
 
     # 2. Overflowing rewards: updates are skipped and the actors keep the weights they hold.
     poison.touch()
     try:
-        status = wait_for("2 skipped updates", lambda s, e: s["counters"]["skipped_updates"] >= 2)
+        status = run.wait_for("2 skipped updates", lambda s, e: s["counters"]["skipped_updates"] >= 2)
         held = status["policy_version"]
-        status = wait_for("4 skipped updates", lambda s, e: s["counters"]["skipped_updates"] >= 4)
+        status = run.wait_for("4 skipped updates", lambda s, e: s["counters"]["skipped_updates"] >= 4)
         assert status["policy_version"] == held, "a version was published from a NaN update"
         assert {a["version"] for a in status["actors"].values()} <= {held}
     finally:
@@ -73,20 +50,20 @@ def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, r
 
     # 3. Kill the reward service's replica. Scoring calls fail until Serve has started
     #    another; their prompts are handed out again, never scored as 0.
-    wait_for("an update after the poison", lambda s, e: len(e) > held)
+    run.wait_for("an update after the poison", lambda s, e: len(e) > held)
     killed = reward_replicas()
     assert len(killed) == 1, killed
     replica = ray.get_actor(killed[0], namespace="serve")
     os.kill(ray.get(replica.__ray_call__.remote(lambda _self: os.getpid())), signal.SIGKILL)
-    killed_at = len(ledger(cfg.run_dir))
-    wait_for("a new replica", lambda s, e: reward_replicas() not in ([], killed), limit=120)
+    killed_at = len(ledger(run.cfg.run_dir))
+    run.wait_for("a new replica", lambda s, e: reward_replicas() not in ([], killed), limit=120)
 
-    runner.join(timeout=400)
-    assert not runner.is_alive() and result, logs[-10:]
-    entries = ledger(cfg.run_dir)
+    run.join(timeout=400)
+    assert not run.is_alive() and run.error is None, (run.error, run.logs[-10:])
+    summary, entries = run.summary, ledger(run.cfg.run_dir)
     assert killed_at < TOTAL, "the run ended before the replica was killed"
-    assert result["steps"] == TOTAL and [e["version"] for e in entries] == list(range(1, TOTAL + 1))
-    assert result["actor_failures"] == 2 and result["skipped_updates"] >= 4 and result["failed_prompts"] > 0
+    assert summary["steps"] == TOTAL and [e["version"] for e in entries] == list(range(1, TOTAL + 1))
+    assert summary["actor_failures"] == 2 and summary["skipped_updates"] >= 4 and summary["failed_prompts"] > 0
     assert {a for e in entries for a in e["actors"]} == {0, 1, 2}
     assert all(e["version"] - 1 - v <= 1 for e in entries for v in e["record_versions"])
-    assert_each_prompt_once(entries, result, 24)
+    assert_each_prompt_once(entries, summary, 24)
