@@ -1,0 +1,58 @@
+"""The prompt source the loop hands prompts out from: epochs, give-backs, and a cursor that a
+checkpoint captures with the prompts in flight, so a resumed run hands out exactly what an
+uninterrupted one would have trained on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.config import DataError
+from cluster.data import PromptSource, load_prompts
+
+PROMPTS = [(("user", f"question {i}"),) for i in range(10)]
+
+
+def ids(prompts):
+    return [p.prompt_id for p in prompts]
+
+
+def test_each_epoch_hands_out_every_prompt_once_in_a_fresh_order():
+    source = PromptSource(PROMPTS, seed=3)
+    first, second = ids(source.take(10)), ids(source.take(10))
+    assert sorted(first) == [f"0:{i}" for i in range(10)] and sorted(second) == [f"1:{i}" for i in range(10)]
+    assert [p.split(":")[1] for p in first] != [p.split(":")[1] for p in second]
+    assert ids(PromptSource(PROMPTS, seed=3).take(20)) == first + second  # the same seed, the same run
+    assert ids(PromptSource(PROMPTS, seed=3, shuffle=False).take(3)) == ["0:0", "0:1", "0:2"]
+
+
+def test_given_back_prompts_come_first_and_keep_their_epoch_id():
+    source = PromptSource(PROMPTS, seed=0)
+    a = ids(source.take(4))
+    source.give_back(a[1:3])
+    again = ids(source.take(4))
+    assert again[:2] == a[1:3] and not set(again[2:]) & set(a)
+    assert source.prompt(a[1]).messages == PROMPTS[int(a[1].split(":")[1])]
+
+
+def test_a_restored_cursor_continues_as_if_nothing_had_happened():
+    straight = PromptSource(PROMPTS, seed=1)
+    expected = ids(straight.take(6)) + ids(straight.take(8))
+
+    before = PromptSource(PROMPTS, seed=1)
+    trained = ids(before.take(3))
+    in_flight = ids(before.take(3))  # handed out, not trained on when the driver died
+    state = json.loads(json.dumps(before.state(in_flight)))  # through a checkpoint file
+
+    after = PromptSource(PROMPTS, seed=1)
+    after.restore(state)
+    assert trained + ids(after.take(3)) + ids(after.take(8)) == expected
+    assert (after.epoch, after.position) == (straight.epoch, straight.position) == (1, 4)
+
+
+def test_a_bad_prompt_line_is_named(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "fine"}\n\n{"prompt": ""}\n')
+    with pytest.raises(DataError, match=r"prompts\.jsonl:3: expected a non-empty string field 'prompt'"):
+        load_prompts(path)
