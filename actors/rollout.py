@@ -70,6 +70,10 @@ class RolloutActor:
                              self.cfg.rollout.max_model_len)
         run_generate(self._llm, ids, sampling_params(self.cfg, max_new_tokens=4))
 
+    def set_scorer(self, scorer: Scorer | None) -> None:
+        """Attach the scorer of an actor started before the reward service was up."""
+        self._scorer = scorer
+
     def ready(self) -> dict:
         """Identity and loaded version: the controller waits on this before handing out work."""
         return {"actor_id": self.actor_id, "pid": os.getpid(),

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.config import TameConfig, UserError, load_config, schema_json
+from cluster.config import MAX_ACTORS, TameConfig, UserError, check_model_folder, load_config, schema_json
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -87,9 +87,6 @@ def cmd_train(args) -> int:
     except RunError as e:  # already explained in the log, with the checkpoint to resume from
         print(f"tame train: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    except SystemExit:  # SIGTERM, e.g. `ray job stop`: the final checkpoint is written
-        print("tame train: terminated", file=sys.stderr)
-        return 143
     return EXIT_OK
 
 
@@ -104,8 +101,7 @@ def cmd_serve_reward(args) -> int:
     if args.replicas is not None:
         overrides.append(f"reward.replicas={args.replicas}")
     cfg = load_config(args.config, overrides)
-    if not (Path(args.model) / "config.json").is_file():
-        raise UserError(f"--model {args.model}: not a Hugging Face model folder (no config.json)")
+    check_model_folder("--model", args.model, "reward model")
     serve_forever(cfg)
     return EXIT_OK
 
@@ -113,8 +109,8 @@ def cmd_serve_reward(args) -> int:
 def cmd_scale(args) -> int:
     from cluster.controller import scale
 
-    if args.actors < 0:
-        raise UserError(f"--actors {args.actors}: the pool size must be 0 or more")
+    if not 0 <= args.actors <= MAX_ACTORS:
+        raise UserError(f"--actors {args.actors}: the pool size must be between 0 and {MAX_ACTORS}")
     now = scale(args.actors, run=args.run, address=args.address)
     log(f"run {now['run']}: rollout pool resized to {now['num_actors']} actors")
     return EXIT_OK

@@ -31,6 +31,24 @@ class DataError(UserError):
     """A bad line in a data file: the message names the file and the line."""
 
 
+# What a model folder's config.json `architectures` must end with, by kind.
+MODEL_KINDS = {"causal LM": "ForCausalLM", "reward model": "ForSequenceClassification"}
+
+
+def check_model_folder(name: str, path: str | Path, kind: str) -> None:
+    """A model path the user gave must be a Hugging Face folder of the expected kind."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{name}: {path} is not a Hugging Face {kind} folder (no config.json)")
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"{name}: {config} is not a Hugging Face config ({e})") from None
+    suffix = MODEL_KINDS[kind]
+    if architectures and not any(a.endswith(suffix) for a in architectures):
+        raise UserError(f"{name}: {path} holds a {', '.join(architectures)}, not a {kind} (*{suffix})")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -90,8 +108,11 @@ class SamplingConfig(Section):
     """Extra stop strings (the tokenizer's EOS token always stops)."""
 
 
+MAX_ACTORS = 1024
+
+
 class RolloutConfig(Section):
-    num_actors: int = Field(1, ge=1, le=1024)
+    num_actors: int = Field(1, ge=1, le=MAX_ACTORS)
     """Number of rollout actors (vLLM engines) at start; `tame scale` changes it while a job runs."""
     num_cpus: float = Field(1.0, gt=0.0)
     """Ray CPUs per actor. Ray sets the actor's thread count from this."""

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.config import TameConfig, UserError
+from cluster.config import TameConfig, UserError, check_model_folder
 from cluster.data import PromptSource, load_prompts
 from cluster.metrics import Metrics
 from cluster.records import Rollout, RolloutBatch, WeightsHandle, fingerprints_match
@@ -136,15 +138,22 @@ class Loop:
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
 
+        # The slow starts overlap: the learner's and the first actors' processes import torch
+        # and build their models while Serve deploys the reward service.
+        self.target = cfg.rollout.num_actors
+        log(f"starting the learner and {self.target} rollout actor(s)")
+        self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
+                                  resources=cfg.learner.resources)(Learner).remote(cfg, str(self.run_dir))
+        self.actor_cls = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                                    resources=cfg.rollout.resources,
+                                    runtime_env={"env_vars": ENGINE_ENV})(RolloutActor)
+        early = [self.new_actor(scorer=None) for _ in range(self.target)]
+
         # A Serve instance this run starts is stopped with it, so a later deployment on the
         # same cluster starts Serve afresh with its own HTTP options.
         self.owns_serve = not _serve_running()
         log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
         self.scorer = RewardClient(deploy(cfg, http=False), cfg.reward.timeout_s, cfg.reward.retries)
-
-        log("starting the learner")
-        self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
-                                  resources=cfg.learner.resources)(Learner).remote(cfg, str(self.run_dir))
         self.placement: dict = {"learner": _node_of(self.learner), "actors": {},
                                 "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}}
         extra = ray.get(self.learner.load_checkpoint.remote()) if resume else None
@@ -159,16 +168,12 @@ class Loop:
             log(f"resumed at policy version {self.version}" if extra else "no checkpoint yet: starting fresh")
         self.publish()
 
-        self.actor_cls = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                                    resources=cfg.rollout.resources,
-                                    runtime_env={"env_vars": ENGINE_ENV})(RolloutActor)
         self.control = ray.remote(num_cpus=0)(Control).options(
             name=CONTROL_PREFIX + cfg.run.name, namespace=NAMESPACE, get_if_exists=True,
         ).remote(cfg.run.name, cfg.rollout.num_actors)
         ray.get(self.control.request.remote(cfg.rollout.num_actors))
-        self.target = cfg.rollout.num_actors
-        for _ in range(self.target):
-            self.start_actor()
+        for actor in early:
+            self.start_actor(actor)
         self.metrics = Metrics(cfg, self.run_dir, log)
 
         self.update_ref = None
@@ -182,6 +187,7 @@ class Loop:
         self.stop_requested = False
         self.learner_alive = True
         self.started = time.monotonic()
+        self.interrupted: str | None = None  # the signal that asks the run to stop
 
     # ----------------------------------------------------------------- weights
 
@@ -197,11 +203,19 @@ class Loop:
 
     # ----------------------------------------------------------------- actors
 
-    def start_actor(self) -> None:
-        """A new actor loads the newest weights before it produces anything."""
+    def new_actor(self, scorer) -> tuple[int, Any]:
         actor_id = self.next_actor_id
         self.next_actor_id += 1
-        handle = self.actor_cls.remote(self.cfg, actor_id, self.scorer)
+        return actor_id, self.actor_cls.remote(self.cfg, actor_id, scorer)
+
+    def start_actor(self, early: tuple[int, Any] | None = None) -> None:
+        """A new actor, or one started before the reward service was up, loads the newest
+        weights before it produces anything."""
+        if early is None:
+            actor_id, handle = self.new_actor(self.scorer)
+        else:
+            actor_id, handle = early
+            handle.set_scorer.remote(self.scorer)
         slot = Slot(actor_id, handle)
         slot.pending = handle.load_weights.remote(self.weights_ref)
         self.slots[actor_id] = slot
@@ -443,7 +457,8 @@ class Loop:
 
     def done(self) -> bool:
         total = self.cfg.train.total_samples
-        return self.stop_requested or self.version >= self.cfg.train.total_updates or (total is not None and self.counters["samples"] >= total)
+        return (self.stop_requested or self.interrupted is not None or self.version >= self.cfg.train.total_updates
+                or (total is not None and self.counters["samples"] >= total))
 
     def run(self) -> dict:
         import ray
@@ -476,7 +491,7 @@ class Loop:
                     self.on_loaded(slot, result)
                 else:
                     self.on_generated(slot, result)
-        return self.finish()
+        return self.finish(error=f"interrupted ({self.interrupted})" if self.interrupted else None)
 
     def finish(self, error: str | None = None) -> dict:
         """Finish the update in flight, write the final checkpoint and summary.json. After an
@@ -562,12 +577,9 @@ def _truncate_jsonl(path: Path, key: str, last: int) -> None:
 
 def check_inputs(cfg: TameConfig) -> None:
     """Fail with exit code 2 on missing or wrong-kind inputs before anything starts."""
-    for field_name, path, kind in [("model.policy", cfg.model.policy, "causal LM"),
-                                   ("model.reward", cfg.model.reward, "reward model")]:
-        if path is None:
-            continue
-        if not (Path(path) / "config.json").is_file():
-            raise UserError(f"{field_name}: {path} is not a Hugging Face {kind} folder (no config.json)")
+    check_model_folder("model.policy", cfg.model.policy, "causal LM")
+    if cfg.model.reward is not None:
+        check_model_folder("model.reward", cfg.model.reward, "reward model")
     load_prompts(cfg.data.prompts)  # names the file and line of a bad record
 
 
@@ -603,18 +615,40 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
             (run_dir / stale).unlink(missing_ok=True)
     connect(cfg, log)
     loop = Loop(cfg, resume, log, judge)
+    previous = _stop_on_signals(loop)
     try:
         summary = loop.run()
-    except (KeyboardInterrupt, SystemExit, RunError) as e:
-        # Ctrl-C, a stopped Ray job (SIGTERM: Ray's handler raises SystemExit) or a failure
-        # the run cannot go on from: save what was trained, then stop every process of the run.
-        why = str(e) if isinstance(e, RunError) else "interrupted"
+    except (KeyboardInterrupt, RunError) as e:
+        # A second Ctrl-C, or a failure the run cannot go on from: save what was trained.
+        why = str(e) if isinstance(e, RunError) else "interrupted at once"
         path = loop.finish(error=why)["checkpoint"]
         log(f"{why}; " + (f"checkpoint at version {loop.version} written to {path}" if path
                           else "the newest complete checkpoint is in " + str(run_dir / "checkpoints")))
         raise
     finally:
-        loop.shutdown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        loop.shutdown()  # every process the run started
+    if summary["error"]:
+        log(f"{summary['error']}: checkpoint at version {summary['steps']} written to {summary['checkpoint']}")
+        raise KeyboardInterrupt
     log(f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s "
         f"({summary['samples_per_second']:.1f} samples/s); summary in {run_dir / 'summary.json'}")
     return summary
+
+
+def _stop_on_signals(loop: Loop) -> dict:
+    """Ctrl-C (SIGINT) or `ray job stop` (SIGTERM) ask the loop to stop at its next safe point:
+    the update in flight is finished, a checkpoint and the summary are written. A second
+    signal stops at once. Returns the handlers replaced (none outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, _frame):
+        if loop.interrupted is not None:
+            raise KeyboardInterrupt
+        loop.interrupted = signal.Signals(signum).name
+        loop.log(f"{loop.interrupted}: finishing the update in flight and writing a checkpoint "
+                 "(send it again to stop at once)")
+
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}

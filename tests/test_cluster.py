@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -28,11 +30,32 @@ DESIGN_METRICS = [
 ]
 
 
-def test_synchronous_loop_trains_on_fresh_records_and_logs_to_wandb(tiny_assets, ray_local, tmp_path):
+def test_synchronous_loop_stopped_by_ctrl_c_and_resumed_trains_as_if_uninterrupted(tiny_assets, ray_local, tmp_path):
     from cluster.controller import train
 
-    cfg = smoke(tiny_assets, tmp_path, "train.max_staleness=0", "train.total_updates=3", "run.name=sync")
-    summary = train(cfg, log=lambda *_: None)
+    # No periodic checkpoint: the one the run resumes from is written on Ctrl-C.
+    cfg = smoke(tiny_assets, tmp_path, "train.max_staleness=0", "train.total_updates=3", "run.name=sync",
+                "learner.checkpoint_every=1000")
+
+    def ctrl_c_after_the_first_update():
+        while not (cfg.run_dir / "metrics.jsonl").is_file() or not (cfg.run_dir / "metrics.jsonl").read_text():
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_the_first_update, daemon=True).start()
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=logs.append)
+    stopped = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert stopped["error"] == "interrupted (SIGINT)", logs[-3:]
+    assert 1 <= stopped["steps"] < 3
+    assert stopped["checkpoint"].endswith(f"version-{stopped['steps']:06d}")
+    assert [c.name for c in (cfg.run_dir / "checkpoints").iterdir()] == [f"version-{stopped['steps']:06d}"]
+    pids = [stopped["placement"]["learner"]["pid"]] + [a["pid"] for a in stopped["placement"]["actors"].values()]
+    assert not psutil.wait_procs([p for p in map(_process, pids) if p], timeout=60)[1], "a process outlived the run"
+
+    summary = train(cfg, resume=True, log=logs.append)
+    assert f"resumed at policy version {stopped['steps']}" in logs
 
     assert summary["steps"] == 3 and summary["policy_version"] == 3
     assert summary["samples"] == 3 * cfg.train.rollout_batch_size
@@ -130,17 +153,26 @@ def test_scale_without_a_running_job_is_a_usage_error(ray_local):
     assert "--run nope: no such running tame job" in out.stderr
 
 
+@pytest.mark.parametrize("count", ["-1", "1025"])
+def test_scale_to_an_impossible_count_is_a_usage_error(count):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", count],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"--actors {count}: the pool size must be between 0 and 1024" in out.stderr
+
+
 @pytest.mark.parametrize("bad, needle", [
     ("model.policy=/does/not/exist", "model.policy: /does/not/exist is not a Hugging Face causal LM folder"),
     ("data.prompts=/does/not/exist.jsonl", "/does/not/exist.jsonl: data file not found"),
+    ("model.reward={policy}", "model.reward: {policy} holds a LlamaForCausalLM, not a reward model"),
 ])
 def test_bad_inputs_exit_2_before_ray(tiny_assets, tmp_path, bad, needle):
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--config", str(REPO / "configs/smoke.yaml"),
                           "--set", "model.build_assets=null", "--set", f"model.reward={tiny_assets.reward}",
                           "--set", f"model.policy={tiny_assets.policy}",
                           "--set", f"data.prompts={tiny_assets.data / 'prompts.jsonl'}",
-                          "--set", f"run.output_dir={tmp_path}", "--set", bad],
+                          "--set", f"run.output_dir={tmp_path}", "--set", bad.format(policy=tiny_assets.policy)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
-    assert needle in out.stderr
+    assert needle.format(policy=tiny_assets.policy) in out.stderr
     assert not (tmp_path / "smoke").exists()  # nothing half-written

@@ -47,6 +47,9 @@ def test_ray_job_killed_with_sigkill_resumes_where_it_stopped(tiny_assets, tmp_p
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    # This process's wandb service, if an earlier test started one, is not the jobs' to share:
+    # a killed driver's run would stay open in it and the resumed driver find its id in use.
+    env.pop("WANDB_SERVICE", None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports,
