@@ -618,12 +618,13 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
     previous = _stop_on_signals(loop)
     try:
         summary = loop.run()
-    except (KeyboardInterrupt, RunError) as e:
-        # A second Ctrl-C, or a failure the run cannot go on from: save what was trained.
-        why = str(e) if isinstance(e, RunError) else "interrupted at once"
-        path = loop.finish(error=why)["checkpoint"]
-        log(f"{why}; " + (f"checkpoint at version {loop.version} written to {path}" if path
-                          else "the newest complete checkpoint is in " + str(run_dir / "checkpoints")))
+    except KeyboardInterrupt:  # a second signal: stop now, without a final checkpoint
+        log(f"stopped at once; the newest complete checkpoint is in {run_dir / 'checkpoints'}")
+        raise
+    except RunError as e:  # the run cannot go on: save what was trained
+        path = loop.finish(error=str(e))["checkpoint"]
+        log(f"{e}; " + (f"checkpoint at version {loop.version} written to {path}" if path
+                        else "the newest complete checkpoint is in " + str(run_dir / "checkpoints")))
         raise
     finally:
         for signum, handler in previous.items():
