@@ -59,8 +59,7 @@ class Metrics:
         with self.history.open("a") as f:
             f.write(json.dumps({"step": step, **{k: (v if math.isfinite(v) else str(v))
                                                   for k, v in clean.items()}}) + "\n")
-        if self.run is not None:
-            self.run.log(clean, step=step)
+        self._to_wandb(lambda run: run.log(clean, step=step))
         shown = "  ".join(f"{label} {fmt.format(clean[k])}" for k, label, fmt in CONSOLE_KEYS if k in clean)
         self.log(f"update {step}/{total}  {shown}")
 
@@ -71,12 +70,25 @@ class Metrics:
         import wandb
 
         columns = list(rows[0])
-        self.run.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
-                     step=step)
+        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+        self._to_wandb(lambda run: run.log({"samples": table}, step=step))
 
     def finish(self, summary: dict) -> None:
-        if self.run is not None:
+        def close(run) -> None:
             for k, v in summary.items():
                 if isinstance(v, (int, float)):
-                    self.run.summary[k] = v
-            self.run.finish()
+                    run.summary[k] = v
+            run.finish()
+
+        self._to_wandb(close)
+
+    def _to_wandb(self, write: Callable) -> None:
+        """A failing wandb (its service killed, a network outage) must not stop the run: say so
+        once and carry on with metrics.jsonl, which has every step."""
+        if self.run is None:
+            return
+        try:
+            write(self.run)
+        except Exception as e:
+            self.run = None
+            self.log(f"wandb stopped working ({type(e).__name__}: {e}); metrics go on to {self.history}")

@@ -36,10 +36,11 @@ def smoke_overrides(tiny_assets, out_dir, name):
             "train.total_updates=2"]
 
 
-def test_ray_job_killed_with_sigkill_resumes_where_it_stopped(tiny_assets, tmp_path):
-    """`ray job submit` to a head the test starts; the job's driver is killed with SIGKILL
-    after its checkpoint at version 2, and the same job resubmitted with --resume ends as an
-    uninterrupted run would: same updates, same prompts per update, same data position."""
+def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_path):
+    """`ray job submit` to a head the test starts. The job's driver is killed with SIGKILL
+    after its checkpoint at version 2; resubmitted with --resume, it is stopped with
+    `ray job stop` (SIGTERM) after update 3 and writes a final checkpoint; resubmitted again,
+    it ends as an uninterrupted run would: same prompts per update, same data position."""
     port, dashboard = free_port(), free_port()
     # Every port of this head is a free one: another Ray on the machine (the test session's
     # own) holds the defaults, and a job agent that cannot bind makes submission fail.
@@ -57,7 +58,8 @@ def test_ray_job_killed_with_sigkill_resumes_where_it_stopped(tiny_assets, tmp_p
          f"--temp-dir={tempfile.mkdtemp(prefix='tame-ray-', dir='/tmp')}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    overrides = [*smoke_overrides(tiny_assets, tmp_path / "runs", "job"), "train.total_updates=4"]
+    total = 30  # room for `ray job stop` to land in the middle: an update takes a fraction of a second
+    overrides = [*smoke_overrides(tiny_assets, tmp_path / "runs", "job"), f"train.total_updates={total}"]
     run_dir = tmp_path / "runs" / "job"
 
     def ray_job(command, *args, timeout=600):
@@ -103,28 +105,47 @@ def test_ray_job_killed_with_sigkill_resumes_where_it_stopped(tiny_assets, tmp_p
             assert time.monotonic() < deadline, f"the killed job never failed: {status.stdout} {status.stderr}"
             time.sleep(1)
 
-        out = submit(["--submission-id=resumed"], ["--resume"])
+        # Time for the final checkpoint: Ray sends SIGKILL this long after SIGTERM.
+        stop_wait = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'
+        out = submit(["--no-wait", "--submission-id=resumed", f"--runtime-env-json={stop_wait}"], ["--resume"])
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "resumed at policy version" in out.stdout + out.stderr
+        deadline = time.monotonic() + 300
+        while len(ledger(run_dir)) < 3:  # the resumed driver cut the ledger back to version 2
+            if time.monotonic() > deadline or (run_dir / "summary.json").exists():
+                raise AssertionError(ray_job("logs", "resumed").stdout[-3000:])
+            time.sleep(0.1)
+        out = ray_job("stop", "resumed")
+        assert out.returncode == 0 and "stopped" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+        assert (run_dir / "summary.json").is_file(), ray_job("logs", "resumed").stdout[-3000:]
+        stopped = json.loads((run_dir / "summary.json").read_text())
+        assert stopped["error"] == "interrupted (SIGTERM)" and 3 <= stopped["steps"] < total, stopped
+        assert stopped["checkpoint"].endswith(f"version-{stopped['steps']:06d}")
+        assert (Path(stopped["checkpoint"]) / "trainer_state.pt").is_file()
+
+        out = submit(["--submission-id=finished"], ["--resume"])
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert f"resumed at policy version {stopped['steps']}" in out.stdout + out.stderr
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = smoke(tiny_assets, tmp_path / "runs", *overrides)
-    chunks, position = uninterrupted(cfg, 4, 16)
-    assert summary["steps"] == 4 and summary["samples"] == 64
+    chunks, position = uninterrupted(cfg, total, 16)
+    assert summary["steps"] == total and summary["samples"] == 16 * total
     assert [e["prompts"] for e in ledger(run_dir)] == chunks
     assert summary["data_position"] == position
-    # One wandb run across both drivers: the resumed one reopened it.
+    # One wandb run across the three drivers: each resumed one reopened it.
     assert (run_dir / "wandb_id").read_text() == wandb_id
     runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(d.name.endswith("-" + wandb_id.strip()) for d in runs), runs
-    # metrics.jsonl has every update once; wandb's offline file of the killed driver may miss
-    # the steps its writer had not flushed, the resumed driver logs from version 3 on.
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert len(runs) == 3 and all(d.name.endswith("-" + wandb_id.strip()) for d in runs), runs
+    # metrics.jsonl has every update once. wandb's writer is a child process of the driver,
+    # which the job supervisor kills too: the offline files of the killed and the stopped
+    # drivers may miss their last steps; the last driver logged all of its own.
+    metrics = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, total + 1))
     steps = [row["sync/version"] for row in history(run_dir) if "sync/version" in row]
-    assert steps[-2:] == [3, 4]
+    assert steps[-(total - stopped["steps"]):] == list(range(stopped["steps"] + 1, total + 1))
 
 
 def test_multi_node_places_learner_and_actors_on_different_nodes(tiny_assets, tmp_path):
