@@ -1,5 +1,6 @@
-"""Prompt data: a JSONL loader that names the file and line of a bad record, and the prompt
-source the controller hands out from, with a cursor that checkpoints capture.
+"""Data files: the one reader of every role's records (prompts, demonstrations, preference
+pairs), which names the file and line of a bad one, and the prompt source the controller
+hands out from, with a cursor that checkpoints capture.
 
 Exactly-once accounting: every prompt of an epoch leaves the source once; a prompt whose
 rollouts are not trained on (its actor died, its score failed, it grew too stale) comes back
@@ -19,29 +20,63 @@ from cluster.records import Prompt
 ROLES = ("system", "user", "assistant")
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; a line that is not a JSON object fails
-    with the file and line."""
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(where, record) for every record of a data path; `where` ("file:line", or "folder: row
+    N") is for the caller's own field errors. The one reader of every role's data.
+
+    A path is a JSONL file (one object a line, blank lines skipped) or a local Hugging Face
+    dataset folder: one written by `datasets`' `save_to_disk` (its "train" split), or a
+    folder of `*.jsonl` files (those with "train" in their name when any do, else all, in
+    path order). Raises DataError naming the file and line of the first bad line.
+    """
     path = Path(path)
-    if not path.is_file():
+    if path.is_file():
+        records = _read_jsonl(path)
+    elif (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+        records = _read_saved_dataset(path)
+    elif path.is_dir():
+        files = sorted(path.rglob("*.jsonl"))
+        files = [f for f in files if "train" in f.name] or files
+        if not files:
+            raise DataError(f"{path}: no *.jsonl files in this folder")
+        records = [record for f in files for record in _read_jsonl(f)]
+    else:
         raise DataError(f"{path}: data file not found")
-    rows = []
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    records = []
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid UTF-8 ({e.reason})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
-    if not rows:
-        raise DataError(f"{path}: no records")
-    return rows
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            records.append((f"{path}:{n}", record))
+    return records
+
+
+def _read_saved_dataset(path: Path) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: a saved Hugging Face dataset needs the `datasets` package "
+                        "(pip install datasets), or export it to JSONL") from None
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"{path}: no 'train' split (splits: {', '.join(loaded)})")
+        loaded = loaded["train"]
+    return [(f"{path}: row {i}", dict(row)) for i, row in enumerate(loaded)]
 
 
 def _messages(row: dict, where: str) -> tuple[tuple[str, str], ...]:
@@ -64,7 +99,7 @@ def _messages(row: dict, where: str) -> tuple[tuple[str, str], ...]:
 
 def load_prompts(path: str | Path) -> list[tuple[tuple[str, str], ...]]:
     """The prompts of a JSONL file, each as chat turns, in file order."""
-    return [_messages(row, f"{path}:{n}") for n, row in read_jsonl(path)]
+    return [_messages(row, where) for where, row in read_records(path)]
 
 
 class PromptSource:

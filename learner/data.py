@@ -4,7 +4,6 @@ role does it (`cluster.records.prompt_token_ids` / `response_token_ids`)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from cluster.config import DataError  # the project's data error: the CLI maps it to exit 2
+from cluster.data import read_records
 from cluster.records import prompt_token_ids, response_token_ids
 
 __all__ = ["DataError", "Example", "collate_demonstrations", "encode_demonstrations",
@@ -27,10 +27,7 @@ class Example:
     """Tokens of the prompt; the loss covers only the tokens after them."""
 
 
-def _check_record(row: Any, where: str) -> dict[str, str]:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with \"prompt\" and \"response\", "
-                        f"got {type(row).__name__}")
+def _check_record(row: dict, where: str) -> dict[str, str]:
     for key in ("prompt", "response"):
         if key not in row:
             raise DataError(f"{where}: missing key {key!r}")
@@ -39,64 +36,10 @@ def _check_record(row: Any, where: str) -> dict[str, str]:
     return {"prompt": row["prompt"], "response": row["response"]}
 
 
-def _read_jsonl(path: Path) -> list[dict[str, str]]:
-    rows = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{n}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-            rows.append(_check_record(row, f"{path}:{n}"))
-    return rows
-
-
-def _read_saved_dataset(path: Path) -> list[dict[str, str]]:
-    """A folder written by `datasets.Dataset.save_to_disk` (needs the `datasets` package)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{path}: a saved Hugging Face dataset needs the `datasets` package "
-                        "(pip install datasets), or export it to JSONL") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: no 'train' split (splits: {', '.join(ds)})")
-        ds = ds["train"]
-    return [_check_record(row, f"{path}: row {i}") for i, row in enumerate(ds)]
-
-
 def read_demonstrations(path: str | Path) -> list[dict[str, str]]:
-    """`{"prompt", "response"}` records from a JSONL file, or from a folder: either one
-    written by `datasets`' `save_to_disk`, or a dataset repository holding JSONL files
-    (all `*.jsonl` under it, in path order; those with "train" in their name when any do).
-
-    Raises DataError naming the file and line of the first bad record.
-    """
-    path = Path(path)
-    if path.is_file():
-        rows = _read_jsonl(path)
-    elif path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            rows = _read_saved_dataset(path)
-        else:
-            files = sorted(path.rglob("*.jsonl"))
-            train = [f for f in files if "train" in f.name]
-            files = train or files
-            if not files:
-                raise DataError(f"{path}: no *.jsonl files in this folder")
-            rows = [row for f in files for row in _read_jsonl(f)]
-    else:
-        raise DataError(f"{path}: data file not found")
-    if not rows:
-        raise DataError(f"{path}: no records")
-    return rows
+    """`{"prompt", "response"}` records of a JSONL file or dataset folder
+    (`cluster.data.read_records`); raises DataError naming the file and line of a bad one."""
+    return [_check_record(row, where) for where, row in read_records(path)]
 
 
 def encode_demonstrations(tokenizer: Any, rows: list[dict[str, str]], max_length: int,

@@ -56,3 +56,17 @@ def test_a_bad_prompt_line_is_named(tmp_path):
     path.write_text('{"prompt": "fine"}\n\n{"prompt": ""}\n')
     with pytest.raises(DataError, match=r"prompts\.jsonl:3: expected a non-empty string field 'prompt'"):
         load_prompts(path)
+
+
+def test_every_role_reads_its_data_through_the_one_reader(tmp_path):
+    from learner.data import read_demonstrations
+    from reward_service.data import load_preference_pairs
+
+    good = json.dumps({"prompt": "a", "response": "b", "chosen": "c", "rejected": "d"})
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train-0.jsonl").write_text(good + "\n\n[1]\n")
+    (folder / "test.jsonl").write_text("not even JSON\n")  # a folder's train files only
+    for read in (load_prompts, read_demonstrations, load_preference_pairs):
+        with pytest.raises(DataError, match=r"train-0\.jsonl:3: expected a JSON object, got list"):
+            read(folder)

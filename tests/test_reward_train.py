@@ -120,7 +120,7 @@ GOOD = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
 
 @pytest.mark.parametrize("bad_line, reason", [
     ('{"prompt": "p", "chosen": "a"', "not valid JSON"),
-    ('["p", "a", "b"]', "expected an object"),
+    ('["p", "a", "b"]', "expected a JSON object"),
     ('{"prompt": "p", "chosen": "a"}', "missing field 'rejected'"),
     ('{"prompt": "p", "chosen": 1, "rejected": "b"}', "field 'chosen' must be a string"),
     ('{"prompt": " ", "chosen": "a", "rejected": "b"}', "field 'prompt' is empty"),
@@ -138,9 +138,9 @@ def test_invalid_utf8_and_empty_files_are_data_errors(tmp_path):
     with pytest.raises(DataError, match=f"{path}:2: not valid UTF-8"):
         load_preference_pairs(path)
     path.write_text("\n\n")
-    with pytest.raises(DataError, match="no preference pairs"):
+    with pytest.raises(DataError, match="no records"):
         load_preference_pairs(path)
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="data file not found"):
         load_preference_pairs(tmp_path / "missing.jsonl")
     from cluster.config import UserError
 

@@ -105,7 +105,7 @@ def test_sft_loss_covers_response_tokens_only(tiny_assets):
 def test_bad_data_lines_name_the_file_and_line(tiny_assets, tmp_path):
     good = json.dumps({"prompt": "Hi?", "response": "Hello."})
     cases = {
-        "bad_json.jsonl": ([good, "", '{"prompt": "x", '], ":3: invalid JSON"),
+        "bad_json.jsonl": ([good, "", '{"prompt": "x", '], ":3: not valid JSON"),
         "missing.jsonl": ([good, json.dumps({"prompt": "x"})], ":2: missing key 'response'"),
         "not_string.jsonl": ([json.dumps({"prompt": 3, "response": "y"})],
                              ":1: 'prompt' must be a non-empty string"),
