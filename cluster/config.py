@@ -178,8 +178,9 @@ class RewardConfig(Section):
     max_length: int = Field(512, ge=8)
     """Tokens fed to the reward model per item; longer inputs keep their last tokens."""
     timeout_s: float = Field(60.0, gt=0.0)
-    """Time budget of one scoring call from a rollout actor, retries included; each attempt gets
-    an equal share of what is left, so one stuck on a dead replica leaves time to retry."""
+    """Time budget of one scoring call from a rollout actor, retries included. Each attempt gets
+    an equal share of what is left, so one stuck on a dead replica leaves time to retry: keep
+    it above (retries + 1) x the slowest healthy call."""
     retries: int = Field(3, ge=0, le=100)
     """Retries of a failed scoring call within the time budget."""
     host: str = "127.0.0.1"

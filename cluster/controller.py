@@ -118,7 +118,7 @@ class Group:
 
 class Loop:
     def __init__(self, cfg: TameConfig, resume: bool, log: Callable[[str], None],
-                 judge: Callable[[list[Rollout]], dict] | None = None):
+                 judge: Callable[[list[Rollout]], dict] | None = None, stop: StopSignal | None = None):
         import ray
 
         from actors.rollout import RolloutActor
@@ -162,6 +162,7 @@ class Loop:
             self.counters.update(extra["counters"])
             self.first = extra.get("first", {})
         self.version: int = ray.get(self.learner.version.remote())
+        self.checkpointed = self.version  # on disk already: the init model or the resumed checkpoint
         _truncate_jsonl(self.run_dir / "ledger.jsonl", "version", self.version)
         _truncate_jsonl(self.run_dir / "metrics.jsonl", "step", self.version)
         if resume:
@@ -183,11 +184,11 @@ class Loop:
         self.learner_idle = 0.0
         self.last_scale_poll = 0.0
         self.sync_seconds: dict[int, float] = {}
-        self.failed_starts = 0
+        self.deaths_in_a_row = 0  # actor deaths since the last batch an actor produced
         self.stop_requested = False
         self.learner_alive = True
         self.started = time.monotonic()
-        self.interrupted: str | None = None  # the signal that asks the run to stop
+        self.stop = stop or StopSignal()  # set by a signal handler; checked between loop passes
 
     # ----------------------------------------------------------------- weights
 
@@ -304,16 +305,22 @@ class Loop:
         slot.version = result["policy_version"]
         self.sync_seconds[slot.actor_id] = result.get("seconds", 0.0)
         slot.state, slot.idle_since = "idle", time.monotonic()
+        if slot.draining:  # removed by `tame scale` while it was loading
+            self.retire(slot)
 
     def on_actor_died(self, slot: Slot, error: Exception) -> None:
         """Hand the dead actor's prompts out again; replace it unless the config says not to."""
         self.counters["actor_failures"] += 1
         self.retire(slot, f"actor died ({type(error).__name__}); its {len(slot.prompt_ids)} prompt(s) "
                           "are handed out again")
-        self.failed_starts = self.failed_starts + 1 if slot.version < 0 else 0
-        if self.failed_starts >= 3:
-            raise RunError(f"rollout actors fail to start, 3 in a row; the last: {error}") from error
-        if self.cfg.rollout.replace_failed or slot.draining:
+        # A prompt that crashes the engine would kill every replacement: stop instead.
+        self.deaths_in_a_row += 1
+        if self.deaths_in_a_row >= 3:
+            raise RunError(f"rollout actors died 3 times in a row without producing a batch; the last: {error}") \
+                from error
+        if slot.draining:
+            return  # it was on its way out
+        if self.cfg.rollout.replace_failed:
             return  # apply_scaling starts the replacement
         self.target -= 1
         self.control.request.remote(self.target)  # `tame scale` sees the smaller pool
@@ -323,6 +330,7 @@ class Loop:
                            "resume with `tame train --resume` once the cluster has room")
 
     def on_generated(self, slot: Slot, batch: RolloutBatch) -> None:
+        self.deaths_in_a_row = 0
         slot.tokens += batch.generated_tokens
         slot.generate_seconds += batch.generate_seconds
         if batch.failed_prompt_ids:
@@ -449,6 +457,7 @@ class Loop:
     def checkpoint(self) -> str:
         import ray
 
+        self.checkpointed = self.version
         extra = {"source": self.source.state(self.in_flight()),
                  "counters": self.counters, "first": self.first}
         return ray.get(self.learner.save_checkpoint.remote(extra))
@@ -457,7 +466,7 @@ class Loop:
 
     def done(self) -> bool:
         total = self.cfg.train.total_samples
-        return (self.stop_requested or self.interrupted is not None or self.version >= self.cfg.train.total_updates
+        return (self.stop_requested or self.stop.name is not None or self.version >= self.cfg.train.total_updates
                 or (total is not None and self.counters["samples"] >= total))
 
     def run(self) -> dict:
@@ -476,7 +485,10 @@ class Loop:
             # 4. wait for whichever actor or learner call finishes first
             pending = {s.pending: s for s in self.slots.values() if s.state in ("loading", "busy")}
             refs = list(pending) + ([self.update_ref] if self.update_ref is not None else [])
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
+            if not refs:  # e.g. `tame scale --actors 0`: nothing to wait on
+                time.sleep(0.2)
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
             for ref in ready:
                 if ref is self.update_ref:
                     self.on_updated(self.update_result())
@@ -491,7 +503,11 @@ class Loop:
                     self.on_loaded(slot, result)
                 else:
                     self.on_generated(slot, result)
-        return self.finish(error=f"interrupted ({self.interrupted})" if self.interrupted else None)
+        if self.stop.name is None:
+            return self.finish()
+        self.log(f"{self.stop.name}: finishing the update in flight and writing a checkpoint "
+                 "(send it again to stop at once)")
+        return self.finish(error=f"interrupted ({self.stop.name})")
 
     def finish(self, error: str | None = None) -> dict:
         """Finish the update in flight, write the final checkpoint and summary.json. After an
@@ -501,7 +517,10 @@ class Loop:
             try:
                 if self.update_ref is not None:
                     self.on_updated(self.update_result())
-                path = self.checkpoint()
+                if self.checkpointed != self.version:
+                    self.checkpoint()
+                if self.version > 0:
+                    path = str(self.run_dir / "checkpoints" / f"version-{self.version:06d}")
             except Exception as e:  # the failure that brought us here may have taken the learner
                 if error is None:
                     raise
@@ -581,6 +600,10 @@ def check_inputs(cfg: TameConfig) -> None:
     if cfg.model.reward is not None:
         check_model_folder("model.reward", cfg.model.reward, "reward model")
     load_prompts(cfg.data.prompts)  # names the file and line of a bad record
+    if cfg.ppo.ptx_data is not None:
+        from learner.data import read_demonstrations
+
+        read_demonstrations(cfg.ppo.ptx_data)
 
 
 def connect(cfg: TameConfig, log: Callable[[str], None]) -> None:
@@ -602,7 +625,10 @@ def connect(cfg: TameConfig, log: Callable[[str], None]) -> None:
 
 def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = print,
           judge: Callable[[list[Rollout]], dict] | None = None) -> dict:
-    """Run PPO with the actor-learner loop until the configured number of updates."""
+    """Run PPO with the actor-learner loop until the configured number of updates.
+
+    Ctrl-C or SIGTERM stops at the next safe point and raises KeyboardInterrupt after the
+    final checkpoint; a failure raises after it (RunError when the run cannot go on)."""
     run_dir = cfg.run_dir
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"run.name: {run_dir} already holds checkpoints: pass --resume to continue "
@@ -614,31 +640,60 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         for stale in ("ledger.jsonl", "metrics.jsonl", "summary.json", "wandb_id"):
             (run_dir / stale).unlink(missing_ok=True)
     connect(cfg, log)
-    loop = Loop(cfg, resume, log, judge)
-    previous = _stop_on_signals(loop)
+    stop = StopSignal()
+    previous = _stop_on_signals(stop)
+    loop = None
     try:
+        loop = Loop(cfg, resume, log, judge, stop)
         summary = loop.run()
     except KeyboardInterrupt:  # a second signal: stop now, without a final checkpoint
         log(f"stopped at once; the newest complete checkpoint is in {run_dir / 'checkpoints'}")
         raise
-    except RunError as e:  # the run cannot go on: save what was trained
-        path = loop.finish(error=str(e))["checkpoint"]
-        log(f"{e}; " + (f"checkpoint at version {loop.version} written to {path}" if path
-                        else "the newest complete checkpoint is in " + str(run_dir / "checkpoints")))
+    except Exception as e:  # the run cannot go on: save what was trained
+        if loop is None:
+            raise  # it failed to start; its actors go with their handles
+        why = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+        summary = loop.finish(error=why)
+        log(f"{why}; " + _where_saved(summary, run_dir))
         raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        loop.shutdown()  # every process the run started
+        if loop is not None:
+            loop.shutdown()  # every process the run started
+        else:
+            _delete_reward_app()
     if summary["error"]:
-        log(f"{summary['error']}: checkpoint at version {summary['steps']} written to {summary['checkpoint']}")
+        log(f"{summary['error']}; " + _where_saved(summary, run_dir))
         raise KeyboardInterrupt
     log(f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s "
         f"({summary['samples_per_second']:.1f} samples/s); summary in {run_dir / 'summary.json'}")
     return summary
 
 
-def _stop_on_signals(loop: Loop) -> dict:
+def _where_saved(summary: dict, run_dir: Path) -> str:
+    if summary["checkpoint"]:
+        return f"checkpoint at version {summary['steps']} in {summary['checkpoint']}"
+    return f"no new checkpoint; the newest complete one is in {run_dir / 'checkpoints'}"
+
+
+def _delete_reward_app() -> None:
+    """After a failed start: the reward app is the one part that would outlive the driver."""
+    from ray import serve
+
+    try:
+        serve.delete("tame-reward")
+    except Exception:  # Serve never started, or is gone with the cluster
+        pass
+
+
+class StopSignal:
+    """The signal (SIGINT, SIGTERM) that asked the run to stop; the loop checks it."""
+
+    name: str | None = None
+
+
+def _stop_on_signals(stop: StopSignal) -> dict:
     """Ctrl-C (SIGINT) or `ray job stop` (SIGTERM) ask the loop to stop at its next safe point:
     the update in flight is finished, a checkpoint and the summary are written. A second
     signal stops at once. Returns the handlers replaced (none outside the main thread)."""
@@ -646,10 +701,8 @@ def _stop_on_signals(loop: Loop) -> dict:
         return {}
 
     def handler(signum, _frame):
-        if loop.interrupted is not None:
+        if stop.name is not None:
             raise KeyboardInterrupt
-        loop.interrupted = signal.Signals(signum).name
-        loop.log(f"{loop.interrupted}: finishing the update in flight and writing a checkpoint "
-                 "(send it again to stop at once)")
+        stop.name = signal.Signals(signum).name  # only a flag: the loop logs and acts on it
 
     return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}

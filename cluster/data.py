@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import deque
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
         records = _read_saved_dataset(path)
     elif path.is_dir():
         files = sorted(path.rglob("*.jsonl"))
-        files = [f for f in files if "train" in f.name] or files
+        files = [f for f in files if re.search(r"(?<![a-z])train(?![a-z])", f.name.lower())] or files
         if not files:
             raise DataError(f"{path}: no *.jsonl files in this folder")
         records = [record for f in files for record in _read_jsonl(f)]
@@ -98,7 +99,7 @@ def _messages(row: dict, where: str) -> tuple[tuple[str, str], ...]:
 
 
 def load_prompts(path: str | Path) -> list[tuple[tuple[str, str], ...]]:
-    """The prompts of a JSONL file, each as chat turns, in file order."""
+    """The prompts of a data path (`read_records`), each as chat turns, in order."""
     return [_messages(row, where) for where, row in read_records(path)]
 
 

@@ -110,7 +110,10 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
         out = submit(["--no-wait", "--submission-id=resumed", f"--runtime-env-json={stop_wait}"], ["--resume"])
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         deadline = time.monotonic() + 300
-        while len(ledger(run_dir)) < 3:  # the resumed driver cut the ledger back to version 2
+        while "resumed at policy version 2" not in (logs := ray_job("logs", "resumed").stdout):
+            assert time.monotonic() < deadline, logs[-3000:]
+            time.sleep(0.5)
+        while len(ledger(run_dir)) < 3:  # the resumed driver has cut the ledger back to version 2
             if time.monotonic() > deadline or (run_dir / "summary.json").exists():
                 raise AssertionError(ray_job("logs", "resumed").stdout[-3000:])
             time.sleep(0.1)

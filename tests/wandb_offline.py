@@ -42,7 +42,7 @@ def records(path: Path):
 
 
 def history(run_dir: Path) -> list[dict]:
-    """Every `wandb.log` row of the newest offline run under run_dir, as dicts."""
+    """Every `wandb.log` row of the offline runs under run_dir (oldest first), as dicts."""
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert files, f"no offline wandb run under {run_dir}"
     rows = []
