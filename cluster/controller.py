@@ -186,7 +186,6 @@ class Loop:
         self.sync_seconds: dict[int, float] = {}
         self.deaths_in_a_row = 0  # actor deaths since the last batch an actor produced
         self.stop_requested = False
-        self.learner_alive = True
         self.started = time.monotonic()
         self.stop = stop or StopSignal()  # set by a signal handler; checked between loop passes
 
@@ -379,7 +378,6 @@ class Loop:
         try:
             return ray.get(self.update_ref)
         except ray.exceptions.RayActorError as e:
-            self.learner_alive = False
             raise RunError(f"the learner died ({type(e).__name__}); resume with `tame train --resume` "
                            f"from the newest checkpoint in {self.run_dir / 'checkpoints'}") from e
         except NonFiniteUpdatesError as e:
@@ -513,18 +511,17 @@ class Loop:
         """Finish the update in flight, write the final checkpoint and summary.json. After an
         interruption or a failure (`error`), as much of that as the learner still allows."""
         path = None
-        if self.learner_alive:
-            try:
-                if self.update_ref is not None:
-                    self.on_updated(self.update_result())
-                if self.checkpointed != self.version:
-                    self.checkpoint()
-                if self.version > 0:
-                    path = str(self.run_dir / "checkpoints" / f"version-{self.version:06d}")
-            except Exception as e:  # the failure that brought us here may have taken the learner
-                if error is None:
-                    raise
-                self.log(f"no final checkpoint: {type(e).__name__}: {e}")
+        try:
+            if self.update_ref is not None:
+                self.on_updated(self.update_result())
+            if self.checkpointed != self.version:
+                self.checkpoint()
+            if self.version > 0:
+                path = str(self.run_dir / "checkpoints" / f"version-{self.version:06d}")
+        except Exception as e:  # the failure that brought us here may have taken the learner
+            if error is None:
+                raise
+            self.log(f"no final checkpoint: {type(e).__name__}: {e}")
         wall = time.monotonic() - self.started
         summary = {
             "run": self.cfg.run.name,

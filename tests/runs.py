@@ -11,13 +11,15 @@ from cluster.config import TameConfig, load_config
 from tests.conftest import REPO
 
 
+def smoke_overrides(tiny_assets, out_dir: Path, prompts: Path | None = None) -> list[str]:
+    """The `--set`s that point configs/smoke.yaml at the session's tiny assets and out_dir."""
+    return [f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}", "model.build_assets=null",
+            f"data.prompts={prompts or tiny_assets.data / 'prompts.jsonl'}", f"run.output_dir={out_dir}"]
+
+
 def smoke(tiny_assets, out_dir: Path, *overrides: str, prompts: Path | None = None) -> TameConfig:
     """configs/smoke.yaml on the session's tiny assets, writing under out_dir."""
-    return load_config(REPO / "configs/smoke.yaml", [
-        f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}", "model.build_assets=null",
-        f"data.prompts={prompts or tiny_assets.data / 'prompts.jsonl'}", f"run.output_dir={out_dir}",
-        *overrides,
-    ])
+    return load_config(REPO / "configs/smoke.yaml", [*smoke_overrides(tiny_assets, out_dir, prompts), *overrides])
 
 
 # One prompt per generation slot and per update: every update trains on 8 whole prompts.

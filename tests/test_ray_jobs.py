@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import REPO
-from tests.runs import ledger, smoke, uninterrupted
+from tests.runs import ledger, smoke, smoke_overrides, uninterrupted
 from tests.wandb_offline import history
 
 BIN = Path(sys.executable).parent
@@ -30,10 +30,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def smoke_overrides(tiny_assets, out_dir, name):
-    return ["model.build_assets=null", f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}",
-            f"data.prompts={tiny_assets.data / 'prompts.jsonl'}", f"run.output_dir={out_dir}", f"run.name={name}",
-            "train.total_updates=2"]
+def job_overrides(tiny_assets, out_dir, name):
+    return [*smoke_overrides(tiny_assets, out_dir), f"run.name={name}", "train.total_updates=2"]
 
 
 def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_path):
@@ -59,7 +57,7 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     total = 30  # room for `ray job stop` to land in the middle: an update takes a fraction of a second
-    overrides = [*smoke_overrides(tiny_assets, tmp_path / "runs", "job"), f"train.total_updates={total}"]
+    overrides = [*job_overrides(tiny_assets, tmp_path / "runs", "job"), f"train.total_updates={total}"]
     run_dir = tmp_path / "runs" / "job"
 
     def ray_job(command, *args, timeout=600):
@@ -155,7 +153,7 @@ def test_multi_node_places_learner_and_actors_on_different_nodes(tiny_assets, tm
     out = tmp_path / "result.json"
     run = subprocess.run(
         [sys.executable, str(REPO / "tests/multinode_main.py"), str(REPO / "configs/smoke.yaml"), str(out),
-         *smoke_overrides(tiny_assets, tmp_path / "runs", "multinode")],
+         *job_overrides(tiny_assets, tmp_path / "runs", "multinode")],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
