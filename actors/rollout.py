@@ -25,16 +25,10 @@ from actors.engine import (
     run_generate,
     sampling_params,
 )
-from actors.weights import (
-    WeightsMismatchError,
-    checkpoint_layout,
-    engine_fingerprint,
-    load_into_engine,
-    validate_buffer,
-    validate_specs,
-)
+from actors.weights import checkpoint_layout, engine_probes, load_into_engine, validate_specs
 from cluster.config import TameConfig
-from cluster.records import Prompt, RolloutBatch, WeightsHandle, unpack_state_dict
+from cluster.records import Prompt, RolloutBatch
+from cluster.transport import ObjectStoreTransport, WeightsHandle, compare_probes
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +40,7 @@ class RolloutActor:
     """Owns one vLLM engine; generates completions tagged with the policy version that made them."""
 
     def __init__(self, cfg: TameConfig, actor_id: int, scorer: Scorer | None = None):
-        configure_vllm_env()
+        configure_vllm_env(cfg.rollout.threads or max(1, int(cfg.rollout.num_cpus)))
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -60,7 +54,6 @@ class RolloutActor:
         self._layout = checkpoint_layout(cfg.model.policy)
         self._version = 0  # the weights on disk at cfg.model.policy
         self._warm_up()
-        self._fingerprint = engine_fingerprint(self._llm)
 
     def _warm_up(self) -> None:
         # The first generate on CPU spends seconds preparing kernels; pay it before the
@@ -75,9 +68,12 @@ class RolloutActor:
         self._scorer = scorer
 
     def ready(self) -> dict:
-        """Identity and loaded version: the controller waits on this before handing out work."""
-        return {"actor_id": self.actor_id, "pid": os.getpid(),
-                "policy_version": self._version, "fingerprint": self._fingerprint}
+        """Identity and loaded version."""
+        return {"actor_id": self.actor_id, "pid": os.getpid(), "policy_version": self._version}
+
+    def probes(self) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+        """The engine's probes and fusion map (`actors.weights.engine_probes`)."""
+        return engine_probes(self._llm)
 
     def policy_version(self) -> int:
         return self._version
@@ -96,8 +92,8 @@ class RolloutActor:
         start = time.perf_counter()
         outputs = run_generate(self._llm, prompt_ids, self._params)
         generate_seconds = time.perf_counter() - start
-        rollouts = build_rollouts(prompts, prompt_ids, outputs, self._version, self.actor_id,
-                                  generate_seconds)
+        rollouts = build_rollouts(prompts, prompt_ids, outputs, self._version, self.actor_id, generate_seconds,
+                                  tokenizer=None if self._params.detokenize else self._tokenizer)
         batch = RolloutBatch(
             actor_id=self.actor_id,
             policy_version=self._version,
@@ -130,42 +126,33 @@ class RolloutActor:
             batch.rollouts = [r for r in batch.rollouts if r.prompt_id not in failed]
 
     def load_weights(self, handle: WeightsHandle) -> dict:
-        """Load a newer policy version into the live engine; a version <= the current is a no-op.
+        """Load a newer policy version into the live engine, then prove what it holds.
 
         The handle is checked against the engine's checkpoint layout before any weight is
         touched: a broken handle raises `WeightsMismatchError` and the engine keeps serving
-        its previous weights. Returns the loaded version, the fingerprint measured from the
-        engine afterwards, the wall seconds and bytes of the load (and their parts).
+        its previous weights. After the load (or for the version already held) the engine's
+        probes are compared with the published ones. An older version is a no-op. Returns
+        the version held, whether it was verified and how far off the worst tensor was, the
+        wall seconds and bytes of the load and its parts.
         """
-        if handle.version <= self._version:
-            return {"policy_version": self._version, "fingerprint": self._fingerprint,
-                    "seconds": 0.0, "bytes": 0, "loaded": False}
-
         start = time.perf_counter()
-        validate_specs(handle.specs, self._layout)
-        flat = _fetch(handle.buffer)
-        if flat.dtype != np.uint8 or flat.ndim != 1:
-            raise WeightsMismatchError(f"weights handle v{handle.version}: the buffer is "
-                                       f"{flat.dtype}{list(flat.shape)}, expected flat uint8")
-        validate_buffer(flat.nbytes, handle.specs)
-        fetched = time.perf_counter()
-        # Views into the object-store buffer go straight into the engine: no staging copy.
-        tensors = unpack_state_dict(flat, handle.specs)
-        load_into_engine(self._llm, tensors.items())
-        loaded = time.perf_counter()
-        self._version = handle.version
+        out = {"policy_version": self._version, "loaded": False, "bytes": 0, "fetch_seconds": 0.0,
+               "reload_seconds": 0.0, "verify_seconds": 0.0, "verified": None, "problem": None}
+        if handle.version < self._version:
+            return {**out, "seconds": 0.0}
+        if handle.version > self._version:
+            validate_specs(handle.specs, self._layout)
+            # Views of the object store's memory go straight into the engine: no staging copy.
+            tensors = ObjectStoreTransport.fetch(handle)
+            fetched = time.perf_counter()
+            load_into_engine(self._llm, tensors.items())
+            self._version = handle.version
+            out.update(loaded=True, bytes=handle.nbytes, fetch_seconds=fetched - start,
+                       reload_seconds=time.perf_counter() - fetched, policy_version=self._version)
 
-        self._fingerprint = engine_fingerprint(self._llm)
-        return {"policy_version": self._version, "fingerprint": self._fingerprint,
-                "seconds": loaded - start, "bytes": int(flat.nbytes), "loaded": True,
-                "fetch_seconds": fetched - start, "reload_seconds": loaded - fetched,
-                "fingerprint_seconds": time.perf_counter() - loaded}
-
-
-def _fetch(buffer: Any) -> np.ndarray:
-    """The flat uint8 buffer of a handle: zero-copy from the Ray object store."""
-    if isinstance(buffer, np.ndarray):
-        return buffer
-    import ray
-
-    return ray.get(buffer)
+        verifying = time.perf_counter()
+        measured, fused = engine_probes(self._llm)
+        check = compare_probes(measured, ObjectStoreTransport.probes(handle), fused)
+        done = time.perf_counter()
+        return {**out, "verified": check.ok, "problem": check.problem, "probe_rms_error": check.rms_error,
+                "verify_seconds": done - verifying, "seconds": done - start}

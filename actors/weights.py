@@ -1,10 +1,10 @@
 """Loading a published policy version into a live vLLM engine, and proving what it holds.
 
-A `WeightsHandle` carries one flat byte buffer (in the Ray object store) and the layout of
-the named tensors inside it, in the Hugging Face checkpoint format the engine was built
-from. The load is checked against that layout before the engine is touched, so a broken
-handle leaves the engine serving its previous weights. The fingerprint is then measured
-from the engine's own parameters, not from the handle, so it proves the load happened.
+A `WeightsHandle` (`cluster.transport`) names its tensors and their shapes in the Hugging
+Face checkpoint format the engine was built from. The load is checked against that layout
+before the engine is touched, so a broken handle leaves the engine serving its previous
+weights. Afterwards the engine's probes are measured from the weights it computes with, not
+from the handle, and compared with the published ones: that proves the load happened.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cluster.records import TensorSpec
+from cluster.transport import TensorSpec
 
 # Identity rows fed through a packed linear layer at once when reading its weights back.
 _PROBE_ROWS = 512
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+_FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 class WeightsMismatchError(ValueError):
@@ -65,7 +65,7 @@ def validate_specs(specs: Iterable[TensorSpec], layout: dict[str, tuple[int, ...
             raise WeightsMismatchError(
                 f"weights handle: tensor {spec.name!r} has shape {tuple(spec.shape)}, "
                 f"the engine's model expects {tuple(layout[spec.name])}")
-        if spec.dtype not in _ITEMSIZE:
+        if spec.dtype not in _FLOAT_DTYPES:
             raise WeightsMismatchError(
                 f"weights handle: tensor {spec.name!r} has dtype {spec.dtype}, expected a float dtype")
     missing = [name for name in layout if name not in seen]
@@ -73,19 +73,6 @@ def validate_specs(specs: Iterable[TensorSpec], layout: dict[str, tuple[int, ...
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise WeightsMismatchError(
             f"weights handle: tensor {missing[0]!r}{more} of the engine's model is missing")
-
-
-def validate_buffer(nbytes: int, specs: Iterable[TensorSpec]) -> None:
-    """Raise `WeightsMismatchError` when a tensor of `specs` reaches past a buffer of `nbytes`."""
-    for spec in specs:
-        numel = 1
-        for dim in spec.shape:
-            numel *= dim
-        end = spec.offset + numel * _ITEMSIZE[spec.dtype]
-        if end > nbytes:
-            raise WeightsMismatchError(
-                f"weights handle: tensor {spec.name!r} ends at byte {end}, "
-                f"past the end of the {nbytes}-byte buffer")
 
 
 def load_into_engine(llm: Any, tensors: Iterable[tuple[str, Any]]) -> None:
@@ -102,31 +89,39 @@ def load_into_engine(llm: Any, tensors: Iterable[tuple[str, Any]]) -> None:
     llm.reset_prefix_cache()
 
 
-def engine_fingerprint(llm: Any) -> tuple[float, float]:
-    """(sum, sum of squares) in float64 over every weight the engine computes with.
+def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The probes (`cluster.transport.probe`) of every weight the engine computes with, by
+    engine tensor name, and the engine's fusion map (vLLM's `packed_modules_mapping`).
 
-    Invariant to vLLM fusing q/k/v or gate/up and to zero vocab padding, so it equals
-    `cluster.records.fingerprint` of the checkpoint-format state dict that was loaded.
+    Readable weights are probed directly. A linear layer that vLLM on CPU keeps packed in a
+    oneDNN handle (its parameter left empty) is probed through its own kernel: x_K in,
+    W @ x_K out, one matrix-vector product; in a precision below float32 the kernel's output
+    would be rounded, so its weight is read back exactly first (identity rows through the
+    kernel) and probed like a readable one.
     """
-    (result,) = llm.collective_rpc(lambda worker: _model_fingerprint(worker.model_runner.model))
+    (result,) = llm.collective_rpc(lambda worker: _model_probes(worker.model_runner.model))
     return result
 
 
-def _model_fingerprint(model: Any) -> tuple[float, float]:
+def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     import torch
 
-    total, squares = 0.0, 0.0
+    from cluster.transport import probe, probe_vector
+
+    out = {}
     with torch.inference_mode():
-        for param in model.parameters():
-            p64 = param.detach().to(torch.float64)
-            total += float(p64.sum())
-            squares += float((p64 * p64).sum())
-        for module in model.modules():
-            if _is_packed_linear(module):
-                s, q = _packed_linear_sums(module)
-                total += s
-                squares += q
-    return total, squares
+        for module_name, module in model.named_modules():
+            for name, param in module.named_parameters(prefix=module_name, recurse=False):
+                if param.numel() > 0:
+                    out[name] = probe(param).cpu().numpy()
+                elif _is_packed_linear(module) and name.endswith(".weight"):
+                    if module.weight.dtype == torch.float32:
+                        x = probe_vector(module.input_size_per_partition)[None, :]
+                        out[name] = module.cpu_linear(x, module.weight, None)[0].float().numpy()
+                    else:
+                        out[name] = probe(_read_packed_weight(module)).numpy()
+    fused = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
+    return out, fused
 
 
 def _is_packed_linear(module: Any) -> bool:
@@ -135,18 +130,16 @@ def _is_packed_linear(module: Any) -> bool:
     return hasattr(module, "cpu_linear") and weight is not None and weight.numel() == 0
 
 
-def _packed_linear_sums(module: Any) -> tuple[float, float]:
-    """Read a packed weight W (N, K) back through the engine's own kernel: rows of the
-    identity give columns of W exactly (each output is one weight times 1 plus zeros)."""
+def _read_packed_weight(module: Any) -> Any:
+    """A packed weight W (N, K) read back exactly through the engine's own kernel: rows of the
+    identity give columns of W (each output is one weight times 1 plus zeros)."""
     import torch
 
     in_features = module.input_size_per_partition
-    total, squares = 0.0, 0.0
+    columns = []
     for start in range(0, in_features, _PROBE_ROWS):
         rows = min(_PROBE_ROWS, in_features - start)
         eye = torch.zeros(rows, in_features, dtype=module.weight.dtype)
         eye[:, start:start + rows] = torch.eye(rows, dtype=module.weight.dtype)
-        block = module.cpu_linear(eye, module.weight, None).to(torch.float64)  # (rows, N) = W[:, cols].T
-        total += float(block.sum())
-        squares += float((block * block).sum())
-    return total, squares
+        columns.append(module.cpu_linear(eye, module.weight, None))  # (rows, N) = W[:, cols].T
+    return torch.cat(columns).T

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -69,101 +68,6 @@ class RolloutBatch:
     generated_tokens: int = 0
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int
-    """Byte offset in the flat buffer."""
-
-
-@dataclass(frozen=True)
-class WeightsHandle:
-    """A published policy version: one flat byte buffer in the Ray object store plus its layout."""
-
-    version: int
-    buffer: Any
-    """ray.ObjectRef of a 1-D uint8 numpy array holding every tensor back to back."""
-    specs: tuple[TensorSpec, ...]
-    fingerprint: tuple[float, float]
-    """(sum, sum of squares) in float64 over every element: the same however an engine fuses
-    or orders its parameters, so an actor can prove what it loaded."""
-    nbytes: int
-
-
-def pack_state_dict(state: dict[str, Any], dtype: Any = None,
-                    out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[TensorSpec, ...]]:
-    """Copy named torch tensors into one flat uint8 buffer (zero-copy to read from Ray).
-
-    `out`, when given, is a writable uint8 buffer of at least the needed size to pack into
-    (the returned array is a view of its first bytes). A publisher that reuses one buffer
-    for every version avoids faulting in fresh pages each time, which costs far more than
-    the copy itself (about 1.5 s against 0.06 s for 345 MB on the development machines).
-    """
-    import torch
-
-    tensors = {k: (v.detach().to(dtype) if dtype is not None else v.detach()).contiguous().cpu()
-               for k, v in state.items()}
-    specs, offset = [], 0
-    for name, t in tensors.items():
-        specs.append(TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), offset))
-        offset += t.numel() * t.element_size()
-        offset += -offset % 64  # keep every tensor 64-byte aligned
-    if out is None:
-        flat = np.empty(offset, dtype=np.uint8)
-    elif out.dtype != np.uint8 or out.ndim != 1 or out.nbytes < offset or not out.flags.writeable:
-        raise ValueError(f"pack_state_dict: out must be a writable flat uint8 array of at least "
-                         f"{offset} bytes, got {out.dtype}{list(out.shape)}")
-    else:
-        flat = out[:offset]
-    flat_t = torch.from_numpy(flat)
-    for spec, t in zip(specs, tensors.values()):
-        n = t.numel() * t.element_size()
-        flat_t[spec.offset: spec.offset + n].copy_(t.view(-1).view(torch.uint8))
-    return flat, tuple(specs)
-
-
-def unpack_state_dict(flat: np.ndarray, specs: tuple[TensorSpec, ...]) -> dict[str, Any]:
-    """Views (no copy) of the named tensors inside a flat buffer made by `pack_state_dict`."""
-    import warnings
-
-    import torch
-
-    if flat.flags.writeable:
-        base = torch.from_numpy(flat)
-    else:
-        # A buffer from ray.get is read-only shared memory; torch warns that writing to it
-        # would be undefined. The views are only ever read (copied into a model), so the
-        # warning says nothing here.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            base = torch.frombuffer(memoryview(flat), dtype=torch.uint8)
-    out = {}
-    for spec in specs:
-        dtype = getattr(torch, spec.dtype)
-        numel = int(np.prod(spec.shape)) if spec.shape else 1
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        out[spec.name] = base[spec.offset: spec.offset + nbytes].view(dtype).view(spec.shape)
-    return out
-
-
-def fingerprint(tensors: Any) -> tuple[float, float]:
-    """(sum, sum of squares) of every element in float64: invariant to fusing and reordering."""
-    import torch
-
-    total, squares = 0.0, 0.0
-    for t in tensors:
-        t64 = t.detach().to(torch.float64)
-        total += float(t64.sum())
-        squares += float((t64 * t64).sum())
-    return total, squares
-
-
-def fingerprints_match(a: tuple[float, float], b: tuple[float, float], rtol: float = 1e-6) -> bool:
-    return all(abs(x - y) <= rtol * max(1.0, abs(x), abs(y)) for x, y in zip(a, b))
 
 
 # ---------------------------------------------------------------- how text becomes tokens

@@ -1,13 +1,15 @@
 """The learner: policy, frozen reference, critic, optimizers; one PPO update per call.
 
 `cluster/` runs `Learner` as a Ray actor (`ray.remote(num_cpus=..., num_gpus=...)`); the
-class itself does not need Ray except for `ray.put` in `publish`.
+class itself does not need Ray except for the object store in `publish`.
 
 One update, top to bottom (`update`):
 1. tokens: prompt + response ids of each scored rollout, right-padded; a mask marks the
    response tokens (cut after the first EOS when `ppo.truncate_at_stop`).
-2. no-grad passes: the proximal log-probs (the current weights, before this update), the
-   reference log-probs and the critic's values.
+2. no-grad passes: the reference log-probs, the proximal log-probs (the current weights,
+   before this update) and the critic's values. When the whole batch is one micro-batch,
+   the first epoch's forward pass with gradient is the proximal pass (its detached output),
+   so only the reference pass runs without gradient.
 3. rewards: the score at the last response token minus `kl_coef * KL` per token; GAE;
    whitened advantages; the truncated importance weight min(pi_prox / pi_behaviour, C).
 4. PPO epochs over shuffled minibatches, each accumulated over micro-batches: clipped
@@ -30,12 +32,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from cluster.config import ConfigError, TameConfig
-from cluster.records import Rollout, WeightsHandle, fingerprint, pack_state_dict, unpack_state_dict
+from cluster.records import Rollout
+from cluster.transport import ObjectStoreTransport, WeightsHandle
 from learner import ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
 from learner.training import (
@@ -110,6 +114,14 @@ class Experience:
         return Experience(**out)
 
 
+class Forward(NamedTuple):
+    """One micro-batch's forward pass with gradient, (B, W) each."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor
+
+
 # --------------------------------------------------------------------------- the learner
 
 
@@ -122,7 +134,7 @@ class Learner:
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.threads = set_torch_threads(cfg.learner.num_cpus)
+        self.threads = set_torch_threads(cfg.learner.threads or cfg.learner.num_cpus)
         self.device = torch.device(cfg.learner.device)
         self.dtype = torch_dtype(cfg.model.dtype)
         self.temperature = cfg.rollout.sampling.temperature
@@ -166,9 +178,10 @@ class Learner:
             self.ptx_examples = encode_demonstrations(
                 self.tokenizer, rows, cfg.rollout.max_model_len, cfg.data.chat_template)
 
+        self.fuse_first_pass = True  # False always runs the separate no-grad pass (tests compare)
         self._version = 0
         self._handle: WeightsHandle | None = None
-        self._pack_buffer: np.ndarray | None = None
+        self.transport = ObjectStoreTransport()
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
 
@@ -207,23 +220,11 @@ class Learner:
         return self._version
 
     def publish(self) -> WeightsHandle:
-        """Put the current policy weights into the Ray object store as one flat buffer
-        (once per version: later calls return the cached handle)."""
-        if self._handle is not None and self._handle.version == self._version:
-            return self._handle
-        import ray
-
-        dtype = torch_dtype(self.cfg.learner.transport_dtype or self.cfg.model.dtype)
-        # One buffer reused for every version: faulting in fresh pages each time costs far
-        # more than the copy. ray.put copies it into the object store, so reuse is safe.
-        flat, specs = pack_state_dict(dict(self.policy.named_parameters()), dtype,
-                                      out=self._pack_buffer)
-        self._pack_buffer = flat
-        # Fingerprint the tensors exactly as sent (after the cast), so an actor can check
-        # what it loaded against it.
-        sent = fingerprint(unpack_state_dict(flat, specs).values())
-        self._handle = WeightsHandle(version=self._version, buffer=ray.put(flat), specs=specs,
-                                     fingerprint=sent, nbytes=int(flat.nbytes))
+        """Publish the current policy weights with their probes (once per version: later
+        calls return the cached handle)."""
+        if self._handle is None or self._handle.version != self._version:
+            dtype = torch_dtype(self.cfg.learner.transport_dtype or self.cfg.model.dtype)
+            self._handle = self.transport.publish(self.policy.named_parameters(), self._version, dtype)
         return self._handle
 
     # ------------------------------------------------------------------ tokens and passes
@@ -278,29 +279,55 @@ class Learner:
         window = hidden[:, mb.offset: mb.input_ids.shape[1] - 1]  # (B, W, H)
         return self.value_head(window).squeeze(-1).float() * mb.mask
 
+    def _forward(self, mb: Experience) -> Forward:
+        """The policy's log-probs and entropy and the critic's values on a micro-batch, with
+        gradient."""
+        logp, entropy = self._token_logprobs(self.policy, mb, with_entropy=True)
+        return Forward(logp, entropy, self._values(mb))
+
     @torch.no_grad()
-    def _no_grad_passes(self, exp: Experience) -> None:
-        """Fill the proximal and reference log-probs and the old values, micro-batch by
-        micro-batch (each cut to its own window, then written back at its columns)."""
+    def _no_grad_passes(self, exp: Experience, proximal: bool = True) -> None:
+        """Fill the reference log-probs and, with `proximal`, the proximal log-probs and the
+        old values, micro-batch by micro-batch (each cut to its own window, then written
+        back at its columns)."""
         shape = exp.mask.shape
-        exp.old_logprobs = torch.zeros(shape, device=self.device)
         exp.ref_logprobs = torch.zeros(shape, device=self.device)
-        exp.old_values = torch.zeros(shape, device=self.device)
+        if proximal:
+            exp.old_logprobs = torch.zeros(shape, device=self.device)
+            exp.old_values = torch.zeros(shape, device=self.device)
         for rows in torch.arange(len(exp), device=self.device).split(self.cfg.ppo.micro_batch_size):
             mb = exp.select(rows)
             cols = slice(mb.offset, mb.offset + mb.mask.shape[1])
-            exp.old_logprobs[rows, cols] = self._token_logprobs(self.policy, mb)[0]
             exp.ref_logprobs[rows, cols] = self._token_logprobs(self.reference, mb)[0]
-            exp.old_values[rows, cols] = self._values(mb)
+            if proximal:
+                exp.old_logprobs[rows, cols] = self._token_logprobs(self.policy, mb)[0]
+                exp.old_values[rows, cols] = self._values(mb)
+
+    def _proximal_from(self, exp: Experience, rows: torch.Tensor, first: Forward) -> None:
+        """Take the proximal log-probs and old values from the first forward pass of the
+        update (`first`, made on exp.select(rows) before any optimizer step): the same
+        numbers the no-grad pass would compute, without a second pass."""
+        mb = exp.select(rows)
+        cols = slice(mb.offset, mb.offset + mb.mask.shape[1])
+        exp.old_logprobs = torch.zeros(exp.mask.shape, device=self.device)
+        exp.old_values = torch.zeros(exp.mask.shape, device=self.device)
+        exp.old_logprobs[rows, cols] = first.logprobs.detach()
+        exp.old_values[rows, cols] = first.values.detach()
 
     # ------------------------------------------------------------------ experience
 
     def prepare(self, rollouts: list[Rollout]) -> tuple[Experience, dict[str, float]]:
-        """Steps 1-3 of an update: tokens, no-grad passes, shaped rewards, GAE and IS
-        weights. Returns the experience and the rollout/objective metrics."""
-        p = self.cfg.ppo
+        """Steps 1-3 of an update with every no-grad pass: tokens, reference and proximal
+        log-probs, old values, shaped rewards, GAE and IS weights. Returns the experience
+        and the rollout/objective metrics."""
         exp = self.tokens(rollouts)
         self._no_grad_passes(exp)
+        return exp, self._advantages(exp)
+
+    def _advantages(self, exp: Experience) -> dict[str, float]:
+        """Step 3: KL-shaped rewards, GAE, whitening and the truncated IS weights, written into
+        `exp`; returns the rollout/objective metrics."""
+        p = self.cfg.ppo
         mask = exp.mask
 
         scores = exp.scores
@@ -339,24 +366,28 @@ class Learner:
             "rollout/response_tokens_mean": mask.sum(1).mean(),
             "learner/kl_coef": torch.tensor(kl_coef),
         }
-        return exp, {k: float(v) for k, v in metrics.items()}
+        return {k: float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ gradients
 
-    def accumulate_gradients(self, exp: Experience, rows: torch.Tensor,
-                             micro_batch_size: int) -> dict[str, float]:
+    def accumulate_gradients(self, exp: Experience, rows: torch.Tensor, micro_batch_size: int,
+                             first: Forward | None = None) -> dict[str, float]:
         """Forward and backward the PPO loss of the minibatch `rows`, micro-batch by
         micro-batch; gradients add up in .grad. Every term is a token sum divided by the
-        minibatch's token count, so the result does not depend on `micro_batch_size`."""
+        minibatch's token count, so the result does not depend on `micro_batch_size`.
+        `first`, when given, is the forward pass already made on exp.select(rows) as one
+        micro-batch (the fused first epoch)."""
         p = self.cfg.ppo
         n_tokens = float(exp.mask[rows].sum())
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         for micro in rows.split(micro_batch_size):
             mb = exp.select(micro)
-            logp, entropy = self._token_logprobs(self.policy, mb, with_entropy=True)
+            if first is not None:
+                assert len(micro) == len(rows), "a fused forward covers exactly one micro-batch"
+            logp, entropy, values = first if first is not None else self._forward(mb)
             pg = ppo.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
                                          p.clip_ratio, weights=mb.is_weights, normaliser=n_tokens)
-            vf = ppo.clipped_value_loss(self._values(mb), mb.old_values, mb.returns, mb.mask,
+            vf = ppo.clipped_value_loss(values, mb.old_values, mb.returns, mb.mask,
                                         p.value_clip, normaliser=n_tokens)
             if p.entropy_coef == 0:
                 entropy = entropy.detach()
@@ -398,8 +429,22 @@ class Learner:
         started = time.perf_counter()
         p = self.cfg.ppo
 
-        # 1-3. tokens, no-grad passes, rewards and advantages
-        exp, metrics = self.prepare(rollouts)
+        # 1. tokens
+        exp = self.tokens(rollouts)
+        first_order = torch.randperm(len(exp), generator=self.shuffle).to(self.device)
+
+        # 2. no-grad passes. One micro-batch per update: the first epoch's forward pass, made
+        # now with gradient, is the proximal policy (Hilton et al.'s pi_prox is the policy
+        # before this update's first step), so its no-grad twin is skipped.
+        fused = self.fuse_first_pass and len(exp) <= min(p.minibatch_size, p.micro_batch_size)
+        first = None
+        self._no_grad_passes(exp, proximal=not fused)
+        if fused:
+            first = self._forward(exp.select(first_order))
+            self._proximal_from(exp, first_order, first)
+
+        # 3. rewards and advantages
+        metrics = self._advantages(exp)
         if ppo.any_nonfinite(exp.rewards, exp.advantages, exp.returns):
             return self._skip(metrics, started)
 
@@ -409,10 +454,11 @@ class Learner:
         ptx_cursor = self.ptx_cursor
         stats: dict[str, list[float]] = defaultdict(list)
         grad_norms: dict[str, list[float]] = defaultdict(list)
-        for _epoch in range(p.epochs):
-            order = torch.randperm(len(exp), generator=self.shuffle).to(self.device)
+        for epoch in range(p.epochs):
+            order = first_order if epoch == 0 else torch.randperm(len(exp), generator=self.shuffle).to(self.device)
             for rows in order.split(p.minibatch_size):
-                mb_stats = self.accumulate_gradients(exp, rows, p.micro_batch_size)
+                mb_stats = self.accumulate_gradients(exp, rows, p.micro_batch_size,
+                                                     first=first if epoch == 0 else None)
                 clip = torch.nn.utils.clip_grad_norm_
                 policy_norm = clip(self.policy.parameters(), p.max_grad_norm)
                 critic_norm = clip(self.critic.parameters(), p.max_grad_norm)
@@ -455,6 +501,7 @@ class Learner:
             "learner/lr": self.policy_scheduler.get_last_lr()[0],
             "learner/critic_lr": self.critic_scheduler.get_last_lr()[0],
             "learner/optimizer_steps": float(steps),
+            "learner/fused_first_pass": float(fused),
             "learner/skipped_nonfinite": 0.0,
             "learner/nonfinite_total": float(self.nonfinite_total),
             "perf/update_seconds": time.perf_counter() - started,

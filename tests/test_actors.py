@@ -8,6 +8,7 @@ samples_per_prompt=4, a short max_new_tokens and a stop string, so both finish r
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 
@@ -16,13 +17,14 @@ import pytest
 import torch
 
 from cluster.config import TameConfig
-from cluster.records import (
-    Prompt,
+from cluster.records import Prompt, prompt_token_ids
+from cluster.transport import (
+    ObjectStoreTransport,
     WeightsHandle,
-    fingerprint,
-    fingerprints_match,
-    pack_state_dict,
-    prompt_token_ids,
+    compare_probes,
+    export_tensors,
+    import_tensors,
+    probes_of,
 )
 
 PROMPTS = [
@@ -97,29 +99,30 @@ def max_logprob_error(model, batch, temperature: float) -> float:
 
 
 def perturbed_handle(hf_policy, version: int, seed: int, dtype=None) -> tuple[WeightsHandle, dict]:
-    """A published version: the policy's weights plus noise, packed into one buffer in Ray."""
-    import ray
-
+    """A published version: the policy's weights plus noise, in the object store."""
     gen = torch.Generator().manual_seed(seed)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in hf_policy.state_dict().items()}
-    flat, specs = pack_state_dict(state, dtype)
-    tensors = [t.to(dtype) for t in state.values()] if dtype is not None else state.values()
-    handle = WeightsHandle(version=version, buffer=ray.put(flat), specs=specs,
-                           fingerprint=fingerprint(tensors), nbytes=flat.nbytes)
-    return handle, state
+    return ObjectStoreTransport().publish(state.items(), version, dtype), state
 
 
-def test_ready_reports_version_zero_and_the_disk_fingerprint(actors, hf_policy, tiny_assets):
+def engine_holds(actor, state: dict) -> bool:
+    """Whether the engine's own probes match the weights of `state`."""
+    import ray
+
+    measured, fused = ray.get(actor.probes.remote())
+    return compare_probes(measured, probes_of(state.items()), fused).ok
+
+
+def test_ready_reports_version_zero_and_the_engine_holds_the_disk_weights(actors, tiny_assets):
     from safetensors.torch import load_file
 
-    _, _, infos = actors
-    on_disk = fingerprint(load_file(tiny_assets.policy / "model.safetensors").values())
+    scored, warm, infos = actors
+    on_disk = load_file(tiny_assets.policy / "model.safetensors")
     assert [info["actor_id"] for info in infos] == [0, 1]
     assert [info["policy_version"] for info in infos] == [0, 0]
     assert infos[0]["pid"] != infos[1]["pid"]
     # Measured from the engine (vLLM fuses q/k/v and gate/up, packs linears for oneDNN).
-    for info in infos:
-        assert fingerprints_match(info["fingerprint"], on_disk), (info["fingerprint"], on_disk)
+    assert engine_holds(scored, on_disk) and engine_holds(warm, on_disk)
 
 
 def test_generate_returns_well_formed_scored_records(actors, tokenizer, hf_policy):
@@ -199,10 +202,9 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
     handle, state = perturbed_handle(hf_policy, version=1, seed=1)
     result = ray.get(scored.load_weights.remote(handle))
 
-    assert result["policy_version"] == 1 and result["loaded"] is True
-    assert result["bytes"] == handle.nbytes and result["seconds"] > 0
-    assert fingerprints_match(result["fingerprint"], handle.fingerprint)
-    assert not fingerprints_match(result["fingerprint"], fingerprint(hf_policy.state_dict().values()))
+    assert result["policy_version"] == 1 and result["loaded"] is True and result["verified"] is True
+    assert result["bytes"] == handle.nbytes and result["seconds"] > result["verify_seconds"] > 0
+    assert engine_holds(scored, state) and not engine_holds(scored, hf_policy.state_dict())
     assert ray.get(scored.policy_version.remote()) == 1
 
     batch = ray.get(scored.generate.remote(PROMPTS))
@@ -211,11 +213,13 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
     assert max_logprob_error(new_policy, batch, temperature=1.0) < 1e-4
     assert max_logprob_error(hf_policy, batch, temperature=1.0) > 1e-2
 
-    # An older or equal version changes nothing.
-    older, _ = perturbed_handle(hf_policy, version=1, seed=2)
+    # The version held again: verified, not loaded. An older one changes nothing.
+    again = ray.get(scored.load_weights.remote(handle))
+    assert again["loaded"] is False and again["verified"] is True and again["bytes"] == 0
+    older, _ = perturbed_handle(hf_policy, version=0, seed=2)
     again = ray.get(scored.load_weights.remote(older))
-    assert again["loaded"] is False and again["policy_version"] == 1 and again["bytes"] == 0
-    assert again["fingerprint"] == result["fingerprint"]
+    assert again["loaded"] is False and again["verified"] is None and again["policy_version"] == 1
+    assert engine_holds(scored, state)
 
 
 def test_a_policy_that_ends_at_once_finishes_with_stop(actors, hf_policy, tokenizer):
@@ -231,11 +235,9 @@ def test_a_policy_that_ends_at_once_finishes_with_stop(actors, hf_policy, tokeni
     state["model.norm.weight"].zero_()
     state["model.norm.weight"][j] = 1.0
     state["lm_head.weight"][eos, j] = 3.0
-    flat, specs = pack_state_dict(state)
     version = ray.get(scored.policy_version.remote()) + 1
-    handle = WeightsHandle(version=version, buffer=ray.put(flat), specs=specs,
-                           fingerprint=fingerprint(state.values()), nbytes=flat.nbytes)
-    assert fingerprints_match(ray.get(scored.load_weights.remote(handle))["fingerprint"], handle.fingerprint)
+    handle = ObjectStoreTransport().publish(state.items(), version)
+    assert ray.get(scored.load_weights.remote(handle))["verified"] is True
 
     batch = ray.get(scored.generate.remote(PROMPTS))
     assert [r.response_token_ids for r in batch.rollouts] == [[eos]] * len(PROMPTS)
@@ -245,14 +247,16 @@ def test_a_policy_that_ends_at_once_finishes_with_stop(actors, hf_policy, tokeni
 
 
 def test_weight_load_in_bfloat16_transport(actors, hf_policy):
-    """A handle in a narrower dtype than the engine is cast on load; fingerprints still agree."""
+    """A handle in a narrower dtype than the engine is cast on load; the probes still agree."""
     import ray
 
     _, warm, _ = actors
-    handle, _ = perturbed_handle(hf_policy, version=3, seed=3, dtype=torch.bfloat16)
+    handle, state = perturbed_handle(hf_policy, version=3, seed=3, dtype=torch.bfloat16)
+    assert {s.dtype for s in handle.specs} == {"bfloat16"}
     result = ray.get(warm.load_weights.remote(handle))
-    assert result["policy_version"] == 3
-    assert fingerprints_match(result["fingerprint"], handle.fingerprint)
+    assert result["policy_version"] == 3 and result["verified"] is True
+    assert engine_holds(warm, {k: v.bfloat16() for k, v in state.items()})
+    assert not engine_holds(warm, state)  # the float32 values were rounded on the way
 
 
 @pytest.mark.parametrize("break_it, message", [
@@ -267,6 +271,7 @@ def test_broken_handle_is_refused_and_the_actor_keeps_serving(actors, hf_policy,
 
     scored, _, _ = actors
     before = ray.get(scored.ready.remote())
+    held = ray.get(scored.probes.remote())
     state = dict(hf_policy.state_dict())
     bad = "model.layers.1.mlp.down_proj.weight"
     if break_it == "shape":
@@ -275,9 +280,7 @@ def test_broken_handle_is_refused_and_the_actor_keeps_serving(actors, hf_policy,
         state[bad + "s"] = state.pop(bad)
     else:
         del state[bad]
-    flat, specs = pack_state_dict(state)
-    handle = WeightsHandle(version=before["policy_version"] + 10, buffer=ray.put(flat),
-                           specs=specs, fingerprint=fingerprint(state.values()), nbytes=flat.nbytes)
+    handle = ObjectStoreTransport().publish(state.items(), before["policy_version"] + 10)
 
     with pytest.raises(ray.exceptions.RayTaskError) as err:
         ray.get(scored.load_weights.remote(handle))
@@ -285,9 +288,9 @@ def test_broken_handle_is_refused_and_the_actor_keeps_serving(actors, hf_policy,
     assert message in str(err.value)
 
     after = ray.get(scored.ready.remote())
-    assert after["pid"] == before["pid"]
-    assert after["policy_version"] == before["policy_version"]
-    assert after["fingerprint"] == before["fingerprint"]
+    assert after == before
+    assert ray.get(scored.probes.remote())[0].keys() == held[0].keys()
+    assert all(np.array_equal(a, held[0][k]) for k, a in ray.get(scored.probes.remote())[0].items())
     batch = ray.get(scored.generate.remote(PROMPTS[:1]))
     assert batch.policy_version == before["policy_version"] and len(batch.rollouts) == 1
 
@@ -310,18 +313,53 @@ def _model_with(model, state: dict):
     return clone.eval()
 
 
-def test_pack_into_a_reused_buffer_round_trips():
-    from cluster.records import unpack_state_dict
-
+def test_exported_tensors_round_trip_as_views():
     state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1.5, -2.0]).bfloat16()}
-    out = np.full(1024, 7, dtype=np.uint8)
-    flat, specs = pack_state_dict(state, out=out)
-    assert flat.base is out or np.shares_memory(flat, out)
-    assert [s.offset for s in specs] == [0, 64]  # 64-byte aligned
-    flat.flags.writeable = False  # as ray.get returns it: unpacked without a warning
+    arrays, specs = export_tensors(state.items())
+    assert np.shares_memory(arrays[0], state["a"].numpy())  # float32 on CPU: no copy before ray.put
+    assert [(s.name, s.shape, s.dtype) for s in specs] == [("a", (2, 3), "float32"), ("b", (2,), "bfloat16")]
+    for a in arrays:
+        a.flags.writeable = False  # as ray.get returns them: viewed without a warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        views = unpack_state_dict(flat, specs)
+        views = import_tensors(arrays, specs)
     assert torch.equal(views["a"], state["a"]) and torch.equal(views["b"], state["b"])
-    with pytest.raises(ValueError, match="at least 128 bytes"):
-        pack_state_dict(state, out=np.empty(67, dtype=np.uint8))
+
+    staging = {}
+    arrays, specs = export_tensors(state.items(), torch.bfloat16, staging)
+    assert {s.dtype for s in specs} == {"bfloat16"} and staging["a"].dtype == torch.bfloat16
+    again, _ = export_tensors(state.items(), torch.bfloat16, staging)
+    assert np.shares_memory(again[0], arrays[0])  # the cast goes into the same staging buffer
+    assert torch.equal(import_tensors(again, specs)["a"], state["a"].bfloat16())
+
+
+@pytest.mark.parametrize("corruption", ["row", "scale"])
+def test_a_corrupted_tensor_of_any_layer_fails_verification(actors, hf_policy, corruption):
+    """The engine is handed weights in which one tensor differs from the published ones (one
+    row zeroed, or the whole tensor scaled by 1.001): the probes catch it for every tensor
+    of the model, naming the engine tensor that holds it; the clean weights verify."""
+    import ray
+
+    _, warm, _ = actors
+    clean = {k: v.clone() for k, v in hf_policy.state_dict().items()}
+    probes = ray.put(probes_of(clean.items()))
+    version = ray.get(warm.policy_version.remote())
+    for name in clean:
+        bad = dict(clean)
+        if corruption == "row":  # row 1: row 0 of the embedding is the padding token's, zero already
+            assert clean[name][1].abs().sum() > 0, name
+            bad[name] = clean[name].clone()
+            bad[name][1] = 0.0
+        else:
+            bad[name] = clean[name] * 1.001
+        arrays, specs = export_tensors(bad.items())
+        version += 1
+        handle = WeightsHandle(version, ray.put(tuple(arrays)), specs, probes, 0)
+        result = ray.get(warm.load_weights.remote(handle))
+        assert result["loaded"] is True and result["verified"] is False, name
+        # vLLM fuses q/k/v and gate/up: the problem names the fused tensor.
+        fused = re.sub(r"\.(gate|up)_proj\.", ".gate_up_proj.", re.sub(r"\.[qkv]_proj\.", ".qkv_proj.", name))
+        assert f"engine tensor {fused!r}" in result["problem"], (name, result["problem"])
+    arrays, specs = export_tensors(clean.items())
+    result = ray.get(warm.load_weights.remote(WeightsHandle(version + 1, ray.put(tuple(arrays)), specs, probes, 0)))
+    assert result["verified"] is True and result["probe_rms_error"] < 1e-6

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cluster.config import load_config
-from cluster.records import Rollout, fingerprint, unpack_state_dict
+from cluster.records import Rollout
+from cluster.transport import ObjectStoreTransport, compare_probes, probes_of
 from learner.learner import Learner, NonFiniteUpdatesError
 from learner.sampling import sample_rollouts
 
@@ -311,10 +312,13 @@ def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tin
                     for a, b in zip(r.behaviour_logprobs, lp))
     assert stale_gap > 1e-2  # the engine still runs version 0
 
-    flat = ray_local.get(handle.buffer)
-    state = unpack_state_dict(flat, handle.specs)
-    assert fingerprint(state.values()) == handle.fingerprint
-    assert handle.nbytes == flat.nbytes
+    state = ObjectStoreTransport.fetch(handle)
+    published = ObjectStoreTransport.probes(handle)
+    recomputed = probes_of(state.items())
+    assert published.keys() == recomputed.keys() == {n for n, _ in learner.policy.named_parameters()}
+    check = compare_probes(recomputed, published)  # equal up to float32 summation order
+    assert check.ok and check.rms_error < 1e-6, check
+    assert handle.nbytes == sum(t.numel() * t.element_size() for t in state.values())
     llm.collective_rpc(lambda w: w.reload_weights(weights_iterator=iter(state.items())))
     llm.reset_prefix_cache()
 

@@ -1,0 +1,246 @@
+"""Weight transport: how a policy version travels from the learner into the rollout engines,
+and how an engine proves what it holds.
+
+The interface is two calls. The learner `publish`es named tensors with a version and gets a
+`WeightsHandle`; an actor `fetch`es the handle's tensors (zero-copy views) and loads them
+into its engine. `ObjectStoreTransport` is the first implementation: every tensor of a
+version goes into the Ray object store as one object (a tuple of numpy arrays, which
+`ray.get` maps without copying). A collective transport (NCCL, vLLM's weight-transfer
+engines) is another class with the same two methods.
+
+Proof. With every version the learner publishes *probes*: for each 2-D weight W (N, K) the
+projection W @ x_K onto a fixed random vector x_K (seeded by K, the same in every process),
+for each 1-D weight the weight itself. One matrix-vector product per weight, in float32,
+about one read of the weights. An engine computes the same projections from the weights it
+computes with (through its own kernels where it keeps them packed), and `compare_probes`
+checks them tensor by tensor. Fused weights (q/k/v, gate/up) project to the concatenation
+of their parts' projections, so the check needs only the engine's fusion map. A change in
+any tensor moves its projection: one optimizer step at lr 1e-6 moves it by about lr / |W|
+(5e-5 relative at |W| ~ 0.02), far above float32 rounding (about 1e-7).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+# Probe agreement bounds, relative to the projection's size (its RMS): float32 rounding of one
+# dot product is about 1e-7 of it; a real difference (another version, a corrupted tensor, a
+# load that did not happen) is orders of magnitude above.
+PROBE_RMS_TOL = 1e-5
+"""Largest RMS of (measured - expected) / RMS(expected) over one tensor's projection."""
+PROBE_MAX_TOL = 1e-4
+"""Largest single |measured - expected| / max|expected| of one tensor's projection."""
+_ROWS_PER_CHUNK = 8192  # rows cast to float32 at a time: no full-size copy of a large weight
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    """The tensor's name in the Hugging Face checkpoint format the engines were built from."""
+    shape: tuple[int, ...]
+    dtype: str
+    """torch dtype name ("float32", "bfloat16", ...): what the bytes hold."""
+
+
+@dataclass(frozen=True)
+class WeightsHandle:
+    """A published policy version: its tensors and probes in the Ray object store."""
+
+    version: int
+    tensors: Any
+    """ray.ObjectRef of a tuple of numpy arrays, in the order of `specs` (bfloat16 as int16)."""
+    specs: tuple[TensorSpec, ...]
+    probes: Any
+    """ray.ObjectRef of {name: float32 projection} (see the module docstring)."""
+    nbytes: int
+
+
+# --------------------------------------------------------------------------- probes
+
+
+@lru_cache(maxsize=64)
+def _probe_vector_cpu(width: int):
+    import torch
+
+    return torch.randn(width, generator=torch.Generator().manual_seed(width), dtype=torch.float32)
+
+
+def probe_vector(width: int, device: Any = "cpu", dtype: Any = None):
+    """x_K: the fixed standard-normal probe for inputs of width K, seeded by K."""
+    x = _probe_vector_cpu(width)
+    return x.to(device=device, dtype=dtype or x.dtype)
+
+
+def probe(tensor: Any, dtype: Any = None):
+    """The probe of one weight, on its own device, of its values cast to `dtype` (the
+    transport's) when given: W @ x_K for W of shape (..., K), flattened to (N, K); the values
+    themselves for a 1-D weight. Float32; large weights go in row chunks, so no float32 copy
+    of a whole low-precision weight is made. -> (N,)"""
+    import torch
+
+    t = tensor.detach()
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype) if t.ndim <= 1 else t  # 2-D weights are cast chunk by chunk below
+    if t.ndim <= 1:
+        return t.reshape(-1).float()
+    rows = t.reshape(-1, t.shape[-1])
+    x = probe_vector(t.shape[-1], t.device)
+    cast = dtype if dtype is not None and rows.dtype != dtype else None
+    if rows.dtype == torch.float32 and cast is None:
+        return rows @ x
+    return torch.cat([(chunk.to(cast) if cast else chunk).float() @ x
+                      for chunk in rows.split(_ROWS_PER_CHUNK)])
+
+
+def probes_of(named: Iterable[tuple[str, Any]], dtype: Any = None) -> dict[str, np.ndarray]:
+    """{name: probe} of named tensors (cast to `dtype` when given), float32 numpy on the host."""
+    return {name: probe(t, dtype).cpu().numpy() for name, t in named}
+
+
+@dataclass(frozen=True)
+class ProbeCheck:
+    """What `compare_probes` found: the worst tensor and how far it was off."""
+
+    ok: bool
+    worst: str | None
+    """The tensor (engine name) with the largest relative RMS difference."""
+    rms_error: float
+    max_error: float
+    problem: str | None = None
+    """Why the check failed, naming the tensor."""
+
+
+def compare_probes(measured: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
+                   fused: Mapping[str, Iterable[str]] = {}) -> ProbeCheck:
+    """Check an engine's probes (by engine tensor name) against the published ones (by
+    checkpoint name). `fused` maps an engine module name to the checkpoint modules it
+    concatenates (vLLM's `packed_modules_mapping`, e.g. qkv_proj -> q_proj, k_proj, v_proj).
+    An engine projection may be longer than the expected one (vocabulary padding): the extra
+    entries are not compared. Every published tensor must be covered."""
+    covered: set[str] = set()
+    worst, worst_rms, worst_max = None, 0.0, 0.0
+    for name, got in measured.items():
+        parts = _checkpoint_names(name, expected, fused)
+        if parts is None:
+            return ProbeCheck(False, name, np.inf, np.inf, f"engine tensor {name!r} has no published counterpart")
+        covered.update(parts)
+        want = np.concatenate([expected[p] for p in parts]).astype(np.float64)
+        got = np.asarray(got, dtype=np.float64)
+        if got.shape[0] < want.shape[0]:
+            return ProbeCheck(False, name, np.inf, np.inf,
+                              f"engine tensor {name!r} has {got.shape[0]} rows, the published {len(want)}")
+        diff = got[: want.shape[0]] - want
+        scale = max(float(np.sqrt(np.mean(want * want))), 1e-30)
+        rms = float(np.sqrt(np.mean(diff * diff))) / scale
+        peak = float(np.abs(diff).max()) / max(float(np.abs(want).max()), 1e-30)
+        if not np.isfinite(rms) or rms > worst_rms or worst is None:
+            worst, worst_rms = name, rms
+        worst_max = max(worst_max, peak)
+        if not (rms <= PROBE_RMS_TOL and peak <= PROBE_MAX_TOL):
+            return ProbeCheck(False, name, rms, peak,
+                              f"engine tensor {name!r} differs from the published weights "
+                              f"(relative RMS {rms:.2e}, largest {peak:.2e})")
+    missing = [name for name in expected if name not in covered]
+    if missing:
+        return ProbeCheck(False, missing[0], np.inf, np.inf,
+                          f"published tensor {missing[0]!r} is not in the engine")
+    return ProbeCheck(True, worst, worst_rms, worst_max)
+
+
+def _checkpoint_names(engine_name: str, expected: Mapping[str, Any],
+                      fused: Mapping[str, Iterable[str]]) -> list[str] | None:
+    if engine_name in expected:
+        return [engine_name]
+    parts = engine_name.split(".")
+    for i, part in enumerate(parts):
+        if part in fused:
+            names = [".".join(parts[:i] + [p] + parts[i + 1:]) for p in fused[part]]
+            if all(n in expected for n in names):
+                return names
+    return None
+
+
+# --------------------------------------------------------------------------- tensors <-> arrays
+
+
+def export_tensors(named: Iterable[tuple[str, Any]], dtype: Any = None,
+                   staging: dict[str, Any] | None = None) -> tuple[list[np.ndarray], tuple[TensorSpec, ...]]:
+    """Host arrays of named tensors for the object store, in the transport `dtype`.
+
+    A CPU tensor already in that dtype is handed over as a view (no copy: `ray.put` makes the
+    one copy). A cast or a device tensor is copied once into `staging` (reused across
+    versions, pinned on CUDA), with one synchronise at the end."""
+    import torch
+
+    arrays, specs = [], []
+    copies = False
+    for name, t in named:
+        t = t.detach()
+        want = dtype or t.dtype
+        if t.device.type == "cpu" and t.dtype == want and t.is_contiguous():
+            host = t
+        else:
+            host = staging.get(name) if staging is not None else None
+            if host is None or host.shape != t.shape or host.dtype != want:
+                host = torch.empty(t.shape, dtype=want, pin_memory=t.device.type == "cuda")
+                if staging is not None:
+                    staging[name] = host
+            host.copy_(t, non_blocking=True)
+            copies = copies or t.device.type != "cpu"
+        specs.append(TensorSpec(name, tuple(t.shape), str(want).removeprefix("torch.")))
+        arrays.append((host.view(torch.int16) if want == torch.bfloat16 else host).numpy())
+    if copies:
+        torch.cuda.synchronize()
+    return arrays, tuple(specs)
+
+
+def import_tensors(arrays: Iterable[np.ndarray], specs: Iterable[TensorSpec]) -> dict[str, Any]:
+    """Torch views (no copy) of the arrays `export_tensors` made, by name."""
+    import torch
+
+    out = {}
+    with warnings.catch_warnings():
+        # ray.get hands out read-only shared memory; the views are only ever read.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for array, spec in zip(arrays, specs, strict=True):
+            t = torch.from_numpy(array)
+            out[spec.name] = t.view(torch.bfloat16) if spec.dtype == "bfloat16" else t
+    return out
+
+
+class ObjectStoreTransport:
+    """Weights through the Ray object store: one object per version, zero-copy reads."""
+
+    def __init__(self):
+        self._staging: dict[str, Any] = {}
+
+    def publish(self, named: Iterable[tuple[str, Any]], version: int, dtype: Any = None) -> WeightsHandle:
+        """Put the named tensors (cast to `dtype` when given) and their probes into the store."""
+        import ray
+
+        named = list(named)
+        arrays, specs = export_tensors(named, dtype, self._staging)
+        # Probed where they live (on the GPU, say), as sent: after the cast.
+        probes = probes_of(named, dtype)
+        return WeightsHandle(version=version, tensors=ray.put(tuple(arrays)), specs=specs,
+                             probes=ray.put(probes), nbytes=sum(int(a.nbytes) for a in arrays))
+
+    @staticmethod
+    def fetch(handle: WeightsHandle) -> dict[str, Any]:
+        """The handle's tensors as read-only torch views of the object store's memory."""
+        import ray
+
+        arrays = handle.tensors if isinstance(handle.tensors, tuple) else ray.get(handle.tensors)
+        return import_tensors(arrays, handle.specs)
+
+    @staticmethod
+    def probes(handle: WeightsHandle) -> dict[str, np.ndarray]:
+        import ray
+
+        return handle.probes if isinstance(handle.probes, dict) else ray.get(handle.probes)
