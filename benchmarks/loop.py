@@ -1,11 +1,26 @@
-"""The actor-learner loop end to end: samples/s and step time with max_staleness 0
-(synchronous PPO) and 1 (generation overlapping training), on the small assets, in one run.
+"""The actor-learner loop against a one-process PPO baseline on the same cores, in one run.
 
-Also the share of wall time the learner waited for data and the actors waited for weights,
-the two costs that asynchronous PPO trades against staleness. Prints a table, then one JSON
-object as the last line.
+For each model size (the small assets, about 3.6M parameters, and the tiny ones), with 32
+prompts per update, 64-token responses, one PPO epoch and 16 updates:
 
-    .venv/bin/python benchmarks/loop.py [--updates 12] [--actors 1] [--assets runs/assets/small]
+- *one process*: what a single-process PPO trainer does, in this process with every core:
+  Hugging Face `generate` with sampling, the reward model's forward (`RewardModel.score`),
+  and the same `Learner.update`, one after the other;
+- *tame, max_staleness 0*: `tame train` on Ray (a vLLM rollout actor, the Serve reward
+  service, the learner), synchronous: the roles take turns, each with 2 threads;
+- *tame, max_staleness 1*: the same, overlapped: the actor (1 thread) generates the next
+  batch while the learner (2 threads, waiting passively) trains.
+
+Samples/s counts from the end of the first update in every case (start-up and warm-up are
+reported apart). Next to it: samples dropped as too stale; the shares of each interval the
+learner and the actors sat idle; the pipeline efficiency, samples/s / (B / max(t_generate +
+t_score, t_update)) with both times measured in the same run (1.0: the slower role never
+waits); and the physical limit on these cores, cores / (core-seconds per sample of
+generation + scoring + update, each measured on one thread).
+
+    .venv/bin/python benchmarks/loop.py [--sizes small tiny] [--updates 16] [--sweep-threads]
+
+Prints a table, then one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -13,68 +28,233 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BATCH, NEW_TOKENS, CORES = 32, 64, 2
+THREADS = {0: (2, 2, 2), 1: (2, 1, 1)}
+"""max_staleness -> threads of (learner, actor, reward replica): what this 2-core machine should use."""
 
 
-def run(assets: Path, out: Path, staleness: int, updates: int, actors: int) -> dict:
+def overrides(assets: Path, updates: int) -> list[str]:
+    """The run both sides share: model-only reward, B prompts per update, one epoch, one
+    micro-batch (so the first epoch's forward pass is the proximal one, in both)."""
+    return [f"model.policy={assets / 'policy'}", f"model.reward={assets / 'reward'}", "model.build_assets=null",
+            f"data.prompts={assets / 'data/prompts.jsonl'}", f"train.total_updates={updates}",
+            f"train.rollout_batch_size={BATCH}", f"rollout.prompts_per_batch={BATCH}", "ppo.epochs=1",
+            f"ppo.minibatch_size={BATCH}", f"ppo.micro_batch_size={BATCH}",
+            f"rollout.sampling.max_new_tokens={NEW_TOKENS}", "reward.functions=[]",
+            "logging.wandb.mode=disabled", "learner.checkpoint_every=1000"]
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def hf_rollouts(model, tokenizer, prompts, temperature: float):
+    """Sampled responses with their behaviour log-probs from Hugging Face `generate`."""
+    import torch
+
+    from cluster.records import Rollout, prompt_token_ids
+
+    ids = [prompt_token_ids(tokenizer, p.messages) for p in prompts]
+    width = max(len(i) for i in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, i in enumerate(ids):  # left-padded, as generate wants
+        input_ids[row, width - len(i):] = torch.tensor(i)
+        attention[row, width - len(i):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS,
+                             output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    new = out.sequences[:, width:]  # (B, T)
+    logits = torch.stack(out.logits, dim=1).float() / temperature  # (B, T, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+    rollouts = []
+    for row, prompt in enumerate(prompts):
+        tokens = new[row].tolist()
+        end = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
+        rollouts.append(Rollout(prompt.prompt_id, 0, prompt.text, ids[row], tokens[:end],
+                                tokenizer.decode(tokens[:end], skip_special_tokens=True), logp[row, :end].tolist(),
+                                "stop" if tokens[end - 1] == tokenizer.eos_token_id else "length",
+                                0, -1, 0.0))
+    return rollouts
+
+
+def one_process(assets: Path, updates: int, out: Path) -> dict:
+    """The baseline: generate, score, update in sequence in this process, on every core."""
+    import torch
+
+    from cluster.config import load_config
+    from cluster.data import PromptSource, load_prompts
+    from learner.learner import Learner
+    from reward_service.model import RewardModel
+
+    cfg = load_config(REPO / "configs/smoke.yaml", [*overrides(assets, updates), f"run.output_dir={out}",
+                                                    "run.name=one-process", f"learner.threads={CORES}"])
+    learner = Learner(cfg, str(cfg.run_dir))  # sets torch's thread count to CORES
+    reward = RewardModel.load(cfg.model.reward, max_length=cfg.reward.max_length)
+    source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
+    torch.manual_seed(cfg.run.seed)
+
+    steps = []
+    for _ in range(updates):
+        prompts = source.take(BATCH)
+        t0 = time.perf_counter()
+        rollouts = hf_rollouts(learner.policy, learner.tokenizer, prompts, cfg.rollout.sampling.temperature)
+        t1 = time.perf_counter()
+        for r, s in zip(rollouts, reward.score([r.prompt_text for r in rollouts], [r.response_text for r in rollouts])):
+            r.score = s
+        t2 = time.perf_counter()
+        learner.update(rollouts)
+        t3 = time.perf_counter()
+        steps.append((t1 - t0, t2 - t1, t3 - t2))
+
+    # The core-seconds of scoring and of an update on one thread, for the physical limit.
+    torch.set_num_threads(1)
+    texts = ([r.prompt_text for r in rollouts], [r.response_text for r in rollouts])
+    score_1t = min(timed(lambda: reward.score(*texts)) for _ in range(3))
+    update_1t = min(timed(lambda: learner.update(rollouts)) for _ in range(3))
+    torch.set_num_threads(CORES)
+
+    steady = steps[1:]  # as for tame: from the end of the first update
+    gen, score, update = (statistics.mean(s[i] for s in steady) for i in range(3))
+    return {"samples_per_s": BATCH / (gen + score + update), "generate_s": gen, "score_s": score,
+            "update_s": update, "score_core_s_per_sample": score_1t / BATCH,
+            "update_core_s_per_sample": update_1t / BATCH}
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- tame
+
+
+def tame(assets: Path, updates: int, out: Path, k: int, learner_threads: int, actor_threads: int,
+         reward_threads: int) -> dict:
     from cluster.config import load_config
     from cluster.controller import train
 
+    name = f"k{k}-l{learner_threads}-a{actor_threads}"
     cfg = load_config(REPO / "configs/smoke.yaml", [
-        f"model.policy={assets / 'policy'}", f"model.reward={assets / 'reward'}", "model.build_assets=null",
-        f"data.prompts={assets / 'data/prompts.jsonl'}", f"run.output_dir={out}", f"run.name=stale{staleness}",
-        f"train.max_staleness={staleness}", f"train.total_updates={updates}", f"rollout.num_actors={actors}",
-        "train.rollout_batch_size=64", "rollout.prompts_per_batch=32", "ppo.minibatch_size=32",
-        "ppo.micro_batch_size=32", "rollout.sampling.max_new_tokens=24", "logging.wandb.mode=disabled",
-        "reward.functions=[]", "learner.checkpoint_every=1000",
-    ])
+        *overrides(assets, updates), f"run.output_dir={out}", f"run.name={name}", f"train.max_staleness={k}",
+        "rollout.num_actors=1", "rollout.num_cpus=1", "learner.num_cpus=1",
+        f"learner.threads={learner_threads}", f"rollout.threads={actor_threads}", f"reward.threads={reward_threads}"])
     summary = train(cfg, log=lambda *_: None)
-    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[len(rows) // 3:]  # the first updates include the engines' warm-up
-    step = sum(r["perf/step_seconds"] for r in steady) / len(steady)
-    span = steady[-1]["perf/samples"] - steady[0]["perf/samples"]
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
+    t_update = mean("perf/update_seconds")
+    t_generate = BATCH * mean("perf/generate_seconds_per_sample")
+    t_score = BATCH * mean("perf/score_seconds_per_sample")
+    rate = summary["samples_per_second"]
     return {
-        "samples_per_s": summary["samples_per_second"],
-        "step_seconds": step,
-        "learner_wait_share": rows[-1]["perf/learner_idle_share"],
-        "actor_wait_share": rows[-1]["perf/actor_idle_share"],
-        "staleness_mean": sum(r["rollout/staleness_mean"] for r in rows) / len(rows),
-        "steady_samples": span,
+        "max_staleness": k, "learner_threads": learner_threads, "actor_threads": actor_threads,
+        "reward_threads": reward_threads,
+        "samples_per_s": rate, "startup_s": summary["startup_seconds"], "wall_s": summary["wall_seconds"],
+        "dropped_stale": summary["dropped_stale"], "samples": summary["samples"],
+        "learner_idle_share": mean("perf/learner_idle_share"), "actor_idle_share": mean("perf/actor_idle_share"),
+        "update_s": t_update, "generate_s": t_generate, "score_s": t_score,
+        "pipeline_efficiency": rate * max(t_generate + t_score, t_update) / BATCH,
+        "staleness_mean": mean("rollout/staleness_mean"),
+        "generate_core_s_per_sample": mean("perf/generate_seconds_per_sample") * actor_threads,
     }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median samples/s, with the spread of all of them."""
+    ranked = sorted(runs, key=lambda r: r["samples_per_s"])
+    return {**ranked[len(ranked) // 2], "samples_per_s_all": [round(r["samples_per_s"], 2) for r in runs]}
+
+
+def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, log) -> dict:
+    """Every configuration `repeats` times, in turns, so that load from other processes on a
+    shared machine hits all of them alike; each reported by its median run."""
+    from cluster.assets import ensure_assets
+
+    assets = ensure_assets(root / size, size, 0, log=lambda *_: None).root
+    out = Path(tempfile.mkdtemp(prefix=f"tame-loop-{size}-"))
+    settings = [(k, lt, at, rt) for k in (0, 1) for lt in (1, 2) for at in (1, 2) for rt in (1, 2)] if sweep \
+        else [(k, *THREADS[k]) for k in (0, 1)]
+    bases, runs = [], {s: [] for s in settings}
+    for round_ in range(repeats):
+        log(f"{size} round {round_ + 1}/{repeats}: one-process baseline")
+        bases.append(one_process(assets, updates, out))
+        for k, lt, at, rt in settings:
+            log(f"{size} round {round_ + 1}/{repeats}: tame max_staleness {k}, threads: learner {lt}, "
+                f"actor {at}, reward {rt}")
+            runs[(k, lt, at, rt)].append(tame(assets, updates, out, k, lt, at, rt))
+    base = median_run(bases)
+    tames = [median_run(r) for r in runs.values()]
+    # The limit on these cores: each sample's generation (on one thread, as the k=1 actor runs
+    # it), scoring and update (on one thread), packed perfectly onto CORES cores.
+    one_thread_actor = [r for rs in runs.values() for r in rs if r["actor_threads"] == 1]
+    generate = statistics.median(r["generate_core_s_per_sample"] for r in one_thread_actor)
+    score = statistics.median(b["score_core_s_per_sample"] for b in bases)
+    update = statistics.median(b["update_core_s_per_sample"] for b in bases)
+    limit = CORES / (generate + score + update)
+    for r in tames:
+        r["over_one_process"] = r["samples_per_s"] / base["samples_per_s"]
+        r["of_limit"] = r["samples_per_s"] / limit
+    return {"size": size, "one_process": base, "tame": tames, "limit_samples_per_s": limit,
+            "limit_over_one_process": limit / base["samples_per_s"],
+            "core_s_per_sample": {"generate": generate, "score": score, "update": update}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--assets", type=Path, default=REPO / "runs/assets/small")
-    p.add_argument("--updates", type=int, default=12)
-    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--sizes", nargs="+", default=["small", "tiny"], choices=["tiny", "small", "base"])
+    p.add_argument("--updates", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each configuration, in turns (median reported)")
+    p.add_argument("--assets", type=Path, default=REPO / "runs/assets", help="folder of the <size>/ assets")
+    p.add_argument("--sweep-threads", action="store_true", help="every learner/actor thread count, both staleness")
     args = p.parse_args()
 
     import ray
 
-    from cluster.assets import ensure_assets
+    from cluster.controller import ENGINE_ENV
 
-    ensure_assets(args.assets, "small", 0, log=lambda *_: None)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    out = Path(tempfile.mkdtemp(prefix="tame-loop-"))
-    results = {k: run(args.assets, out, k, args.updates, args.actors) for k in (0, 1)}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ENGINE_ENV})
+    results = [bench_size(size, args.assets, args.updates, args.repeats, args.sweep_threads,
+                          lambda m: print(m, file=sys.stderr, flush=True)) for size in args.sizes]
     ray.shutdown()
 
-    print(f"\nactor-learner loop, small assets, {args.actors} actor(s), {args.updates} updates of 64 samples")
-    print(f"{'max_staleness':>14} {'samples/s':>10} {'step s':>8} {'learner waits':>14} {'actors wait':>12} {'staleness':>10}")
-    for k, r in results.items():
-        print(f"{k:>14} {r['samples_per_s']:>10.1f} {r['step_seconds']:>8.2f} {r['learner_wait_share']:>14.2f} "
-              f"{r['actor_wait_share']:>12.2f} {r['staleness_mean']:>10.2f}")
-    speedup = results[1]["samples_per_s"] / results[0]["samples_per_s"]
-    print(f"async / sync samples/s: {speedup:.2f}")
-    print(json.dumps({"sync": results[0], "async": results[1], "async_over_sync": speedup}))
+    for res in results:
+        base = res["one_process"]
+        print(f"\n{res['size']} assets: {BATCH} prompts x {NEW_TOKENS} new tokens per update, {args.updates} updates, "
+              f"{CORES} cores")
+        print(f"{'run':<34}{'samples/s':>10}{'x 1-proc':>9}{'of limit':>9}{'eff.':>6}{'dropped':>8}"
+              f"{'learner idle':>13}{'actor idle':>11}{'gen+score s':>12}{'update s':>9}{'start-up s':>11}")
+        print(f"{'one process (HF generate)':<34}{base['samples_per_s']:>10.1f}{1.0:>9.2f}"
+              f"{base['samples_per_s'] / res['limit_samples_per_s']:>9.2f}{'':>6}{0:>8}{'':>13}{'':>11}"
+              f"{base['generate_s'] + base['score_s']:>12.2f}{base['update_s']:>9.2f}{'':>11}")
+        for r in res["tame"]:
+            label = (f"tame k={r['max_staleness']} (threads {r['learner_threads']}/{r['actor_threads']}/"
+                     f"{r['reward_threads']})")
+            print(f"{label:<34}{r['samples_per_s']:>10.1f}{r['over_one_process']:>9.2f}{r['of_limit']:>9.2f}"
+                  f"{r['pipeline_efficiency']:>6.2f}{r['dropped_stale']:>8}{r['learner_idle_share']:>13.2f}"
+                  f"{r['actor_idle_share']:>11.2f}{r['generate_s'] + r['score_s']:>12.2f}{r['update_s']:>9.2f}"
+                  f"{r['startup_s']:>11.1f}")
+        cost = res["core_s_per_sample"]
+        print(f"limit: {CORES} cores / ({cost['generate'] * 1e3:.1f} generate + {cost['score'] * 1e3:.1f} score + "
+              f"{cost['update'] * 1e3:.1f} update core-ms per sample) = {res['limit_samples_per_s']:.1f} samples/s "
+              f"({res['limit_over_one_process']:.2f}x one process)")
+        print("samples/s of every round: " + "; ".join(
+            f"{r['label']}: {r['samples_per_s_all']}" for r in [{"label": "one process", **base}, *[
+                {"label": f"k={t['max_staleness']}", **t} for t in res["tame"]]]))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -115,7 +115,11 @@ class RolloutConfig(Section):
     num_actors: int = Field(1, ge=1, le=MAX_ACTORS)
     """Number of rollout actors (vLLM engines) at start; `tame scale` changes it while a job runs."""
     num_cpus: float = Field(1.0, gt=0.0)
-    """Ray CPUs per actor. Ray sets the actor's thread count from this."""
+    """Ray CPUs reserved per actor."""
+    threads: int | None = Field(None, ge=1, le=1024)
+    """Threads each engine computes with; null: as many as it reserved (num_cpus, at least 1).
+    More than reserved suits max_staleness 0 on a small machine, where actors and learner take
+    turns (see the README's performance section)."""
     num_gpus: float = Field(0.0, ge=0.0)
     """Ray GPUs per actor (1 on a GPU cluster, so each engine gets its own device)."""
     resources: dict[str, float] = Field(default_factory=dict)
@@ -164,7 +168,9 @@ class RewardConfig(Section):
     autoscaling: AutoscalingConfig | None = None
     """Serve autoscaling settings, passed through; null means a fixed replica count."""
     num_cpus: float = Field(1.0, ge=0.0)
-    """Ray CPUs per replica."""
+    """Ray CPUs reserved per replica."""
+    threads: int | None = Field(None, ge=1, le=1024)
+    """Torch threads of each replica; null: as many as it reserved (num_cpus, at least 1)."""
     num_gpus: float = Field(0.0, ge=0.0)
     """Ray GPUs per replica."""
     max_batch_size: int = Field(64, ge=1)
@@ -271,7 +277,11 @@ class LearnerConfig(Section):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     """Torch device of the learner: cpu, cuda or cuda:N."""
     num_cpus: float = Field(1.0, gt=0.0)
-    """Ray CPUs of the learner actor; torch uses as many threads."""
+    """Ray CPUs reserved for the learner actor."""
+    threads: int | None = Field(None, ge=1, le=1024)
+    """Torch threads of the learner; null: as many as it reserved (num_cpus, at least 1). Its
+    threads wait passively at barriers, so more threads than reserved borrow the cores the
+    actors leave idle without slowing them (see the README's performance section)."""
     num_gpus: float = Field(0.0, ge=0.0)
     """Ray GPUs of the learner actor."""
     resources: dict[str, float] = Field(default_factory=dict)

@@ -1,14 +1,15 @@
 """`tame train`: the actor-learner loop that wires the roles together on Ray.
 
-The loop runs in the driver. It owns the prompt cursor and the experience queue; the rollout
-actors (vLLM), the reward service (Serve) and the learner run as Ray actors. One pass of the
-loop: apply scale requests, hand prompts to idle actors whose weights are fresh enough, start
-a learner update when a batch is ready, then wait for whichever of those finishes first.
+The loop runs in the driver. It owns the prompt cursor and the experience pipeline
+(`cluster.pipeline`); the rollout actors (vLLM), the reward service (Serve) and the learner
+run as Ray actors. One pass of the loop: apply scale requests, hand prompts to idle actors
+as far as the staleness bound admits, start a learner update when a batch is ready, then
+wait for whichever of those finishes first.
 
-Versions: the learner publishes version v as one flat buffer in the object store with a
-fingerprint; an actor loads it between generation batches and reports the fingerprint of
-what its engine holds. A record made by version v is trained at learner version V only if
-V - v <= max_staleness; older ones are dropped, counted, and their prompts handed out again.
+Versions: the learner publishes version v into the object store with its probes (a
+fingerprint, `cluster.transport`); an actor loads it between generation batches and checks
+its engine's own probes against them. An actor starts a batch only if every sample in it will be trained
+within `max_staleness` versions of the weights that made it (`Pipeline.prompts_to_start`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,11 +26,24 @@ from typing import Any, Callable
 from cluster.config import TameConfig, UserError, check_model_folder
 from cluster.data import PromptSource, load_prompts
 from cluster.metrics import Metrics
-from cluster.records import Rollout, RolloutBatch, WeightsHandle, fingerprints_match
+from cluster.pipeline import Group, Pipeline
+from cluster.records import Rollout, RolloutBatch
+from cluster.transport import WeightsHandle
 
 NAMESPACE = "tame"
 CONTROL_PREFIX = "tame-control-"
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def learner_env(cfg: TameConfig) -> dict[str, str]:
+    """The learner process's environment. A learner running more threads than it reserved
+    while the actors generate beside it (max_staleness >= 1) lets its OpenMP threads sleep at
+    barriers instead of spinning: it then borrows only the core time the actors leave idle.
+    Measured on 2 cores (benchmarks/README.md): spinning, both roles ran at half speed; when
+    the roles take turns (max_staleness 0), spinning is faster."""
+    threads = cfg.learner.threads or cfg.learner.num_cpus
+    overlapped = cfg.train.max_staleness >= 1 and threads > cfg.learner.num_cpus
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if overlapped else {}
 
 
 class RunError(RuntimeError):
@@ -101,24 +114,15 @@ class Slot:
     pending: Any = None  # the ObjectRef the loop waits on for this actor
     prompt_ids: list[str] = field(default_factory=list)
     draining: bool = False
-    idle_since: float = field(default_factory=time.monotonic)
-    idle_seconds: float = 0.0
+    idle_since: float | None = None  # while idle: since when
     tokens: int = 0
     generate_seconds: float = 0.0
 
 
-@dataclass
-class Group:
-    """The completions of one prompt, kept together through the queue."""
-
-    prompt_id: str
-    policy_version: int
-    rollouts: list[Rollout]
-
-
 class Loop:
     def __init__(self, cfg: TameConfig, resume: bool, log: Callable[[str], None],
-                 judge: Callable[[list[Rollout]], dict] | None = None, stop: StopSignal | None = None):
+                 judge: Callable[[list[Rollout]], dict] | None = None, stop: StopSignal | None = None,
+                 created: float | None = None):
         import ray
 
         from actors.rollout import RolloutActor
@@ -130,7 +134,11 @@ class Loop:
         self.run_dir = cfg.run_dir
         self.k = cfg.train.max_staleness
         self.source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
-        self.queue: deque[Group] = deque()
+        per_prompt = cfg.rollout.sampling.samples_per_prompt
+        self.pipeline = Pipeline(
+            batch_size=cfg.train.rollout_batch_size, max_staleness=self.k, samples_per_prompt=per_prompt,
+            max_prompts_per_call=cfg.rollout.prompts_per_batch,
+            max_waiting=cfg.train.queue_size * cfg.rollout.prompts_per_batch * per_prompt)
         self.slots: dict[int, Slot] = {}
         self.next_actor_id = 0
         self.counters = {"samples": 0, "dropped_stale": 0, "failed_prompts": 0, "actor_failures": 0,
@@ -143,7 +151,8 @@ class Loop:
         self.target = cfg.rollout.num_actors
         log(f"starting the learner and {self.target} rollout actor(s)")
         self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
-                                  resources=cfg.learner.resources)(Learner).remote(cfg, str(self.run_dir))
+                                  resources=cfg.learner.resources,
+                                  runtime_env={"env_vars": learner_env(cfg)})(Learner).remote(cfg, str(self.run_dir))
         self.actor_cls = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
                                     resources=cfg.rollout.resources,
                                     runtime_env={"env_vars": ENGINE_ENV})(RolloutActor)
@@ -161,7 +170,7 @@ class Loop:
             self.source.restore(extra["source"])
             self.counters.update(extra["counters"])
             self.first = extra.get("first", {})
-        self.version: int = ray.get(self.learner.version.remote())
+        self.pipeline.version = ray.get(self.learner.version.remote())
         self.checkpointed = self.version  # on disk already: the init model or the resumed checkpoint
         _truncate_jsonl(self.run_dir / "ledger.jsonl", "version", self.version)
         _truncate_jsonl(self.run_dir / "metrics.jsonl", "step", self.version)
@@ -178,16 +187,25 @@ class Loop:
         self.metrics = Metrics(cfg, self.run_dir, log)
 
         self.update_ref = None
-        self.update_batch: list[Group] = []
         self.update_started = 0.0
-        self.learner_idle_since = time.monotonic()
-        self.learner_idle = 0.0
+        # Per-interval idle accounting (an interval ends with each update): see loop_metrics.
+        self.interval_start = time.monotonic()
+        self.actor_idle = 0.0  # idle actor-seconds closed within the interval
+        self.generated = {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0}  # within the interval
+        self.rate_from: tuple[float, int] | None = None  # (time, samples) at the first update's end
+        self.created = created or time.monotonic()  # when `tame train` began: start-up counts from here
+        self.startup_seconds: float | None = None  # until the first generation call: roles up, weights loaded
         self.last_scale_poll = 0.0
-        self.sync_seconds: dict[int, float] = {}
+        self.last_loads: dict[int, dict] = {}  # each actor's last load result
         self.deaths_in_a_row = 0  # actor deaths since the last batch an actor produced
         self.stop_requested = False
         self.started = time.monotonic()
         self.stop = stop or StopSignal()  # set by a signal handler; checked between loop passes
+
+    @property
+    def version(self) -> int:
+        """The learner's newest published policy version."""
+        return self.pipeline.version
 
     # ----------------------------------------------------------------- weights
 
@@ -227,6 +245,8 @@ class Loop:
         if slot.prompt_ids:
             self.source.give_back(slot.prompt_ids)
             slot.prompt_ids = []
+        self.pipeline.lost(slot.actor_id)
+        self.note_busy(slot)
         self.slots.pop(slot.actor_id, None)
         ray.kill(slot.handle)
         if reason:
@@ -256,54 +276,49 @@ class Loop:
                        for i, s in self.slots.items()},
             "learner": self.placement["learner"], "driver": self.placement["driver"]})
 
-    def samples_in_flight(self) -> int:
-        per_prompt = self.cfg.rollout.sampling.samples_per_prompt
-        queued = sum(len(g.rollouts) for g in self.queue)
-        return queued + per_prompt * sum(len(s.prompt_ids) for s in self.slots.values())
-
     def launch_generation(self) -> None:
-        """Hand prompts to idle actors, pulling newer weights first, within the staleness bound."""
-        per_prompt = self.cfg.rollout.sampling.samples_per_prompt
-        batch = self.cfg.train.rollout_batch_size
-        # With max_staleness 0, generation waits for the update in flight (synchronous PPO).
-        next_train_version = self.version + (1 if self.update_ref is not None else 0)
-        capacity = min(batch * (1 + self.k),
-                       self.cfg.train.queue_size * self.cfg.rollout.prompts_per_batch * per_prompt)
+        """Hand prompts to idle actors, newest weights first, as far as the staleness bound
+        admits: with max_staleness 0 an actor waits for the update in flight."""
         for slot in list(self.slots.values()):
             if slot.state != "idle" or slot.draining:
                 continue
             if slot.version < self.version:
                 slot.state, slot.pending = "loading", slot.handle.load_weights.remote(self.weights_ref)
-                self.note_idle(slot)
+                self.note_busy(slot)
                 continue
-            if next_train_version - slot.version > self.k:
-                continue
-            room = capacity - self.samples_in_flight()
-            n = min(self.cfg.rollout.prompts_per_batch, -(-room // per_prompt))
-            if room <= 0 or n <= 0:
-                continue
+            n = self.pipeline.prompts_to_start(slot.version)
+            if n == 0:
+                continue  # every sample it could start now would be trained too stale: wait
+            if self.startup_seconds is None:
+                self.startup_seconds = time.monotonic() - self.created
             prompts = self.source.take(n)
             slot.prompt_ids = [p.prompt_id for p in prompts]
+            self.pipeline.started(slot.actor_id, n)
             slot.state, slot.pending = "busy", slot.handle.generate.remote(prompts)
-            self.note_idle(slot)
+            self.note_busy(slot)
 
     def note_idle(self, slot: Slot) -> None:
-        slot.idle_seconds += time.monotonic() - slot.idle_since
+        slot.state, slot.idle_since = "idle", time.monotonic()
+
+    def note_busy(self, slot: Slot) -> None:
+        """Close the slot's idle period, counting the part inside the current interval."""
+        if slot.idle_since is not None:
+            self.actor_idle += time.monotonic() - max(slot.idle_since, self.interval_start)
+            slot.idle_since = None
 
     def on_loaded(self, slot: Slot, result: dict) -> None:
-        """Verify that the actor holds exactly the published weights."""
-        want = self.weights
-        if result["policy_version"] == want.version and not fingerprints_match(result["fingerprint"], want.fingerprint):
+        """An actor whose engine does not hold exactly the published weights is replaced."""
+        if result["verified"] is False:
             self.counters["fingerprint_mismatches"] += 1
-            self.retire(slot, f"weight sync to version {want.version} not verified: engine fingerprint "
-                              f"{result['fingerprint']} != published {want.fingerprint}")
+            self.retire(slot, f"weight sync to version {result['policy_version']} not verified: {result['problem']}")
             self.start_actor()
             return
         if slot.version < 0:
             self.placement["actors"][slot.actor_id] = _node_of(slot.handle)
         slot.version = result["policy_version"]
-        self.sync_seconds[slot.actor_id] = result.get("seconds", 0.0)
-        slot.state, slot.idle_since = "idle", time.monotonic()
+        if result["loaded"]:
+            self.last_loads[slot.actor_id] = result
+        self.note_idle(slot)
         if slot.draining:  # removed by `tame scale` while it was loading
             self.retire(slot)
 
@@ -332,40 +347,30 @@ class Loop:
         self.deaths_in_a_row = 0
         slot.tokens += batch.generated_tokens
         slot.generate_seconds += batch.generate_seconds
+        self.generated["samples"] += len(batch.rollouts)
+        self.generated["generate_seconds"] += batch.generate_seconds
+        self.generated["score_seconds"] += batch.score_seconds
         if batch.failed_prompt_ids:
             self.counters["failed_prompts"] += len(batch.failed_prompt_ids)
             self.source.give_back(batch.failed_prompt_ids)
         groups: dict[str, list[Rollout]] = {}
         for r in batch.rollouts:
             groups.setdefault(r.prompt_id, []).append(r)
-        for prompt_id, rollouts in groups.items():
-            self.queue.append(Group(prompt_id, batch.policy_version, rollouts))
+        self.pipeline.finished(slot.actor_id, [Group(p, batch.policy_version, rs) for p, rs in groups.items()])
         slot.prompt_ids = []
-        slot.state, slot.idle_since = "idle", time.monotonic()
+        self.note_idle(slot)
         if slot.draining:
             self.retire(slot)
 
     # ----------------------------------------------------------------- learner
 
     def maybe_start_update(self) -> None:
-        if self.update_ref is not None:
+        batch, dropped = self.pipeline.next_batch()
+        if dropped:  # only an actor that fell behind makes these (see cluster.pipeline)
+            self.counters["dropped_stale"] += sum(len(g) for g in dropped)
+            self.source.give_back([g.prompt_id for g in dropped])
+        if batch is None:
             return
-        size = self.cfg.train.rollout_batch_size
-        if sum(len(g.rollouts) for g in self.queue) < size:
-            return
-        batch: list[Group] = []
-        while self.queue and sum(len(g.rollouts) for g in batch) < size:
-            group = self.queue.popleft()
-            if self.version - group.policy_version > self.k:
-                self.counters["dropped_stale"] += len(group.rollouts)
-                self.source.give_back([group.prompt_id])
-                continue
-            batch.append(group)
-        if sum(len(g.rollouts) for g in batch) < size:
-            self.queue.extendleft(reversed(batch))  # not enough fresh records yet
-            return
-        self.learner_idle += time.monotonic() - self.learner_idle_since
-        self.update_batch = batch
         self.update_started = time.monotonic()
         self.update_ref = self.learner.update.remote([r for g in batch for r in g.rollouts])
 
@@ -381,20 +386,20 @@ class Loop:
             raise RunError(f"the learner died ({type(e).__name__}); resume with `tame train --resume` "
                            f"from the newest checkpoint in {self.run_dir / 'checkpoints'}") from e
         except NonFiniteUpdatesError as e:
-            self.source.give_back([g.prompt_id for g in self.update_batch])
-            self.update_batch, self.update_ref = [], None
+            self.update_ref = None
+            self.source.give_back([g.prompt_id for g in self.pipeline.update_done(trained=False)])
             raise RunError(str(e)) from e
 
     def on_updated(self, metrics: dict[str, float]) -> None:
-        batch, self.update_batch, self.update_ref = self.update_batch, [], None
-        self.learner_idle_since = time.monotonic()
-        if metrics.get("learner/skipped_nonfinite"):
+        self.update_ref = None
+        skipped = bool(metrics.get("learner/skipped_nonfinite"))
+        batch = self.pipeline.update_done(trained=not skipped)
+        if skipped:
             # Not trained on: the prompts come back, the actors keep the previous weights.
             self.counters["skipped_updates"] += 1
             self.source.give_back([g.prompt_id for g in batch])
             self.log(f"update skipped: non-finite values ({self.counters['skipped_updates']} so far)")
             return
-        self.version += 1
         rollouts = [r for g in batch for r in g.rollouts]
         self.counters["samples"] += len(rollouts)
         staleness = [self.version - 1 - g.policy_version for g in batch]
@@ -418,26 +423,45 @@ class Loop:
             self.checkpoint()
 
     def loop_metrics(self, staleness: list[int]) -> dict[str, float]:
-        elapsed = time.monotonic() - self.started
+        """Staleness, sync and throughput figures of the update just ended. Idle shares are of
+        the interval since the previous update ended: the learner's is the time before this
+        update started; the actors' is the time they had nothing to generate or load."""
+        now = time.monotonic()
+        interval = max(now - self.interval_start, 1e-9)
+        learner_idle = max(0.0, self.update_started - self.interval_start)
+        open_idle = sum(now - max(s.idle_since, self.interval_start)
+                        for s in self.slots.values() if s.idle_since is not None)
+        actor_idle = (self.actor_idle + open_idle) / (interval * max(len(self.slots), 1))
+        generated = self.generated
+        self.interval_start, self.actor_idle = now, 0.0
+        self.generated = {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0}
+        samples = self.counters["samples"]
+        if self.rate_from is None:
+            self.rate_from = (now, samples)
         out = {
             "rollout/staleness_mean": sum(staleness) / len(staleness),
             "rollout/staleness_max": max(staleness),
             "rollout/dropped_stale": self.counters["dropped_stale"],
             "rollout/failed_prompts": self.counters["failed_prompts"],
-            "rollout/queue_depth": sum(len(g.rollouts) for g in self.queue),
+            "rollout/queue_depth": self.pipeline.queued_samples,
             "rollout/num_actors": len(self.slots),
             "rollout/actor_failures": self.counters["actor_failures"],
             "sync/version": self.version,
             "sync/bytes": self.weights.nbytes,
             "sync/publish_seconds": self.publish_seconds,
-            "sync/load_seconds_max": max(self.sync_seconds.values(), default=0.0),
+            "sync/load_seconds_max": max((r["seconds"] for r in self.last_loads.values()), default=0.0),
+            "sync/verify_seconds_max": max((r["verify_seconds"] for r in self.last_loads.values()), default=0.0),
+            "sync/probe_rms_error_max": max((r["probe_rms_error"] for r in self.last_loads.values()), default=0.0),
             "sync/fingerprint_mismatches": self.counters["fingerprint_mismatches"],
-            "perf/step_seconds": time.monotonic() - self.update_started,
-            "perf/samples": self.counters["samples"],
-            "perf/samples_per_s": self.counters["samples"] / max(elapsed, 1e-9),
-            "perf/learner_idle_share": self.learner_idle / max(elapsed, 1e-9),
-            "perf/actor_idle_share": sum(s.idle_seconds for s in self.slots.values())
-            / max(elapsed * max(len(self.slots), 1), 1e-9),
+            "perf/step_seconds": interval,
+            "perf/update_seconds_wall": now - self.update_started,
+            "perf/samples": samples,
+            "perf/samples_per_s": self.samples_per_s(now),
+            "perf/learner_idle_share": learner_idle / interval,
+            "perf/actor_idle_share": actor_idle,
+            # What one sample cost the actors in this interval: the pipeline's other side.
+            "perf/generate_seconds_per_sample": generated["generate_seconds"] / max(generated["samples"], 1),
+            "perf/score_seconds_per_sample": generated["score_seconds"] / max(generated["samples"], 1),
             "learner/skipped_updates": self.counters["skipped_updates"],
         }
         for slot in self.slots.values():
@@ -445,9 +469,17 @@ class Loop:
                 out[f"rollout/actor_{slot.actor_id}/tokens_per_s"] = slot.tokens / slot.generate_seconds
         return out
 
+    def samples_per_s(self, now: float) -> float:
+        """Training throughput from the end of the first update, after the engines warmed up and
+        the pipeline filled (start-up is reported on its own); until then, from the loop's start."""
+        samples = self.counters["samples"]
+        if self.rate_from is None or samples == self.rate_from[1]:
+            return samples / max(now - self.started, 1e-9)
+        return (samples - self.rate_from[1]) / max(now - self.rate_from[0], 1e-9)
+
     def in_flight(self) -> list[str]:
         """Prompts handed out but not trained on yet: a resumed run hands them out again."""
-        ids = [g.prompt_id for g in self.queue]
+        ids = self.pipeline.in_flight_prompts()
         for slot in self.slots.values():
             ids += slot.prompt_ids
         return ids
@@ -522,7 +554,8 @@ class Loop:
             if error is None:
                 raise
             self.log(f"no final checkpoint: {type(e).__name__}: {e}")
-        wall = time.monotonic() - self.started
+        now = time.monotonic()
+        wall = now - self.created
         summary = {
             "run": self.cfg.run.name,
             "steps": self.version,
@@ -533,7 +566,9 @@ class Loop:
             "kl_start": self.first.get("objective/kl"),
             "kl_end": self.last.get("objective/kl"),
             "wall_seconds": wall,
-            "samples_per_second": self.counters["samples"] / max(wall, 1e-9),
+            "startup_seconds": self.startup_seconds,
+            "samples_per_second": self.samples_per_s(now),
+            "samples_per_second_overall": self.counters["samples"] / max(wall, 1e-9),
             "checkpoint": path,
             "data_position": {"epoch": self.source.epoch, "position": self.source.position},
             "outstanding_prompts": self.in_flight() + list(self.source.returned),
@@ -626,6 +661,7 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
 
     Ctrl-C or SIGTERM stops at the next safe point and raises KeyboardInterrupt after the
     final checkpoint; a failure raises after it (RunError when the run cannot go on)."""
+    created = time.monotonic()
     run_dir = cfg.run_dir
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"run.name: {run_dir} already holds checkpoints: pass --resume to continue "
@@ -641,7 +677,7 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
     previous = _stop_on_signals(stop)
     loop = None
     try:
-        loop = Loop(cfg, resume, log, judge, stop)
+        loop = Loop(cfg, resume, log, judge, stop, created)
         summary = loop.run()
     except KeyboardInterrupt:  # a second signal: stop now, without a final checkpoint
         log(f"stopped at once; the newest complete checkpoint is in {run_dir / 'checkpoints'}")
@@ -663,8 +699,9 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
     if summary["error"]:
         log(f"{summary['error']}; " + _where_saved(summary, run_dir))
         raise KeyboardInterrupt
-    log(f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s "
-        f"({summary['samples_per_second']:.1f} samples/s); summary in {run_dir / 'summary.json'}")
+    log(f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s, "
+        f"{summary['startup_seconds'] or 0:.0f}s of it starting up; {summary['samples_per_second']:.1f} samples/s "
+        f"after the first update; summary in {run_dir / 'summary.json'}")
     return summary
 
 

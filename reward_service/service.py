@@ -54,7 +54,10 @@ class RewardDeployment:
     """One replica: a `RewardSum` (model and/or rule functions) behind a dynamic batcher."""
 
     def __init__(self, cfg: TameConfig, token: str | None):
+        import torch
+
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(cfg.reward.threads or max(1, int(cfg.reward.num_cpus)))
         device = "cuda" if cfg.reward.num_gpus > 0 else "cpu"
         self._reward = RewardSum.from_config(cfg, device=device)
         self._limits = Limits(cfg.reward.max_items, cfg.reward.max_chars)

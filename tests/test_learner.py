@@ -116,6 +116,29 @@ def test_only_response_tokens_receive_gradient(tiny_assets, tmp_path):
     assert logits.shape[1] < exp.input_ids.shape[1]
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_the_fused_first_pass_trains_exactly_like_the_separate_proximal_pass(tiny_assets, tmp_path, epochs):
+    """One micro-batch per update: the first epoch's forward pass stands in for the proximal
+    no-grad pass. Weights, critic and every metric come out as with the separate pass."""
+    results = []
+    for fuse in (True, False):
+        learner = Learner(make_cfg(tiny_assets, "ppo.minibatch_size=16", "ppo.micro_batch_size=16",
+                                   f"ppo.epochs={epochs}", "ppo.entropy_coef=0.01"), str(tmp_path / str(fuse)))
+        learner.fuse_first_pass = fuse
+        metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1))
+        results.append((metrics, params(learner.policy), params(learner.critic)))
+    (fused, policy_a, critic_a), (separate, policy_b, critic_b) = results
+    assert fused["learner/fused_first_pass"] == 1.0 and separate["learner/fused_first_pass"] == 0.0
+    for a, b in ((policy_a, policy_b), (critic_a, critic_b)):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    for key in fused:
+        if not key.startswith(("perf/", "learner/fused")):
+            assert fused[key] == pytest.approx(separate[key], rel=1e-6, abs=1e-6), key
+    assert any(not torch.equal(policy_a[n], p) for n, p in
+               params(Learner(make_cfg(tiny_assets), str(tmp_path / "fresh")).policy).items())
+
+
 # --------------------------------------------------------------------------- learning
 
 

@@ -1,0 +1,134 @@
+"""The experience pipeline between the rollout actors and the learner, as pure bookkeeping.
+
+No Ray and no clock: the controller tells it what happened (an actor started or finished a
+generation call, an update started or ended) and asks it two questions: how many prompts
+may an idle actor start now, and is a batch ready to train. `tests/test_pipeline.py` drives
+the same object on a simulated clock.
+
+Staleness. A record made by policy version v and trained by the update from version V has
+staleness V - v, at most `max_staleness` (k). Records are trained in the order they were
+started, B (`train.rollout_batch_size`) per update, so a sample with p samples ahead of it
+(in the update in flight, in the queue, being generated) is trained from version
+V + floor(p / B), where V is the learner's newest version. The admission rule follows: an
+actor holding version v may start n more samples only if
+
+    p + n <= (k + 1 + v - V) * B
+
+which is AReaL's rule (Fu et al. 2025: samples started by versions <= v number at most
+(v + k + 1) * B) counted from the samples not yet trained. With k = 0 an actor waits for
+each update (synchronous PPO); with k >= 1 it generates the next batch while the learner
+trains, and no sample is ever generated only to be dropped. Dropping a record older than
+k versions remains as a counted guard for what the order cannot promise (several actors
+finishing out of order, an actor scaled in while it held old weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cluster.records import Rollout
+
+
+@dataclass
+class Group:
+    """The completions of one prompt, kept together through the queue and trained in one update."""
+
+    prompt_id: str
+    policy_version: int
+    rollouts: list[Rollout]
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+
+@dataclass
+class Pipeline:
+    batch_size: int
+    """B: samples per learner update."""
+    max_staleness: int
+    """k: the largest learner version minus record version that may be trained."""
+    samples_per_prompt: int
+    """Completions per prompt: an actor starts whole prompts."""
+    max_prompts_per_call: int
+    """Most prompts one generation call takes (`rollout.prompts_per_batch`)."""
+    max_waiting: int
+    """Most samples queued or being generated at once (`train.queue_size` generation calls)."""
+    version: int = 0
+    """V: the learner's newest version, which the next (or the current) update trains from."""
+    queue: list[Group] = field(default_factory=list)
+    training: list[Group] | None = None
+    """The batch of the update in flight."""
+    generating: dict[int, int] = field(default_factory=dict)
+    """Samples each actor was asked for and has not returned yet."""
+
+    # ----------------------------------------------------------------- counts
+
+    @property
+    def queued_samples(self) -> int:
+        return sum(len(g) for g in self.queue)
+
+    def samples_waiting(self) -> int:
+        """Samples queued or being generated."""
+        return self.queued_samples + sum(self.generating.values())
+
+    def samples_ahead(self) -> int:
+        """Samples started and not trained yet: in training, queued, being generated."""
+        in_training = sum(len(g) for g in self.training) if self.training is not None else 0
+        return in_training + self.samples_waiting()
+
+    # ----------------------------------------------------------------- actors
+
+    def prompts_to_start(self, actor_version: int) -> int:
+        """How many prompts an idle actor holding `actor_version` may start now (0: wait)."""
+        bound = (self.max_staleness + 1 + actor_version - self.version) * self.batch_size
+        room = min(bound - self.samples_ahead(), self.max_waiting - self.samples_waiting())
+        return max(0, min(self.max_prompts_per_call, room // self.samples_per_prompt))
+
+    def started(self, actor_id: int, n_prompts: int) -> None:
+        assert actor_id not in self.generating, f"actor {actor_id} already has a call in flight"
+        self.generating[actor_id] = n_prompts * self.samples_per_prompt
+
+    def finished(self, actor_id: int, groups: Iterable[Group]) -> None:
+        """An actor's call returned these groups (prompts that failed are simply absent)."""
+        self.generating.pop(actor_id, None)
+        self.queue.extend(groups)
+
+    def lost(self, actor_id: int) -> None:
+        """An actor's call will never return (the actor died or was removed)."""
+        self.generating.pop(actor_id, None)
+
+    # ----------------------------------------------------------------- learner
+
+    def next_batch(self) -> tuple[list[Group] | None, list[Group]]:
+        """(the batch to train now or None, the groups dropped as too stale).
+
+        Oldest records first, so a late group is trained before fresher ones overtake it.
+        A dropped group's prompt must be handed out again by the caller."""
+        if self.training is not None:
+            return None, []
+        self.queue.sort(key=lambda g: g.policy_version)  # stable: arrival order within a version
+        dropped = [g for g in self.queue if self.version - g.policy_version > self.max_staleness]
+        self.queue = [g for g in self.queue if self.version - g.policy_version <= self.max_staleness]
+        if self.queued_samples < self.batch_size:
+            return None, dropped
+        batch, n = [], 0
+        while n < self.batch_size:
+            group = self.queue.pop(0)
+            batch.append(group)
+            n += len(group)
+        self.training = batch
+        return batch, dropped
+
+    def update_done(self, trained: bool) -> list[Group]:
+        """The update in flight ended; `trained` is false when it was skipped (its prompts must
+        be handed out again by the caller). Returns its batch."""
+        batch, self.training = self.training or [], None
+        if trained:
+            self.version += 1
+        return batch
+
+    def in_flight_prompts(self) -> list[str]:
+        """Prompts queued or in training (generating ones are the actors' own to report)."""
+        groups = list(self.training or []) + self.queue
+        return [g.prompt_id for g in groups]

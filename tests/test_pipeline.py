@@ -1,0 +1,139 @@
+"""The admission rule of `cluster.pipeline` on a simulated clock: actors that generate and load
+weights, a learner that trains, each taking a fixed time, driven as the controller drives
+them. No Ray: what is tested is the scheduling rule itself."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import pytest
+
+from cluster.pipeline import Group, Pipeline
+
+
+@dataclass
+class Trace:
+    staleness: list[int] = field(default_factory=list)  # of every trained group
+    dropped: int = 0
+    updates: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each update
+    actor_idle: float = 0.0  # actor-seconds neither generating nor loading, after the first update
+    actor_time: float = 0.0
+
+
+def simulate(k: int, generate_s: list[float], update_s: float, load_s: float = 0.05, updates: int = 40,
+             batch: int = 32, per_prompt: int = 1, prompts_per_call: int = 32, lose_every: int = 0) -> Trace:
+    """Run `updates` updates. Actor i takes generate_s[i] per call (whatever its size), a weight
+    load takes load_s, an update update_s. With lose_every = n, every n-th call loses one
+    prompt (a scoring failure): it is not trained and never comes back into the pipeline."""
+    pipeline = Pipeline(batch, k, per_prompt, prompts_per_call, max_waiting=10 * batch)
+    trace = Trace()
+    now, events, seq = 0.0, [], 0
+    actors = [{"version": 0, "state": "idle", "idle_since": 0.0} for _ in generate_s]
+    learner_busy, calls = False, 0
+    prompt_ids = iter(range(10**9))
+
+    def at(time, kind, *args):
+        nonlocal seq
+        heapq.heappush(events, (time, seq, kind, args))
+        seq += 1
+
+    def busy(i):
+        a = actors[i]
+        if trace.updates:
+            trace.actor_idle += now - max(a["idle_since"], trace.updates[0][1])
+        a["state"] = "busy"
+
+    while len(trace.updates) < updates:
+        # The controller's pass: actors first (load newer weights, else start what is admitted),
+        # then the learner.
+        for i, a in enumerate(actors):
+            if a["state"] != "idle":
+                continue
+            if a["version"] < pipeline.version:
+                busy(i)
+                at(now + load_s, "loaded", i, pipeline.version)
+            elif n := pipeline.prompts_to_start(a["version"]):
+                busy(i)
+                pipeline.started(i, n)
+                calls += 1
+                lost = 1 if lose_every and calls % lose_every == 0 else 0
+                at(now + generate_s[i], "generated", i, a["version"], n - lost)
+        if not learner_busy:
+            batch, dropped = pipeline.next_batch()
+            trace.dropped += sum(len(g) for g in dropped)
+            if batch is not None:
+                learner_busy = True
+                trace.staleness += [pipeline.version - g.policy_version for g in batch]
+                trace.updates.append((now, now + update_s))
+                at(now + update_s, "updated")
+        now, _, kind, args = heapq.heappop(events)
+        if kind == "updated":
+            pipeline.update_done(trained=True)
+            learner_busy = False
+        else:
+            i = args[0]
+            if kind == "loaded":
+                actors[i]["version"] = args[1]
+            else:
+                version, n = args[1], args[2]
+                pipeline.finished(i, [Group(str(next(prompt_ids)), version, [None] * per_prompt)
+                                      for _ in range(n)])
+            actors[i].update(state="idle", idle_since=now)
+    trace.actor_time = len(actors) * (now - trace.updates[0][1])
+    return trace
+
+
+def learner_idle_share(trace: Trace) -> float:
+    """Share of the time after the first update that the learner had nothing to train."""
+    ups = trace.updates
+    gaps = sum(b[0] - a[1] for a, b in zip(ups, ups[1:]))
+    return gaps / (ups[-1][1] - ups[0][1])
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 4])
+@pytest.mark.parametrize("generate_s, update_s", [([0.9], 2.0), ([2.0], 0.9), ([1.0, 1.0], 2.0), ([0.7, 0.7, 0.7], 0.5)])
+def test_no_sample_is_generated_too_stale_to_train(k, generate_s, update_s):
+    trace = simulate(k, generate_s, update_s, prompts_per_call=32 // len(generate_s))
+    assert max(trace.staleness) <= k
+    assert trace.dropped == 0
+    if k == 0:
+        assert set(trace.staleness) == {0}  # synchronous PPO: every record by the newest weights
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_slower_role_never_waits(k):
+    # Generation faster: the learner trains back to back (it waits only for the first batch).
+    fast_actor = simulate(k, [0.9], update_s=2.0)
+    assert learner_idle_share(fast_actor) == 0.0
+    # Generation slower: the actors never wait for admission; they stop only to load weights.
+    slow_actor = simulate(k, [2.0], update_s=0.9, load_s=0.0)
+    assert slow_actor.actor_idle == 0.0
+    assert max(slow_actor.staleness) <= k
+
+
+def test_synchronous_ppo_takes_turns():
+    trace = simulate(0, [0.9], update_s=2.0, load_s=0.1)
+    # Each update waits for a load and a generation: idle (0.1 + 0.9) of every 3 seconds.
+    assert learner_idle_share(trace) == pytest.approx(1.0 / 3.0)
+
+
+def test_lost_prompts_do_not_stall_or_overfill_the_pipeline():
+    # Every third call loses a prompt (its score failed): fewer samples arrive than were
+    # admitted, and the freed room is filled by later calls, never beyond the bound.
+    for k in (0, 1):
+        trace = simulate(k, [0.5, 0.6], update_s=1.0, prompts_per_call=8, lose_every=3)
+        assert max(trace.staleness) <= k and len(trace.updates) == 40
+
+
+def test_whole_prompts_are_admitted():
+    pipeline = Pipeline(batch_size=8, max_staleness=0, samples_per_prompt=4, max_prompts_per_call=16,
+                        max_waiting=64)
+    assert pipeline.prompts_to_start(0) == 2  # 8 samples: two prompts of four
+    pipeline.started(0, 1)
+    assert pipeline.prompts_to_start(0) == 1
+    pipeline.started(1, 1)
+    assert pipeline.prompts_to_start(0) == 0  # the batch is spoken for
+    # An actor holding an older version may start nothing that would be trained too stale.
+    pipeline.version = 3
+    assert pipeline.prompts_to_start(2) == 0
