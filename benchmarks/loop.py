@@ -101,7 +101,8 @@ def one_process(assets: Path, updates: int, out: Path) -> dict:
     from reward_service.model import RewardModel
 
     cfg = load_config(REPO / "configs/smoke.yaml", [*overrides(assets, updates), f"run.output_dir={out}",
-                                                    "run.name=one-process", f"learner.threads={CORES}"])
+                                                    f"run.name=one-process-{time.monotonic_ns()}",
+                                                    f"learner.threads={CORES}"])
     learner = Learner(cfg, str(cfg.run_dir))  # sets torch's thread count to CORES
     reward = RewardModel.load(cfg.model.reward, max_length=cfg.reward.max_length)
     source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
@@ -148,7 +149,7 @@ def tame(assets: Path, updates: int, out: Path, k: int, learner_threads: int, ac
     from cluster.config import load_config
     from cluster.controller import train
 
-    name = f"k{k}-l{learner_threads}-a{actor_threads}"
+    name = f"k{k}-l{learner_threads}-a{actor_threads}-r{reward_threads}-{time.monotonic_ns()}"
     cfg = load_config(REPO / "configs/smoke.yaml", [
         *overrides(assets, updates), f"run.output_dir={out}", f"run.name={name}", f"train.max_staleness={k}",
         "rollout.num_actors=1", "rollout.num_cpus=1", "learner.num_cpus=1",
