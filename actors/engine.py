@@ -45,11 +45,13 @@ def build_engine(cfg: TameConfig, seed: int) -> Any:
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
+    cpu = current_platform.is_cpu()
+    if cpu:
         # Sizes the KV cache directly (VLLM_CPU_KVCACHE_SPACE takes only whole GiB).
         memory = {"kv_cache_memory_bytes": int(cfg.rollout.kv_cache_gib * 2**30)}
     else:
         memory = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}
+    eager = cpu if cfg.rollout.enforce_eager is None else cfg.rollout.enforce_eager
     return LLM(
         model=cfg.model.policy,
         tokenizer=cfg.model.policy,
@@ -58,9 +60,9 @@ def build_engine(cfg: TameConfig, seed: int) -> Any:
         seed=seed,
         **memory,
         logprobs_mode="processed_logprobs",
-        # CUDA graphs would have to be recaptured after each weight load; eager is simpler
-        # and is all that CPU supports.
-        enforce_eager=True,
+        # CUDA graphs point at the weights' memory, and weight loads copy into that memory in
+        # place (reload_weights), so graphs stay valid on GPUs. CPU has none.
+        enforce_eager=eager,
     )
 
 

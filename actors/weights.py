@@ -99,7 +99,7 @@ def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     would be rounded, so its weight is read back exactly first (identity rows through the
     kernel) and probed like a readable one.
     """
-    (result,) = llm.collective_rpc(lambda worker: _model_probes(worker.model_runner.model))
+    (result,) = llm.collective_rpc(lambda worker: _model_probes(worker.get_model()))
     return result
 
 

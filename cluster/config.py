@@ -9,11 +9,12 @@ learner, reward service) share it without importing each other.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(ValueError):
@@ -49,6 +50,13 @@ def check_model_folder(name: str, path: str | Path, kind: str) -> None:
         raise UserError(f"{name}: {path} holds a {', '.join(architectures)}, not a {kind} (*{suffix})")
 
 
+def gpu_env(num_gpus: float) -> dict[str, str]:
+    """Environment of a role's process: one that asks Ray for no GPU sees none. Ray 2.60 no
+    longer hides the GPUs from such a process, so it would land on GPU 0, outside Ray's
+    accounting and beside an engine that counts on having that GPU to itself."""
+    return {"CUDA_VISIBLE_DEVICES": ""} if num_gpus == 0 else {}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -73,7 +81,9 @@ class ModelConfig(Section):
     build_assets: Literal["tiny", "small", "base"] | None = None
     """When set and the model paths do not exist, build the offline assets of this size there first (`tame assets`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype for the learner and the rollout engines. CPU runs use float32."""
+    """Weight dtype of the rollout engines, and of the weights sent to them unless
+    learner.transport_dtype says otherwise. The learner always keeps float32 weights and
+    optimizer states (learner.compute_dtype sets its arithmetic). CPU runs use float32."""
 
 
 # --------------------------------------------------------------------------- data
@@ -121,15 +131,21 @@ class RolloutConfig(Section):
     More than reserved suits max_staleness 0 on a small machine, where actors and learner take
     turns (see the README's performance section)."""
     num_gpus: float = Field(0.0, ge=0.0)
-    """Ray GPUs per actor (1 on a GPU cluster, so each engine gets its own device)."""
+    """Ray GPUs per actor: 1 on a GPU cluster, so each engine gets its own device, or a share
+    of one (0.5: two engines per GPU). One engine spans at most one GPU: tame has no tensor
+    parallelism yet."""
     resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources per actor, to pin the actors to some nodes (e.g. {"rollout_node": 1})."""
     max_model_len: int = Field(512, ge=16)
     """Longest prompt plus response, in tokens, that an engine accepts."""
     kv_cache_gib: float = Field(1.0, gt=0.0, le=1024.0)
     """KV-cache size per engine in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)."""
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
-    """Share of a GPU's memory an engine may take (GPU only)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=0.95)
+    """Share of a GPU's memory an engine may take (GPU only). Engines packed on one GPU
+    (num_gpus < 1) may take at most 0.95 of it together."""
+    enforce_eager: bool | None = None
+    """Run the engine eagerly, without CUDA graphs; null: eager on CPU only (CUDA graphs on
+    GPUs survive weight reloads, which are made in place)."""
     prompts_per_batch: int = Field(32, ge=1)
     """Prompts an actor generates in one call before it checks for new weights."""
     replace_failed: bool = True
@@ -137,6 +153,14 @@ class RolloutConfig(Section):
     before it produces. False carries on with the actors left (the run fails when none is)."""
     sampling: SamplingConfig = SamplingConfig()
     """Sampling parameters shared by all actors."""
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _one_gpu_per_engine(cls, value: float) -> float:
+        if value > 1:
+            raise ValueError(f"{value} GPUs per engine: one engine spans at most one GPU, as tame has no "
+                             "tensor parallelism yet; run more actors instead")
+        return value
 
 
 # --------------------------------------------------------------------------- reward
@@ -265,17 +289,21 @@ class PPOConfig(Section):
     def _micro_divides_minibatch(self) -> PPOConfig:
         if self.minibatch_size % self.micro_batch_size:
             raise ValueError(
-                f"micro_batch_size ({self.micro_batch_size}) must divide "
-                f"minibatch_size ({self.minibatch_size})"
+                f"ppo.micro_batch_size ({self.micro_batch_size}) must divide "
+                f"ppo.minibatch_size ({self.minibatch_size})"
             )
         if self.ptx_coef > 0 and not self.ptx_data:
-            raise ValueError("ptx_coef > 0 needs ptx_data")
+            raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data")
         return self
 
 
 class LearnerConfig(Section):
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    """Torch device of the learner: cpu, cuda or cuda:N."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Torch device of the learner: cpu, or cuda (the GPU Ray gives it: learner.num_gpus >= 1)."""
+    compute_dtype: str = "float32"
+    """Arithmetic of the learner's forward and backward passes: float32, or bfloat16 under
+    autocast (weights and optimizer states stay float32, value and score heads compute in
+    float32). Also used by `tame sft` and `tame train-rm`."""
     num_cpus: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved for the learner actor."""
     threads: int | None = Field(None, ge=1, le=1024)
@@ -296,6 +324,22 @@ class LearnerConfig(Section):
     """Keep the newest K checkpoints."""
     max_nonfinite_updates: int = Field(3, ge=1)
     """Stop the run after this many consecutive updates skipped for NaN or Inf."""
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _trainable_dtype(cls, value: str) -> str:
+        if value == "float16":
+            raise ValueError("float16 needs a gradient scaler, which tame does not have: use bfloat16")
+        if value not in ("float32", "bfloat16"):
+            raise ValueError(f"expected float32 or bfloat16, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _gpu_when_cuda(self) -> LearnerConfig:
+        if self.device == "cuda" and self.num_gpus < 1:
+            raise ValueError(f"learner.device cuda needs learner.num_gpus >= 1 (got {self.num_gpus}): "
+                             "Ray gives the learner its GPU and hides the others")
+        return self
 
 
 # --------------------------------------------------------------------------- loop
@@ -418,6 +462,30 @@ class TameConfig(Section):
                              f"multiple of rollout.sampling.samples_per_prompt ({per_prompt})")
         return self
 
+    @model_validator(mode="after")
+    def _engines_fit_their_gpu(self) -> TameConfig:
+        r = self.rollout
+        if 0 < r.num_gpus < 1:
+            per_gpu = int(1 / r.num_gpus + 1e-9)  # how many engines Ray packs on one GPU
+            if per_gpu * r.gpu_memory_utilization > 0.95:
+                raise ValueError(
+                    f"rollout.num_gpus {r.num_gpus} packs {per_gpu} engines on one GPU, each taking "
+                    f"rollout.gpu_memory_utilization {r.gpu_memory_utilization} of it: "
+                    f"{per_gpu * r.gpu_memory_utilization:.2f} > 0.95. Lower gpu_memory_utilization "
+                    f"to {0.95 / per_gpu:.2f} or give each engine more of a GPU")
+        return self
+
+    @model_validator(mode="after")
+    def _reward_model_sees_whole_items(self) -> TameConfig:
+        longest = self.data.max_prompt_tokens + self.rollout.sampling.max_new_tokens
+        if self.model.reward is not None and self.reward.max_length < longest:
+            raise ValueError(
+                f"reward.max_length ({self.reward.max_length}) is below data.max_prompt_tokens "
+                f"({self.data.max_prompt_tokens}) + rollout.sampling.max_new_tokens "
+                f"({self.rollout.sampling.max_new_tokens}) = {longest}: the reward model would cut "
+                "the prompt off long items. Raise reward.max_length")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
@@ -507,22 +575,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ta
 
 
 def _describe(err: ValidationError, where: str, lines: dict, overridden: set) -> str:
+    def origin(loc: tuple) -> str | None:
+        if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
+            return f"--set {'.'.join(map(str, loc))}"
+        # The nearest enclosing key that the file spells out gives the line.
+        line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+        return f"{where}:{line}" if line else None
+
     out = []
     for problem in err.errors():
         loc = tuple(problem["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
-        if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
-            origin = f"--set {key}"
-        else:
-            # The nearest enclosing key that the file spells out gives the line.
-            line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
-            origin = f"{where}:{line}" if line else where
-        msg = problem["msg"]
+        msg = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif problem["type"] == "value_error" and len(loc) <= 1:
+            # A check across fields names them in full: point at the first the user gave.
+            named = [tuple(m.split(".")) for m in re.findall(r"\b[a-z_]+(?:\.[a-z_]+)+\b", msg)]
+            given = [origin(n) for n in named if origin(n)]
+            out.append(f"{given[0] if given else where}: {msg}")
+            continue
         elif "input" in problem and problem["type"] != "missing":
             msg += f" (got {json.dumps(problem['input'], default=str)[:80]})"
-        out.append(f"{origin}: {key}: {msg}")
+        out.append(f"{origin(loc) or where}: {key}: {msg}")
     return "invalid config:\n  " + "\n  ".join(out)
 
 

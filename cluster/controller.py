@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.config import TameConfig, UserError, check_model_folder
+from cluster.config import TameConfig, UserError, check_model_folder, gpu_env
 from cluster.data import PromptSource, load_prompts
 from cluster.metrics import Metrics
 from cluster.pipeline import Group, Pipeline
@@ -33,6 +33,17 @@ from cluster.transport import WeightsHandle
 NAMESPACE = "tame"
 CONTROL_PREFIX = "tame-control-"
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def rollout_actor_class(cfg: TameConfig):
+    """`RolloutActor` as a Ray actor class with the resources and environment of cfg.rollout."""
+    import ray
+
+    from actors.rollout import RolloutActor
+
+    r = cfg.rollout
+    return ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources,
+                      runtime_env={"env_vars": {**ENGINE_ENV, **gpu_env(r.num_gpus)}})(RolloutActor)
 
 
 def learner_env(cfg: TameConfig) -> dict[str, str]:
@@ -125,7 +136,6 @@ class Loop:
                  created: float | None = None):
         import ray
 
-        from actors.rollout import RolloutActor
         from learner.learner import Learner
         from reward_service.client import RewardClient
         from reward_service.service import deploy
@@ -152,10 +162,9 @@ class Loop:
         log(f"starting the learner and {self.target} rollout actor(s)")
         self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                                   resources=cfg.learner.resources,
-                                  runtime_env={"env_vars": learner_env(cfg)})(Learner).remote(cfg, str(self.run_dir))
-        self.actor_cls = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                                    resources=cfg.rollout.resources,
-                                    runtime_env={"env_vars": ENGINE_ENV})(RolloutActor)
+                                  runtime_env={"env_vars": {**learner_env(cfg), **gpu_env(cfg.learner.num_gpus)}},
+                                  )(Learner).remote(cfg, str(self.run_dir))
+        self.actor_cls = rollout_actor_class(cfg)
         early = [self.new_actor(scorer=None) for _ in range(self.target)]
 
         # A Serve instance this run starts is stopped with it, so a later deployment on the
@@ -667,6 +676,7 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         raise UserError(f"run.name: {run_dir} already holds checkpoints: pass --resume to continue "
                         f"it, or choose another run.name")
     check_inputs(cfg)
+    log(f"run {cfg.run.name} in {run_dir} (tame's code from {Path(__file__).resolve().parents[1]})")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     if not resume:

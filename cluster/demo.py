@@ -38,16 +38,14 @@ def evaluate(cfg: TameConfig, policy: str, prompts: list[str], world) -> dict[st
     """Sample the policy on the held-out prompts in a rollout actor and judge every answer."""
     import ray
 
-    from actors.rollout import RolloutActor
-    from cluster.controller import ENGINE_ENV
+    from cluster.controller import rollout_actor_class
 
     sampling = cfg.rollout.sampling.model_copy(update={"samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0})
     eval_cfg = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"policy": policy}),
         "rollout": cfg.rollout.model_copy(update={"sampling": sampling}),
     })
-    actor = ray.remote(num_cpus=cfg.rollout.num_cpus, runtime_env={"env_vars": ENGINE_ENV})(
-        RolloutActor).remote(eval_cfg, 0, None)
+    actor = rollout_actor_class(eval_cfg).remote(eval_cfg, 0, None)
     try:
         batch = ray.get(actor.generate.remote([Prompt(f"eval:{i}", (("user", p),)) for i, p in enumerate(prompts)]))
     finally:

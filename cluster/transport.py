@@ -85,17 +85,14 @@ def probe(tensor: Any, dtype: Any = None):
     import torch
 
     t = tensor.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype) if t.ndim <= 1 else t  # 2-D weights are cast chunk by chunk below
+    cast = dtype if dtype is not None and dtype != t.dtype else None
     if t.ndim <= 1:
-        return t.reshape(-1).float()
+        return (t.to(cast) if cast else t).reshape(-1).float()
     rows = t.reshape(-1, t.shape[-1])
     x = probe_vector(t.shape[-1], t.device)
-    cast = dtype if dtype is not None and rows.dtype != dtype else None
     if rows.dtype == torch.float32 and cast is None:
         return rows @ x
-    return torch.cat([(chunk.to(cast) if cast else chunk).float() @ x
-                      for chunk in rows.split(_ROWS_PER_CHUNK)])
+    return torch.cat([(chunk.to(cast) if cast else chunk).float() @ x for chunk in rows.split(_ROWS_PER_CHUNK)])
 
 
 def probes_of(named: Iterable[tuple[str, Any]], dtype: Any = None) -> dict[str, np.ndarray]:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from cluster.config import ConfigError, TameConfig
+from cluster.precision import compute_context, float32_head, torch_dtype
 from cluster.records import Rollout
 from cluster.transport import ObjectStoreTransport, WeightsHandle
 from learner import ppo
@@ -49,7 +50,6 @@ from learner.training import (
     make_scheduler,
     response_logprobs,
     set_torch_threads,
-    torch_dtype,
 )
 
 CHECKPOINT_NAME = re.compile(r"^version-(\d{6,})$")
@@ -76,6 +76,7 @@ class Experience:
     behaviour_logprobs: torch.Tensor  # (B, W) log pi_behaviour from the rollout engine
     scores: torch.Tensor  # (B,) reward as scored (before the missing-EOS penalty)
     has_eos: torch.Tensor  # (B,) bool: the response ended (EOS or a stop string)
+    fresh: torch.Tensor  # (B,) bool: made by the weights the learner holds (staleness 0)
     offset: int = 0
     old_logprobs: torch.Tensor | None = None  # (B, W) proximal policy, no grad
     ref_logprobs: torch.Tensor | None = None  # (B, W)
@@ -136,7 +137,9 @@ class Learner:
         self.run_dir = Path(run_dir)
         self.threads = set_torch_threads(cfg.learner.threads or cfg.learner.num_cpus)
         self.device = torch.device(cfg.learner.device)
-        self.dtype = torch_dtype(cfg.model.dtype)
+        # Float32 weights and optimizer states always; learner.compute_dtype sets the
+        # arithmetic of the forward passes (training.compute_context).
+        self.dtype = torch.float32
         self.temperature = cfg.rollout.sampling.temperature
         torch.manual_seed(cfg.run.seed)
 
@@ -262,22 +265,28 @@ class Learner:
                                 for r in rollouts])
         scores = torch.tensor([math.nan if r.score is None else r.score for r in rollouts],
                               dtype=torch.float32)
+        fresh = torch.tensor([r.policy_version == self._version for r in rollouts])
         d = self.device
         return Experience(input_ids.to(d), attention_mask.to(d), mask.to(d), behaviour.to(d),
-                          scores.to(d), has_eos.to(d))
+                          scores.to(d), has_eos.to(d), fresh.to(d))
 
     def _token_logprobs(self, model: torch.nn.Module, mb: Experience, with_entropy: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log pi(token) at every window position of `mb` (B, W), and the entropy there."""
-        return response_logprobs(model, mb.input_ids, mb.attention_mask, mb.mask, mb.offset,
-                                 self.temperature, with_entropy)
+        with compute_context(self.device, self.cfg.learner.compute_dtype):
+            return response_logprobs(model, mb.input_ids, mb.attention_mask, mb.mask, mb.offset,
+                                     self.temperature, with_entropy)
 
     def _values(self, mb: Experience) -> torch.Tensor:
-        """The critic's value of the state before each window token. -> (B, W)"""
-        hidden = self.critic.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                        use_cache=False).last_hidden_state  # (B, L, H)
+        """The critic's value of the state before each window token. -> (B, W)
+
+        The body runs in the compute dtype; the value head in float32, so values keep their
+        precision through GAE and whitening."""
+        with compute_context(self.device, self.cfg.learner.compute_dtype):
+            hidden = self.critic.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                            use_cache=False).last_hidden_state  # (B, L, H)
         window = hidden[:, mb.offset: mb.input_ids.shape[1] - 1]  # (B, W, H)
-        return self.value_head(window).squeeze(-1).float() * mb.mask
+        return float32_head(self.value_head, window).squeeze(-1) * mb.mask
 
     def _forward(self, mb: Experience) -> Forward:
         """The policy's log-probs and entropy and the critic's values on a micro-batch, with
@@ -362,10 +371,15 @@ class Learner:
             "val/mean": ppo.masked_mean(exp.old_values, mask),
             "rollout/behaviour_kl": behaviour_kl,
             "rollout/max_abs_logp_delta": delta.abs().max(),
+            # The engine against the learner's own arithmetic (learner.compute_dtype): on
+            # records of the weights it holds, all of the gap is numerics.
+            "val/logp_gap_mean": ppo.masked_mean(delta.abs(), mask),
             "rollout/is_weight_mean": ppo.masked_mean(exp.is_weights, mask),
             "rollout/response_tokens_mean": mask.sum(1).mean(),
             "learner/kl_coef": torch.tensor(kl_coef),
         }
+        if exp.fresh.any():
+            metrics["val/logp_gap_fresh_mean"] = ppo.masked_mean(delta.abs(), mask * exp.fresh[:, None])
         return {k: float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ gradients
@@ -415,8 +429,9 @@ class Learner:
         for start in range(0, len(batch), micro_batch_size):
             ids, attention, loss_mask = collate_demonstrations(
                 batch[start: start + micro_batch_size], self.pad_id, self.device)
-            nll = demonstration_nll(self.policy, ids, attention, loss_mask, n_tokens,
-                                    self.temperature)
+            with compute_context(self.device, self.cfg.learner.compute_dtype):
+                nll = demonstration_nll(self.policy, ids, attention, loss_mask, n_tokens,
+                                        self.temperature)
             (self.cfg.ppo.ptx_coef * nll).backward()
             total += nll.detach()
         return total

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from cluster.config import TameConfig
+from cluster.precision import compute_context
 from learner.data import (
     DataError,
     collate_demonstrations,
@@ -30,7 +31,6 @@ from learner.training import (
     disable_dropout,
     make_scheduler,
     set_torch_threads,
-    torch_dtype,
 )
 
 __all__ = ["DataError", "run_sft"]
@@ -65,8 +65,8 @@ def run_sft(cfg: TameConfig, log: Callable[[str], None] = print) -> Path:
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
 
-    # model and optimizer
-    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch_dtype(cfg.model.dtype))
+    # model and optimizer: float32 weights, forward passes in learner.compute_dtype
+    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     disable_dropout(model)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.learning_rate, weight_decay=0.0)
@@ -88,7 +88,8 @@ def run_sft(cfg: TameConfig, log: Callable[[str], None] = print) -> Path:
         for start in range(0, len(order), s.batch_size):
             batch = [examples[i] for i in order[start: start + s.batch_size]]
             ids, attention, loss_mask = collate_demonstrations(batch, pad_id, device)
-            loss = demonstration_nll(model, ids, attention, loss_mask)
+            with compute_context(device, cfg.learner.compute_dtype):
+                loss = demonstration_nll(model, ids, attention, loss_mask)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

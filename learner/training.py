@@ -1,4 +1,4 @@
-"""Small pieces shared by the PPO learner and the SFT stage: dtypes, threads, dropout,
+"""Small pieces shared by the PPO learner and the SFT stage: threads, dropout,
 learning-rate schedules and atomic directory writes."""
 
 from __future__ import annotations
@@ -12,11 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """"float32" -> torch.float32 (names as cluster.config spells them)."""
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def available_cores() -> int:

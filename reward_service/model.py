@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cluster.precision import float32_head
 from cluster.records import prompt_token_ids, response_token_ids
 
 SCORE_BIAS_KEY = "score.bias"
@@ -48,13 +49,15 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     Reads the head at position `len_b - 1` explicitly rather than trusting the model's own
     pooling, which finds the last token by comparing ids with `config.pad_token_id` and
-    silently picks the wrong position when that id is unset or equals EOS.
+    silently picks the wrong position when that id is unset or equals EOS. The body runs in
+    its own dtype (or under the caller's autocast); the head in float32, so scores are not
+    rounded to bfloat16's three digits.
     """
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     last = attention_mask.sum(dim=1) - 1  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return model.score(pooled).squeeze(-1)  # (B,)
+    return float32_head(model.score, pooled).squeeze(-1)  # (B,)
 
 
 # ------------------------------------------------------------------------- load / save
@@ -153,6 +156,7 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
             path, config=config, dtype=getattr(torch, dtype))
     finally:
         hf_logging.set_verbosity(verbosity)
+    model.score.float()  # the head computes in float32 whatever the body's dtype
     if bias is not None:
         set_score_bias(model, bias)
     disable_dropout(model)

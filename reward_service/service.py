@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import TameConfig
+from cluster.config import TameConfig, gpu_env
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
 from reward_service.rewards import RewardSum, UnscorableItemError, check_reward_config
 
@@ -158,7 +158,8 @@ def deployment_options(cfg: TameConfig) -> dict:
     """Serve options of the reward deployment, all from `cfg.reward`."""
     r = cfg.reward
     options: dict = {
-        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus,
+                              "runtime_env": {"env_vars": gpu_env(r.num_gpus)}},
         # Enough requests in flight per replica to fill a batch from single-item callers.
         "max_ongoing_requests": max(r.max_batch_size, 8),
     }

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.config import TameConfig
+from cluster.precision import compute_context
 from reward_service.data import DataError, PreferencePair, load_preference_pairs
 from reward_service.model import RewardModel, load_reward_model, pad_right, save_reward_model, sequence_scores, set_score_bias
 
@@ -52,11 +53,14 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
-def _pair_scores(model, pad_id: int, batch: list[tuple[list[int], list[int]]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (B,) of the chosen and (B,) of the rejected sequences, in one padded forward."""
+def _pair_scores(model, pad_id: int, batch: list[tuple[list[int], list[int]]], device: str,
+                 compute_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (B,) of the chosen and (B,) of the rejected sequences, in one padded forward
+    (training steps run it in learner.compute_dtype; evaluation in float32)."""
     sequences = [c for c, _ in batch] + [r for _, r in batch]
     input_ids, attention_mask = pad_right(sequences, pad_id)
-    scores = sequence_scores(model, input_ids.to(device), attention_mask.to(device))  # (2B,)
+    with compute_context(device, compute_dtype):
+        scores = sequence_scores(model, input_ids.to(device), attention_mask.to(device))  # (2B,)
     return scores[: len(batch)], scores[len(batch):]
 
 
@@ -122,7 +126,8 @@ def _train(cfg: TameConfig, log) -> dict:
     log(f"{len(pairs)} preference pairs from {rm_cfg.data}: {len(train_pairs)} to train, {len(eval_pairs)} held out")
 
     torch.manual_seed(cfg.run.seed)  # a fresh score head (causal-LM init) is drawn from it
-    model, tokenizer = load_reward_model(init, dtype=cfg.model.dtype, device=device, init_head=True)
+    # Float32 weights; the forward passes run in learner.compute_dtype (cluster.precision).
+    model, tokenizer = load_reward_model(init, dtype="float32", device=device, init_head=True)
     encoder = RewardModel(model, tokenizer, cfg.data.chat_template, rm_cfg.max_length)
     pad_id = tokenizer.pad_token_id
 
@@ -145,7 +150,7 @@ def _train(cfg: TameConfig, log) -> dict:
         rng.shuffle(order)
         model.train()  # dropout is already zeroed; train mode only matters to exotic layers
         for batch in _batches(order, rm_cfg.batch_size):
-            chosen, rejected = _pair_scores(model, pad_id, batch, device)
+            chosen, rejected = _pair_scores(model, pad_id, batch, device, cfg.learner.compute_dtype)
             loss, accuracy = pairwise_loss(chosen, rejected)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -105,6 +105,9 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
     status = run.wait_for("both actors training", lambda s, e: trained_by(0, e) and trained_by(1, e)
                           and all("pid" in a for a in s["actors"].values()))
     pids = {i: a["pid"] for i, a in status["actors"].items()}
+    # Roles that ask Ray for no GPU see none (Ray 2.60 no longer hides them itself).
+    for pid in (status["learner"]["pid"], *pids.values()):
+        assert psutil.Process(pid).environ().get("CUDA_VISIBLE_DEVICES") == "", pid
     os.kill(pids[1], signal.SIGKILL)
     status = run.wait_for("the pool to shrink to one", lambda s, e: s["num_actors"] == 1 and last_by([0])(s, e))
     assert list(status["actors"]) == [0]

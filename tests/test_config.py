@@ -69,6 +69,39 @@ def test_bad_config_names_key_file_and_line(tmp_path, text, override, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("text, needle", [
+    ("learner:\n  device: cuda\n",
+     "c.yaml:2: learner.device cuda needs learner.num_gpus >= 1 (got 0.0)"),
+    ("learner:\n  device: cuda:1\n  num_gpus: 1\n", "c.yaml:2: learner.device: Input should be 'cpu' or 'cuda'"),
+    ("learner:\n  compute_dtype: float16\n",
+     "c.yaml:2: learner.compute_dtype: float16 needs a gradient scaler, which tame does not have: use bfloat16"),
+    ("rollout:\n  num_gpus: 2\n",
+     "c.yaml:2: rollout.num_gpus: 2.0 GPUs per engine: one engine spans at most one GPU"),
+    ("rollout:\n  num_gpus: 0.5\n  gpu_memory_utilization: 0.6\n",
+     "c.yaml:2: rollout.num_gpus 0.5 packs 2 engines on one GPU, each taking "
+     "rollout.gpu_memory_utilization 0.6 of it: 1.20 > 0.95. Lower gpu_memory_utilization to 0.47"),
+    ("rollout:\n  num_gpus: 0.25\n  gpu_memory_utilization: 0.2\n", None),
+    ("rollout:\n  gpu_memory_utilization: 0.99\n", "c.yaml:2: rollout.gpu_memory_utilization"),
+    ("reward:\n  max_length: 100\n",
+     "c.yaml:2: reward.max_length (100) is below data.max_prompt_tokens (256) + "
+     "rollout.sampling.max_new_tokens (48) = 304"),
+    ("reward:\n  max_length: 100\nmodel:\n  reward: null\n", None),  # no reward model, nothing cut
+])
+def test_gpu_and_length_settings_are_checked_across_fields(tmp_path, text, needle):
+    if needle is None:
+        load_config(write(tmp_path, text))
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert needle in str(err.value)
+
+
+def test_a_float16_learner_is_refused_with_exit_2():
+    out = tame("config", "show", "--set", "learner.compute_dtype=float16")
+    assert out.returncode == 2
+    assert "--set learner.compute_dtype: learner.compute_dtype: float16 needs a gradient scaler" in out.stderr
+
+
 def test_missing_file_and_malformed_override(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")

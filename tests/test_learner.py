@@ -139,6 +139,35 @@ def test_the_fused_first_pass_trains_exactly_like_the_separate_proximal_pass(tin
                params(Learner(make_cfg(tiny_assets), str(tmp_path / "fresh")).policy).items())
 
 
+def test_bfloat16_compute_trains_float32_weights_that_learn_at_small_learning_rates(tiny_assets, tmp_path):
+    """learner.compute_dtype bfloat16 runs the passes under autocast; weights and AdamW states
+    stay float32, so one update at lr 1e-6 (the rate of configs/gpu.yaml, below bfloat16's
+    resolution) still moves the weights, and its figures match the float32 update's."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        learner = Learner(make_cfg(tiny_assets, f"learner.compute_dtype={dtype}", "ppo.learning_rate=1e-6",
+                                   "ppo.critic_learning_rate=1e-6", "ppo.minibatch_size=16"), str(tmp_path / dtype))
+        before = params(learner.policy)
+        metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1))
+        after = params(learner.policy)
+        states = [s for s in learner.policy_optimizer.state.values()]
+        assert {p.dtype for p in after.values()} == {torch.float32}
+        assert {s["exp_avg"].dtype for s in states} == {torch.float32}
+        runs[dtype] = metrics, {n: after[n] != before[n] for n in after}
+    (full, full_changed), (mixed, mixed_changed) = runs["float32"], runs["bfloat16"]
+    # Every weight with a gradient moves; the embedding rows of tokens absent from the batch
+    # have none, in either precision.
+    embedding = "model.embed_tokens.weight"
+    rest = [n for n in mixed_changed if n != embedding]
+    share = sum(int(mixed_changed[n].sum()) for n in rest) / sum(mixed_changed[n].numel() for n in rest)
+    assert share > 0.99, share
+    assert torch.equal(mixed_changed[embedding], full_changed[embedding])
+    for key in ("loss/total_avg", "loss/value_avg", "objective/kl", "val/mean", "policy/entropy_avg"):
+        assert mixed[key] == pytest.approx(full[key], rel=0.05, abs=0.02), key
+    # The gap to the sampler's float32 log-probs is what autocast costs, and it is reported.
+    assert full["val/logp_gap_fresh_mean"] < 1e-5 < mixed["val/logp_gap_fresh_mean"] < 0.05
+
+
 # --------------------------------------------------------------------------- learning
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,11 +65,19 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
         return subprocess.run([str(BIN / "ray"), "job", command, f"--address={address}", *args],
                               env=env, capture_output=True, text=True, timeout=timeout)
 
+    # The job ships tame's code as the README says: the working directory is uploaded, Ray
+    # puts it on the workers' import path, and the entrypoint runs the CLI as a module. A
+    # copy of the checkout shows that the code which ran is the uploaded one.
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "wandb", "__pycache__", "*.egg-info", ".pytest_cache"))
+
     def submit(job_args: list[str], train_args: list[str]):
         sets = [a for o in overrides for a in ("--set", o)]
         for _ in range(12):
-            out = ray_job("submit", f"--working-dir={REPO}", *job_args, "--",
-                          "tame", "train", "--config", "configs/smoke.yaml", *sets, *train_args)
+            out = ray_job("submit", f"--working-dir={checkout}", *job_args, "--",
+                          "python", "-m", "cluster.cli", "train", "--config", "configs/smoke.yaml", *sets,
+                          *train_args)
             # The job server answers before its agent has registered: Ray asks to try again.
             if "No available agent to submit job" not in out.stdout + out.stderr:
                 return out
@@ -92,6 +101,8 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
             if time.monotonic() > deadline or (run_dir / "summary.json").exists():
                 raise AssertionError(ray_job("logs", "first").stdout[-3000:])
             time.sleep(0.2)
+        code = ray_job("logs", "first").stdout.split("tame's code from ")[1].split(")")[0]
+        assert "runtime_resources" in code and not code.startswith(str(REPO)), code
         wandb_id = (run_dir / "wandb_id").read_text()
         driver = [p for p in psutil.process_iter(["cmdline"])
                   if str(run_dir.parent) in " ".join(p.info["cmdline"] or []) and "train" in (p.info["cmdline"] or [])

@@ -382,7 +382,7 @@ def test_replicas_resources_and_autoscaling_come_from_the_config(tiny_assets):
 
     fixed = RewardDeployment.options(**deployment_options(_cfg(tiny_assets.reward, 8000, replicas=3, num_gpus=0.5)))
     assert fixed.num_replicas == 3
-    assert fixed.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.5}
+    assert fixed.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.5, "runtime_env": {"env_vars": {}}}
     auto_cfg = _cfg(tiny_assets.reward, 8000,
                     autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3})
     auto = RewardDeployment.options(**deployment_options(auto_cfg))
