@@ -101,8 +101,6 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
             if time.monotonic() > deadline or (run_dir / "summary.json").exists():
                 raise AssertionError(ray_job("logs", "first").stdout[-3000:])
             time.sleep(0.2)
-        code = ray_job("logs", "first").stdout.split("tame's code from ")[1].split(")")[0]
-        assert "runtime_resources" in code and not code.startswith(str(REPO)), code
         wandb_id = (run_dir / "wandb_id").read_text()
         driver = [p for p in psutil.process_iter(["cmdline"])
                   if str(run_dir.parent) in " ".join(p.info["cmdline"] or []) and "train" in (p.info["cmdline"] or [])
@@ -113,6 +111,8 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
         while "failed" not in ((status := ray_job("status", "first")).stdout + status.stderr).lower():
             assert time.monotonic() < deadline, f"the killed job never failed: {status.stdout} {status.stderr}"
             time.sleep(1)
+        code = ray_job("logs", "first").stdout.split("tame's code from ")[1].split(")")[0]
+        assert "runtime_resources" in code and not code.startswith(str(REPO)), code
 
         # Time for the final checkpoint: Ray sends SIGKILL this long after SIGTERM.
         stop_wait = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'
