@@ -12,8 +12,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from cluster.config import TameConfig
-from cluster.records import Prompt, Rollout, prompt_token_ids
+from cluster.shared.config import TameConfig
+from cluster.shared.records import Prompt, Rollout
+from cluster.shared.tokens import prompt_token_ids
 
 # vLLM reports these finish reasons; the records carry only "stop" or "length".
 _FINISH_REASONS = {"stop": "stop", "length": "length"}

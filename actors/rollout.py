@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -26,9 +25,9 @@ from actors.engine import (
     sampling_params,
 )
 from actors.weights import checkpoint_layout, engine_probes, load_into_engine, validate_specs
-from cluster.config import TameConfig
-from cluster.records import Prompt, RolloutBatch
-from cluster.transport import ObjectStoreTransport, WeightsHandle, compare_probes
+from cluster.shared.config import TameConfig
+from cluster.shared.records import LoadResult, Prompt, RolloutBatch
+from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport, compare_probes
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,7 @@ class RolloutActor:
         self._params = sampling_params(cfg)
         self._layout = checkpoint_layout(cfg.model.policy)
         self._version = 0  # the weights on disk at cfg.model.policy
+        self._transport: WeightTransport = ObjectStoreTransport()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -125,34 +125,32 @@ class RolloutActor:
             batch.failed_prompt_ids = [pid for pid in batch.prompt_ids if pid in failed]
             batch.rollouts = [r for r in batch.rollouts if r.prompt_id not in failed]
 
-    def load_weights(self, handle: WeightsHandle) -> dict:
+    def load_weights(self, handle: WeightsHandle) -> LoadResult:
         """Load a newer policy version into the live engine, then prove what it holds.
 
         The handle is checked against the engine's checkpoint layout before any weight is
         touched: a broken handle raises `WeightsMismatchError` and the engine keeps serving
         its previous weights. After the load (or for the version already held) the engine's
-        probes are compared with the published ones. An older version is a no-op. Returns
-        the version held, whether it was verified and how far off the worst tensor was, the
-        wall seconds and bytes of the load and its parts.
+        probes are compared with the published ones. An older version is a no-op.
         """
         start = time.perf_counter()
-        out = {"policy_version": self._version, "loaded": False, "bytes": 0, "fetch_seconds": 0.0,
-               "reload_seconds": 0.0, "verify_seconds": 0.0, "verified": None, "problem": None}
         if handle.version < self._version:
-            return {**out, "seconds": 0.0}
+            return LoadResult(self._version, loaded=False, verified=None)
+        loaded = {}
         if handle.version > self._version:
             validate_specs(handle.specs, self._layout)
             # Views of the object store's memory go straight into the engine: no staging copy.
-            tensors = ObjectStoreTransport.fetch(handle)
+            tensors = self._transport.fetch(handle)
             fetched = time.perf_counter()
             load_into_engine(self._llm, tensors.items())
             self._version = handle.version
-            out.update(loaded=True, bytes=handle.nbytes, fetch_seconds=fetched - start,
-                       reload_seconds=time.perf_counter() - fetched, policy_version=self._version)
+            loaded = {"loaded": True, "bytes": handle.nbytes, "fetch_seconds": fetched - start,
+                      "reload_seconds": time.perf_counter() - fetched}
 
         verifying = time.perf_counter()
         measured, fused = engine_probes(self._llm)
-        check = compare_probes(measured, ObjectStoreTransport.probes(handle), fused)
+        check = compare_probes(measured, self._transport.probes(handle), fused)
         done = time.perf_counter()
-        return {**out, "verified": check.ok, "problem": check.problem, "probe_rms_error": check.rms_error,
-                "verify_seconds": done - verifying, "seconds": done - start}
+        return LoadResult(**{"loaded": False, **loaded}, policy_version=self._version, verified=check.ok,
+                          problem=check.problem, probe_rms_error=check.rms_error,
+                          verify_seconds=done - verifying, seconds=done - start)

@@ -1,6 +1,6 @@
 """Loading a published policy version into a live vLLM engine, and proving what it holds.
 
-A `WeightsHandle` (`cluster.transport`) names its tensors and their shapes in the Hugging
+A `WeightsHandle` (`cluster.shared.transport`) names its tensors and their shapes in the Hugging
 Face checkpoint format the engine was built from. The load is checked against that layout
 before the engine is touched, so a broken handle leaves the engine serving its previous
 weights. Afterwards the engine's probes are measured from the weights it computes with, not
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cluster.transport import TensorSpec
+from cluster.shared.transport import TensorSpec
 
 # Identity rows fed through a packed linear layer at once when reading its weights back.
 _PROBE_ROWS = 512
@@ -106,7 +106,7 @@ def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
 def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     import torch
 
-    from cluster.transport import probe, probe_vector
+    from cluster.shared.transport import probe, probe_vector
 
     out = {}
     with torch.inference_mode():

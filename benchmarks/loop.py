@@ -63,7 +63,8 @@ def hf_rollouts(model, tokenizer, prompts, temperature: float):
     """Sampled responses with their behaviour log-probs from Hugging Face `generate`."""
     import torch
 
-    from cluster.records import Rollout, prompt_token_ids
+    from cluster.shared.records import Rollout
+    from cluster.shared.tokens import prompt_token_ids
 
     ids = [prompt_token_ids(tokenizer, p.messages) for p in prompts]
     width = max(len(i) for i in ids)
@@ -95,8 +96,9 @@ def one_process(assets: Path, updates: int, out: Path) -> dict:
     """The baseline: generate, score, update in sequence in this process, on every core."""
     import torch
 
-    from cluster.config import load_config
-    from cluster.data import PromptSource, load_prompts
+    from cluster.prompts import PromptSource
+    from cluster.shared.config import load_config
+    from cluster.shared.data import load_prompts
     from learner.learner import Learner
     from reward_service.model import RewardModel
 
@@ -146,8 +148,8 @@ def timed(fn) -> float:
 
 def tame(assets: Path, updates: int, out: Path, k: int, learner_threads: int, actor_threads: int,
          reward_threads: int) -> dict:
-    from cluster.config import load_config
     from cluster.controller import train
+    from cluster.shared.config import load_config
 
     name = f"k{k}-l{learner_threads}-a{actor_threads}-r{reward_threads}-{time.monotonic_ns()}"
     cfg = load_config(REPO / "configs/smoke.yaml", [
@@ -183,7 +185,7 @@ def median_run(runs: list[dict]) -> dict:
 def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, log) -> dict:
     """Every configuration `repeats` times, in turns, so that load from other processes on a
     shared machine hits all of them alike; each reported by its median run."""
-    from cluster.assets import ensure_assets
+    from cluster.demo.assets import ensure_assets
 
     assets = ensure_assets(root / size, size, 0, log=lambda *_: None).root
     out = Path(tempfile.mkdtemp(prefix=f"tame-loop-{size}-"))

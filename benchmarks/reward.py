@@ -67,10 +67,11 @@ def main() -> None:
     from ray import serve
     from transformers import AutoModelForSequenceClassification
 
-    from cluster.assets import ensure_assets
-    from cluster.config import TameConfig
-    from cluster.world import World
-    from reward_service.model import RewardModel, pad_right
+    from cluster.demo.assets import ensure_assets
+    from cluster.demo.world import World
+    from cluster.shared.config import TameConfig
+    from cluster.shared.tokens import pad
+    from reward_service.model import RewardModel
     from reward_service.service import deploy
 
     torch.set_num_threads(1)
@@ -83,7 +84,7 @@ def main() -> None:
     local = RewardModel.load(assets.reward)
     ids = [local.encode(p, r) for p, r in zip(prompts, responses)]
     raw_model = AutoModelForSequenceClassification.from_pretrained(assets.reward).eval()
-    batches = [pad_right(chunk, local.tokenizer.pad_token_id) for chunk in _chunks(ids, args.max_batch_size)]
+    batches = [pad(chunk, local.tokenizer.pad_token_id) for chunk in _chunks(ids, args.max_batch_size)]
 
     def run_raw() -> list[float]:
         with torch.inference_mode():

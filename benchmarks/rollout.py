@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from cluster.config import TameConfig  # noqa: E402
-from cluster.records import Prompt  # noqa: E402
-from cluster.transport import ObjectStoreTransport  # noqa: E402
+from cluster.shared.config import TameConfig  # noqa: E402
+from cluster.shared.records import Prompt  # noqa: E402
+from cluster.shared.transport import ObjectStoreTransport  # noqa: E402
 
 
 def make_config(policy: Path, max_new_tokens: int) -> TameConfig:
@@ -77,7 +77,7 @@ def throughput(args, assets_root: Path, ray) -> dict:
 
     from actors.engine import build_engine, encode_prompts, run_generate, sampling_params
     from actors.rollout import RolloutActor
-    from cluster.assets import ensure_assets
+    from cluster.demo.assets import ensure_assets
 
     assets = ensure_assets(assets_root / "small", "small", seed=0)
     cfg = make_config(assets.policy, args.max_new_tokens)
@@ -118,7 +118,7 @@ def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
     from safetensors.torch import load_file
 
     from actors.rollout import RolloutActor
-    from cluster.assets import ensure_assets
+    from cluster.demo.assets import ensure_assets
 
     assets = ensure_assets(assets_root / size, size, seed=0)
     cfg = make_config(assets.policy, 8)
@@ -134,27 +134,27 @@ def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
         handle = transport.publish(perturbed.items(), version)
         publish.append(time.perf_counter() - start)
         result = ray.get(actor.load_weights.remote(handle))
-        if not result["verified"]:
+        if not result.verified:
             raise RuntimeError(f"{size}: version {version} not verified: {result['problem']}")
         results.append(result)
         del handle
     ray.kill(actor)
 
-    nbytes = results[0]["bytes"]
+    nbytes = results[0].bytes
     copy = memcpy_seconds(nbytes)
     # The first versions pay one-off costs: the engine's first reload allocates, and the object
     # store hands out fresh (not yet faulted-in) memory until it has cycled through its size.
     # The steady state, the second half of the loads, is what a long run sees.
     steady = results[loads // 2:]
-    pick = lambda key: statistics.median(r[key] for r in steady)  # noqa: E731
+    pick = lambda key: statistics.median(getattr(r, key) for r in steady)  # noqa: E731
     publish_s = statistics.median(publish[loads // 2:])
     load_s = pick("seconds") - pick("verify_seconds")
     sync_s = publish_s + pick("seconds")
     return {"size": size, "bytes": nbytes, "loads": loads,
             "publish_seconds": publish_s, "load_seconds": load_s,
-            "first_sync_seconds": publish[0] + results[0]["seconds"],
+            "first_sync_seconds": publish[0] + results[0].seconds,
             "fetch_seconds": pick("fetch_seconds"), "reload_seconds": pick("reload_seconds"),
-            "verify_seconds": pick("verify_seconds"), "probe_rms_error": max(r["probe_rms_error"] for r in results),
+            "verify_seconds": pick("verify_seconds"), "probe_rms_error": max(r.probe_rms_error for r in results),
             "sync_seconds": sync_s, "memcpy_seconds": copy, "ratio_to_memcpy": sync_s / copy}
 
 

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.config import MAX_ACTORS, TameConfig, UserError, check_model_folder, load_config, schema_json
+from cluster.shared.config import MAX_ACTORS, TameConfig, check_model_folder, load_config, schema_json
+from cluster.shared.errors import UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -28,7 +29,10 @@ def log(message: str) -> None:
 
 
 def _config(args) -> TameConfig:
-    return load_config(args.config, args.set or [])
+    """The config with the checks the command needs (`tame config show` checks what `tame
+    train` would)."""
+    command = args.command if args.command in ("sft", "train-rm") else "train"
+    return load_config(args.config, args.set or [], command=command)
 
 
 # --------------------------------------------------------------------------- commands
@@ -43,7 +47,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_assets(args) -> int:
-    from cluster.assets import build_assets
+    from cluster.demo.assets import build_assets
 
     build_assets(args.out, args.size, args.seed, log=log)
     return EXIT_OK
@@ -100,7 +104,7 @@ def cmd_serve_reward(args) -> int:
         overrides.append(f"reward.port={args.port}")
     if args.replicas is not None:
         overrides.append(f"reward.replicas={args.replicas}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, command="serve-reward")
     check_model_folder("--model", args.model, "reward model")
     serve_forever(cfg)
     return EXIT_OK
@@ -117,7 +121,7 @@ def cmd_scale(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cluster.demo import run_demo
+    from cluster.demo.run import run_demo
 
     run_demo(out=Path(args.out), size=args.size, overrides=args.set or [], log=log)
     return EXIT_OK
@@ -127,7 +131,7 @@ def _prepare_models(cfg: TameConfig) -> None:
     """Build the offline assets a config asks for (model.build_assets) when they are missing."""
     if cfg.model.build_assets is None:
         return
-    from cluster.assets import ensure_assets
+    from cluster.demo.assets import ensure_assets
 
     root = Path(cfg.model.policy).parent
     ensure_assets(root, cfg.model.build_assets, cfg.run.seed, log=log)

@@ -7,7 +7,7 @@ as far as the staleness bound admits, start a learner update when a batch is rea
 wait for whichever of those finishes first.
 
 Versions: the learner publishes version v into the object store with its probes (a
-fingerprint, `cluster.transport`); an actor loads it between generation batches and checks
+fingerprint, `cluster.shared.transport`); an actor loads it between generation batches and checks
 its engine's own probes against them. An actor starts a batch only if every sample in it will be trained
 within `max_staleness` versions of the weights that made it (`Pipeline.prompts_to_start`).
 """
@@ -19,16 +19,21 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.config import TameConfig, UserError, check_model_folder, gpu_env
-from cluster.data import PromptSource, load_prompts
 from cluster.metrics import Metrics
 from cluster.pipeline import Group, Pipeline
-from cluster.records import Rollout, RolloutBatch
-from cluster.transport import WeightsHandle
+from cluster.pool import ActorPool, Slot, SlotState
+from cluster.prompts import PromptSource
+from cluster.shared.config import TameConfig, check_model_folder, gpu_env
+from cluster.shared.data import load_prompts
+from cluster.shared.errors import UserError
+from cluster.shared.files import write_json
+from cluster.shared.ray_cluster import connect_ray
+from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
+from cluster.shared.transport import WeightsHandle
+from cluster.state import Counters, DriverState
 
 NAMESPACE = "tame"
 CONTROL_PREFIX = "tame-control-"
@@ -97,8 +102,9 @@ def scale(num_actors: int, run: str | None = None, address: str | None = None) -
     """Ask the running job `run` (the only one when None) for `num_actors` rollout actors."""
     import ray
 
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace=NAMESPACE,
-             logging_level="ERROR", log_to_driver=False)
+    # "auto": the running cluster of this machine; `tame scale` never starts one.
+    connect_ray(address or os.environ.get("RAY_ADDRESS") or "auto", namespace=NAMESPACE,
+                logging_level="ERROR", log_to_driver=False)
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == NAMESPACE and a["name"].startswith(CONTROL_PREFIX)]
     runs = [n.removeprefix(CONTROL_PREFIX) for n in names]
@@ -111,23 +117,7 @@ def scale(num_actors: int, run: str | None = None, address: str | None = None) -
     return ray.get(ray.get_actor(CONTROL_PREFIX + run, namespace=NAMESPACE).request.remote(num_actors))
 
 
-# --------------------------------------------------------------------------- the pool
-
-
-@dataclass
-class Slot:
-    """One rollout actor as the loop sees it."""
-
-    actor_id: int
-    handle: Any
-    state: str = "loading"  # loading -> idle <-> busy; draining ends it after its batch
-    version: int = -1
-    pending: Any = None  # the ObjectRef the loop waits on for this actor
-    prompt_ids: list[str] = field(default_factory=list)
-    draining: bool = False
-    idle_since: float | None = None  # while idle: since when
-    tokens: int = 0
-    generate_seconds: float = 0.0
+# --------------------------------------------------------------------------- the loop
 
 
 class Loop:
@@ -149,23 +139,20 @@ class Loop:
             batch_size=cfg.train.rollout_batch_size, max_staleness=self.k, samples_per_prompt=per_prompt,
             max_prompts_per_call=cfg.rollout.prompts_per_batch,
             max_waiting=cfg.train.queue_size * cfg.rollout.prompts_per_batch * per_prompt)
-        self.slots: dict[int, Slot] = {}
-        self.next_actor_id = 0
-        self.counters = {"samples": 0, "dropped_stale": 0, "failed_prompts": 0, "actor_failures": 0,
-                         "fingerprint_mismatches": 0, "skipped_updates": 0}
+        self.counters = Counters()
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
 
         # The slow starts overlap: the learner's and the first actors' processes import torch
         # and build their models while Serve deploys the reward service.
-        self.target = cfg.rollout.num_actors
-        log(f"starting the learner and {self.target} rollout actor(s)")
+        actor_cls = rollout_actor_class(cfg)
+        self.pool = ActorPool(lambda actor_id, scorer: actor_cls.remote(cfg, actor_id, scorer), cfg.rollout.num_actors)
+        log(f"starting the learner and {self.pool.target} rollout actor(s)")
         self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
                                   resources=cfg.learner.resources,
                                   runtime_env={"env_vars": {**learner_env(cfg), **gpu_env(cfg.learner.num_gpus)}},
                                   )(Learner).remote(cfg, str(self.run_dir))
-        self.actor_cls = rollout_actor_class(cfg)
-        early = [self.new_actor(scorer=None) for _ in range(self.target)]
+        early = [self.pool.create(scorer=None) for _ in range(self.pool.target)]
 
         # A Serve instance this run starts is stopped with it, so a later deployment on the
         # same cluster starts Serve afresh with its own HTTP options.
@@ -174,17 +161,17 @@ class Loop:
         self.scorer = RewardClient(deploy(cfg, http=False), cfg.reward.timeout_s, cfg.reward.retries)
         self.placement: dict = {"learner": _node_of(self.learner), "actors": {},
                                 "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}}
-        extra = ray.get(self.learner.load_checkpoint.remote()) if resume else None
-        if extra:
-            self.source.restore(extra["source"])
-            self.counters.update(extra["counters"])
-            self.first = extra.get("first", {})
+        saved = ray.get(self.learner.load_checkpoint.remote()) if resume else None
+        if saved:
+            state = DriverState.from_dict(saved)
+            self.source.restore(state.source)
+            self.counters, self.first = state.counters, state.first
         self.pipeline.version = ray.get(self.learner.version.remote())
         self.checkpointed = self.version  # on disk already: the init model or the resumed checkpoint
         _truncate_jsonl(self.run_dir / "ledger.jsonl", "version", self.version)
         _truncate_jsonl(self.run_dir / "metrics.jsonl", "step", self.version)
         if resume:
-            log(f"resumed at policy version {self.version}" if extra else "no checkpoint yet: starting fresh")
+            log(f"resumed at policy version {self.version}" if saved else "no checkpoint yet: starting fresh")
         self.publish()
 
         self.control = ray.remote(num_cpus=0)(Control).options(
@@ -198,14 +185,13 @@ class Loop:
         self.update_ref = None
         self.update_started = 0.0
         # Per-interval idle accounting (an interval ends with each update): see loop_metrics.
-        self.interval_start = time.monotonic()
-        self.actor_idle = 0.0  # idle actor-seconds closed within the interval
+        self.interval_start = self.pool.interval_start = time.monotonic()
         self.generated = {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0}  # within the interval
         self.rate_from: tuple[float, int] | None = None  # (time, samples) at the first update's end
         self.created = created or time.monotonic()  # when `tame train` began: start-up counts from here
         self.startup_seconds: float | None = None  # until the first generation call: roles up, weights loaded
         self.last_scale_poll = 0.0
-        self.last_loads: dict[int, dict] = {}  # each actor's last load result
+        self.last_loads: dict[int, LoadResult] = {}  # each actor's last load
         self.deaths_in_a_row = 0  # actor deaths since the last batch an actor produced
         self.stop_requested = False
         self.started = time.monotonic()
@@ -230,34 +216,20 @@ class Loop:
 
     # ----------------------------------------------------------------- actors
 
-    def new_actor(self, scorer) -> tuple[int, Any]:
-        actor_id = self.next_actor_id
-        self.next_actor_id += 1
-        return actor_id, self.actor_cls.remote(self.cfg, actor_id, scorer)
-
     def start_actor(self, early: tuple[int, Any] | None = None) -> None:
         """A new actor, or one started before the reward service was up, loads the newest
         weights before it produces anything."""
         if early is None:
-            actor_id, handle = self.new_actor(self.scorer)
+            actor_id, handle = self.pool.create(self.scorer)
         else:
             actor_id, handle = early
             handle.set_scorer.remote(self.scorer)
-        slot = Slot(actor_id, handle)
-        slot.pending = handle.load_weights.remote(self.weights_ref)
-        self.slots[actor_id] = slot
+        self.pool.add(actor_id, handle, self.weights_ref)
 
     def retire(self, slot: Slot, reason: str | None = None) -> None:
         """Take an actor out of production; its prompts go back to the source."""
-        import ray
-
-        if slot.prompt_ids:
-            self.source.give_back(slot.prompt_ids)
-            slot.prompt_ids = []
+        self.source.give_back(self.pool.remove(slot))
         self.pipeline.lost(slot.actor_id)
-        self.note_busy(slot)
-        self.slots.pop(slot.actor_id, None)
-        ray.kill(slot.handle)
         if reason:
             self.log(f"actor {slot.actor_id} removed: {reason}")
 
@@ -268,32 +240,29 @@ class Loop:
             return
         self.last_scale_poll = time.monotonic()
         target, self.stop_requested = ray.get(self.control.poll.remote())
-        if target != self.target:
-            self.log(f"scaling the rollout pool from {self.target} to {target} actors")
-            self.target = target
-        live = [s for s in self.slots.values() if not s.draining]
-        for _ in range(self.target - len(live)):
+        if target != self.pool.target:
+            self.log(f"scaling the rollout pool from {self.pool.target} to {target} actors")
+            self.pool.target = target
+        live = len(self.pool.live())
+        for _ in range(target - live):
             self.start_actor()
-        for slot in sorted(live, key=lambda s: -s.actor_id)[: max(0, len(live) - self.target)]:
-            slot.draining = True  # a busy actor finishes its batch first; nothing is lost
-            if slot.state == "idle":
-                self.retire(slot)
+        for slot in self.pool.drain(live - target):  # a busy actor finishes its call first
+            self.retire(slot)
         self.control.report.remote({
-            "run": self.cfg.run.name, "num_actors": self.target, "live_actors": len(self.slots),
-            "policy_version": self.version, "counters": dict(self.counters),
+            "run": self.cfg.run.name, "num_actors": target, "live_actors": len(self.pool),
+            "policy_version": self.version, "counters": self.counters.as_dict(),
             "actors": {i: {**(self.placement["actors"].get(i) or {}), "version": s.version}
-                       for i, s in self.slots.items()},
+                       for i, s in self.pool.slots.items()},
             "learner": self.placement["learner"], "driver": self.placement["driver"]})
 
     def launch_generation(self) -> None:
         """Hand prompts to idle actors, newest weights first, as far as the staleness bound
         admits: with max_staleness 0 an actor waits for the update in flight."""
-        for slot in list(self.slots.values()):
-            if slot.state != "idle" or slot.draining:
+        for slot in list(self.pool.slots.values()):
+            if slot.state is not SlotState.IDLE:
                 continue
             if slot.version < self.version:
-                slot.state, slot.pending = "loading", slot.handle.load_weights.remote(self.weights_ref)
-                self.note_busy(slot)
+                self.pool.dispatch(slot, SlotState.LOADING, slot.handle.load_weights.remote(self.weights_ref))
                 continue
             n = self.pipeline.prompts_to_start(slot.version)
             if n == 0:
@@ -303,37 +272,27 @@ class Loop:
             prompts = self.source.take(n)
             slot.prompt_ids = [p.prompt_id for p in prompts]
             self.pipeline.started(slot.actor_id, n)
-            slot.state, slot.pending = "busy", slot.handle.generate.remote(prompts)
-            self.note_busy(slot)
+            self.pool.dispatch(slot, SlotState.GENERATING, slot.handle.generate.remote(prompts))
 
-    def note_idle(self, slot: Slot) -> None:
-        slot.state, slot.idle_since = "idle", time.monotonic()
-
-    def note_busy(self, slot: Slot) -> None:
-        """Close the slot's idle period, counting the part inside the current interval."""
-        if slot.idle_since is not None:
-            self.actor_idle += time.monotonic() - max(slot.idle_since, self.interval_start)
-            slot.idle_since = None
-
-    def on_loaded(self, slot: Slot, result: dict) -> None:
+    def on_loaded(self, slot: Slot, result: LoadResult) -> None:
         """An actor whose engine does not hold exactly the published weights is replaced."""
-        if result["verified"] is False:
-            self.counters["fingerprint_mismatches"] += 1
-            self.retire(slot, f"weight sync to version {result['policy_version']} not verified: {result['problem']}")
+        if result.verified is False:
+            self.counters.fingerprint_mismatches += 1
+            self.retire(slot, f"weight sync to version {result.policy_version} not verified: {result.problem}")
             self.start_actor()
             return
         if slot.version < 0:
             self.placement["actors"][slot.actor_id] = _node_of(slot.handle)
-        slot.version = result["policy_version"]
-        if result["loaded"]:
+        slot.version = result.policy_version
+        if result.loaded:
             self.last_loads[slot.actor_id] = result
-        self.note_idle(slot)
-        if slot.draining:  # removed by `tame scale` while it was loading
+        if not self.pool.returned(slot):  # scaled away while it was loading
             self.retire(slot)
 
     def on_actor_died(self, slot: Slot, error: Exception) -> None:
         """Hand the dead actor's prompts out again; replace it unless the config says not to."""
-        self.counters["actor_failures"] += 1
+        self.counters.actor_failures += 1
+        draining = slot.state is SlotState.DRAINING
         self.retire(slot, f"actor died ({type(error).__name__}); its {len(slot.prompt_ids)} prompt(s) "
                           "are handed out again")
         # A prompt that crashes the engine would kill every replacement: stop instead.
@@ -341,14 +300,14 @@ class Loop:
         if self.deaths_in_a_row >= 3:
             raise RunError(f"rollout actors died 3 times in a row without producing a batch; the last: {error}") \
                 from error
-        if slot.draining:
+        if draining:
             return  # it was on its way out
         if self.cfg.rollout.replace_failed:
             return  # apply_scaling starts the replacement
-        self.target -= 1
-        self.control.request.remote(self.target)  # `tame scale` sees the smaller pool
-        self.log(f"rollout.replace_failed is false: carrying on with {self.target} actor(s)")
-        if self.target == 0:
+        self.pool.target -= 1
+        self.control.request.remote(self.pool.target)  # `tame scale` sees the smaller pool
+        self.log(f"rollout.replace_failed is false: carrying on with {self.pool.target} actor(s)")
+        if self.pool.target == 0:
             raise RunError("the last rollout actor died and rollout.replace_failed is false; "
                            "resume with `tame train --resume` once the cluster has room")
 
@@ -360,15 +319,14 @@ class Loop:
         self.generated["generate_seconds"] += batch.generate_seconds
         self.generated["score_seconds"] += batch.score_seconds
         if batch.failed_prompt_ids:
-            self.counters["failed_prompts"] += len(batch.failed_prompt_ids)
+            self.counters.failed_prompts += len(batch.failed_prompt_ids)
             self.source.give_back(batch.failed_prompt_ids)
         groups: dict[str, list[Rollout]] = {}
         for r in batch.rollouts:
             groups.setdefault(r.prompt_id, []).append(r)
         self.pipeline.finished(slot.actor_id, [Group(p, batch.policy_version, rs) for p, rs in groups.items()])
         slot.prompt_ids = []
-        self.note_idle(slot)
-        if slot.draining:
+        if not self.pool.returned(slot):
             self.retire(slot)
 
     # ----------------------------------------------------------------- learner
@@ -376,15 +334,15 @@ class Loop:
     def maybe_start_update(self) -> None:
         batch, dropped = self.pipeline.next_batch()
         if dropped:  # only an actor that fell behind makes these (see cluster.pipeline)
-            self.counters["dropped_stale"] += sum(len(g) for g in dropped)
+            self.counters.dropped_stale += sum(len(g) for g in dropped)
             self.source.give_back([g.prompt_id for g in dropped])
         if batch is None:
             return
         self.update_started = time.monotonic()
         self.update_ref = self.learner.update.remote([r for g in batch for r in g.rollouts])
 
-    def update_result(self) -> dict[str, float]:
-        """The metrics of the update in flight; a RunError when the learner cannot go on."""
+    def update_result(self) -> UpdateResult:
+        """The result of the update in flight; a RunError when the learner cannot go on."""
         import ray
 
         from learner.learner import NonFiniteUpdatesError
@@ -399,26 +357,25 @@ class Loop:
             self.source.give_back([g.prompt_id for g in self.pipeline.update_done(trained=False)])
             raise RunError(str(e)) from e
 
-    def on_updated(self, metrics: dict[str, float]) -> None:
+    def on_updated(self, result: UpdateResult) -> None:
         self.update_ref = None
-        skipped = bool(metrics.get("learner/skipped_nonfinite"))
-        batch = self.pipeline.update_done(trained=not skipped)
-        if skipped:
+        batch = self.pipeline.update_done(trained=not result.skipped)
+        if result.skipped:
             # Not trained on: the prompts come back, the actors keep the previous weights.
-            self.counters["skipped_updates"] += 1
+            self.counters.skipped_updates += 1
             self.source.give_back([g.prompt_id for g in batch])
-            self.log(f"update skipped: non-finite values ({self.counters['skipped_updates']} so far)")
+            self.log(f"update skipped: non-finite values ({self.counters.skipped_updates} so far)")
             return
+        assert result.version == self.version, (result.version, self.version)
         rollouts = [r for g in batch for r in g.rollouts]
-        self.counters["samples"] += len(rollouts)
+        self.counters.samples += len(rollouts)
         staleness = [self.version - 1 - g.policy_version for g in batch]
         with (self.run_dir / "ledger.jsonl").open("a") as f:
             f.write(json.dumps({"version": self.version, "prompts": [g.prompt_id for g in batch],
                                 "record_versions": [g.policy_version for g in batch],
                                 "actors": sorted({r.actor_id for r in rollouts})}) + "\n")
         self.publish()
-        metrics = dict(metrics)
-        metrics.update(self.loop_metrics(staleness))
+        metrics = {**result.metrics, **self.loop_metrics(staleness)}
         if self.judge is not None:
             metrics.update(self.judge(rollouts))
         self.first = self.first or metrics
@@ -438,30 +395,28 @@ class Loop:
         now = time.monotonic()
         interval = max(now - self.interval_start, 1e-9)
         learner_idle = max(0.0, self.update_started - self.interval_start)
-        open_idle = sum(now - max(s.idle_since, self.interval_start)
-                        for s in self.slots.values() if s.idle_since is not None)
-        actor_idle = (self.actor_idle + open_idle) / (interval * max(len(self.slots), 1))
+        actor_idle = self.pool.idle_share(now)
         generated = self.generated
-        self.interval_start, self.actor_idle = now, 0.0
+        self.interval_start = now
         self.generated = {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0}
-        samples = self.counters["samples"]
+        samples = self.counters.samples
         if self.rate_from is None:
             self.rate_from = (now, samples)
         out = {
             "rollout/staleness_mean": sum(staleness) / len(staleness),
             "rollout/staleness_max": max(staleness),
-            "rollout/dropped_stale": self.counters["dropped_stale"],
-            "rollout/failed_prompts": self.counters["failed_prompts"],
+            "rollout/dropped_stale": self.counters.dropped_stale,
+            "rollout/failed_prompts": self.counters.failed_prompts,
             "rollout/queue_depth": self.pipeline.queued_samples,
-            "rollout/num_actors": len(self.slots),
-            "rollout/actor_failures": self.counters["actor_failures"],
+            "rollout/num_actors": len(self.pool),
+            "rollout/actor_failures": self.counters.actor_failures,
             "sync/version": self.version,
             "sync/bytes": self.weights.nbytes,
             "sync/publish_seconds": self.publish_seconds,
-            "sync/load_seconds_max": max((r["seconds"] for r in self.last_loads.values()), default=0.0),
-            "sync/verify_seconds_max": max((r["verify_seconds"] for r in self.last_loads.values()), default=0.0),
-            "sync/probe_rms_error_max": max((r["probe_rms_error"] for r in self.last_loads.values()), default=0.0),
-            "sync/fingerprint_mismatches": self.counters["fingerprint_mismatches"],
+            "sync/load_seconds_max": max((r.seconds for r in self.last_loads.values()), default=0.0),
+            "sync/verify_seconds_max": max((r.verify_seconds for r in self.last_loads.values()), default=0.0),
+            "sync/probe_rms_error_max": max((r.probe_rms_error for r in self.last_loads.values()), default=0.0),
+            "sync/fingerprint_mismatches": self.counters.fingerprint_mismatches,
             "perf/step_seconds": interval,
             "perf/update_seconds_wall": now - self.update_started,
             "perf/samples": samples,
@@ -471,9 +426,9 @@ class Loop:
             # What one sample cost the actors in this interval: the pipeline's other side.
             "perf/generate_seconds_per_sample": generated["generate_seconds"] / max(generated["samples"], 1),
             "perf/score_seconds_per_sample": generated["score_seconds"] / max(generated["samples"], 1),
-            "learner/skipped_updates": self.counters["skipped_updates"],
+            "learner/skipped_updates": self.counters.skipped_updates,
         }
-        for slot in self.slots.values():
+        for slot in self.pool.slots.values():
             if slot.generate_seconds > 0:
                 out[f"rollout/actor_{slot.actor_id}/tokens_per_s"] = slot.tokens / slot.generate_seconds
         return out
@@ -481,7 +436,7 @@ class Loop:
     def samples_per_s(self, now: float) -> float:
         """Training throughput from the end of the first update, after the engines warmed up and
         the pipeline filled (start-up is reported on its own); until then, from the loop's start."""
-        samples = self.counters["samples"]
+        samples = self.counters.samples
         if self.rate_from is None or samples == self.rate_from[1]:
             return samples / max(now - self.started, 1e-9)
         return (samples - self.rate_from[1]) / max(now - self.rate_from[0], 1e-9)
@@ -489,7 +444,7 @@ class Loop:
     def in_flight(self) -> list[str]:
         """Prompts handed out but not trained on yet: a resumed run hands them out again."""
         ids = self.pipeline.in_flight_prompts()
-        for slot in self.slots.values():
+        for slot in self.pool.slots.values():
             ids += slot.prompt_ids
         return ids
 
@@ -497,22 +452,21 @@ class Loop:
         import ray
 
         self.checkpointed = self.version
-        extra = {"source": self.source.state(self.in_flight()),
-                 "counters": self.counters, "first": self.first}
-        return ray.get(self.learner.save_checkpoint.remote(extra))
+        state = DriverState(self.source.state(self.in_flight()), self.counters, self.first)
+        return ray.get(self.learner.save_checkpoint.remote(state.to_dict()))
 
     # ----------------------------------------------------------------- the loop
 
     def done(self) -> bool:
         total = self.cfg.train.total_samples
         return (self.stop_requested or self.stop.name is not None or self.version >= self.cfg.train.total_updates
-                or (total is not None and self.counters["samples"] >= total))
+                or (total is not None and self.counters.samples >= total))
 
     def run(self) -> dict:
         import ray
 
         self.started = time.monotonic()
-        self.log(f"training to version {self.cfg.train.total_updates} with {self.target} rollout actor(s), "
+        self.log(f"training to version {self.cfg.train.total_updates} with {self.pool.target} rollout actor(s), "
                  f"max_staleness {self.k}")
         while not self.done():
             # 1. follow `tame scale`
@@ -522,7 +476,7 @@ class Loop:
             # 3. train when a batch of fresh records is ready
             self.maybe_start_update()
             # 4. wait for whichever actor or learner call finishes first
-            pending = {s.pending: s for s in self.slots.values() if s.state in ("loading", "busy")}
+            pending = self.pool.waiting_on()
             refs = list(pending) + ([self.update_ref] if self.update_ref is not None else [])
             if not refs:  # e.g. `tame scale --actors 0`: nothing to wait on
                 time.sleep(0.2)
@@ -538,7 +492,7 @@ class Loop:
                 except ray.exceptions.RayActorError as e:
                     self.on_actor_died(slot, e)
                     continue
-                if slot.state == "loading":
+                if isinstance(result, LoadResult):
                     self.on_loaded(slot, result)
                 else:
                     self.on_generated(slot, result)
@@ -569,7 +523,7 @@ class Loop:
             "run": self.cfg.run.name,
             "steps": self.version,
             "policy_version": self.version,
-            "samples": self.counters["samples"],
+            "samples": self.counters.samples,
             "reward_start": self.first.get("objective/scores"),
             "reward_end": self.last.get("objective/scores"),
             "kl_start": self.first.get("objective/kl"),
@@ -577,15 +531,15 @@ class Loop:
             "wall_seconds": wall,
             "startup_seconds": self.startup_seconds,
             "samples_per_second": self.samples_per_s(now),
-            "samples_per_second_overall": self.counters["samples"] / max(wall, 1e-9),
+            "samples_per_second_overall": self.counters.samples / max(wall, 1e-9),
             "checkpoint": path,
             "data_position": {"epoch": self.source.epoch, "position": self.source.position},
             "outstanding_prompts": self.in_flight() + list(self.source.returned),
             "placement": self.placement,
             "error": error,
-            **{k: v for k, v in self.counters.items() if k != "samples"},
+            **{k: v for k, v in self.counters.as_dict().items() if k != "samples"},
         }
-        _write_json(self.run_dir / "summary.json", summary)
+        write_json(self.run_dir / "summary.json", summary)
         self.metrics.finish(summary)
         return summary
 
@@ -593,7 +547,7 @@ class Loop:
         import ray
         from ray import serve
 
-        for slot in list(self.slots.values()):
+        for slot in list(self.pool.slots.values()):
             ray.kill(slot.handle)
         ray.kill(self.learner)
         ray.kill(self.control)
@@ -604,12 +558,6 @@ class Loop:
 
 
 # --------------------------------------------------------------------------- entry point
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _serve_running() -> bool:
@@ -648,20 +596,8 @@ def check_inputs(cfg: TameConfig) -> None:
 
 
 def connect(cfg: TameConfig, log: Callable[[str], None]) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": dict(ENGINE_ENV)}
-    if address:
-        log(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
-    else:
-        cpus = cfg.cluster.num_cpus or os.cpu_count()
-        log(f"starting a local Ray with {cpus} CPUs")
-        ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, runtime_env=env,
-                 log_to_driver=False)
+    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, log, namespace=NAMESPACE,
+                runtime_env={"env_vars": dict(ENGINE_ENV)}, log_to_driver=False)
 
 
 def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = print,

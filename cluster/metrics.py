@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from cluster.config import TameConfig
+from cluster.shared.config import TameConfig
 
 CONSOLE_KEYS = [
     ("objective/scores", "reward", "{:+.3f}"),

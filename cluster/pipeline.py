@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cluster.records import Rollout
+from cluster.shared.records import Rollout
 
 
 @dataclass

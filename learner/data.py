@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from cluster.config import DataError  # the project's data error: the CLI maps it to exit 2
-from cluster.data import read_records
-from cluster.records import prompt_token_ids, response_token_ids
+from cluster.shared.data import read_records
+from cluster.shared.errors import DataError  # the project's data error: the CLI maps it to exit 2
+from cluster.shared.tokens import pad, prompt_token_ids, response_token_ids
 
 __all__ = ["DataError", "Example", "collate_demonstrations", "encode_demonstrations",
            "read_demonstrations"]
@@ -64,13 +64,8 @@ def collate_demonstrations(examples: list[Example], pad_token_id: int,
     Returns input_ids (B, L), attention_mask (B, L) and loss_mask (B, L-1): 1 where
     position t predicts a response token input_ids[:, t+1].
     """
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(examples), width - 1))
+    input_ids, attention_mask = pad([e.input_ids for e in examples], pad_token_id)
+    loss_mask = torch.zeros((len(examples), input_ids.shape[1] - 1))
     for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[b, :n] = torch.tensor(e.input_ids)
-        attention_mask[b, :n] = 1
-        loss_mask[b, e.prompt_length - 1: n - 1] = 1.0
+        loss_mask[b, e.prompt_length - 1: len(e.input_ids) - 1] = 1.0
     return input_ids.to(device), attention_mask.to(device), loss_mask.to(device)

@@ -3,7 +3,8 @@
 `cluster/` runs `Learner` as a Ray actor (`ray.remote(num_cpus=..., num_gpus=...)`); the
 class itself does not need Ray except for the object store in `publish`.
 
-One update, top to bottom (`update`):
+One update, top to bottom (`update`; the records of each step are in `learner/experience.py`,
+checkpoints in `learner/checkpoints.py`, the math in `learner/ppo.py`):
 1. tokens: prompt + response ids of each scored rollout, right-padded; a mask marks the
    response tokens (cut after the first EOS when `ppo.truncate_at_stop`).
 2. no-grad passes: the reference log-probs, the proximal log-probs (the current weights,
@@ -25,26 +26,21 @@ from __future__ import annotations
 
 import copy
 import math
-import random
-import re
-import shutil
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from cluster.config import ConfigError, TameConfig
-from cluster.precision import compute_context, float32_head, torch_dtype
-from cluster.records import Rollout
-from cluster.transport import ObjectStoreTransport, WeightsHandle
-from learner import ppo
+from cluster.shared.config import TameConfig
+from cluster.shared.precision import compute_context, float32_head, torch_dtype
+from cluster.shared.records import Rollout, UpdateResult
+from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport
+from learner import checkpoints, ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
+from learner.experience import Batch, Experience, tokenize
 from learner.training import (
-    atomic_directory,
     demonstration_nll,
     disable_dropout,
     make_scheduler,
@@ -52,67 +48,9 @@ from learner.training import (
     set_torch_threads,
 )
 
-CHECKPOINT_NAME = re.compile(r"^version-(\d{6,})$")
-
 
 class NonFiniteUpdatesError(RuntimeError):
     """Too many consecutive updates had NaN or Inf in their rewards, losses or gradients."""
-
-
-# --------------------------------------------------------------------------- experience
-
-
-@dataclass
-class Experience:
-    """A batch of scored rollouts as tensors on the learner's device.
-
-    Token tensors are (B, L); per-token tensors are (B, W) and cover the prediction
-    positions `offset .. offset + W - 1` (a window cut by `select` to what its rows need).
-    """
-
-    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    mask: torch.Tensor  # (B, W) float: 1 where the position predicts a response token that counts
-    behaviour_logprobs: torch.Tensor  # (B, W) log pi_behaviour from the rollout engine
-    scores: torch.Tensor  # (B,) reward as scored (before the missing-EOS penalty)
-    has_eos: torch.Tensor  # (B,) bool: the response ended (EOS or a stop string)
-    fresh: torch.Tensor  # (B,) bool: made by the weights the learner holds (staleness 0)
-    offset: int = 0
-    old_logprobs: torch.Tensor | None = None  # (B, W) proximal policy, no grad
-    ref_logprobs: torch.Tensor | None = None  # (B, W)
-    old_values: torch.Tensor | None = None  # (B, W)
-    rewards: torch.Tensor | None = None  # (B, W) KL-shaped per-token rewards
-    advantages: torch.Tensor | None = None  # (B, W)
-    returns: torch.Tensor | None = None  # (B, W)
-    is_weights: torch.Tensor | None = None  # (B, W) min(pi_prox / pi_behaviour, C)
-
-    PER_TOKEN = ("mask", "behaviour_logprobs", "old_logprobs", "ref_logprobs", "old_values",
-                 "rewards", "advantages", "returns", "is_weights")
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, rows: torch.Tensor) -> Experience:
-        """The given rows, cut to the columns they need: up to their longest sequence, and
-        per-token tensors from their earliest response token (so prompt positions that
-        no row needs are never sent through the LM head)."""
-        assert self.offset == 0, "select() works on a full batch"
-        attention = self.attention_mask[rows]
-        width = int(attention.sum(1).max())
-        mask = self.mask[rows]
-        start = int(mask.any(0).nonzero()[0])
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in self.PER_TOKEN:
-                value = None if value is None else value[rows, start: width - 1]
-            elif f.name in ("input_ids", "attention_mask"):
-                value = value[rows, :width]
-            elif isinstance(value, torch.Tensor):
-                value = value[rows]
-            out[f.name] = value
-        out["offset"] = start
-        return Experience(**out)
 
 
 class Forward(NamedTuple):
@@ -184,7 +122,7 @@ class Learner:
         self.fuse_first_pass = True  # False always runs the separate no-grad pass (tests compare)
         self._version = 0
         self._handle: WeightsHandle | None = None
-        self.transport = ObjectStoreTransport()
+        self.transport: WeightTransport = ObjectStoreTransport()
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
 
@@ -195,10 +133,7 @@ class Learner:
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
-        if self.cfg.learner.critic == "reward":
-            if self.cfg.model.reward is None:
-                raise ConfigError("learner.critic: 'reward' needs model.reward; set "
-                                  "learner.critic to 'policy' for rule-based rewards only")
+        if self.cfg.learner.critic == "reward":  # the config checked that model.reward is set
             return AutoModelForSequenceClassification.from_pretrained(
                 self.cfg.model.reward, num_labels=1, dtype=self.dtype)
         # Loading a causal LM as seq-cls reports the missing head and the unused LM head:
@@ -232,52 +167,19 @@ class Learner:
 
     # ------------------------------------------------------------------ tokens and passes
 
-    def tokens(self, rollouts: list[Rollout], truncate: bool | None = None) -> Experience:
-        """Right-padded prompt + response ids of the rollouts, with the response mask."""
-        if not rollouts:
-            raise ValueError("no rollouts")
+    def tokens(self, rollouts: list[Rollout], truncate: bool | None = None) -> Batch:
+        """Step 1: the rollouts as tensors (`experience.tokenize`)."""
         truncate = self.cfg.ppo.truncate_at_stop if truncate is None else truncate
-        length = max(len(r.prompt_token_ids) + len(r.response_token_ids) for r in rollouts)
-        batch = len(rollouts)
-        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        mask = torch.zeros((batch, length - 1))
-        behaviour = torch.zeros((batch, length - 1))
-        for b, r in enumerate(rollouts):
-            n_prompt, n_response = len(r.prompt_token_ids), len(r.response_token_ids)
-            if n_prompt == 0 or n_response == 0:
-                raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: "
-                                 "empty prompt or response")
-            if len(r.behaviour_logprobs) != n_response:
-                raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: "
-                                 f"{len(r.behaviour_logprobs)} behaviour log-probs for "
-                                 f"{n_response} response tokens")
-            input_ids[b, : n_prompt + n_response] = torch.tensor(
-                r.prompt_token_ids + r.response_token_ids)
-            attention_mask[b, : n_prompt + n_response] = 1
-            # Position t predicts token t + 1, so the response starts at n_prompt - 1.
-            mask[b, n_prompt - 1: n_prompt - 1 + n_response] = 1.0
-            behaviour[b, n_prompt - 1: n_prompt - 1 + n_response] = torch.tensor(
-                r.behaviour_logprobs, dtype=torch.float32)
-        if truncate:
-            mask = ppo.mask_after_stop(input_ids[:, 1:], mask, self.eos_id)
-        has_eos = torch.tensor([r.finish_reason == "stop" or self.eos_id in r.response_token_ids
-                                for r in rollouts])
-        scores = torch.tensor([math.nan if r.score is None else r.score for r in rollouts],
-                              dtype=torch.float32)
-        fresh = torch.tensor([r.policy_version == self._version for r in rollouts])
-        d = self.device
-        return Experience(input_ids.to(d), attention_mask.to(d), mask.to(d), behaviour.to(d),
-                          scores.to(d), has_eos.to(d), fresh.to(d))
+        return tokenize(rollouts, self.pad_id, self.eos_id, truncate, self._version, self.device)
 
-    def _token_logprobs(self, model: torch.nn.Module, mb: Experience, with_entropy: bool = False
+    def _token_logprobs(self, model: torch.nn.Module, mb: Batch, with_entropy: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log pi(token) at every window position of `mb` (B, W), and the entropy there."""
         with compute_context(self.device, self.cfg.learner.compute_dtype):
             return response_logprobs(model, mb.input_ids, mb.attention_mask, mb.mask, mb.offset,
                                      self.temperature, with_entropy)
 
-    def _values(self, mb: Experience) -> torch.Tensor:
+    def _values(self, mb: Batch) -> torch.Tensor:
         """The critic's value of the state before each window token. -> (B, W)
 
         The body runs in the compute dtype; the value head in float32, so values keep their
@@ -288,40 +190,40 @@ class Learner:
         window = hidden[:, mb.offset: mb.input_ids.shape[1] - 1]  # (B, W, H)
         return float32_head(self.value_head, window).squeeze(-1) * mb.mask
 
-    def _forward(self, mb: Experience) -> Forward:
+    def _forward(self, mb: Batch) -> Forward:
         """The policy's log-probs and entropy and the critic's values on a micro-batch, with
         gradient."""
         logp, entropy = self._token_logprobs(self.policy, mb, with_entropy=True)
         return Forward(logp, entropy, self._values(mb))
 
     @torch.no_grad()
-    def _no_grad_passes(self, exp: Experience, proximal: bool = True) -> None:
-        """Fill the reference log-probs and, with `proximal`, the proximal log-probs and the
-        old values, micro-batch by micro-batch (each cut to its own window, then written
-        back at its columns)."""
-        shape = exp.mask.shape
-        exp.ref_logprobs = torch.zeros(shape, device=self.device)
-        if proximal:
-            exp.old_logprobs = torch.zeros(shape, device=self.device)
-            exp.old_values = torch.zeros(shape, device=self.device)
-        for rows in torch.arange(len(exp), device=self.device).split(self.cfg.ppo.micro_batch_size):
-            mb = exp.select(rows)
-            cols = slice(mb.offset, mb.offset + mb.mask.shape[1])
-            exp.ref_logprobs[rows, cols] = self._token_logprobs(self.reference, mb)[0]
+    def _no_grad_passes(self, batch: Batch, proximal: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Step 2: the reference log-probs and, with `proximal`, the proximal log-probs and
+        the old values, micro-batch by micro-batch (each cut to its own window, then written
+        back at its columns). -> (B, W) each; None for the passes not made."""
+        ref = torch.zeros(batch.mask.shape, device=self.device)
+        old_logprobs = torch.zeros_like(ref) if proximal else None
+        old_values = torch.zeros_like(ref) if proximal else None
+        for rows in torch.arange(len(batch), device=self.device).split(self.cfg.ppo.micro_batch_size):
+            window = batch.window(rows)
+            mb, cols = batch.cut(window), window.columns()
+            ref[rows, cols] = self._token_logprobs(self.reference, mb)[0]
             if proximal:
-                exp.old_logprobs[rows, cols] = self._token_logprobs(self.policy, mb)[0]
-                exp.old_values[rows, cols] = self._values(mb)
+                old_logprobs[rows, cols] = self._token_logprobs(self.policy, mb)[0]
+                old_values[rows, cols] = self._values(mb)
+        return ref, old_logprobs, old_values
 
-    def _proximal_from(self, exp: Experience, rows: torch.Tensor, first: Forward) -> None:
-        """Take the proximal log-probs and old values from the first forward pass of the
-        update (`first`, made on exp.select(rows) before any optimizer step): the same
-        numbers the no-grad pass would compute, without a second pass."""
-        mb = exp.select(rows)
-        cols = slice(mb.offset, mb.offset + mb.mask.shape[1])
-        exp.old_logprobs = torch.zeros(exp.mask.shape, device=self.device)
-        exp.old_values = torch.zeros(exp.mask.shape, device=self.device)
-        exp.old_logprobs[rows, cols] = first.logprobs.detach()
-        exp.old_values[rows, cols] = first.values.detach()
+    def _proximal_from(self, batch: Batch, rows: torch.Tensor, first: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        """The proximal log-probs and old values from the first forward pass of the update
+        (`first`, made on batch.select(rows) before any optimizer step): the same numbers the
+        no-grad pass would compute, without a second pass."""
+        cols = batch.window(rows).columns()
+        old_logprobs = torch.zeros(batch.mask.shape, device=self.device)
+        old_values = torch.zeros_like(old_logprobs)
+        old_logprobs[rows, cols] = first.logprobs.detach()
+        old_values[rows, cols] = first.values.detach()
+        return old_logprobs, old_values
 
     # ------------------------------------------------------------------ experience
 
@@ -329,58 +231,57 @@ class Learner:
         """Steps 1-3 of an update with every no-grad pass: tokens, reference and proximal
         log-probs, old values, shaped rewards, GAE and IS weights. Returns the experience
         and the rollout/objective metrics."""
-        exp = self.tokens(rollouts)
-        self._no_grad_passes(exp)
-        return exp, self._advantages(exp)
+        batch = self.tokens(rollouts)
+        return self._advantages(batch, *self._no_grad_passes(batch))
 
-    def _advantages(self, exp: Experience) -> dict[str, float]:
-        """Step 3: KL-shaped rewards, GAE, whitening and the truncated IS weights, written into
-        `exp`; returns the rollout/objective metrics."""
+    def _advantages(self, batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                    old_values: torch.Tensor) -> tuple[Experience, dict[str, float]]:
+        """Step 3: KL-shaped rewards, GAE, whitening and the truncated IS weights; returns the
+        experience and the rollout/objective metrics."""
         p = self.cfg.ppo
-        mask = exp.mask
+        mask = batch.mask
 
-        scores = exp.scores
+        scores = batch.scores
         if p.missing_eos_penalty is not None:
-            scores = ppo.apply_missing_eos_penalty(scores, exp.has_eos, p.missing_eos_penalty)
-        if p.whiten_rewards and len(exp) > 1:
+            scores = ppo.apply_missing_eos_penalty(scores, batch.has_eos, p.missing_eos_penalty)
+        if p.whiten_rewards and len(batch) > 1:
             scores = ppo.masked_whiten(scores[:, None], torch.ones_like(scores[:, None]),
                                        shift_mean=False)[:, 0]
         kl_coef = self.kl_controller.value
-        rewards, kl = ppo.kl_shaped_rewards(scores, exp.old_logprobs, exp.ref_logprobs, mask,
+        rewards, kl = ppo.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask,
                                             kl_coef, p.kl.estimator)
-        advantages, returns = ppo.gae(rewards, exp.old_values, mask, p.gamma, p.gae_lambda)
+        advantages, returns = ppo.gae(rewards, old_values, mask, p.gamma, p.gae_lambda)
         if p.whiten_advantages and mask.sum() > 1:
             advantages = ppo.masked_whiten(advantages, mask)
-        exp.rewards, exp.advantages, exp.returns = rewards, advantages, returns
-        exp.is_weights = ppo.truncated_importance_weight(
-            exp.old_logprobs, exp.behaviour_logprobs, p.is_cap) * mask
+        is_weights = ppo.truncated_importance_weight(old_logprobs, batch.behaviour_logprobs, p.is_cap) * mask
+        exp = Experience(batch, ref_logprobs, old_logprobs, old_values, rewards, advantages, returns, is_weights)
 
         # Behaviour vs proximal: the same weights should give the same log-probs; a large
         # gap means stale rollouts or a weight sync that did not happen.
-        delta = (exp.old_logprobs - exp.behaviour_logprobs) * mask
-        behaviour_kl = ppo.masked_mean(ppo.kl_k3(exp.behaviour_logprobs, exp.old_logprobs), mask)
+        delta = (old_logprobs - batch.behaviour_logprobs) * mask
+        behaviour_kl = ppo.masked_mean(ppo.kl_k3(batch.behaviour_logprobs, old_logprobs), mask)
         non_score = (-kl_coef * kl).sum(1)
-        targets = exp.input_ids[:, 1:]
+        targets = batch.input_ids[:, 1:]
         metrics = {
             "objective/kl": kl.sum(1).mean(),
-            "objective/entropy": (-exp.old_logprobs * mask).sum(1).mean(),
-            "objective/scores": exp.scores.mean(),
+            "objective/entropy": (-old_logprobs * mask).sum(1).mean(),
+            "objective/scores": batch.scores.mean(),
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (scores + non_score).mean(),
             "val/num_eos_tokens": ((targets == self.eos_id) * mask.bool()).sum(),
-            "val/mean": ppo.masked_mean(exp.old_values, mask),
+            "val/mean": ppo.masked_mean(old_values, mask),
             "rollout/behaviour_kl": behaviour_kl,
             "rollout/max_abs_logp_delta": delta.abs().max(),
             # The engine against the learner's own arithmetic (learner.compute_dtype): on
             # records of the weights it holds, all of the gap is numerics.
             "val/logp_gap_mean": ppo.masked_mean(delta.abs(), mask),
-            "rollout/is_weight_mean": ppo.masked_mean(exp.is_weights, mask),
+            "rollout/is_weight_mean": ppo.masked_mean(is_weights, mask),
             "rollout/response_tokens_mean": mask.sum(1).mean(),
             "learner/kl_coef": torch.tensor(kl_coef),
         }
-        if exp.fresh.any():
-            metrics["val/logp_gap_fresh_mean"] = ppo.masked_mean(delta.abs(), mask * exp.fresh[:, None])
-        return {k: float(v) for k, v in metrics.items()}
+        if batch.fresh.any():
+            metrics["val/logp_gap_fresh_mean"] = ppo.masked_mean(delta.abs(), mask * batch.fresh[:, None])
+        return exp, {k: float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ gradients
 
@@ -398,7 +299,7 @@ class Learner:
             mb = exp.select(micro)
             if first is not None:
                 assert len(micro) == len(rows), "a fused forward covers exactly one micro-batch"
-            logp, entropy, values = first if first is not None else self._forward(mb)
+            logp, entropy, values = first if first is not None else self._forward(mb.batch)
             pg = ppo.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
                                          p.clip_ratio, weights=mb.is_weights, normaliser=n_tokens)
             vf = ppo.clipped_value_loss(values, mb.old_values, mb.returns, mb.mask,
@@ -438,28 +339,28 @@ class Learner:
 
     # ------------------------------------------------------------------ the update
 
-    def update(self, rollouts: list[Rollout]) -> dict[str, float]:
-        """One PPO update on scored rollouts; returns the metrics. The version goes up by
-        one unless a NaN or Inf made the update be skipped."""
+    def update(self, rollouts: list[Rollout]) -> UpdateResult:
+        """One PPO update on scored rollouts. The version goes up by one unless a NaN or Inf
+        made the update be skipped."""
         started = time.perf_counter()
         p = self.cfg.ppo
 
         # 1. tokens
-        exp = self.tokens(rollouts)
-        first_order = torch.randperm(len(exp), generator=self.shuffle).to(self.device)
+        batch = self.tokens(rollouts)
+        first_order = torch.randperm(len(batch), generator=self.shuffle).to(self.device)
 
         # 2. no-grad passes. One micro-batch per update: the first epoch's forward pass, made
         # now with gradient, is the proximal policy (Hilton et al.'s pi_prox is the policy
         # before this update's first step), so its no-grad twin is skipped.
-        fused = self.fuse_first_pass and len(exp) <= min(p.minibatch_size, p.micro_batch_size)
+        fused = self.fuse_first_pass and len(batch) <= min(p.minibatch_size, p.micro_batch_size)
         first = None
-        self._no_grad_passes(exp, proximal=not fused)
+        ref_logprobs, old_logprobs, old_values = self._no_grad_passes(batch, proximal=not fused)
         if fused:
-            first = self._forward(exp.select(first_order))
-            self._proximal_from(exp, first_order, first)
+            first = self._forward(batch.select(first_order))
+            old_logprobs, old_values = self._proximal_from(batch, first_order, first)
 
         # 3. rewards and advantages
-        metrics = self._advantages(exp)
+        exp, metrics = self._advantages(batch, ref_logprobs, old_logprobs, old_values)
         if ppo.any_nonfinite(exp.rewards, exp.advantages, exp.returns):
             return self._skip(metrics, started)
 
@@ -523,9 +424,9 @@ class Learner:
         })
         if p.ptx_coef > 0:
             metrics["loss/ptx_avg"] = avg["ptx"]
-        return metrics
+        return UpdateResult(self._version, skipped=False, metrics=metrics)
 
-    def _skip(self, metrics: dict[str, float], started: float) -> dict[str, float]:
+    def _skip(self, metrics: dict[str, float], started: float) -> UpdateResult:
         """Account for an update skipped for NaN or Inf; raise after too many in a row."""
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
@@ -541,7 +442,7 @@ class Learner:
                         "learner/version": float(self._version),
                         "learner/lr": self.policy_scheduler.get_last_lr()[0],
                         "perf/update_seconds": time.perf_counter() - started})
-        return metrics
+        return UpdateResult(self._version, skipped=True, metrics=metrics)
 
     def _zero_grad(self) -> None:
         self.policy_optimizer.zero_grad(set_to_none=True)
@@ -568,42 +469,20 @@ class Learner:
     @torch.no_grad()
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
         """The learner's log-probs (at the sampling temperature) of every response token."""
-        exp = self.tokens(rollouts, truncate=False)
+        batch = self.tokens(rollouts, truncate=False)
         out = []
-        for rows in torch.arange(len(exp), device=self.device).split(self.cfg.ppo.micro_batch_size):
-            mb = exp.select(rows)
+        for rows in torch.arange(len(batch), device=self.device).split(self.cfg.ppo.micro_batch_size):
+            mb = batch.select(rows)
             logp, _ = self._token_logprobs(self.policy, mb)
             out.extend(logp[row][mb.mask[row].bool()].tolist() for row in range(len(rows)))
         return out
 
     # ------------------------------------------------------------------ checkpoints
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def save_checkpoint(self, extra: dict) -> str:
-        """Write `<run_dir>/checkpoints/version-NNNNNN/{policy,critic,trainer_state.pt}`
-        atomically, then keep only the newest `learner.keep_checkpoints`."""
-        final = self.checkpoint_dir / f"version-{self._version:06d}"
-        with atomic_directory(final) as tmp:
-            self.policy.save_pretrained(tmp / "policy")
-            self.tokenizer.save_pretrained(tmp / "policy")
-            generation_config = getattr(self.policy, "generation_config", None)
-            if generation_config is not None:
-                generation_config.save_pretrained(tmp / "policy")
-            self.critic.save_pretrained(tmp / "critic")
-            self.tokenizer.save_pretrained(tmp / "critic")
-            torch.save(self._trainer_state(extra), tmp / "trainer_state.pt")
-        self._prune_checkpoints()
-        return str(final)
-
-    def _trainer_state(self, extra: dict) -> dict:
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(),
-               "torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
+    def save_checkpoint(self, driver_state: dict) -> str:
+        """Write this version's checkpoint (`learner/checkpoints.py`) with the driver's state,
+        then keep only the newest `learner.keep_checkpoints`."""
+        state = {
             "version": self._version,
             "policy_optimizer": self.policy_optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict(),
@@ -612,43 +491,27 @@ class Learner:
             "kl_controller": self.kl_controller.state_dict(),
             "ptx_cursor": self.ptx_cursor,
             "nonfinite": {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total},
-            "rng": rng,
-            "extra": extra,
+            "rng": checkpoints.rng_states(self.shuffle, self.device),
+            "extra": driver_state,
         }
-
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoints under the run directory, oldest first. Temporary folders
-        of an interrupted save are hidden (dot-prefixed) and never listed."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = [(int(m.group(1)), d) for d in self.checkpoint_dir.iterdir()
-                 if (m := CHECKPOINT_NAME.match(d.name)) and (d / "trainer_state.pt").is_file()]
-        return [d for _, d in sorted(found)]
-
-    def _prune_checkpoints(self) -> None:
-        for old in self.checkpoints()[: -self.cfg.learner.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        return checkpoints.save(checkpoints.path_of(self.run_dir, self._version),
+                                {"policy": self.policy, "critic": self.critic}, self.tokenizer, state,
+                                self.cfg.learner.keep_checkpoints)
 
     def load_checkpoint(self, path: str | None = None) -> dict | None:
         """Restore weights, optimizers, schedulers, KL controller, version and RNG states
         from `path`, or from the newest complete checkpoint of the run when None. Returns
-        the `extra` dict saved with it, or None when there is no checkpoint."""
+        the driver's state saved with it, or None when there is no checkpoint."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         if path is None:
-            found = self.checkpoints()
+            found = checkpoints.complete(self.run_dir)
             if not found:
                 return None
             path = found[-1]
-        path = Path(path)
-        if not (path / "trainer_state.pt").is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer_state.pt)")
-        for model, loader, sub in ((self.policy, AutoModelForCausalLM, "policy"),
-                                   (self.critic, AutoModelForSequenceClassification, "critic")):
-            loaded = loader.from_pretrained(path / sub, dtype=self.dtype)
-            model.load_state_dict(loaded.state_dict())
-        # Our own file, holding numpy and python RNG states that weights_only cannot load.
-        state = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=False)
+        state = checkpoints.load(Path(path), {"policy": (self.policy, AutoModelForCausalLM),
+                                              "critic": (self.critic, AutoModelForSequenceClassification)},
+                                 self.dtype, self.device)
         self._version = state["version"]
         self.policy_optimizer.load_state_dict(state["policy_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -658,13 +521,7 @@ class Learner:
         self.ptx_cursor = state["ptx_cursor"]
         self.nonfinite_in_row = state["nonfinite"]["in_row"]
         self.nonfinite_total = state["nonfinite"]["total"]
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"].cpu())
-        self.shuffle.set_state(rng["shuffle"].cpu())
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        checkpoints.restore_rng_states(state["rng"], self.shuffle, self.device)
         self._handle = None
         return state["extra"]
 

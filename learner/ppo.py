@@ -93,6 +93,14 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` and `entropy_from_logits` from one log-softmax: what the
+    learner trains with when the loss has an entropy term. (..., V), (...) -> (...), (...)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
 # --------------------------------------------------------------------------- KL estimators
 # Per-token estimates of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020), with
 # log r = log pi_ref - log pi. k1 is unbiased but can be negative; k2 is biased, low

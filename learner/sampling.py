@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from cluster.records import Rollout, prompt_token_ids
+from cluster.shared.records import Rollout
+from cluster.shared.tokens import pad as pad_batch
+from cluster.shared.tokens import prompt_token_ids
 
 
 @torch.no_grad()
@@ -25,14 +27,10 @@ def sample_rollouts(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     generator = torch.Generator(device="cpu").manual_seed(seed)
     started = time.perf_counter()
     prompt_ids = [prompt_token_ids(tokenizer, p, chat_template) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    batch, width = len(prompts), max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((batch, width), pad, dtype=torch.long)
-    attention = torch.zeros((batch, width), dtype=torch.long)
-    for b, ids in enumerate(prompt_ids):
-        input_ids[b, width - len(ids):] = torch.tensor(ids)
-        attention[b, width - len(ids):] = 1
+    batch = len(prompts)
+    input_ids, attention = pad_batch(prompt_ids, pad_id, side="left")
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
 

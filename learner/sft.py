@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import TameConfig
-from cluster.precision import compute_context
+from cluster.shared.config import TameConfig
+from cluster.shared.files import atomic_directory
+from cluster.shared.precision import compute_context
 from learner.data import (
     DataError,
     collate_demonstrations,
@@ -25,7 +26,6 @@ from learner.data import (
     read_demonstrations,
 )
 from learner.training import (
-    atomic_directory,
     available_cores,
     demonstration_nll,
     disable_dropout,

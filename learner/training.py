@@ -1,17 +1,14 @@
 """Small pieces shared by the PPO learner and the SFT stage: threads, dropout,
-learning-rate schedules and atomic directory writes."""
+learning-rate schedules and the log-probs of response tokens."""
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
+
+from learner import ppo
 
 
 def available_cores() -> int:
@@ -92,14 +89,12 @@ def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
                    logits_to_keep=keep).logits[:, :-1]  # (B, W, V)
     targets = input_ids[:, offset + 1:]  # (B, W)
     selected = mask.bool()
-    logp_all = torch.log_softmax(logits[selected].float() / temperature, dim=-1)  # (N, V)
-    token_logp = logp_all.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)  # (N,)
-    zeros = torch.zeros(selected.shape, device=logp_all.device)
-    logp = zeros.masked_scatter(selected, token_logp)
+    zeros = torch.zeros(selected.shape, device=logits.device)
     if not with_entropy:
-        return logp, None
-    entropy = zeros.masked_scatter(selected, -(logp_all.exp() * logp_all).sum(-1))
-    return logp, entropy
+        token_logp = ppo.logprobs_from_logits(logits[selected], targets[selected], temperature)  # (N,)
+        return zeros.masked_scatter(selected, token_logp), None
+    token_logp, entropy = ppo.logprobs_and_entropy(logits[selected], targets[selected], temperature)
+    return zeros.masked_scatter(selected, token_logp), zeros.masked_scatter(selected, entropy)
 
 
 def demonstration_nll(model: torch.nn.Module, input_ids: torch.Tensor,
@@ -108,32 +103,7 @@ def demonstration_nll(model: torch.nn.Module, input_ids: torch.Tensor,
     """Negative log-likelihood of the response tokens of a batch (the SFT loss, and the
     pretraining term of PPO-ptx): a sum over response tokens / normaliser (default: their
     count). input_ids, attention_mask: (B, L); loss_mask: (B, L-1) -> scalar."""
-    from learner.ppo import nll_loss
-
     offset = int(loss_mask.any(0).nonzero()[0])
     window = loss_mask[:, offset:]
     logp, _ = response_logprobs(model, input_ids, attention_mask, window, offset, temperature)
-    return nll_loss(logp, window, normaliser)
-
-
-@contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `final`; when the block ends without error it
-    is renamed to `final` (replacing an older one), so a reader never sees a half-written
-    folder under that name. On error the temporary folder is removed."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            # rename() cannot replace a non-empty folder: move the old one aside first.
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
-            final.rename(trash / final.name)
-            tmp.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return ppo.nll_loss(logp, window, normaliser)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import DataError  # the project's data error: the CLI maps it to exit 2
-from cluster.data import read_records
+from cluster.shared.data import read_records
+from cluster.shared.errors import DataError  # the project's data error: the CLI maps it to exit 2
 
 __all__ = ["DataError", "FIELDS", "PreferencePair", "load_preference_pairs"]
 

@@ -21,27 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cluster.precision import float32_head
-from cluster.records import prompt_token_ids, response_token_ids
+from cluster.shared.precision import float32_head
+from cluster.shared.tokens import pad, prompt_token_ids, response_token_ids
 
 SCORE_BIAS_KEY = "score.bias"
-
-
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into a batch.
-
-    Returns `input_ids` (B, T) and `attention_mask` (B, T) with T the longest length; the
-    real tokens of row b are positions [0, len_b), so causal attention never sees padding.
-    """
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("pad_right needs a non-empty list of non-empty sequences")
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return input_ids, attention_mask
 
 
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -201,7 +184,7 @@ class RewardModel:
         if not sequences:
             return []
         device = self.model.score.weight.device
-        input_ids, attention_mask = pad_right(sequences, self.tokenizer.pad_token_id)
+        input_ids, attention_mask = pad(sequences, self.tokenizer.pad_token_id)
         scores = sequence_scores(self.model, input_ids.to(device), attention_mask.to(device))
         return scores.float().cpu().tolist()
 

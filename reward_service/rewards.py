@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.config import ConfigError, RewardFunctionConfig, TameConfig
+from cluster.shared.config import RewardFunctionConfig, TameConfig
+from cluster.shared.errors import ConfigError
 from reward_service.model import RewardModel
 
 RuleFunction = Callable[[str, str], float]
@@ -53,9 +54,9 @@ def load_functions(functions: list[RewardFunctionConfig]) -> list[WeightedFuncti
 
 
 def check_reward_config(cfg: TameConfig) -> None:
-    """Fail at start-up, with the config key, on what would otherwise fail inside a replica."""
-    if cfg.model.reward is None and not cfg.reward.functions:
-        raise ConfigError("model.reward is null and reward.functions is empty: there is nothing to score with")
+    """Fail at start-up, with the config key, on what would otherwise fail inside a replica:
+    a model folder that is not there, a function that does not import. (That there is
+    something to score with is the config's own check.)"""
     if cfg.model.reward is not None and not (Path(cfg.model.reward) / "config.json").is_file():
         raise ConfigError(f"model.reward: {cfg.model.reward} is not a Hugging Face model folder (no config.json)")
     load_functions(cfg.reward.functions)

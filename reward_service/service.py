@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import TameConfig, gpu_env
+from cluster.shared.config import TameConfig, gpu_env
+from cluster.shared.ray_cluster import connect_ray
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
 from reward_service.rewards import RewardSum, UnscorableItemError, check_reward_config
 
@@ -199,14 +200,7 @@ def serve_forever(cfg: TameConfig, log=print) -> None:
     """
     import ray
 
-    started_here = False
-    if not ray.is_initialized():
-        address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False)
-            started_here = True
+    started_here = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, log)
     name = "tame-reward"
     deploy(cfg, http=True, name=name)
     url = f"http://{cfg.reward.host}:{cfg.reward.port}"

@@ -23,18 +23,24 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cluster.config import TameConfig
-from cluster.precision import compute_context
+from cluster.shared.config import TameConfig
+from cluster.shared.files import atomic_directory
+from cluster.shared.precision import compute_context
+from cluster.shared.tokens import pad
 from reward_service.data import DataError, PreferencePair, load_preference_pairs
-from reward_service.model import RewardModel, load_reward_model, pad_right, save_reward_model, sequence_scores, set_score_bias
+from reward_service.model import (
+    RewardModel,
+    load_reward_model,
+    save_reward_model,
+    sequence_scores,
+    set_score_bias,
+)
 
 __all__ = ["DataError", "pairwise_loss", "train_reward_model"]
 
@@ -58,7 +64,7 @@ def _pair_scores(model, pad_id: int, batch: list[tuple[list[int], list[int]]], d
     """Scores (B,) of the chosen and (B,) of the rejected sequences, in one padded forward
     (training steps run it in learner.compute_dtype; evaluation in float32)."""
     sequences = [c for c, _ in batch] + [r for _, r in batch]
-    input_ids, attention_mask = pad_right(sequences, pad_id)
+    input_ids, attention_mask = pad(sequences, pad_id)
     with compute_context(device, compute_dtype):
         scores = sequence_scores(model, input_ids.to(device), attention_mask.to(device))  # (2B,)
     return scores[: len(batch)], scores[len(batch):]
@@ -79,7 +85,7 @@ def _evaluate(model, pad_id: int, encoded: list[tuple[list[int], list[int]]], ba
 def _mean_score(model, pad_id: int, sequences: list[list[int]], batch_size: int, device: str) -> float:
     total = 0.0
     for batch in _batches(sequences, batch_size):
-        input_ids, attention_mask = pad_right(batch, pad_id)
+        input_ids, attention_mask = pad(batch, pad_id)
         total += sequence_scores(model, input_ids.to(device), attention_mask.to(device)).sum().item()
     return total / len(sequences)
 
@@ -126,7 +132,7 @@ def _train(cfg: TameConfig, log) -> dict:
     log(f"{len(pairs)} preference pairs from {rm_cfg.data}: {len(train_pairs)} to train, {len(eval_pairs)} held out")
 
     torch.manual_seed(cfg.run.seed)  # a fresh score head (causal-LM init) is drawn from it
-    # Float32 weights; the forward passes run in learner.compute_dtype (cluster.precision).
+    # Float32 weights; the forward passes run in learner.compute_dtype (cluster.shared.precision).
     model, tokenizer = load_reward_model(init, dtype="float32", device=device, init_head=True)
     encoder = RewardModel(model, tokenizer, cfg.data.chat_template, rm_cfg.max_length)
     pad_id = tokenizer.pad_token_id
@@ -184,15 +190,8 @@ def _train(cfg: TameConfig, log) -> dict:
         "seconds": time.perf_counter() - started,
     }
     out = Path(rm_cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_reward_model(model, tokenizer, tmp)
         (tmp / "reward_model.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"reward model saved to {out} ({summary['seconds']:.1f}s)")
     return summary

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -211,8 +211,29 @@ def import_tensors(arrays: Iterable[np.ndarray], specs: Iterable[TensorSpec]) ->
     return out
 
 
+class WeightTransport(Protocol):
+    """How a policy version travels from the learner to the rollout engines. A second
+    transport (a collective one between GPUs, say) is one new class with these methods; the
+    learner and the actors call nothing else."""
+
+    def publish(self, named: Iterable[tuple[str, Any]], version: int, dtype: Any = None) -> WeightsHandle:
+        """Learner side: make version `version` of the named tensors (cast to `dtype`)
+        available, with their probes."""
+        ...
+
+    def fetch(self, handle: WeightsHandle) -> dict[str, Any]:
+        """Actor side: the handle's tensors by name, ready to load into an engine."""
+        ...
+
+    def probes(self, handle: WeightsHandle) -> dict[str, np.ndarray]:
+        """Actor side: the published probes, to check the engine's own against
+        (`compare_probes`)."""
+        ...
+
+
 class ObjectStoreTransport:
-    """Weights through the Ray object store: one object per version, zero-copy reads."""
+    """`WeightTransport` through the Ray object store: one object per version, zero-copy
+    reads."""
 
     def __init__(self):
         self._staging: dict[str, Any] = {}

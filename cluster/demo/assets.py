@@ -11,10 +11,10 @@ through their real loading code.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from cluster.shared.files import atomic_directory
 
 SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -69,7 +69,7 @@ class Assets:
 
 
 def _corpus(seed: int) -> list[str]:
-    from cluster import world
+    from cluster.demo import world
 
     lines = world.World.build(seed).corpus_lines()
     # A little general text so the tokenizer still has merges for words outside the world.
@@ -136,15 +136,13 @@ def build_assets(out: str | Path, size: str = "tiny", seed: int = 0, log=print) 
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from cluster import world
+    from cluster.demo import world
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
     spec = SIZES[size]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         log(f"training a byte-level BPE tokenizer ({spec.vocab} tokens)")
         tokenizer = build_tokenizer(spec.vocab, seed)
 
@@ -173,11 +171,6 @@ def build_assets(out: str | Path, size: str = "tiny", seed: int = 0, log=print) 
         (tmp / "assets.json").write_text(json.dumps(
             {"size": size, "seed": seed, "vocab": len(tokenizer),
              "policy_parameters": n_policy, "reward_parameters": n_reward}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"assets in {out}: policy {n_policy / 1e6:.2f}M and reward {n_reward / 1e6:.2f}M parameters")
     return Assets(out)
 

@@ -14,23 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-
-class UserError(ValueError):
-    """Something the user gave (config, data file, path, argument) is wrong: exit code 2.
-
-    The message names the field, file and line. Data loaders of every role raise subclasses.
-    """
-
-
-class ConfigError(UserError):
-    """A user error in a config file or override: the message names the key, file and line."""
-
-
-class DataError(UserError):
-    """A bad line in a data file: the message names the file and the line."""
-
+from cluster.shared.errors import ConfigError, UserError
 
 # What a model folder's config.json `architectures` must end with, by kind.
 MODEL_KINDS = {"causal LM": "ForCausalLM", "reward model": "ForSequenceClassification"}
@@ -486,12 +472,33 @@ class TameConfig(Section):
                 "the prompt off long items. Raise reward.max_length")
         return self
 
+    # Checks of what one command needs: `load_config(..., command=)` names the command; a
+    # config built without one (in code) gets them all, as `tame train` does.
+
+    @model_validator(mode="after")
+    def _something_to_score_with(self, info: ValidationInfo) -> TameConfig:
+        if _command(info) in ("train", "serve-reward") and self.model.reward is None and not self.reward.functions:
+            raise ValueError("model.reward is null and reward.functions is empty: there is nothing to "
+                             "score with. Name a reward model or a reward function")
+        return self
+
+    @model_validator(mode="after")
+    def _critic_has_its_model(self, info: ValidationInfo) -> TameConfig:
+        if _command(info) == "train" and self.learner.critic == "reward" and self.model.reward is None:
+            raise ValueError("learner.critic is 'reward' (initialised from the reward model), but "
+                             "model.reward is null: set learner.critic to 'policy' for rule-based rewards only")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _command(info: ValidationInfo) -> str:
+    return (info.context or {}).get("command", "train")
 
 
 # --------------------------------------------------------------------------- loading
@@ -537,8 +544,10 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TameConfig:
-    """Read a YAML config, apply `dotted.key=value` overrides and validate the whole tree.
+def load_config(path: str | Path | None = None, overrides: list[str] = (), command: str = "train") -> TameConfig:
+    """Read a YAML config, apply `dotted.key=value` overrides and validate the whole tree,
+    with the checks across sections that `command` ("train", "sft", "train-rm",
+    "serve-reward") needs: an SFT config needs no reward model.
 
     Raises ConfigError naming the key path, the file and the line for every problem.
     """
@@ -569,7 +578,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ta
         overridden.add(tuple(keys))
 
     try:
-        return TameConfig.model_validate(data)
+        return TameConfig.model_validate(data, context={"command": command})
     except ValidationError as e:
         raise ConfigError(_describe(e, where, lines, overridden)) from None
 

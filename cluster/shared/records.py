@@ -1,15 +1,13 @@
 """The typed records that cross process boundaries between the roles.
 
 Rollout actors, the reward service and the learner never import each other; they share
-these records (and `cluster.config`). This module imports nothing else of the project and
-nothing heavier than numpy, so every role can load it cheaply.
+these records and the rest of `cluster.shared`. Plain dataclasses, so every role loads them
+cheaply.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 
 
 @dataclass(frozen=True)
@@ -70,25 +68,38 @@ class RolloutBatch:
     score_seconds: float = 0.0
 
 
-# ---------------------------------------------------------------- how text becomes tokens
-# One definition, used by the actors (generation), the learner (SFT) and the reward model
-# (training and serving), so that every role sees a (prompt, response) pair as the same ids.
+@dataclass(frozen=True)
+class LoadResult:
+    """What a rollout actor's `load_weights` did, and whether it proved the load."""
+
+    policy_version: int
+    """The version the engine holds afterwards."""
+    loaded: bool
+    """Whether new weights went into the engine (False: it held this version or a newer one)."""
+    verified: bool | None
+    """The engine's probes matched the published ones; None when the handle was older than
+    what the engine holds, and nothing was checked."""
+    problem: str | None = None
+    """Why verification failed, naming the tensor."""
+    probe_rms_error: float = 0.0
+    """The worst tensor's relative RMS probe difference."""
+    seconds: float = 0.0
+    """Wall time of the whole call: fetch, reload and verification."""
+    fetch_seconds: float = 0.0
+    reload_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    bytes: int = 0
+    """Bytes loaded (0 when nothing was)."""
 
 
-def prompt_token_ids(tokenizer: Any, messages: Any, chat_template: bool = True) -> list[int]:
-    """Token ids of a prompt as the policy sees it: the chat template with the assistant
-    turn opened, or the raw text of the last turn when `chat_template` is false."""
-    turns = [{"role": r, "content": c} for r, c in messages] if not isinstance(messages, str) \
-        else [{"role": "user", "content": messages}]
-    if chat_template:
-        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"]
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one learner update did."""
 
-
-def response_token_ids(tokenizer: Any, response: str, add_eos: bool = True) -> list[int]:
-    """Token ids of a response as the policy would generate it, ending with EOS."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if add_eos else ids
+    version: int
+    """The learner's policy version afterwards."""
+    skipped: bool
+    """NaN or Inf made the learner skip it: nothing was trained, the version did not move,
+    and the batch's prompts must be handed out again."""
+    metrics: dict[str, float]
+    """The update's metrics, by W&B name."""

@@ -573,7 +573,7 @@ def _cached_world(seed: int) -> World:
 
 
 def gold_reward(prompt: str, response: str) -> float:
-    """Rule-based reward `cluster.world:gold_reward`: the gold score of the seed-0 world,
+    """Rule-based reward `cluster.demo.world:gold_reward`: the gold score of the seed-0 world,
     `World.build(0).judge(prompt, response).score`, in {0, 1/3, 2/3, 1}."""
     return _cached_world(0).judge(prompt, response).score
 

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cluster.config import TameConfig, load_config
-from cluster.records import Prompt, Rollout
+from cluster.shared.config import TameConfig, load_config
+from cluster.shared.records import Prompt, Rollout
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -99,9 +99,9 @@ def report(summary: dict, console) -> None:
 def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Callable[[str], None] = print) -> dict:
     from rich.console import Console
 
-    from cluster import world as world_module
-    from cluster.assets import ensure_assets
     from cluster.controller import connect, train
+    from cluster.demo import world as world_module
+    from cluster.demo.assets import ensure_assets
     from learner.sft import run_sft
     from reward_service.train import train_reward_model
 

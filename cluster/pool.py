@@ -1,0 +1,132 @@
+"""The rollout actor pool as the loop sees it: one slot per actor, its state, the call the
+loop waits on, and how long the actors sat idle.
+
+A slot's life: LOADING (weights) -> IDLE <-> GENERATING, or back to LOADING for a newer
+version. `tame scale` down marks a slot DRAINING: an idle one leaves at once, one with a call
+in flight leaves when the call's result has been taken, so nothing it was given is lost.
+Which result a finished call holds is told by its type (`LoadResult` or `RolloutBatch`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class SlotState(Enum):
+    LOADING = "loading"
+    """Loading (and verifying) a policy version; no prompts."""
+    IDLE = "idle"
+    """Holds a verified version and has nothing to do."""
+    GENERATING = "generating"
+    """Generating and scoring its prompts (`prompt_ids`)."""
+    DRAINING = "draining"
+    """Scaled away: finishes the call in flight, then leaves."""
+
+
+@dataclass
+class Slot:
+    """One rollout actor."""
+
+    actor_id: int
+    handle: Any
+    state: SlotState = SlotState.LOADING
+    version: int = -1
+    """The policy version its engine holds, verified; -1 before its first load."""
+    pending: Any = None
+    """The ObjectRef of the call in flight (LOADING, GENERATING, DRAINING)."""
+    prompt_ids: list[str] = field(default_factory=list)
+    """The prompts of its generation in flight: handed out again if it dies."""
+    idle_since: float | None = None
+    tokens: int = 0
+    generate_seconds: float = 0.0
+
+
+class ActorPool:
+    """Starts, tracks and removes rollout actors; accounts their idle time per interval."""
+
+    def __init__(self, make_actor: Callable[[int, Any], Any], target: int):
+        self.make_actor = make_actor  # (actor_id, scorer) -> actor handle
+        self.target = target
+        """How many actors the run wants (`rollout.num_actors`, then `tame scale`)."""
+        self.slots: dict[int, Slot] = {}
+        self.next_actor_id = 0
+        self.interval_start = time.monotonic()
+        self.idle_closed = 0.0  # idle actor-seconds closed within the interval
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def create(self, scorer: Any) -> tuple[int, Any]:
+        """A new actor process (it builds its engine at once); it joins with `add`."""
+        actor_id = self.next_actor_id
+        self.next_actor_id += 1
+        return actor_id, self.make_actor(actor_id, scorer)
+
+    def add(self, actor_id: int, handle: Any, weights_ref: Any) -> Slot:
+        """Put an actor in the pool; it loads the newest weights before anything else."""
+        slot = Slot(actor_id, handle, pending=handle.load_weights.remote(weights_ref))
+        self.slots[actor_id] = slot
+        return slot
+
+    def remove(self, slot: Slot) -> list[str]:
+        """Kill an actor and take it out; returns the prompts it held."""
+        import ray
+
+        self.mark_busy(slot)
+        self.slots.pop(slot.actor_id, None)
+        ray.kill(slot.handle)
+        prompts, slot.prompt_ids = slot.prompt_ids, []
+        return prompts
+
+    def live(self) -> list[Slot]:
+        """The slots not on their way out."""
+        return [s for s in self.slots.values() if s.state is not SlotState.DRAINING]
+
+    def drain(self, count: int) -> list[Slot]:
+        """Mark the `count` newest live actors to leave; returns those that can leave now
+        (idle), the others leave once their call in flight is done."""
+        leaving = sorted(self.live(), key=lambda s: -s.actor_id)[:max(0, count)]
+        idle = [s for s in leaving if s.state is SlotState.IDLE]
+        for slot in leaving:
+            slot.state = SlotState.DRAINING
+        return idle
+
+    def waiting_on(self) -> dict[Any, Slot]:
+        """{ObjectRef: slot} of every call in flight."""
+        return {s.pending: s for s in self.slots.values() if s.pending is not None}
+
+    def dispatch(self, slot: Slot, state: SlotState, call: Any) -> None:
+        """Start a call on an actor (a load or a generation)."""
+        slot.state, slot.pending = state, call
+        self.mark_busy(slot)
+
+    def returned(self, slot: Slot) -> bool:
+        """A call of this slot finished: the slot goes idle. False when it is draining and
+        must be removed instead."""
+        slot.pending = None
+        if slot.state is SlotState.DRAINING:
+            return False
+        slot.state, slot.idle_since = SlotState.IDLE, time.monotonic()
+        return True
+
+    # ------------------------------------------------------------------ idle accounting
+
+    def mark_busy(self, slot: Slot) -> None:
+        """Close the slot's idle period, counting the part inside the current interval."""
+        if slot.idle_since is not None:
+            self.idle_closed += time.monotonic() - max(slot.idle_since, self.interval_start)
+            slot.idle_since = None
+
+    def idle_share(self, now: float) -> float:
+        """The share of the interval (since the last call) the actors sat idle; starts the
+        next interval."""
+        interval = max(now - self.interval_start, 1e-9)
+        still_idle = sum(now - max(s.idle_since, self.interval_start)
+                         for s in self.slots.values() if s.idle_since is not None)
+        share = (self.idle_closed + still_idle) / (interval * max(len(self.slots), 1))
+        self.interval_start, self.idle_closed = now, 0.0
+        return share

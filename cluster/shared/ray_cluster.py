@@ -1,0 +1,30 @@
+"""The one way tame's processes join Ray: the cluster a config or RAY_ADDRESS names, else a
+local one on this machine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None,
+                log: Callable[[str], None] | None = None, **options: Any) -> bool:
+    """Connect to the Ray cluster at `address` (else RAY_ADDRESS), or start a local one with
+    `num_cpus` (all cores when None). `options` go to `ray.init`. Returns True when it started
+    a local Ray (the caller shuts it down); nothing happens when already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if log:
+            log(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address, **options)
+        return False
+    cpus = num_cpus or os.cpu_count()
+    if log:
+        log(f"starting a local Ray with {cpus} CPUs")
+    ray.init(num_cpus=cpus, include_dashboard=False, **options)
+    return True

@@ -1,0 +1,47 @@
+"""What the loop counts, and the driver's state a checkpoint carries so that a resumed run
+trains every prompt exactly once and its counters go on where they stopped."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class Counters:
+    """Run totals: in summary.json, the W&B metrics and `tame scale`'s status."""
+
+    samples: int = 0
+    """Samples trained on."""
+    dropped_stale: int = 0
+    """Samples dropped as older than max_staleness (an actor that fell behind)."""
+    failed_prompts: int = 0
+    """Prompts whose scoring failed: handed out again."""
+    actor_failures: int = 0
+    fingerprint_mismatches: int = 0
+    """Weight loads whose probes did not match: that actor was replaced."""
+    skipped_updates: int = 0
+    """Updates skipped for NaN or Inf: their prompts were handed out again."""
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class DriverState:
+    """Saved with every checkpoint (by the learner, as plain data) and restored on resume."""
+
+    source: dict
+    """The prompt source's cursor, with the prompts handed out but not trained on
+    (`PromptSource.state`)."""
+    counters: Counters = field(default_factory=Counters)
+    first: dict[str, float] = field(default_factory=dict)
+    """The first update's metrics: the summary's reward and KL at the start."""
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "counters": self.counters.as_dict(), "first": self.first}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DriverState:
+        known = {f.name for f in fields(Counters)}
+        counters = Counters(**{k: v for k, v in data["counters"].items() if k in known})
+        return cls(source=data["source"], counters=counters, first=data.get("first", {}))
