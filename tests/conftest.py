@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """Tokenizer, policy, reward model and demo data of size tiny, built once per session."""
-    from cluster.assets import ensure_assets
+    from cluster.demo.assets import ensure_assets
 
     return ensure_assets(tmp_path_factory.mktemp("assets") / "tiny", "tiny", seed=0, log=lambda *_: None)
 

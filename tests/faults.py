@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cluster.world import gold_reward
+from cluster.demo.world import gold_reward
 
 
 def gold_unless_poisoned(prompt: str, response: str) -> float:

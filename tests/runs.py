@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.config import TameConfig, load_config
+from cluster.shared.config import TameConfig, load_config
 from tests.conftest import REPO
 
 
@@ -20,6 +20,17 @@ def smoke_overrides(tiny_assets, out_dir: Path, prompts: Path | None = None) -> 
 def smoke(tiny_assets, out_dir: Path, *overrides: str, prompts: Path | None = None) -> TameConfig:
     """configs/smoke.yaml on the session's tiny assets, writing under out_dir."""
     return load_config(REPO / "configs/smoke.yaml", [*smoke_overrides(tiny_assets, out_dir, prompts), *overrides])
+
+
+# The metrics DESIGN.md promises every update logs.
+DESIGN_METRICS = [
+    "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+    "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+    "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens",
+    "rollout/staleness_mean", "rollout/staleness_max", "rollout/behaviour_kl", "rollout/max_abs_logp_delta",
+    "sync/version", "sync/bytes", "sync/publish_seconds", "perf/samples_per_s", "perf/learner_idle_share",
+    "rollout/queue_depth",
+]
 
 
 # One prompt per generation slot and per update: every update trains on 8 whole prompts.
@@ -57,7 +68,8 @@ def assert_each_prompt_once(entries: list[dict], summary: dict, n_prompts: int) 
 def uninterrupted(cfg: TameConfig, updates: int, per_update: int) -> tuple[list[list[str]], dict]:
     """The prompts of each update, and the data position after them, of a synchronous run
     that nothing interrupted: consecutive takes from the prompt source."""
-    from cluster.data import PromptSource, load_prompts
+    from cluster.prompts import PromptSource
+    from cluster.shared.data import load_prompts
 
     source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
     chunks = [[p.prompt_id for p in source.take(per_update)] for _ in range(updates)]

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import TameConfig
-from cluster.records import Prompt, prompt_token_ids
-from cluster.transport import (
+from cluster.shared.config import TameConfig
+from cluster.shared.records import Prompt
+from cluster.shared.tokens import prompt_token_ids
+from cluster.shared.transport import (
     ObjectStoreTransport,
     WeightsHandle,
     compare_probes,
@@ -26,6 +27,7 @@ from cluster.transport import (
     import_tensors,
     probes_of,
 )
+from tests.support import hf_logprobs
 
 PROMPTS = [
     Prompt("0:0", (("user", "What colour is the sky?"),)),
@@ -80,15 +82,6 @@ def actors(tiny_assets, ray_local):
     yield scored, warm, infos
     for actor in (scored, warm):
         ray_local.kill(actor)
-
-
-def hf_logprobs(model, prompt_ids: list[int], response_ids: list[int], temperature: float) -> np.ndarray:
-    """log_softmax(logits / T) of each response token under `model`: what the learner computes."""
-    ids = torch.tensor([prompt_ids + response_ids])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1: -1].float()  # (R, V)
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    return logp.gather(1, torch.tensor(response_ids)[:, None])[:, 0].numpy()
 
 
 def max_logprob_error(model, batch, temperature: float) -> float:
@@ -202,8 +195,8 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
     handle, state = perturbed_handle(hf_policy, version=1, seed=1)
     result = ray.get(scored.load_weights.remote(handle))
 
-    assert result["policy_version"] == 1 and result["loaded"] is True and result["verified"] is True
-    assert result["bytes"] == handle.nbytes and result["seconds"] > result["verify_seconds"] > 0
+    assert result.policy_version == 1 and result.loaded is True and result.verified is True
+    assert result.bytes == handle.nbytes and result.seconds > result.verify_seconds > 0
     assert engine_holds(scored, state) and not engine_holds(scored, hf_policy.state_dict())
     assert ray.get(scored.policy_version.remote()) == 1
 
@@ -215,10 +208,10 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
 
     # The version held again: verified, not loaded. An older one changes nothing.
     again = ray.get(scored.load_weights.remote(handle))
-    assert again["loaded"] is False and again["verified"] is True and again["bytes"] == 0
+    assert again.loaded is False and again.verified is True and again.bytes == 0
     older, _ = perturbed_handle(hf_policy, version=0, seed=2)
     again = ray.get(scored.load_weights.remote(older))
-    assert again["loaded"] is False and again["verified"] is None and again["policy_version"] == 1
+    assert again.loaded is False and again.verified is None and again.policy_version == 1
     assert engine_holds(scored, state)
 
 
@@ -237,7 +230,7 @@ def test_a_policy_that_ends_at_once_finishes_with_stop(actors, hf_policy, tokeni
     state["lm_head.weight"][eos, j] = 3.0
     version = ray.get(scored.policy_version.remote()) + 1
     handle = ObjectStoreTransport().publish(state.items(), version)
-    assert ray.get(scored.load_weights.remote(handle))["verified"] is True
+    assert ray.get(scored.load_weights.remote(handle)).verified is True
 
     batch = ray.get(scored.generate.remote(PROMPTS))
     assert [r.response_token_ids for r in batch.rollouts] == [[eos]] * len(PROMPTS)
@@ -254,7 +247,7 @@ def test_weight_load_in_bfloat16_transport(actors, hf_policy):
     handle, state = perturbed_handle(hf_policy, version=3, seed=3, dtype=torch.bfloat16)
     assert {s.dtype for s in handle.specs} == {"bfloat16"}
     result = ray.get(warm.load_weights.remote(handle))
-    assert result["policy_version"] == 3 and result["verified"] is True
+    assert result.policy_version == 3 and result.verified is True
     assert engine_holds(warm, {k: v.bfloat16() for k, v in state.items()})
     assert not engine_holds(warm, state)  # the float32 values were rounded on the way
 
@@ -356,10 +349,10 @@ def test_a_corrupted_tensor_of_any_layer_fails_verification(actors, hf_policy, c
         version += 1
         handle = WeightsHandle(version, ray.put(tuple(arrays)), specs, probes, 0)
         result = ray.get(warm.load_weights.remote(handle))
-        assert result["loaded"] is True and result["verified"] is False, name
+        assert result.loaded is True and result.verified is False, name
         # vLLM fuses q/k/v and gate/up: the problem names the fused tensor.
         fused = re.sub(r"\.(gate|up)_proj\.", ".gate_up_proj.", re.sub(r"\.[qkv]_proj\.", ".qkv_proj.", name))
-        assert f"engine tensor {fused!r}" in result["problem"], (name, result["problem"])
+        assert f"engine tensor {fused!r}" in result.problem, (name, result.problem)
     arrays, specs = export_tensors(clean.items())
     result = ray.get(warm.load_weights.remote(WeightsHandle(version + 1, ray.put(tuple(arrays)), specs, probes, 0)))
-    assert result["verified"] is True and result["probe_rms_error"] < 1e-6
+    assert result.verified is True and result.probe_rms_error < 1e-6

@@ -8,76 +8,22 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import REPO
-from tests.runs import (SMALL_BATCHES, Run, assert_each_prompt_once, few_prompts, ledger, smoke, trained_by,
-                        uninterrupted)
-from tests.wandb_offline import history
-
-DESIGN_METRICS = [
-    "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
-    "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
-    "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens",
-    "rollout/staleness_mean", "rollout/staleness_max", "rollout/behaviour_kl", "rollout/max_abs_logp_delta",
-    "sync/version", "sync/bytes", "sync/publish_seconds", "perf/samples_per_s", "perf/learner_idle_share",
-    "rollout/queue_depth",
-]
-
-
-def test_synchronous_loop_stopped_by_ctrl_c_and_resumed_trains_as_if_uninterrupted(tiny_assets, ray_local, tmp_path):
-    from cluster.controller import train
-
-    # No periodic checkpoint: the one the run resumes from is written on Ctrl-C.
-    cfg = smoke(tiny_assets, tmp_path, "train.max_staleness=0", "train.total_updates=3", "run.name=sync",
-                "learner.checkpoint_every=1000")
-
-    def ctrl_c_after_the_first_update():
-        while not (cfg.run_dir / "metrics.jsonl").is_file() or not (cfg.run_dir / "metrics.jsonl").read_text():
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=ctrl_c_after_the_first_update, daemon=True).start()
-    logs: list[str] = []
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, log=logs.append)
-    stopped = json.loads((cfg.run_dir / "summary.json").read_text())
-    assert stopped["error"] == "interrupted (SIGINT)", logs[-3:]
-    assert 1 <= stopped["steps"] < 3
-    assert stopped["checkpoint"].endswith(f"version-{stopped['steps']:06d}")
-    assert [c.name for c in (cfg.run_dir / "checkpoints").iterdir()] == [f"version-{stopped['steps']:06d}"]
-    pids = [stopped["placement"]["learner"]["pid"]] + [a["pid"] for a in stopped["placement"]["actors"].values()]
-    assert not psutil.wait_procs([p for p in map(_process, pids) if p], timeout=60)[1], "a process outlived the run"
-
-    summary = train(cfg, resume=True, log=logs.append)
-    assert f"resumed at policy version {stopped['steps']}" in logs
-
-    assert summary["steps"] == 3 and summary["policy_version"] == 3
-    assert summary["samples"] == 3 * cfg.train.rollout_batch_size
-    assert summary["fingerprint_mismatches"] == 0 and summary["dropped_stale"] == 0
-    # max_staleness 0: every record of update v+1 was made by policy version v, so the
-    # versions the actors generated with advanced with the learner's.
-    for entry in ledger(cfg.run_dir):
-        assert set(entry["record_versions"]) == {entry["version"] - 1}
-    # Each update trained on the next 16 prompts of the source, as the resume tests expect.
-    chunks, position = uninterrupted(cfg, 3, 16)
-    assert [e["prompts"] for e in ledger(cfg.run_dir)] == chunks and summary["data_position"] == position
-
-    rows = [r for r in history(cfg.run_dir) if "objective/kl" in r]
-    assert [r["sync/version"] for r in rows] == [1, 2, 3]
-    for name in DESIGN_METRICS:
-        assert name in rows[-1], name
-    assert all(r["rollout/staleness_max"] == 0 for r in rows)
-    # The sync alarm stays quiet when the actors really hold the learner's weights.
-    assert all(r["rollout/max_abs_logp_delta"] < 1e-3 for r in rows)
-    assert (cfg.run_dir / "config.yaml").is_file()
-    written = json.loads((cfg.run_dir / "summary.json").read_text())
-    assert written["steps"] == 3 and written["samples_per_second"] > 0
+from tests.runs import (
+    SMALL_BATCHES,
+    Run,
+    assert_each_prompt_once,
+    few_prompts,
+    ledger,
+    smoke,
+    trained_by,
+)
+from tests.support import process
 
 
 def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tiny_assets, ray_local, tmp_path):
@@ -134,17 +80,11 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
     assert_each_prompt_once(entries, summary, 24)
 
     # Nothing of the run is left: learner and actor processes, the control actor.
-    gone = psutil.wait_procs([p for p in map(_process, [learner, *pids.values()]) if p], timeout=60)[1]
+    gone = psutil.wait_procs([p for p in map(process, [learner, *pids.values()]) if p], timeout=60)[1]
     assert not gone, [p.pid for p in gone]
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
     assert CONTROL_PREFIX + "pool" not in names
 
-
-def _process(pid: int) -> psutil.Process | None:
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None
 
 
 def test_scale_without_a_running_job_is_a_usage_error(ray_local):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
-from cluster.config import ConfigError, TameConfig, load_config
+from cluster.shared.config import TameConfig, load_config
+from cluster.shared.errors import ConfigError
 
 REPO_CONFIGS = ["configs/demo.yaml", "configs/smoke.yaml", "configs/gpu.yaml"]
 
@@ -96,6 +96,32 @@ def test_gpu_and_length_settings_are_checked_across_fields(tmp_path, text, needl
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("command, needle", [
+    ("train", "c.yaml:2: model.reward is null and reward.functions is empty: there is nothing to score with"),
+    ("serve-reward", "c.yaml:2: model.reward is null and reward.functions is empty"),
+    ("sft", None),  # SFT and reward-model training score nothing
+    ("train-rm", None),
+])
+def test_what_a_command_needs_is_checked_by_the_config(tmp_path, command, needle):
+    path = write(tmp_path, "model:\n  reward: null\nlearner:\n  critic: policy\n")
+    if needle is None:
+        load_config(path, command=command)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(path, command=command)
+    assert needle in str(err.value)
+
+
+def test_a_critic_from_a_missing_reward_model_is_refused_before_anything_starts(tmp_path):
+    path = write(tmp_path, "model:\n  reward: null\nreward:\n  functions:\n    - function: m:f\n")
+    for command in ("config", "train"):
+        out = tame(*([command, "show"] if command == "config" else [command]), "--config", str(path))
+        assert out.returncode == 2, out.stderr
+        assert f"{path}:2: learner.critic is 'reward' (initialised from the reward model), but model.reward " \
+               "is null" in out.stderr
+    load_config(path, ["learner.critic=policy"])  # rule-based rewards only: a fresh value head
+
+
 def test_a_float16_learner_is_refused_with_exit_2():
     out = tame("config", "show", "--set", "learner.compute_dtype=float16")
     assert out.returncode == 2
@@ -114,15 +140,13 @@ def tame(*args, cwd=None):
                           cwd=cwd, timeout=60)
 
 
-def test_cli_bad_config_exits_2_fast_before_ray(tmp_path):
+def test_cli_bad_config_exits_2_before_ray(tmp_path):
     path = write(tmp_path, "learner:\n  devise: cpu\n")
-    start = time.monotonic()
     for command in ("train", "sft", "train-rm"):
         out = tame(command, "--config", str(path))
         assert out.returncode == 2, out.stderr
         assert f"{path}:2: learner.devise: unknown key" in out.stderr
-    assert time.monotonic() - start < 30  # three commands, each well under ten seconds
-    assert "ray" not in out.stderr.lower().replace("tame train-rm", "")
+        assert "ray" not in out.stderr.lower().replace("tame train-rm", ""), out.stderr
 
 
 def test_cli_config_show_and_schema(tmp_path):

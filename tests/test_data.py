@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from cluster.config import DataError
-from cluster.data import PromptSource, load_prompts
+from cluster.prompts import PromptSource
+from cluster.shared.data import load_prompts
+from cluster.shared.errors import DataError
 
 PROMPTS = [(("user", f"question {i}"),) for i in range(10)]
 

@@ -7,7 +7,7 @@ import json
 
 
 def test_short_demo_produces_a_consistent_summary(ray_local, tmp_path):
-    from cluster.demo import run_demo
+    from cluster.demo.run import run_demo
 
     summary = run_demo(out=tmp_path, size="tiny", log=lambda *_: None, overrides=[
         "sft.epochs=1", "reward_model.epochs=1", "train.total_updates=2", "train.rollout_batch_size=32",

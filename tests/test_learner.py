@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import load_config
-from cluster.records import Rollout
-from cluster.transport import ObjectStoreTransport, compare_probes, probes_of
+from actors.weights import engine_probes, load_into_engine
+from cluster.shared.config import load_config
+from cluster.shared.records import Rollout
+from cluster.shared.transport import ObjectStoreTransport, compare_probes, probes_of
 from learner.learner import Learner, NonFiniteUpdatesError
 from learner.sampling import sample_rollouts
+from tests.support import lm_head_outputs
 
 REWARDED = range(10, 512)
 """Token ids the fixed test reward likes: roughly half of the tiny vocabulary."""
@@ -95,16 +97,8 @@ def test_only_response_tokens_receive_gradient(tiny_assets, tmp_path):
     learner = Learner(make_cfg(tiny_assets, "ppo.entropy_coef=0.01"), str(tmp_path))
     rollouts = sample(learner, prompts(tiny_assets, 4, start=20), seed=2)
     exp, _ = learner.prepare(rollouts)
-    captured = []
-
-    def keep_grad(_module, _inputs, output):
-        output.retain_grad()
-        captured.append(output)
-
-    handle = learner.policy.get_output_embeddings().register_forward_hook(keep_grad)
-    learner.accumulate_gradients(exp, torch.arange(4), micro_batch_size=4)
-    handle.remove()
-
+    with lm_head_outputs(learner.policy) as captured:
+        learner.accumulate_gradients(exp, torch.arange(4), micro_batch_size=4)
     (logits,) = captured  # (B, window + 1, V): the positions the LM head saw
     window = exp.select(torch.arange(4))
     touched = logits.grad.abs().sum(-1)[:, :-1] > 0  # (B, W)
@@ -113,7 +107,7 @@ def test_only_response_tokens_receive_gradient(tiny_assets, tmp_path):
     assert torch.equal(touched, window.mask.bool())
     assert float(logits.grad[:, -1].abs().sum()) == 0.0
     # The prompt positions the window cut off were never sent through the LM head at all.
-    assert logits.shape[1] < exp.input_ids.shape[1]
+    assert logits.shape[1] < exp.batch.input_ids.shape[1]
 
 
 @pytest.mark.parametrize("epochs", [1, 2])
@@ -125,7 +119,7 @@ def test_the_fused_first_pass_trains_exactly_like_the_separate_proximal_pass(tin
         learner = Learner(make_cfg(tiny_assets, "ppo.minibatch_size=16", "ppo.micro_batch_size=16",
                                    f"ppo.epochs={epochs}", "ppo.entropy_coef=0.01"), str(tmp_path / str(fuse)))
         learner.fuse_first_pass = fuse
-        metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1))
+        metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1)).metrics
         results.append((metrics, params(learner.policy), params(learner.critic)))
     (fused, policy_a, critic_a), (separate, policy_b, critic_b) = results
     assert fused["learner/fused_first_pass"] == 1.0 and separate["learner/fused_first_pass"] == 0.0
@@ -148,7 +142,7 @@ def test_bfloat16_compute_trains_float32_weights_that_learn_at_small_learning_ra
         learner = Learner(make_cfg(tiny_assets, f"learner.compute_dtype={dtype}", "ppo.learning_rate=1e-6",
                                    "ppo.critic_learning_rate=1e-6", "ppo.minibatch_size=16"), str(tmp_path / dtype))
         before = params(learner.policy)
-        metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1))
+        metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1)).metrics
         after = params(learner.policy)
         states = [s for s in learner.policy_optimizer.state.values()]
         assert {p.dtype for p in after.values()} == {torch.float32}
@@ -179,9 +173,11 @@ def test_ppo_updates_raise_the_rewarded_behaviour(tiny_assets, tmp_path):
     first = None
     for update in range(6):
         batch = sample(learner, prompts(tiny_assets, 16, start=16 * update), seed=update)
-        metrics = learner.update(batch)
+        result = learner.update(batch)
+        assert not result.skipped and result.version == update + 1
+        assert result.metrics["learner/skipped_nonfinite"] == 0.0
+        metrics = result.metrics
         first = first or metrics
-        assert metrics["learner/skipped_nonfinite"] == 0.0
     after = rewarded_mass(learner, held_out)
 
     assert learner.version() == 6
@@ -209,8 +205,8 @@ def test_critic_from_the_policy_starts_at_zero(tiny_assets, tmp_path):
     exp, metrics = learner.prepare(sample(learner, prompts(tiny_assets, 4), seed=3))
     assert metrics["val/mean"] == 0.0
     assert float(exp.old_values.abs().max()) == 0.0
-    metrics = learner.update(sample(learner, prompts(tiny_assets, 8), seed=4))
-    assert metrics["learner/skipped_nonfinite"] == 0.0 and learner.version() == 1
+    result = learner.update(sample(learner, prompts(tiny_assets, 8), seed=4))
+    assert not result.skipped and result.version == learner.version() == 1
 
 
 def test_ptx_term_trains_on_demonstrations(tiny_assets, tmp_path):
@@ -221,7 +217,7 @@ def test_ptx_term_trains_on_demonstrations(tiny_assets, tmp_path):
                       str(tmp_path / "run"))
     assert len(learner.ptx_examples) == 6
     losses = [learner.update(sample(learner, prompts(tiny_assets, 16, start=16 * i), seed=30 + i))
-              ["loss/ptx_avg"] for i in range(3)]
+              .metrics["loss/ptx_avg"] for i in range(3)]
     # Two minibatches of 8 demonstrations per update, cycling through the 6: 48 % 6 = 0.
     assert learner.ptx_cursor == 0
     assert losses[-1] < losses[0] - 0.1, losses  # starts near ln(1024) ~ 6.9
@@ -238,8 +234,9 @@ def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, tm
 
     bad_score = [Rollout(**{**r.__dict__}) for r in rollouts]
     bad_score[3].score = float("nan")
-    metrics = learner.update(bad_score)
-    assert metrics["learner/skipped_nonfinite"] == 1.0 and learner.version() == 0
+    result = learner.update(bad_score)
+    assert result.skipped and result.version == learner.version() == 0
+    assert result.metrics["learner/skipped_nonfinite"] == 1.0
     assert learner.publish().version == 0
 
     # A NaN behaviour log-prob reaches the loss through the IS weight: found at that
@@ -249,15 +246,15 @@ def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, tm
     bad_logp = [Rollout(**{**r.__dict__}) for r in rollouts]
     bad_logp[6].behaviour_logprobs = [float("nan")] * len(bad_logp[6].response_token_ids)
     optimizer_state = learner.policy_optimizer.state_dict()["state"]
-    metrics = learner.update(bad_logp)
-    assert metrics["learner/skipped_nonfinite"] == 1.0 and learner.version() == 0
+    result = learner.update(bad_logp)
+    assert result.skipped and result.version == learner.version() == 0
     for name, p in learner.policy.named_parameters():
         assert torch.equal(p, weights[name]), name
     assert learner.policy_optimizer.state_dict()["state"] == optimizer_state == {}
 
     good = learner.update(rollouts)
-    assert good["learner/skipped_nonfinite"] == 0.0 and learner.version() == 1
-    assert good["learner/nonfinite_total"] == 2.0 and learner.nonfinite_in_row == 0
+    assert not good.skipped and good.version == learner.version() == 1
+    assert good.metrics["learner/nonfinite_total"] == 2.0 and learner.nonfinite_in_row == 0
     learner.update(bad_score)
     with pytest.raises(NonFiniteUpdatesError, match="max_nonfinite_updates = 2"):
         learner.update(bad_score)
@@ -335,7 +332,7 @@ def vllm_rollouts(llm, tokenizer, texts: list[str], temperature: float, max_toke
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from cluster.records import prompt_token_ids
+    from cluster.shared.tokens import prompt_token_ids
 
     ids = [prompt_token_ids(tokenizer, t) for t in texts]
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=7)
@@ -371,8 +368,9 @@ def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tin
     check = compare_probes(recomputed, published)  # equal up to float32 summation order
     assert check.ok and check.rms_error < 1e-6, check
     assert handle.nbytes == sum(t.numel() * t.element_size() for t in state.values())
-    llm.collective_rpc(lambda w: w.reload_weights(weights_iterator=iter(state.items())))
-    llm.reset_prefix_cache()
+    load_into_engine(llm, state.items())  # the rollout actors' own load
+    measured, fused = engine_probes(llm)
+    assert compare_probes(measured, published, fused).ok
 
     fresh = vllm_rollouts(llm, learner.tokenizer, texts, learner.temperature, 10)
     gaps = [abs(a - b) for r, lp in zip(fresh, learner.logprobs(fresh))

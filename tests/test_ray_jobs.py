@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,27 +18,24 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import REPO
-from tests.runs import ledger, smoke, smoke_overrides, uninterrupted
+from tests.runs import DESIGN_METRICS, ledger, smoke, smoke_overrides, uninterrupted
+from tests.support import free_port, process
 from tests.wandb_offline import history
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_overrides(tiny_assets, out_dir, name):
     return [*smoke_overrides(tiny_assets, out_dir), f"run.name={name}", "train.total_updates=2"]
 
 
-def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_path):
+def test_ray_job_killed_interrupted_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_path):
     """`ray job submit` to a head the test starts. The job's driver is killed with SIGKILL
-    after its checkpoint at version 2; resubmitted with --resume, it is stopped with
-    `ray job stop` (SIGTERM) after update 3 and writes a final checkpoint; resubmitted again,
-    it ends as an uninterrupted run would: same prompts per update, same data position."""
+    after its checkpoint at version 2; resubmitted with --resume, it gets Ctrl-C (SIGINT)
+    after update 3; resubmitted, it is stopped with `ray job stop` (SIGTERM) a few updates
+    later. Each signal finishes the update in flight, writes a final checkpoint and stops
+    every process of the run. Resubmitted again, it ends as an uninterrupted run would: same
+    prompts per update, same data position, one wandb run, the metrics users watch."""
     port, dashboard = free_port(), free_port()
     # Every port of this head is a free one: another Ray on the machine (the test session's
     # own) holds the defaults, and a job agent that cannot bind makes submission fail.
@@ -60,6 +56,14 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
     total = 30  # room for `ray job stop` to land in the middle: an update takes a fraction of a second
     overrides = [*job_overrides(tiny_assets, tmp_path / "runs", "job"), f"train.total_updates={total}"]
     run_dir = tmp_path / "runs" / "job"
+
+    def driver() -> psutil.Process:
+        """The job's driver process: `python -m cluster.cli train` on this run."""
+        found = [p for p in psutil.process_iter(["cmdline"])
+                 if str(run_dir.parent) in " ".join(p.info["cmdline"] or []) and "train" in (p.info["cmdline"] or [])
+                 and Path((p.info["cmdline"] or [""])[0]).name.startswith("python")]
+        assert len(found) == 1, [p.info["cmdline"] for p in found]
+        return found[0]
 
     def ray_job(command, *args, timeout=600):
         return subprocess.run([str(BIN / "ray"), "job", command, f"--address={address}", *args],
@@ -102,11 +106,7 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
                 raise AssertionError(ray_job("logs", "first").stdout[-3000:])
             time.sleep(0.2)
         wandb_id = (run_dir / "wandb_id").read_text()
-        driver = [p for p in psutil.process_iter(["cmdline"])
-                  if str(run_dir.parent) in " ".join(p.info["cmdline"] or []) and "train" in (p.info["cmdline"] or [])
-                  and Path((p.info["cmdline"] or [""])[0]).name.startswith("python")]
-        assert len(driver) == 1, [p.info["cmdline"] for p in driver]
-        driver[0].kill()  # SIGKILL: no handler, no final checkpoint
+        driver().kill()  # SIGKILL: no handler, no final checkpoint
         deadline = time.monotonic() + 120
         while "failed" not in ((status := ray_job("status", "first")).stdout + status.stderr).lower():
             assert time.monotonic() < deadline, f"the killed job never failed: {status.stdout} {status.stderr}"
@@ -114,25 +114,47 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
         code = ray_job("logs", "first").stdout.split("tame's code from ")[1].split(")")[0]
         assert "runtime_resources" in code and not code.startswith(str(REPO)), code
 
-        # Time for the final checkpoint: Ray sends SIGKILL this long after SIGTERM.
+        def resume_and_wait(name: str, version: int, job_args=()):
+            """Resubmit with --resume; return once it resumed at `version` and trained one more."""
+            out = submit(["--no-wait", f"--submission-id={name}", *job_args], ["--resume"])
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+            deadline = time.monotonic() + 300
+            while f"resumed at policy version {version}" not in (logs := ray_job("logs", name).stdout):
+                assert time.monotonic() < deadline, logs[-3000:]
+                time.sleep(0.5)
+            while len(ledger(run_dir)) < version + 1:  # the resumed driver has cut the ledger back
+                if time.monotonic() > deadline or (run_dir / "summary.json").exists():
+                    raise AssertionError(ray_job("logs", name).stdout[-3000:])
+                time.sleep(0.1)
+
+        def interrupted(name: str, signal_name: str, after: int) -> dict:
+            """The summary a signal left: a final checkpoint at its version, every process gone."""
+            deadline = time.monotonic() + 120
+            while not (run_dir / "summary.json").is_file():
+                assert time.monotonic() < deadline, ray_job("logs", name).stdout[-3000:]
+                time.sleep(0.2)
+            stopped = json.loads((run_dir / "summary.json").read_text())
+            assert stopped["error"] == f"interrupted ({signal_name})" and after < stopped["steps"] < total, stopped
+            assert stopped["checkpoint"].endswith(f"version-{stopped['steps']:06d}")
+            assert (Path(stopped["checkpoint"]) / "trainer_state.pt").is_file()
+            placed = stopped["placement"]
+            pids = [placed["learner"]["pid"], *(a["pid"] for a in placed["actors"].values())]
+            alive = psutil.wait_procs([p for p in map(process, pids) if p], timeout=60)[1]
+            assert not alive, f"a process outlived the run: {alive}"
+            return stopped
+
+        # Ctrl-C, as at a terminal: the driver's SIGINT handler.
+        resume_and_wait("interrupted", 2)
+        driver().send_signal(signal.SIGINT)
+        stopped = interrupted("interrupted", "SIGINT", 2)
+
+        # `ray job stop`: SIGTERM, then SIGKILL this long after it (time for the checkpoint).
+        (run_dir / "summary.json").unlink()
         stop_wait = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'
-        out = submit(["--no-wait", "--submission-id=resumed", f"--runtime-env-json={stop_wait}"], ["--resume"])
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        deadline = time.monotonic() + 300
-        while "resumed at policy version 2" not in (logs := ray_job("logs", "resumed").stdout):
-            assert time.monotonic() < deadline, logs[-3000:]
-            time.sleep(0.5)
-        while len(ledger(run_dir)) < 3:  # the resumed driver has cut the ledger back to version 2
-            if time.monotonic() > deadline or (run_dir / "summary.json").exists():
-                raise AssertionError(ray_job("logs", "resumed").stdout[-3000:])
-            time.sleep(0.1)
+        resume_and_wait("resumed", stopped["steps"], [f"--runtime-env-json={stop_wait}"])
         out = ray_job("stop", "resumed")
         assert out.returncode == 0 and "stopped" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
-        assert (run_dir / "summary.json").is_file(), ray_job("logs", "resumed").stdout[-3000:]
-        stopped = json.loads((run_dir / "summary.json").read_text())
-        assert stopped["error"] == "interrupted (SIGTERM)" and 3 <= stopped["steps"] < total, stopped
-        assert stopped["checkpoint"].endswith(f"version-{stopped['steps']:06d}")
-        assert (Path(stopped["checkpoint"]) / "trainer_state.pt").is_file()
+        stopped = interrupted("resumed", "SIGTERM", stopped["steps"])
 
         out = submit(["--submission-id=finished"], ["--resume"])
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -144,20 +166,32 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = smoke(tiny_assets, tmp_path / "runs", *overrides)
     chunks, position = uninterrupted(cfg, total, 16)
-    assert summary["steps"] == total and summary["samples"] == 16 * total
+    assert summary["steps"] == summary["policy_version"] == total and summary["samples"] == 16 * total
+    assert summary["fingerprint_mismatches"] == 0 and summary["dropped_stale"] == 0
+    assert summary["error"] is None and summary["samples_per_second"] > 0
     assert [e["prompts"] for e in ledger(run_dir)] == chunks
     assert summary["data_position"] == position
-    # One wandb run across the three drivers: each resumed one reopened it.
+    # max_staleness 0: every record of update v+1 was made by policy version v, across resumes.
+    for entry in ledger(run_dir):
+        assert set(entry["record_versions"]) == {entry["version"] - 1}
+    assert (run_dir / "config.yaml").is_file()
+    # One wandb run across the four drivers: each resumed one reopened it.
     assert (run_dir / "wandb_id").read_text() == wandb_id
     runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 3 and all(d.name.endswith("-" + wandb_id.strip()) for d in runs), runs
+    assert len(runs) == 4 and all(d.name.endswith("-" + wandb_id.strip()) for d in runs), runs
     # metrics.jsonl has every update once. wandb's writer is a child process of the driver,
     # which the job supervisor kills too: the offline files of the killed and the stopped
     # drivers may miss their last steps; the last driver logged all of its own.
     metrics = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics == list(range(1, total + 1))
-    steps = [row["sync/version"] for row in history(run_dir) if "sync/version" in row]
-    assert steps[-(total - stopped["steps"]):] == list(range(stopped["steps"] + 1, total + 1))
+    rows = [row for row in history(run_dir) if "sync/version" in row]
+    assert [r["sync/version"] for r in rows][-(total - stopped["steps"]):] == list(range(stopped["steps"] + 1, total + 1))
+    for name in DESIGN_METRICS:
+        assert name in rows[-1], name
+    assert all(r["rollout/staleness_max"] == 0 for r in rows)
+    # The sync alarm stays quiet when the actors really hold the learner's weights.
+    assert all(r["rollout/max_abs_logp_delta"] < 1e-3 for r in rows)
+
 
 
 def test_multi_node_places_learner_and_actors_on_different_nodes(tiny_assets, tmp_path):

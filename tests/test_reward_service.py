@@ -2,7 +2,7 @@
 
 Three applications share one Serve instance, deployed once for the module:
 - `main`  (HTTP at /):     the tiny reward model, 2 replicas, no token;
-- `mix`   (HTTP at /mix):  0.5 * reward model + 2.0 * cluster.world:gold_reward, bearer token set;
+- `mix`   (HTTP at /mix):  0.5 * reward model + 2.0 * cluster.demo.world:gold_reward, bearer token set;
 - `rules` (handle only):   gold_reward alone, no model (a verifiable task).
 Scores are checked against transformers' own forward pass on the same token ids.
 """
@@ -13,7 +13,6 @@ import json
 import math
 import os
 import pickle
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -22,9 +21,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.config import ConfigError, TameConfig
-from cluster.records import prompt_token_ids, response_token_ids
-from cluster.world import gold_reward
+from cluster.demo.world import gold_reward
+from cluster.shared.config import TameConfig
+from cluster.shared.errors import ConfigError
+from cluster.shared.tokens import prompt_token_ids, response_token_ids
+from tests.support import free_port
 
 TOKEN_ENV = "TAME_TEST_REWARD_TOKEN"
 TOKEN = "s3cret-token"
@@ -40,7 +41,7 @@ ITEMS = [
 ]
 
 
-# Prompts of the demo world, which cluster.world:gold_reward knows, with answers it rates
+# Prompts of the demo world, which cluster.demo.world:gold_reward knows, with answers it rates
 # differently (insults, rambles, wrong facts).
 WORLD_ITEMS = [
     ("Tell me the job of Mila. Reply with one word only.", "Baker."),
@@ -50,15 +51,10 @@ WORLD_ITEMS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cfg(reward_path, port, **reward) -> TameConfig:
     return TameConfig.model_validate({
         "model": {"reward": str(reward_path) if reward_path else None},
+        "learner": {"critic": "reward" if reward_path else "policy"},
         "reward": {"port": port, "num_cpus": 0.25, "max_items": MAX_ITEMS, "max_chars": MAX_CHARS,
                    "max_batch_size": 16, "batch_wait_timeout_s": 0.02, "token_env": TOKEN_ENV, **reward},
     })
@@ -72,17 +68,17 @@ def service(tiny_assets, ray_local):
 
     # Start Serve afresh, so its HTTP proxy binds this module's port whatever ran before.
     serve.shutdown()
-    port = _free_port()
+    port = free_port()
     os.environ.pop(TOKEN_ENV, None)
     main = deploy(_cfg(tiny_assets.reward, port, replicas=2), name="test-reward-main")
     os.environ[TOKEN_ENV] = TOKEN  # read by deploy() at start-up; only `mix` sees it
     try:
         mix = deploy(_cfg(tiny_assets.reward, port, model_weight=0.5,
-                          functions=[{"function": "cluster.world:gold_reward", "weight": 2.0}]),
+                          functions=[{"function": "cluster.demo.world:gold_reward", "weight": 2.0}]),
                      name="test-reward-mix", route_prefix="/mix")
     finally:
         os.environ.pop(TOKEN_ENV)
-    rules = deploy(_cfg(None, port, functions=[{"function": "cluster.world:gold_reward"}]),
+    rules = deploy(_cfg(None, port, functions=[{"function": "cluster.demo.world:gold_reward"}]),
                    http=False, name="test-reward-rules")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
         yield {"main": main, "mix": mix, "rules": rules, "http": http}
@@ -203,7 +199,7 @@ def test_an_item_a_rule_function_cannot_score_is_a_4xx_and_spoils_no_other_reque
         answers = list(pool.map(lambda items: _post(http, items, path="/mix/v1/score", headers=auth),
                                 [WORLD_ITEMS, [WORLD_ITEMS[0], unknown], WORLD_ITEMS[:1], [unknown]]))
     assert [a.status_code for a in answers] == [200, 422, 200, 422]
-    assert answers[1].json()["detail"].startswith("items.1: reward function cluster.world:gold_reward failed: KeyError")
+    assert answers[1].json()["detail"].startswith("items.1: reward function cluster.demo.world:gold_reward failed: KeyError")
     with pytest.raises(UnscorableItemError, match="items.0"):
         service["rules"].score.remote([unknown[0]], [unknown[1]]).result(timeout_s=60)
     client = RewardClient(service["rules"], timeout_s=60, retries=50)
@@ -356,24 +352,22 @@ def test_reward_client_raises_reward_error_when_the_time_budget_is_spent(service
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("cluster.world:no_such_function", "has no attribute 'no_such_function'"),
+    ("cluster.demo.world:no_such_function", "has no attribute 'no_such_function'"),
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("cluster.world:N_ENTITIES", "is not callable"),
+    ("cluster.demo.world:N_ENTITIES", "is not callable"),
 ])
 def test_bad_reward_function_is_a_config_error_at_start_up(tiny_assets, spec, message):
     from reward_service.service import deploy
 
-    cfg = _cfg(tiny_assets.reward, 8000, functions=[{"function": "cluster.world:gold_reward"}, {"function": spec}])
+    cfg = _cfg(tiny_assets.reward, 8000, functions=[{"function": "cluster.demo.world:gold_reward"}, {"function": spec}])
     with pytest.raises(ConfigError, match=r"reward\.functions\[1\]\.function: .*" + message):
         deploy(cfg, http=False)
 
 
-def test_nothing_to_score_with_is_a_config_error(tmp_path):
+def test_a_missing_reward_model_is_a_config_error_at_start_up(tmp_path):
     from reward_service.service import deploy
 
-    with pytest.raises(ConfigError, match="nothing to score with"):
-        deploy(_cfg(None, 8000), http=False)
-    with pytest.raises(ConfigError, match="model.reward"):
+    with pytest.raises(ConfigError, match="model.reward: .*missing is not a Hugging Face model folder"):
         deploy(_cfg(tmp_path / "missing", 8000), http=False)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import TameConfig
-from cluster.world import World, write_jsonl
+from cluster.demo.world import World, write_jsonl
+from cluster.shared.config import TameConfig
 from reward_service.data import DataError, load_preference_pairs
 from reward_service.model import RewardModel, load_reward_model
 from reward_service.train import pairwise_loss, split_pairs, train_reward_model
@@ -142,7 +142,7 @@ def test_invalid_utf8_and_empty_files_are_data_errors(tmp_path):
         load_preference_pairs(path)
     with pytest.raises(DataError, match="data file not found"):
         load_preference_pairs(tmp_path / "missing.jsonl")
-    from cluster.config import UserError
+    from cluster.shared.errors import UserError
 
     assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)  # exit code 2
 

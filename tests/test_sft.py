@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import UserError, load_config
-from cluster.records import prompt_token_ids, response_token_ids
+from cluster.shared.config import load_config
+from cluster.shared.errors import UserError
+from cluster.shared.tokens import prompt_token_ids, response_token_ids
 from learner.data import (
     DataError,
     collate_demonstrations,
@@ -19,6 +20,7 @@ from learner.data import (
 )
 from learner.sft import run_sft
 from learner.training import demonstration_nll
+from tests.support import lm_head_outputs
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -77,16 +79,9 @@ def test_sft_loss_covers_response_tokens_only(tiny_assets):
         assert example.input_ids[-1] == tokenizer.eos_token_id
     ids, attention, loss_mask = collate_demonstrations(examples, tokenizer.pad_token_id)
 
-    captured = []
-
-    def keep_grad(_module, _inputs, output):
-        output.retain_grad()
-        captured.append(output)
-
-    handle = model.get_output_embeddings().register_forward_hook(keep_grad)
-    loss = demonstration_nll(model, ids, attention, loss_mask)
-    loss.backward()
-    handle.remove()
+    with lm_head_outputs(model) as captured:
+        loss = demonstration_nll(model, ids, attention, loss_mask)
+        loss.backward()
 
     # The loss is the mean NLL of the response tokens (EOS included) under the full model.
     logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1], -1)

@@ -1,4 +1,4 @@
-"""The weight transport's probes (cluster.transport): what the learner publishes equals what the
+"""The weight transport's probes (cluster.shared.transport): what the learner publishes equals what the
 sent tensors give, in float32 and bfloat16, and the chunked float32 probe equals the exact
 float64 projection on the tiny and small assets."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from cluster import transport
-from cluster.transport import ObjectStoreTransport, compare_probes, probe, probe_vector, probes_of
+from cluster.shared.transport import ObjectStoreTransport, compare_probes, probe, probe_vector, probes_of
 
 
 @pytest.fixture(scope="module")
 def small_assets(tmp_path_factory):
-    from cluster.assets import ensure_assets
+    from cluster.demo.assets import ensure_assets
 
     return ensure_assets(tmp_path_factory.mktemp("assets") / "small", "small", seed=0, log=lambda *_: None)
 

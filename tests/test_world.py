@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cluster.world import (
+from cluster.demo.world import (
     ATTRIBUTE_VALUES,
     INSULTS,
     KIND_WORDS,
