@@ -90,7 +90,7 @@ def sampling_params(cfg: TameConfig, max_new_tokens: int | None = None) -> Any:
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat_template: bool,
                    max_model_len: int) -> list[list[int]]:
-    """Prompt token ids as the policy sees them (`cluster.records.prompt_token_ids`).
+    """Prompt token ids as the policy sees them (`cluster.shared.tokens.prompt_token_ids`).
 
     Raises ValueError naming the prompt when one leaves no room for a response: the data
     loader should have rejected it, and vLLM would otherwise fail the whole batch.

@@ -90,7 +90,7 @@ def load_into_engine(llm: Any, tensors: Iterable[tuple[str, Any]]) -> None:
 
 
 def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """The probes (`cluster.transport.probe`) of every weight the engine computes with, by
+    """The probes (`cluster.shared.transport.probe`) of every weight the engine computes with, by
     engine tensor name, and the engine's fusion map (vLLM's `packed_modules_mapping`).
 
     Readable weights are probed directly. A linear layer that vLLM on CPU keeps packed in a

@@ -1,6 +1,6 @@
 """Demonstration data for SFT and PPO-ptx: `{"prompt", "response"}` records, read from a
 JSONL file or a local Hugging Face dataset folder, and turned into token ids the way every
-role does it (`cluster.records.prompt_token_ids` / `response_token_ids`)."""
+role does it (`cluster.shared.tokens.prompt_token_ids` / `response_token_ids`)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _check_record(row: dict, where: str) -> dict[str, str]:
 
 def read_demonstrations(path: str | Path) -> list[dict[str, str]]:
     """`{"prompt", "response"}` records of a JSONL file or dataset folder
-    (`cluster.data.read_records`); raises DataError naming the file and line of a bad one."""
+    (`cluster.shared.data.read_records`); raises DataError naming the file and line of a bad one."""
     return [_check_record(row, where) for where, row in read_records(path)]
 
 

@@ -1,6 +1,6 @@
 """Preference pairs for reward-model training: `{"prompt", "chosen", "rejected"}` records.
 
-Read with `cluster.data.read_records` (a JSONL file or a local Hugging Face dataset
+Read with `cluster.shared.data.read_records` (a JSONL file or a local Hugging Face dataset
 folder); a bad record fails with the file and line (or row) that holds it.
 """
 
@@ -37,6 +37,6 @@ def _pair(record: dict, where: str) -> PreferencePair:
 
 
 def load_preference_pairs(path: str | Path) -> list[PreferencePair]:
-    """Every pair of a JSONL file or dataset folder (`cluster.data.read_records`); raises
+    """Every pair of a JSONL file or dataset folder (`cluster.shared.data.read_records`); raises
     DataError naming the file and line of a bad record."""
     return [_pair(record, where) for where, record in read_records(path)]

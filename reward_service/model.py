@@ -1,6 +1,6 @@
 """A Hugging Face sequence-classification reward model: (prompt, response) text -> one score.
 
-Text becomes tokens exactly as the policy saw it (`cluster.records.prompt_token_ids` then
+Text becomes tokens exactly as the policy saw it (`cluster.shared.tokens.prompt_token_ids` then
 `response_token_ids`, which ends with EOS), and the score is the head's output at the last
 token. Serving, benchmarks and reward-model training all go through `sequence_scores`, so
 a score means the same thing everywhere.

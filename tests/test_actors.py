@@ -45,7 +45,7 @@ def length_scorer(prompts: list[str], responses: list[str]) -> list[float]:
 
 def make_config(policy: str, **sampling) -> TameConfig:
     return TameConfig.model_validate({
-        "model": {"policy": policy, "reward": None},
+        "model": {"policy": policy},  # the actors never read model.reward
         "rollout": {"num_cpus": 1, "max_model_len": 256, "kv_cache_gib": 0.25,
                     "sampling": {"max_new_tokens": 24, **sampling}},
     })

@@ -85,7 +85,8 @@ def test_bad_config_names_key_file_and_line(tmp_path, text, override, needle):
     ("reward:\n  max_length: 100\n",
      "c.yaml:2: reward.max_length (100) is below data.max_prompt_tokens (256) + "
      "rollout.sampling.max_new_tokens (48) = 304"),
-    ("reward:\n  max_length: 100\nmodel:\n  reward: null\n", None),  # no reward model, nothing cut
+    ("reward:\n  max_length: 100\n  functions:\n    - function: m:f\nmodel:\n  reward: null\nlearner:\n  critic: policy\n",
+     None),  # no reward model, nothing cut
 ])
 def test_gpu_and_length_settings_are_checked_across_fields(tmp_path, text, needle):
     if needle is None:

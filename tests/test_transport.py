@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster import transport
+from cluster.shared import transport
 from cluster.shared.transport import ObjectStoreTransport, compare_probes, probe, probe_vector, probes_of
 
 

@@ -69,6 +69,6 @@ def test_weight_reload_and_model_access_go_through_the_worker():
     for runner in (GPUModelRunner, CPUModelRunner):
         assert "weights_iterator" in inspect.signature(runner.reload_weights).parameters
         assert callable(runner.get_model)
-    # The fusion map the probes are matched through (cluster.transport.compare_probes).
+    # The fusion map the probes are matched through (cluster.shared.transport.compare_probes).
     assert LlamaForCausalLM.packed_modules_mapping == {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
                                                        "gate_up_proj": ["gate_proj", "up_proj"]}

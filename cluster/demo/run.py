@@ -18,7 +18,7 @@ from typing import Callable
 from cluster.shared.config import TameConfig, load_config
 from cluster.shared.records import Prompt, Rollout
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 EVAL_SAMPLES = 4
 """Completions sampled per held-out prompt at temperature 1: the policy as it behaves, not its mode."""
