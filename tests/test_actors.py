@@ -78,7 +78,9 @@ def actors(tiny_assets, ray_local):
     scored = remote.remote(make_config(str(tiny_assets.policy)), 0, length_scorer)
     warm = remote.remote(make_config(str(tiny_assets.policy), temperature=0.7,
                                      samples_per_prompt=4, max_new_tokens=6, stop=["h"]), 1)
-    infos = ray_local.get([scored.ready.remote(), warm.ready.remote()])
+    # What each engine held when it came up, measured before any test loads other weights.
+    infos = [{**info, "probes": ray_local.get(actor.probes.remote())}
+             for actor, info in zip((scored, warm), ray_local.get([scored.ready.remote(), warm.ready.remote()]))]
     yield scored, warm, infos
     for actor in (scored, warm):
         ray_local.kill(actor)
@@ -98,6 +100,19 @@ def perturbed_handle(hf_policy, version: int, seed: int, dtype=None) -> tuple[We
     return ObjectStoreTransport().publish(state.items(), version, dtype), state
 
 
+def holding_disk_weights(actor, hf_policy) -> int:
+    """Make the engine hold the policy's weights on disk again (a test before may have loaded
+    others); returns the version it holds them as."""
+    import ray
+
+    version = ray.get(actor.policy_version.remote())
+    if engine_holds(actor, hf_policy.state_dict()):
+        return version
+    handle = ObjectStoreTransport().publish(hf_policy.state_dict().items(), version + 1)
+    assert ray.get(actor.load_weights.remote(handle)).verified
+    return version + 1
+
+
 def engine_holds(actor, state: dict) -> bool:
     """Whether the engine's own probes match the weights of `state`."""
     import ray
@@ -109,22 +124,25 @@ def engine_holds(actor, state: dict) -> bool:
 def test_ready_reports_version_zero_and_the_engine_holds_the_disk_weights(actors, tiny_assets):
     from safetensors.torch import load_file
 
-    scored, warm, infos = actors
+    _, _, infos = actors
     on_disk = load_file(tiny_assets.policy / "model.safetensors")
     assert [info["actor_id"] for info in infos] == [0, 1]
     assert [info["policy_version"] for info in infos] == [0, 0]
     assert infos[0]["pid"] != infos[1]["pid"]
     # Measured from the engine (vLLM fuses q/k/v and gate/up, packs linears for oneDNN).
-    assert engine_holds(scored, on_disk) and engine_holds(warm, on_disk)
+    for info in infos:
+        measured, fused = info["probes"]
+        assert compare_probes(measured, probes_of(on_disk.items()), fused).ok
 
 
 def test_generate_returns_well_formed_scored_records(actors, tokenizer, hf_policy):
     import ray
 
     scored, _, _ = actors
+    version = holding_disk_weights(scored, hf_policy)
     batch = ray.get(scored.generate.remote(PROMPTS))
 
-    assert batch.actor_id == 0 and batch.policy_version == 0
+    assert batch.actor_id == 0 and batch.policy_version == version
     assert batch.prompt_ids == [p.prompt_id for p in PROMPTS]
     assert batch.failed_prompt_ids == []
     assert [(r.prompt_id, r.sample_index) for r in batch.rollouts] == [(p.prompt_id, 0) for p in PROMPTS]
@@ -143,7 +161,7 @@ def test_generate_returns_well_formed_scored_records(actors, tokenizer, hf_polic
         else:
             assert r.finish_reason == "length" and len(r.response_token_ids) == 24
             assert tokenizer.eos_token_id not in r.response_token_ids
-        assert r.policy_version == 0 and r.actor_id == 0
+        assert r.policy_version == version and r.actor_id == 0
         assert r.score == float(len(r.response_text)) and r.score_seconds == batch.score_seconds
     assert max_logprob_error(hf_policy, batch, temperature=1.0) < 1e-4
 
@@ -152,6 +170,7 @@ def test_behaviour_logprobs_are_at_the_sampling_temperature(actors, hf_policy, t
     import ray
 
     _, warm, _ = actors
+    holding_disk_weights(warm, hf_policy)
     batch = ray.get(warm.generate.remote(PROMPTS))
 
     # Four samples of each prompt; each ends at the stop string "h" or after 6 tokens.
@@ -192,16 +211,17 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
     import ray
 
     scored, _, _ = actors
-    handle, state = perturbed_handle(hf_policy, version=1, seed=1)
+    version = ray.get(scored.policy_version.remote()) + 1  # whatever other tests loaded before
+    handle, state = perturbed_handle(hf_policy, version=version, seed=1)
     result = ray.get(scored.load_weights.remote(handle))
 
-    assert result.policy_version == 1 and result.loaded is True and result.verified is True
+    assert result.policy_version == version and result.loaded is True and result.verified is True
     assert result.bytes == handle.nbytes and result.seconds > result.verify_seconds > 0
     assert engine_holds(scored, state) and not engine_holds(scored, hf_policy.state_dict())
-    assert ray.get(scored.policy_version.remote()) == 1
+    assert ray.get(scored.policy_version.remote()) == version
 
     batch = ray.get(scored.generate.remote(PROMPTS))
-    assert batch.policy_version == 1 and all(r.policy_version == 1 for r in batch.rollouts)
+    assert batch.policy_version == version and all(r.policy_version == version for r in batch.rollouts)
     new_policy = _model_with(hf_policy, state)
     assert max_logprob_error(new_policy, batch, temperature=1.0) < 1e-4
     assert max_logprob_error(hf_policy, batch, temperature=1.0) > 1e-2
@@ -209,9 +229,9 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
     # The version held again: verified, not loaded. An older one changes nothing.
     again = ray.get(scored.load_weights.remote(handle))
     assert again.loaded is False and again.verified is True and again.bytes == 0
-    older, _ = perturbed_handle(hf_policy, version=0, seed=2)
+    older, _ = perturbed_handle(hf_policy, version=version - 1, seed=2)
     again = ray.get(scored.load_weights.remote(older))
-    assert again.loaded is False and again.verified is None and again.policy_version == 1
+    assert again.loaded is False and again.verified is None and again.policy_version == version
     assert engine_holds(scored, state)
 
 
@@ -244,10 +264,11 @@ def test_weight_load_in_bfloat16_transport(actors, hf_policy):
     import ray
 
     _, warm, _ = actors
-    handle, state = perturbed_handle(hf_policy, version=3, seed=3, dtype=torch.bfloat16)
+    version = ray.get(warm.policy_version.remote()) + 1
+    handle, state = perturbed_handle(hf_policy, version=version, seed=3, dtype=torch.bfloat16)
     assert {s.dtype for s in handle.specs} == {"bfloat16"}
     result = ray.get(warm.load_weights.remote(handle))
-    assert result.policy_version == 3 and result.verified is True
+    assert result.policy_version == version and result.verified is True
     assert engine_holds(warm, {k: v.bfloat16() for k, v in state.items()})
     assert not engine_holds(warm, state)  # the float32 values were rounded on the way
 

@@ -246,3 +246,17 @@ def test_any_nonfinite():
     assert not ppo.any_nonfinite(t(1.0), t(2.0))
     assert ppo.any_nonfinite(t(1.0), t(float("nan")))
     assert ppo.any_nonfinite(t(float("-inf")))
+
+
+def test_learning_rate_warm_up_starts_above_zero_then_decays_to_zero():
+    """tame's schedule (learner.training.lr_factor): warm-up reaches the full rate at step
+    warmup - 1, never spending a step at lr 0 (Hugging Face's get_scheduler starts at 0),
+    then decays to 0 at the run's last step."""
+    from learner.training import lr_factor
+
+    linear = [lr_factor(step, "linear", 2, 6) for step in range(8)]
+    assert linear == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    assert [lr_factor(step, "constant", 4, 10) for step in (0, 3, 9)] == pytest.approx([0.25, 1.0, 1.0])
+    assert lr_factor(6, "cosine", 2, 10) == pytest.approx(0.5)  # half-way through the decay
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        lr_factor(5, "exponential", 0, 10)
