@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cluster.shared.data import read_records
+from cluster.shared.data import read_records, string_fields
 from cluster.shared.errors import DataError  # the project's data error: the CLI maps it to exit 2
 from cluster.shared.tokens import pad, prompt_token_ids, response_token_ids
 
@@ -27,19 +27,11 @@ class Example:
     """Tokens of the prompt; the loss covers only the tokens after them."""
 
 
-def _check_record(row: dict, where: str) -> dict[str, str]:
-    for key in ("prompt", "response"):
-        if key not in row:
-            raise DataError(f"{where}: missing key {key!r}")
-        if not isinstance(row[key], str) or not row[key].strip():
-            raise DataError(f"{where}: {key!r} must be a non-empty string")
-    return {"prompt": row["prompt"], "response": row["response"]}
-
-
 def read_demonstrations(path: str | Path) -> list[dict[str, str]]:
     """`{"prompt", "response"}` records of a JSONL file or dataset folder
     (`cluster.shared.data.read_records`); raises DataError naming the file and line of a bad one."""
-    return [_check_record(row, where) for where, row in read_records(path)]
+    return [string_fields(row, where, ("prompt", "response"), non_empty=("prompt", "response"))
+            for where, row in read_records(path)]
 
 
 def encode_demonstrations(tokenizer: Any, rows: list[dict[str, str]], max_length: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.shared.data import read_records
+from cluster.shared.data import read_records, string_fields
 from cluster.shared.errors import DataError  # the project's data error: the CLI maps it to exit 2
 
 __all__ = ["DataError", "FIELDS", "PreferencePair", "load_preference_pairs"]
@@ -26,14 +26,7 @@ class PreferencePair:
 
 
 def _pair(record: dict, where: str) -> PreferencePair:
-    for key in FIELDS:
-        if key not in record:
-            raise DataError(f"{where}: missing field {key!r}")
-        if not isinstance(record[key], str):
-            raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
-    if not record["prompt"].strip():
-        raise DataError(f"{where}: field 'prompt' is empty")
-    return PreferencePair(record["prompt"], record["chosen"], record["rejected"])
+    return PreferencePair(**string_fields(record, where, FIELDS, non_empty=("prompt",)))
 
 
 def load_preference_pairs(path: str | Path) -> list[PreferencePair]:

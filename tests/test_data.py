@@ -55,7 +55,7 @@ def test_a_restored_cursor_continues_as_if_nothing_had_happened():
 def test_a_bad_prompt_line_is_named(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "fine"}\n\n{"prompt": ""}\n')
-    with pytest.raises(DataError, match=r"prompts\.jsonl:3: expected a non-empty string field 'prompt'"):
+    with pytest.raises(DataError, match=r"prompts\.jsonl:3: field 'prompt' is empty"):
         load_prompts(path)
 
 

@@ -101,9 +101,9 @@ def test_bad_data_lines_name_the_file_and_line(tiny_assets, tmp_path):
     good = json.dumps({"prompt": "Hi?", "response": "Hello."})
     cases = {
         "bad_json.jsonl": ([good, "", '{"prompt": "x", '], ":3: not valid JSON"),
-        "missing.jsonl": ([good, json.dumps({"prompt": "x"})], ":2: missing key 'response'"),
+        "missing.jsonl": ([good, json.dumps({"prompt": "x"})], ":2: missing field 'response'"),
         "not_string.jsonl": ([json.dumps({"prompt": 3, "response": "y"})],
-                             ":1: 'prompt' must be a non-empty string"),
+                             ":1: field 'prompt' must be a string, got int"),
         "not_object.jsonl": ([good, good, "[1, 2]"], ":3: expected a JSON object"),
     }
     for name, (lines, message) in cases.items():

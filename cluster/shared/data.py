@@ -71,6 +71,19 @@ def _read_saved_dataset(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}: row {i}", dict(row)) for i, row in enumerate(loaded)]
 
 
+def string_fields(row: dict, where: str, names: tuple[str, ...], non_empty: tuple[str, ...] = ()) -> dict[str, str]:
+    """The named string fields of a record; a DataError naming `where` and the field when one
+    is missing, not a string, or (for `non_empty`) blank. The one check of every role's records."""
+    for name in names:
+        if name not in row:
+            raise DataError(f"{where}: missing field {name!r}")
+        if not isinstance(row[name], str):
+            raise DataError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
+        if name in non_empty and not row[name].strip():
+            raise DataError(f"{where}: field {name!r} is empty")
+    return {name: row[name] for name in names}
+
+
 def _messages(row: dict, where: str) -> tuple[tuple[str, str], ...]:
     if "messages" in row:
         turns = row["messages"]
@@ -83,10 +96,9 @@ def _messages(row: dict, where: str) -> tuple[tuple[str, str], ...]:
                 raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {ROLES}, \"content\": str}}")
             out.append((turn["role"], turn["content"]))
         return tuple(out)
-    prompt = row.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{where}: expected a non-empty string field 'prompt' (or 'messages')")
-    return (("user", prompt),)
+    if "prompt" not in row:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
+    return (("user", string_fields(row, where, ("prompt",), non_empty=("prompt",))["prompt"]),)
 
 
 def load_prompts(path: str | Path) -> list[tuple[tuple[str, str], ...]]:
