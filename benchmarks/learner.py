@@ -20,6 +20,7 @@ The last line is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -62,11 +63,12 @@ def main() -> None:
     args = parser.parse_args()
 
     assets = ensure_assets(args.assets, args.size, seed=0, log=lambda *_: None)
-    cfg = load_config(None, [
+    overrides = [
         f"model.policy={assets.policy}", f"model.reward={assets.reward}",
         f"learner.num_cpus={args.threads}", f"train.rollout_batch_size={args.batch}",
         f"ppo.minibatch_size={args.minibatch}", f"ppo.micro_batch_size={args.micro}",
-        f"ppo.epochs={args.epochs}", f"rollout.sampling.max_new_tokens={args.new_tokens}"])
+        f"ppo.epochs={args.epochs}", f"rollout.sampling.max_new_tokens={args.new_tokens}"]
+    cfg = load_config(None, overrides)
     learner = Learner(cfg, "/tmp/tame-benchmark-learner")
     prompts = [json.loads(line)["prompt"]
                for line in (assets.data / "prompts.jsonl").read_text().splitlines()[: args.batch]]
@@ -104,9 +106,15 @@ def main() -> None:
             learner.reference(input_ids=ids, attention_mask=attention, use_cache=False)
             learner.critic.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
 
-    fwd_bwd(), no_grad_fwd(), learner.update(rollouts)  # warm-up
+    # GRPO on the same tokens: consecutive rollouts of 4 form a group (for timing only; the
+    # tokens are what costs), and the learner holds no critic.
+    grpo = Learner(load_config(None, [*overrides, "ppo.advantage=grpo", "rollout.sampling.samples_per_prompt=4"]),
+                   "/tmp/tame-benchmark-learner-grpo")
+    grouped = [dataclasses.replace(r, prompt_id=f"0:{i // 4}") for i, r in enumerate(rollouts)]
+
+    fwd_bwd(), no_grad_fwd(), learner.update(rollouts), grpo.update(grouped)  # warm-up
     best = best_seconds({"update": lambda: learner.update(rollouts), "fwd_bwd": fwd_bwd,
-                         "no_grad": no_grad_fwd}, args.repeats)
+                         "no_grad": no_grad_fwd, "grpo": lambda: grpo.update(grouped)}, args.repeats)
     t_update, t_fwd_bwd, t_no_grad = best["update"], best["fwd_bwd"], best["no_grad"]
     t_passes = t_fwd_bwd + t_no_grad
 
@@ -115,13 +123,14 @@ def main() -> None:
           f"({n_response} response), {learner.threads} threads, best of {args.repeats}")
     print(f"{'what':<44}{'seconds':>10}{'x passes':>10}")
     rows = [("PPO update (Learner.update)", t_update),
+            ("GRPO update (no critic)", best["grpo"]),
             ("bare fwd+bwd, policy and critic", t_fwd_bwd),
             ("bare no-grad fwd, policy + reference + critic", t_no_grad),
             ("all bare passes", t_passes)]
     for name, seconds in rows:
         print(f"{name:<44}{seconds:>10.3f}{seconds / t_passes:>10.2f}")
     print(f"bookkeeping: update / all bare passes = {t_update / t_passes:.2f} (target <= 1.20); "
-          f"update / fwd+bwd = {t_update / t_fwd_bwd:.2f}")
+          f"update / fwd+bwd = {t_update / t_fwd_bwd:.2f}; GRPO / GAE update = {best['grpo'] / t_update:.2f}")
     print(json.dumps({
         "benchmark": "learner", "size": args.size, "rollouts": args.batch, "epochs": args.epochs,
         "tokens": n_tokens, "response_tokens": n_response, "threads": learner.threads,
@@ -129,6 +138,7 @@ def main() -> None:
         "no_grad_fwd_s": round(t_no_grad, 4),
         "update_over_all_passes": round(t_update / t_passes, 3),
         "update_over_fwd_bwd": round(t_update / t_fwd_bwd, 3),
+        "grpo_update_s": round(best["grpo"], 4), "grpo_over_gae": round(best["grpo"] / t_update, 3),
     }))
 
 

@@ -55,6 +55,7 @@ class Batch:
     scores: torch.Tensor  # (B,) reward as scored (before the missing-EOS penalty)
     has_eos: torch.Tensor  # (B,) bool: the response ended (EOS or a stop string)
     fresh: torch.Tensor  # (B,) bool: made by the weights the learner holds (staleness 0)
+    groups: torch.Tensor  # (B,) long: which prompt (0, 1, ... in order of appearance) it answers
     offset: int = 0
 
     def __len__(self) -> int:
@@ -72,7 +73,7 @@ class Batch:
     def cut(self, w: Window) -> Batch:
         return Batch(w.tokens(self.input_ids), w.tokens(self.attention_mask), w.per_token(self.mask),
                      w.per_token(self.behaviour_logprobs), self.scores[w.rows], self.has_eos[w.rows],
-                     self.fresh[w.rows], offset=w.start)
+                     self.fresh[w.rows], self.groups[w.rows], offset=w.start)
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,12 @@ class Experience:
     old_logprobs: torch.Tensor
     """The proximal policy: the weights before this update."""
     old_values: torch.Tensor
+    """The critic's values (zeros without a critic: `ppo.advantage` other than gae)."""
     rewards: torch.Tensor
     """KL-shaped per-token rewards."""
     advantages: torch.Tensor
     returns: torch.Tensor
+    """The critic's targets (zeros without a critic)."""
     is_weights: torch.Tensor
     """min(pi_prox / pi_behaviour, C) on the response tokens."""
 
@@ -132,5 +135,7 @@ def tokenize(rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, 
     has_eos = torch.tensor([r.finish_reason == "stop" or eos_id in r.response_token_ids for r in rollouts])
     scores = torch.tensor([math.nan if r.score is None else r.score for r in rollouts], dtype=torch.float32)
     fresh = torch.tensor([r.policy_version == version for r in rollouts])
+    index: dict[str, int] = {}
+    groups = torch.tensor([index.setdefault(r.prompt_id, len(index)) for r in rollouts])
     return Batch(input_ids.to(device), attention_mask.to(device), mask.to(device), behaviour.to(device),
-                 scores.to(device), has_eos.to(device), fresh.to(device))
+                 scores.to(device), has_eos.to(device), fresh.to(device), groups.to(device))

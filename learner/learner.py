@@ -58,7 +58,7 @@ class Forward(NamedTuple):
 
     logprobs: torch.Tensor
     entropy: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None  # None without a critic
 
 
 # --------------------------------------------------------------------------- the learner
@@ -90,23 +90,28 @@ class Learner:
         self.policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
         self.reference = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
         self.reference.requires_grad_(False)
-        self.critic = self._load_critic()
-        for model in (self.policy, self.reference, self.critic):
-            disable_dropout(model)
-            model.to(self.device)
-        self.value_head = _value_head(self.critic)
-
+        # A critic only for GAE: the other estimators take their baseline from the group or
+        # the batch, and the learner then holds, passes and saves no value model at all.
         p = cfg.ppo
-        self.policy_optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
-        self.critic_optimizer = torch.optim.AdamW(
-            self.critic.parameters(), lr=p.critic_learning_rate, weight_decay=p.weight_decay)
+        self.critic = self._load_critic() if p.advantage == "gae" else None
+        for model in (self.policy, self.reference, self.critic):
+            if model is not None:
+                disable_dropout(model)
+                model.to(self.device)
+        self.value_head = _value_head(self.critic) if self.critic is not None else None
+
         minibatches = math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
         total_steps = cfg.train.total_updates * p.epochs * minibatches
+        self.policy_optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
         self.policy_scheduler = make_scheduler(self.policy_optimizer, p.lr_schedule,
                                                p.warmup_steps, total_steps)
-        self.critic_scheduler = make_scheduler(self.critic_optimizer, p.lr_schedule,
-                                               p.warmup_steps, total_steps)
+        self.critic_optimizer = self.critic_scheduler = None
+        if self.critic is not None:
+            self.critic_optimizer = torch.optim.AdamW(
+                self.critic.parameters(), lr=p.critic_learning_rate, weight_decay=p.weight_decay)
+            self.critic_scheduler = make_scheduler(self.critic_optimizer, p.lr_schedule,
+                                                   p.warmup_steps, total_steps)
         self.kl_controller = (
             ppo.AdaptiveKLController(p.kl.coef, p.kl.target, p.kl.horizon) if p.kl.adaptive
             else ppo.FixedKLController(p.kl.coef))
@@ -191,10 +196,10 @@ class Learner:
         return float32_head(self.value_head, window).squeeze(-1) * mb.mask
 
     def _forward(self, mb: Batch) -> Forward:
-        """The policy's log-probs and entropy and the critic's values on a micro-batch, with
-        gradient."""
+        """The policy's log-probs and entropy and the critic's values (None without a
+        critic) on a micro-batch, with gradient."""
         logp, entropy = self._token_logprobs(self.policy, mb, with_entropy=True)
-        return Forward(logp, entropy, self._values(mb))
+        return Forward(logp, entropy, self._values(mb) if self.critic is not None else None)
 
     @torch.no_grad()
     def _no_grad_passes(self, batch: Batch, proximal: bool = True
@@ -211,7 +216,8 @@ class Learner:
             ref[rows, cols] = self._token_logprobs(self.reference, mb)[0]
             if proximal:
                 old_logprobs[rows, cols] = self._token_logprobs(self.policy, mb)[0]
-                old_values[rows, cols] = self._values(mb)
+                if self.critic is not None:
+                    old_values[rows, cols] = self._values(mb)
         return ref, old_logprobs, old_values
 
     def _proximal_from(self, batch: Batch, rows: torch.Tensor, first: Forward) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +228,8 @@ class Learner:
         old_logprobs = torch.zeros(batch.mask.shape, device=self.device)
         old_values = torch.zeros_like(old_logprobs)
         old_logprobs[rows, cols] = first.logprobs.detach()
-        old_values[rows, cols] = first.values.detach()
+        if first.values is not None:
+            old_values[rows, cols] = first.values.detach()
         return old_logprobs, old_values
 
     # ------------------------------------------------------------------ experience
@@ -236,8 +243,9 @@ class Learner:
 
     def _advantages(self, batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                     old_values: torch.Tensor) -> tuple[Experience, dict[str, float]]:
-        """Step 3: KL-shaped rewards, GAE, whitening and the truncated IS weights; returns the
-        experience and the rollout/objective metrics."""
+        """Step 3: rewards (KL-shaped unless the KL goes into the loss), the advantages of
+        `ppo.advantage` and the truncated IS weights; returns the experience and the
+        rollout/objective metrics."""
         p = self.cfg.ppo
         mask = batch.mask
 
@@ -248,11 +256,22 @@ class Learner:
             scores = ppo.masked_whiten(scores[:, None], torch.ones_like(scores[:, None]),
                                        shift_mean=False)[:, 0]
         kl_coef = self.kl_controller.value
+        # With the KL in the loss, the rewards carry the score alone.
+        shaping = kl_coef if p.kl.placement == "reward" else 0.0
         rewards, kl = ppo.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask,
-                                            kl_coef, p.kl.estimator)
-        advantages, returns = ppo.gae(rewards, old_values, mask, p.gamma, p.gae_lambda)
-        if p.whiten_advantages and mask.sum() > 1:
-            advantages = ppo.masked_whiten(advantages, mask)
+                                            shaping, p.kl.estimator)
+        returns = torch.zeros_like(rewards)
+        if p.advantage == "gae":
+            advantages, returns = ppo.gae(rewards, old_values, mask, p.gamma, p.gae_lambda)
+            if p.whiten_advantages and mask.sum() > 1:
+                advantages = ppo.masked_whiten(advantages, mask)
+        elif p.advantage == "reinforce_pp":
+            advantages = ppo.reinforce_pp_advantages(rewards, mask, p.gamma)
+        else:  # sequence-level, over the samples of each prompt
+            sequence_rewards = rewards.sum(1)  # the score, minus the shaped KL when it is in the reward
+            per_sequence = (ppo.grpo_advantages(sequence_rewards, batch.groups, p.grpo_scale_by_std)
+                            if p.advantage == "grpo" else ppo.rloo_advantages(sequence_rewards, batch.groups))
+            advantages = per_sequence[:, None] * mask
         is_weights = ppo.truncated_importance_weight(old_logprobs, batch.behaviour_logprobs, p.is_cap) * mask
         exp = Experience(batch, ref_logprobs, old_logprobs, old_values, rewards, advantages, returns, is_weights)
 
@@ -269,7 +288,6 @@ class Learner:
             "objective/non_score_reward": non_score.mean(),
             "objective/rlhf_reward": (scores + non_score).mean(),
             "val/num_eos_tokens": ((targets == self.eos_id) * mask.bool()).sum(),
-            "val/mean": ppo.masked_mean(old_values, mask),
             "rollout/behaviour_kl": behaviour_kl,
             "rollout/max_abs_logp_delta": delta.abs().max(),
             # The engine against the learner's own arithmetic (learner.compute_dtype): on
@@ -279,6 +297,8 @@ class Learner:
             "rollout/response_tokens_mean": mask.sum(1).mean(),
             "learner/kl_coef": torch.tensor(kl_coef),
         }
+        if self.critic is not None:
+            metrics["val/mean"] = ppo.masked_mean(old_values, mask)
         if batch.fresh.any():
             metrics["val/logp_gap_fresh_mean"] = ppo.masked_mean(delta.abs(), mask * batch.fresh[:, None])
         return exp, {k: float(v) for k, v in metrics.items()}
@@ -288,31 +308,42 @@ class Learner:
     def accumulate_gradients(self, exp: Experience, rows: torch.Tensor, micro_batch_size: int,
                              first: Forward | None = None) -> dict[str, float]:
         """Forward and backward the PPO loss of the minibatch `rows`, micro-batch by
-        micro-batch; gradients add up in .grad. Every term is a token sum divided by the
-        minibatch's token count, so the result does not depend on `micro_batch_size`.
-        `first`, when given, is the forward pass already made on exp.select(rows) as one
-        micro-batch (the fused first epoch)."""
+        micro-batch; gradients add up in .grad. Every term is a token sum over a count of
+        the whole minibatch (its tokens, or sequences for `ppo.loss_aggregation`), so the
+        result does not depend on `micro_batch_size`. `first`, when given, is the forward
+        pass already made on exp.select(rows) as one micro-batch (the fused first epoch)."""
         p = self.cfg.ppo
         n_tokens = float(exp.mask[rows].sum())
+        kl_coef = self.kl_controller.value if p.kl.placement == "loss" else 0.0
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         for micro in rows.split(micro_batch_size):
             mb = exp.select(micro)
             if first is not None:
                 assert len(micro) == len(rows), "a fused forward covers exactly one micro-batch"
             logp, entropy, values = first if first is not None else self._forward(mb.batch)
-            pg = ppo.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
-                                         p.clip_ratio, weights=mb.is_weights, normaliser=n_tokens)
-            vf = ppo.clipped_value_loss(values, mb.old_values, mb.returns, mb.mask,
-                                        p.value_clip, normaliser=n_tokens)
+            weights = ppo.token_weights(mb.mask, p.loss_aggregation, len(rows), n_tokens,
+                                        self.cfg.rollout.sampling.max_new_tokens)
+            # token_mean is the token sum over n_tokens: the loss as it always was.
+            pg = ppo.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask, p.clip_ratio,
+                                         weights=mb.is_weights, normaliser=n_tokens,
+                                         aggregation=None if p.loss_aggregation == "token_mean" else weights)
             if p.entropy_coef == 0:
                 entropy = entropy.detach()
             ent = ppo.entropy_bonus(entropy, mb.mask, normaliser=n_tokens)
-            loss = pg.loss + p.vf_coef * vf.loss - p.entropy_coef * ent
+            loss = pg.loss - p.entropy_coef * ent
+            terms = [("policy", pg.loss), ("clipfrac", pg.clipfrac), ("approxkl", pg.approxkl),
+                     ("ratio", pg.ratio), ("entropy", ent)]
+            if values is not None:
+                vf = ppo.clipped_value_loss(values, mb.old_values, mb.returns, mb.mask,
+                                            p.value_clip, normaliser=n_tokens)
+                loss = loss + p.vf_coef * vf.loss
+                terms += [("value", vf.loss), ("vf_clipfrac", vf.clipfrac)]
+            if kl_coef > 0:  # GRPO's placement: k3 toward the reference, in the loss
+                kl = (ppo.kl_k3(logp, mb.ref_logprobs) * weights).sum()
+                loss = loss + kl_coef * kl
+                terms.append(("kl", kl))
             loss.backward()
-            for key, value in (("loss", loss), ("policy", pg.loss), ("value", vf.loss),
-                               ("clipfrac", pg.clipfrac), ("approxkl", pg.approxkl),
-                               ("ratio", pg.ratio), ("vf_clipfrac", vf.clipfrac),
-                               ("entropy", ent)):
+            for key, value in [("loss", loss), *terms]:
                 totals[key] += value.detach()
         if p.ptx_coef > 0:
             totals["ptx"] = self._ptx_backward(len(rows), micro_batch_size)
@@ -375,25 +406,22 @@ class Learner:
             for rows in order.split(p.minibatch_size):
                 mb_stats = self.accumulate_gradients(exp, rows, p.micro_batch_size,
                                                      first=first if epoch == 0 else None)
-                clip = torch.nn.utils.clip_grad_norm_
-                policy_norm = clip(self.policy.parameters(), p.max_grad_norm)
-                critic_norm = clip(self.critic.parameters(), p.max_grad_norm)
-                if not all(math.isfinite(x) for x in (mb_stats["loss"], float(policy_norm),
-                                                      float(critic_norm))):
+                norms = {name: float(torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm))
+                         for name, model in (("policy", self.policy), ("critic", self.critic)) if model is not None}
+                if not all(math.isfinite(x) for x in (mb_stats["loss"], *norms.values())):
                     self._zero_grad()
                     if snapshot is not None:
                         self._restore(snapshot)
                     self.ptx_cursor = ptx_cursor
                     return self._skip(metrics, started)
-                for optimizer, scheduler in ((self.policy_optimizer, self.policy_scheduler),
-                                             (self.critic_optimizer, self.critic_scheduler)):
+                for optimizer, scheduler in self._optimizers():
                     optimizer.step()
                     scheduler.step()
                 self._zero_grad()
                 for key, value in mb_stats.items():
                     stats[key].append(value)
-                grad_norms["policy"].append(float(policy_norm))
-                grad_norms["critic"].append(float(critic_norm))
+                for name, norm in norms.items():
+                    grad_norms[name].append(norm)
 
         # 5. a new version; the KL controller sees this batch's KL per sequence
         self._version += 1
@@ -406,22 +434,30 @@ class Learner:
             "policy/entropy_avg": avg["entropy"],
             "policy/grad_norm_avg": sum(grad_norms["policy"]) / len(grad_norms["policy"]),
             "loss/policy_avg": avg["policy"],
-            "loss/value_avg": avg["value"],
             "loss/total_avg": avg["loss"],
-            "val/clipfrac_avg": avg["vf_clipfrac"],
             "val/ratio": avg["ratio"],
             # 1 up to rounding: before the first step pi is the proximal policy.
             "val/ratio_first": stats["ratio"][0],
-            "val/grad_norm_avg": sum(grad_norms["critic"]) / len(grad_norms["critic"]),
             "learner/version": float(self._version),
             "learner/lr": self.policy_scheduler.get_last_lr()[0],
-            "learner/critic_lr": self.critic_scheduler.get_last_lr()[0],
             "learner/optimizer_steps": float(steps),
+            # Policy and critic (none without GAE): what the learner holds and trains.
+            "learner/trained_parameters": float(sum(
+                p.numel() for model in (self.policy, self.critic) if model is not None for p in model.parameters())),
             "learner/fused_first_pass": float(fused),
             "learner/skipped_nonfinite": 0.0,
             "learner/nonfinite_total": float(self.nonfinite_total),
             "perf/update_seconds": time.perf_counter() - started,
         })
+        if self.critic is not None:
+            metrics.update({
+                "loss/value_avg": avg["value"],
+                "val/clipfrac_avg": avg["vf_clipfrac"],
+                "val/grad_norm_avg": sum(grad_norms["critic"]) / len(grad_norms["critic"]),
+                "learner/critic_lr": self.critic_scheduler.get_last_lr()[0],
+            })
+        if "kl" in avg:
+            metrics["loss/kl_avg"] = avg["kl"]
         if p.ptx_coef > 0:
             metrics["loss/ptx_avg"] = avg["ptx"]
         return UpdateResult(self._version, skipped=False, metrics=metrics)
@@ -444,16 +480,21 @@ class Learner:
                         "perf/update_seconds": time.perf_counter() - started})
         return UpdateResult(self._version, skipped=True, metrics=metrics)
 
+    def _optimizers(self) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
+        pairs = [(self.policy_optimizer, self.policy_scheduler)]
+        if self.critic is not None:
+            pairs.append((self.critic_optimizer, self.critic_scheduler))
+        return pairs
+
     def _zero_grad(self) -> None:
-        self.policy_optimizer.zero_grad(set_to_none=True)
-        self.critic_optimizer.zero_grad(set_to_none=True)
+        for optimizer, _ in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
 
     def _trainable(self) -> dict[str, object]:
-        return {"policy": self.policy, "critic": self.critic,
-                "policy_optimizer": self.policy_optimizer,
-                "critic_optimizer": self.critic_optimizer,
-                "policy_scheduler": self.policy_scheduler,
-                "critic_scheduler": self.critic_scheduler}
+        """Everything an update changes, by name (no critic's without a critic)."""
+        names = ("policy", "critic") if self.critic is not None else ("policy",)
+        return {f"{name}{part}": getattr(self, f"{name}{part}")
+                for name in names for part in ("", "_optimizer", "_scheduler")}
 
     def _snapshot(self) -> dict[str, dict]:
         """Copies of everything an update changes, to undo an update that goes non-finite
@@ -482,20 +523,18 @@ class Learner:
     def save_checkpoint(self, driver_state: dict) -> str:
         """Write this version's checkpoint (`learner/checkpoints.py`) with the driver's state,
         then keep only the newest `learner.keep_checkpoints`."""
+        trainable = self._trainable()
         state = {
             "version": self._version,
-            "policy_optimizer": self.policy_optimizer.state_dict(),
-            "critic_optimizer": self.critic_optimizer.state_dict(),
-            "policy_scheduler": self.policy_scheduler.state_dict(),
-            "critic_scheduler": self.critic_scheduler.state_dict(),
+            **{name: obj.state_dict() for name, obj in trainable.items() if name.endswith(("_optimizer", "_scheduler"))},
             "kl_controller": self.kl_controller.state_dict(),
             "ptx_cursor": self.ptx_cursor,
             "nonfinite": {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total},
             "rng": checkpoints.rng_states(self.shuffle, self.device),
             "extra": driver_state,
         }
-        return checkpoints.save(checkpoints.path_of(self.run_dir, self._version),
-                                {"policy": self.policy, "critic": self.critic}, self.tokenizer, state,
+        models = {name: model for name, model in (("policy", self.policy), ("critic", self.critic)) if model is not None}
+        return checkpoints.save(checkpoints.path_of(self.run_dir, self._version), models, self.tokenizer, state,
                                 self.cfg.learner.keep_checkpoints)
 
     def load_checkpoint(self, path: str | None = None) -> dict | None:
@@ -509,14 +548,14 @@ class Learner:
             if not found:
                 return None
             path = found[-1]
-        state = checkpoints.load(Path(path), {"policy": (self.policy, AutoModelForCausalLM),
-                                              "critic": (self.critic, AutoModelForSequenceClassification)},
-                                 self.dtype, self.device)
+        models = {"policy": (self.policy, AutoModelForCausalLM)}
+        if self.critic is not None:
+            models["critic"] = (self.critic, AutoModelForSequenceClassification)
+        state = checkpoints.load(Path(path), models, self.dtype, self.device)
         self._version = state["version"]
-        self.policy_optimizer.load_state_dict(state["policy_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.policy_scheduler.load_state_dict(state["policy_scheduler"])
-        self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        for name, obj in self._trainable().items():
+            if name.endswith(("_optimizer", "_scheduler")):
+                obj.load_state_dict(state[name])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.ptx_cursor = state["ptx_cursor"]
         self.nonfinite_in_row = state["nonfinite"]["in_row"]

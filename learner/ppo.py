@@ -197,6 +197,85 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+# --------------------------------------------------------------------------- critic-free advantages
+# Sequence-level estimators over groups: the samples of one prompt. `groups` (B,) holds
+# each row's group index; every response token gets its sequence's advantage.
+
+
+def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of `values` over its group, and the group's size. (B,), (B,) -> (B,), (B,)."""
+    n_groups = int(groups.max()) + 1
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, groups, values)
+    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, groups, torch.ones_like(values))
+    return sums[groups], counts[groups]
+
+
+def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale_by_std: bool = True,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath): (r - mean of its group) / (std of its group +
+    eps), the std unbiased over the group's samples. `scale_by_std=False` is Dr. GRPO (Liu
+    et al. 2025): the mean is subtracted, nothing is divided, so easy and hard prompts weigh
+    alike. A group whose rewards are all equal gets 0. rewards, groups: (B,) -> (B,)."""
+    sums, counts = _group_sums(rewards, groups)
+    centred = rewards - sums / counts
+    if not scale_by_std:
+        return centred
+    squares, _ = _group_sums(centred**2, groups)
+    std = torch.sqrt(squares / (counts - 1).clamp(min=1))
+    return centred / (std + eps)
+
+
+def rloo_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): r minus the mean reward of the *other* samples of its
+    prompt, an unbiased baseline. Groups need at least 2 samples. (B,), (B,) -> (B,)."""
+    sums, counts = _group_sums(rewards, groups)
+    if bool((counts < 2).any()):
+        raise ValueError("RLOO needs at least 2 samples of every prompt")
+    return rewards - (sums - rewards) / (counts - 1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over each response, zero after it. (B, T) -> (B, T)."""
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): the per-token (KL-shaped) rewards summed into returns, then
+    whitened over every response token of the global batch; no critic. (B, T) -> (B, T)."""
+    return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
+# --------------------------------------------------------------------------- loss aggregation
+
+
+def token_weights(mask: torch.Tensor, aggregation: str, n_sequences: int, n_tokens: float,
+                  max_new_tokens: int) -> torch.Tensor:
+    """Per-token weights that turn a token sum into the chosen aggregation of a minibatch of
+    `n_sequences` sequences and `n_tokens` response tokens (counted over the whole minibatch,
+    so micro-batches add up to exactly the minibatch's loss):
+
+    - token_mean: 1 / n_tokens (every token alike; long responses weigh more);
+    - sequence_mean: 1 / (its sequence's tokens x n_sequences) (every sequence alike);
+    - token_sum_norm: 1 / (max_new_tokens x n_sequences), a constant (Dr. GRPO: no length bias).
+
+    mask: (B, T) -> (B, T), zero where mask is 0.
+    """
+    if aggregation == "token_mean":
+        return mask / n_tokens
+    if aggregation == "sequence_mean":
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1) * n_sequences)
+    if aggregation == "token_sum_norm":
+        return mask / (max_new_tokens * n_sequences)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}")
+
+
 # --------------------------------------------------------------------------- importance weights
 
 
@@ -232,12 +311,15 @@ def _normalise(total: torch.Tensor, mask: torch.Tensor, normaliser: float | None
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         advantages: torch.Tensor, mask: torch.Tensor, clip_ratio: float,
                         weights: torch.Tensor | None = None,
-                        normaliser: float | None = None) -> PolicyLoss:
+                        normaliser: float | None = None,
+                        aggregation: torch.Tensor | None = None) -> PolicyLoss:
     """PPO's clipped surrogate, token-level: max(-A r, -A clip(r, 1-eps, 1+eps)) with
     r = pi / pi_old, optionally times a per-token importance weight (decoupled PPO).
 
     logprobs (with gradient), old_logprobs, advantages, mask, weights: (B, T).
-    All fields of the result are token sums divided by `normaliser` (default: mask.sum()).
+    All fields of the result are token sums divided by `normaliser` (default: mask.sum()),
+    except the loss when `aggregation` (B, T) gives per-token weights (`token_weights`):
+    then the loss is the token sum times them.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -250,8 +332,9 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         clipfrac = _normalise(masked_sum((clipped > unclipped).float(), mask), mask, normaliser)
         approxkl = _normalise(masked_sum(0.5 * log_ratio**2, mask), mask, normaliser)
         mean_ratio = _normalise(masked_sum(ratio, mask), mask, normaliser)
-    return PolicyLoss(_normalise(masked_sum(per_token, mask), mask, normaliser),
-                      clipfrac, approxkl, mean_ratio)
+    loss = _normalise(masked_sum(per_token, mask), mask, normaliser) if aggregation is None \
+        else (per_token * aggregation).sum()
+    return PolicyLoss(loss, clipfrac, approxkl, mean_ratio)
 
 
 class ValueLoss(NamedTuple):

@@ -162,3 +162,26 @@ def test_cli_config_show_and_schema(tmp_path):
     # Every field is described, so the schema documents the config.
     assert all("description" in field for field in ppo.values())
     assert ppo["clip_ratio"]["exclusiveMinimum"] == 0.0
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("ppo:\n  advantage: rloo\n",  # one sample a prompt: nothing to leave out
+     "c.yaml:2: ppo.advantage rloo compares the samples of one prompt: rollout.sampling.samples_per_prompt "
+     "must be at least 2 (got 1)"),
+    ("ppo:\n  advantage: grpo\nrollout:\n  sampling:\n    samples_per_prompt: 1\n", "(got 1)"),
+    ("ppo:\n  advantage: grpo\nlearner:\n  critic: policy\nrollout:\n  sampling:\n    samples_per_prompt: 4\n",
+     "c.yaml:4: learner.critic is set, but ppo.advantage grpo trains no critic"),
+    ("ppo:\n  advantage: grpo\nrollout:\n  sampling:\n    samples_per_prompt: 3\n",
+     "c.yaml:5: train.rollout_batch_size (32) must be a multiple of rollout.sampling.samples_per_prompt (3)"),
+    ("ppo:\n  advantage: grpo\n  loss_aggregation: token_sum_norm\n  kl:\n    placement: loss\n"
+     "rollout:\n  sampling:\n    samples_per_prompt: 4\nmodel:\n  reward: null\nreward:\n  functions:\n"
+     "    - function: m:f\n", None),  # no critic: a missing reward model is fine
+    ("ppo:\n  advantage: reinforce_pp\n", None),
+])
+def test_estimators_are_checked_against_what_they_need(tmp_path, text, needle):
+    if needle is None:
+        load_config(write(tmp_path, text))
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert needle in str(err.value)

@@ -93,6 +93,56 @@ def test_micro_batches_give_the_same_loss_and_gradients(tiny_assets, tmp_path):
     assert sum(float(g.abs().sum()) for g in grads_whole.values()) > 0
 
 
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce_pp"])
+def test_every_estimator_and_aggregation_gives_the_same_loss_and_gradients_in_micro_batches(
+        tiny_assets, tmp_path, advantage):
+    """Two prompts of four samples each, the KL in the loss: one micro-batch of 8 and four of
+    2 give the same loss and gradients, for every estimator and loss aggregation. Without
+    GAE the learner holds no critic."""
+    cfg = make_cfg(tiny_assets, f"ppo.advantage={advantage}", "rollout.sampling.samples_per_prompt=4",
+                   "ppo.kl.placement=loss", "ppo.entropy_coef=0.01")
+    learner = Learner(cfg, str(tmp_path))
+    assert (learner.critic is None) == (advantage != "gae")
+    rollouts = sample(learner, [t for t in prompts(tiny_assets, 2) for _ in range(4)], seed=1)
+    for i, r in enumerate(rollouts):
+        r.prompt_id = f"0:{i // 4}"
+    exp, metrics = learner.prepare(rollouts)
+    assert ("val/mean" in metrics) == (advantage == "gae")
+    rows = torch.arange(8)
+    models = [m for m in (learner.policy, learner.critic) if m is not None]
+    for aggregation in ("token_mean", "sequence_mean", "token_sum_norm"):
+        learner.cfg = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"loss_aggregation": aggregation})})
+        results = []
+        for micro_batch_size in (8, 2):
+            stats = learner.accumulate_gradients(exp, rows, micro_batch_size)
+            results.append((stats, {n: p.grad.clone() for m in models for n, p in m.named_parameters()}))
+            learner._zero_grad()
+        (whole, grads_whole), (quarters, grads_quarters) = results
+        assert ("value" in whole) == (advantage == "gae") and "kl" in whole
+        for key in whole:
+            assert quarters[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), (aggregation, key)
+        for name, g in grads_whole.items():
+            torch.testing.assert_close(grads_quarters[name], g, rtol=1e-4, atol=1e-7, msg=f"{aggregation} {name}")
+        assert sum(float(g.abs().sum()) for g in grads_whole.values()) > 0
+
+
+def test_critic_free_advantages_follow_the_groups(tiny_assets, tmp_path):
+    """GRPO and RLOO advantages, from the learner's own experience, sum to zero over each
+    prompt's samples (RLOO exactly; GRPO up to its std scale), per token equal within a sequence."""
+    for advantage in ("grpo", "rloo"):
+        learner = Learner(make_cfg(tiny_assets, f"ppo.advantage={advantage}", "rollout.sampling.samples_per_prompt=4",
+                                   "ppo.kl.coef=0"), str(tmp_path / advantage))
+        rollouts = sample(learner, [t for t in prompts(tiny_assets, 2) for _ in range(4)], seed=3)
+        for i, r in enumerate(rollouts):
+            r.prompt_id = f"0:{i // 4}"
+            r.score = float(i % 4)  # 0, 1, 2, 3 in each group
+        exp, _ = learner.prepare(rollouts)
+        per_sequence = (exp.advantages * exp.mask).sum(1) / exp.mask.sum(1)
+        expected = {"grpo": torch.tensor([-1.5, -0.5, 0.5, 1.5]) / torch.tensor([0.0, 1, 2, 3]).std(),
+                    "rloo": torch.tensor([-2.0, -2 / 3, 2 / 3, 2.0])}[advantage]
+        torch.testing.assert_close(per_sequence, expected.repeat(2), rtol=1e-4, atol=1e-5)
+
+
 def test_only_response_tokens_receive_gradient(tiny_assets, tmp_path):
     learner = Learner(make_cfg(tiny_assets, "ppo.entropy_coef=0.01"), str(tmp_path))
     rollouts = sample(learner, prompts(tiny_assets, 4, start=20), seed=2)

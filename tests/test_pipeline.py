@@ -17,6 +17,7 @@ class Trace:
     staleness: list[int] = field(default_factory=list)  # of every trained group
     dropped: int = 0
     updates: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each update
+    batches: list[list[str]] = field(default_factory=list)  # the prompt of every sample of each update
     actor_idle: float = 0.0  # actor-seconds neither generating nor loading, after the first update
     actor_time: float = 0.0
 
@@ -65,6 +66,7 @@ def simulate(k: int, generate_s: list[float], update_s: float, load_s: float = 0
             if batch is not None:
                 learner_busy = True
                 trace.staleness += [pipeline.version - g.policy_version for g in batch]
+                trace.batches.append([g.prompt_id for g in batch for _ in g.rollouts])
                 trace.updates.append((now, now + update_s))
                 at(now + update_s, "updated")
         now, _, kind, args = heapq.heappop(events)
@@ -137,3 +139,18 @@ def test_whole_prompts_are_admitted():
     # An actor holding an older version may start nothing that would be trained too stale.
     pipeline.version = 3
     assert pipeline.prompts_to_start(2) == 0
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_the_samples_of_a_prompt_are_trained_together(k):
+    """GRPO and RLOO compare the samples of one prompt: each prompt's 4 samples go into one
+    update, never split across two, also when prompts are lost on the way."""
+    trace = simulate(k, [0.5, 0.6], update_s=1.0, batch=32, per_prompt=4, prompts_per_call=3, lose_every=3)
+    assert len(trace.updates) == 40 and max(trace.staleness) <= k
+    seen = set()
+    for batch in trace.batches:
+        assert len(batch) == 32
+        counts = {p: batch.count(p) for p in batch}
+        assert set(counts.values()) == {4}, counts
+        assert not seen & counts.keys(), "a prompt's samples were split across updates"
+        seen |= counts.keys()

@@ -260,3 +260,58 @@ def test_learning_rate_warm_up_starts_above_zero_then_decays_to_zero():
     assert lr_factor(6, "cosine", 2, 10) == pytest.approx(0.5)  # half-way through the decay
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         lr_factor(5, "exponential", 0, 10)
+
+
+# --------------------------------------------------------------------------- critic-free estimators
+
+
+def test_grpo_normalises_within_each_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    # Group 0: mean 2, unbiased std 1 -> -1, 0, 1. Group 1: all equal -> 0, no NaN.
+    adv = ppo.grpo_advantages(rewards, groups, eps=0.0 + 1e-12)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    # Dr. GRPO: centred only. Groups need not be contiguous.
+    adv = ppo.grpo_advantages(torch.tensor([4.0, 1.0, 0.0, 3.0]), torch.tensor([1, 0, 1, 0]), scale_by_std=False)
+    torch.testing.assert_close(adv, torch.tensor([2.0, -1.0, -2.0, 1.0]))
+
+
+def test_rloo_subtracts_the_mean_of_the_other_samples():
+    adv = ppo.rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 7.0, 7.0]), torch.tensor([0, 0, 0, 1, 1]))
+    # 1 - (2+3)/2, 2 - (1+3)/2, 3 - (1+2)/2; equal rewards give 0.
+    torch.testing.assert_close(adv, torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ppo.rloo_advantages(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]))
+
+
+def test_reinforce_pp_sums_rewards_into_returns_and_whitens_over_the_batch():
+    rewards = torch.tensor([[0.0, -0.1, 1.0, 0.0], [0.0, -0.2, 0.0, 0.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+    returns = ppo.discounted_returns(rewards, mask, gamma=1.0)
+    torch.testing.assert_close(returns, torch.tensor([[0.0, 0.9, 1.0, 0.0], [0.0, -0.2, 0.0, 0.0]]))
+    half = ppo.discounted_returns(rewards, mask, gamma=0.5)
+    assert half[0, 1].item() == pytest.approx(-0.1 + 0.5 * 1.0)
+    adv = ppo.reinforce_pp_advantages(rewards, mask)
+    values = torch.tensor([0.9, 1.0, -0.2, 0.0, 0.0])  # the 5 response tokens
+    expected = (values - values.mean()) / (values.var(unbiased=True) + 1e-8).sqrt()
+    torch.testing.assert_close(adv[mask.bool()], expected)
+    assert float(adv[~mask.bool()].abs().sum()) == 0.0
+
+
+def test_loss_aggregations_weigh_tokens_as_their_papers_say():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # 3 tokens and 1 token
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+
+    def total(aggregation):
+        return float((per_token * ppo.token_weights(mask, aggregation, n_sequences=2, n_tokens=4.0,
+                                                    max_new_tokens=8)).sum())
+
+    assert total("token_mean") == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert total("sequence_mean") == pytest.approx(((1 + 2 + 3) / 3 + 4 / 1) / 2)
+    # Dr. GRPO: a constant normaliser, max_new_tokens x sequences, whatever the lengths.
+    assert total("token_sum_norm") == pytest.approx((1 + 2 + 3 + 4) / (8 * 2))
+    # Split into micro-batches by row, the weights still add up to the minibatch's.
+    for aggregation in ("token_mean", "sequence_mean", "token_sum_norm"):
+        whole = ppo.token_weights(mask, aggregation, 2, 4.0, 8)
+        rows = [ppo.token_weights(mask[i:i + 1], aggregation, 2, 4.0, 8) for i in range(2)]
+        torch.testing.assert_close(torch.cat(rows), whole)

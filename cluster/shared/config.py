@@ -220,7 +220,11 @@ class KLConfig(Section):
     horizon: int = Field(10000, ge=1)
     """Horizon (samples) of the adaptive controller."""
     estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator used in the reward penalty (Schulman's k1, k2, k3)."""
+    """Per-token KL estimator of the reward penalty (Schulman's k1, k2, k3). In the loss
+    (`placement: loss`) the estimator is always k3, as GRPO's."""
+    placement: Literal["reward", "loss"] = "reward"
+    """Where the KL penalty goes: `reward` shapes each token's reward (InstructGPT); `loss`
+    adds coef * k3(pi, pi_ref) per token to the policy loss (GRPO). Works with every estimator."""
 
 
 class PPOConfig(Section):
@@ -250,12 +254,23 @@ class PPOConfig(Section):
     """Weight of the value loss."""
     entropy_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus."""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """Advantage estimator: `gae` (PPO with a learned critic), or critic-free: `grpo` (group
+    mean and std), `rloo` (leave-one-out group mean), `reinforce_pp` (REINFORCE++: returns
+    normalised over the batch). Without `gae` no critic is loaded or trained."""
+    grpo_scale_by_std: bool = True
+    """GRPO divides by the group's reward std; false is Dr. GRPO's unbiased variant."""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "token_sum_norm"] = "token_mean"
+    """How the policy loss sums its tokens over a minibatch: the mean over its tokens; the
+    mean over sequences of each one's token mean; or the token sum over sequences x
+    rollout.sampling.max_new_tokens (Dr. GRPO: no length bias)."""
     gamma: float = Field(1.0, ge=0.0, le=1.0)
-    """Discount factor of GAE."""
+    """Discount factor of GAE and of REINFORCE++'s returns."""
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
     """Lambda of GAE."""
     whiten_advantages: bool = True
-    """Whiten advantages over the batch's response tokens."""
+    """Whiten GAE's advantages over the batch's response tokens (the other estimators
+    normalise by their own rule)."""
     whiten_rewards: bool = False
     """Whiten the scores over the batch before shaping."""
     is_cap: float = Field(2.0, ge=1.0)
@@ -483,8 +498,20 @@ class TameConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _estimator_has_what_it_needs(self) -> TameConfig:
+        advantage, n = self.ppo.advantage, self.rollout.sampling.samples_per_prompt
+        if advantage in ("grpo", "rloo") and n < 2:
+            raise ValueError(f"ppo.advantage {advantage} compares the samples of one prompt: "
+                             f"rollout.sampling.samples_per_prompt must be at least 2 (got {n})")
+        if advantage != "gae" and "critic" in self.learner.model_fields_set:
+            raise ValueError(f"learner.critic is set, but ppo.advantage {advantage} trains no critic: "
+                             "remove learner.critic, or use ppo.advantage gae")
+        return self
+
+    @model_validator(mode="after")
     def _critic_has_its_model(self, info: ValidationInfo) -> TameConfig:
-        if _command(info) == "train" and self.learner.critic == "reward" and self.model.reward is None:
+        if _command(info) == "train" and self.ppo.advantage == "gae" and self.learner.critic == "reward" \
+                and self.model.reward is None:
             raise ValueError("learner.critic is 'reward' (initialised from the reward model), but "
                              "model.reward is null: set learner.critic to 'policy' for rule-based rewards only")
         return self
