@@ -21,6 +21,16 @@ def write(tmp_path, text: str):
     return path
 
 
+def loads_or_fails_with(tmp_path, text: str, needle: str | None, **options) -> None:
+    """The config `text` loads (needle None), or fails with a message that holds `needle`."""
+    if needle is None:
+        load_config(write(tmp_path, text), **options)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), **options)
+    assert needle in str(err.value)
+
+
 @pytest.mark.parametrize("name", REPO_CONFIGS)
 def test_shipped_configs_are_valid(name):
     from tests.conftest import REPO
@@ -89,12 +99,7 @@ def test_bad_config_names_key_file_and_line(tmp_path, text, override, needle):
      None),  # no reward model, nothing cut
 ])
 def test_gpu_and_length_settings_are_checked_across_fields(tmp_path, text, needle):
-    if needle is None:
-        load_config(write(tmp_path, text))
-        return
-    with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, text))
-    assert needle in str(err.value)
+    loads_or_fails_with(tmp_path, text, needle)
 
 
 @pytest.mark.parametrize("command, needle", [
@@ -104,13 +109,7 @@ def test_gpu_and_length_settings_are_checked_across_fields(tmp_path, text, needl
     ("train-rm", None),
 ])
 def test_what_a_command_needs_is_checked_by_the_config(tmp_path, command, needle):
-    path = write(tmp_path, "model:\n  reward: null\nlearner:\n  critic: policy\n")
-    if needle is None:
-        load_config(path, command=command)
-        return
-    with pytest.raises(ConfigError) as err:
-        load_config(path, command=command)
-    assert needle in str(err.value)
+    loads_or_fails_with(tmp_path, "model:\n  reward: null\nlearner:\n  critic: policy\n", needle, command=command)
 
 
 def test_a_critic_from_a_missing_reward_model_is_refused_before_anything_starts(tmp_path):
@@ -179,9 +178,4 @@ def test_cli_config_show_and_schema(tmp_path):
     ("ppo:\n  advantage: reinforce_pp\n", None),
 ])
 def test_estimators_are_checked_against_what_they_need(tmp_path, text, needle):
-    if needle is None:
-        load_config(write(tmp_path, text))
-        return
-    with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, text))
-    assert needle in str(err.value)
+    loads_or_fails_with(tmp_path, text, needle)
