@@ -8,6 +8,7 @@ that needs them, so `tame config ...` and every config error answer within a sec
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -204,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"tame {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"tame {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from cluster.metrics import Metrics
 from cluster.pipeline import Group, Pipeline
 from cluster.pool import ActorPool, Slot, SlotState
 from cluster.prompts import PromptSource
+from cluster.resources import check_cluster
 from cluster.shared.config import TameConfig, check_model_folder, gpu_env
 from cluster.shared.data import load_prompts
 from cluster.shared.errors import UserError
@@ -466,6 +467,7 @@ class Loop:
         import ray
 
         self.started = time.monotonic()
+        self.stop.started = True  # from here a signal finishes the update in flight and checkpoints
         self.log(f"training to version {self.cfg.train.total_updates} with {self.pool.target} rollout actor(s), "
                  f"max_staleness {self.k}")
         while not self.done():
@@ -619,14 +621,23 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         for stale in ("ledger.jsonl", "metrics.jsonl", "summary.json", "wandb_id"):
             (run_dir / stale).unlink(missing_ok=True)
     connect(cfg, log)
+    check_cluster(cfg)  # a run that can never be placed fails here, not in a silent queue
     stop = StopSignal()
     previous = _stop_on_signals(stop)
+
+    def log_stage(message: str) -> None:  # what the start is busy with, for a signal's message
+        stop.stage = message
+        log(message)
+
     loop = None
     try:
-        loop = Loop(cfg, resume, log, judge, stop, created)
+        loop = Loop(cfg, resume, log_stage, judge, stop, created)
         summary = loop.run()
-    except KeyboardInterrupt:  # a second signal: stop now, without a final checkpoint
-        log(f"stopped at once; the newest complete checkpoint is in {run_dir / 'checkpoints'}")
+    except KeyboardInterrupt:  # a signal while starting, or a second one: stop now
+        if not stop.started:
+            log(f"stopped while starting ({stop.stage}); nothing was trained")
+        else:
+            log(f"stopped at once; {_newest_checkpoint(run_dir)}")
         raise
     except Exception as e:  # the run cannot go on: save what was trained
         if loop is None:
@@ -644,7 +655,7 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
             _delete_reward_app()
     if summary["error"]:
         log(f"{summary['error']}; " + _where_saved(summary, run_dir))
-        raise KeyboardInterrupt
+        raise Interrupted(stop.signum)
     log(f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s, "
         f"{summary['startup_seconds'] or 0:.0f}s of it starting up; {summary['samples_per_second']:.1f} samples/s "
         f"after the first update; summary in {run_dir / 'summary.json'}")
@@ -654,7 +665,13 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
 def _where_saved(summary: dict, run_dir: Path) -> str:
     if summary["checkpoint"]:
         return f"checkpoint at version {summary['steps']} in {summary['checkpoint']}"
-    return f"no new checkpoint; the newest complete one is in {run_dir / 'checkpoints'}"
+    return f"no new checkpoint; {_newest_checkpoint(run_dir)}"
+
+
+def _newest_checkpoint(run_dir: Path) -> str:
+    """Where to resume from, said only when there is a checkpoint to resume from."""
+    saved = sorted(p for p in (run_dir / "checkpoints").glob("version-*") if (p / "trainer_state.pt").is_file())
+    return f"the newest complete checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
 
 
 def _delete_reward_app() -> None:
@@ -671,18 +688,33 @@ class StopSignal:
     """The signal (SIGINT, SIGTERM) that asked the run to stop; the loop checks it."""
 
     name: str | None = None
+    signum: int = signal.SIGINT
+    started: bool = False
+    """Whether the loop runs: before it, there is nothing to finish or checkpoint."""
+    stage: str = "connecting to Ray"
+    """What the start is busy with (its last log line)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the run; the CLI exits with 128 + `signum` (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 def _stop_on_signals(stop: StopSignal) -> dict:
     """Ctrl-C (SIGINT) or `ray job stop` (SIGTERM) ask the loop to stop at its next safe point:
     the update in flight is finished, a checkpoint and the summary are written. A second
-    signal stops at once. Returns the handlers replaced (none outside the main thread)."""
+    signal stops at once, and so does the first while the run is still starting (nothing to
+    checkpoint yet, and a start can wait long). Returns the handlers replaced (none outside
+    the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
     def handler(signum, _frame):
-        if stop.name is not None:
-            raise KeyboardInterrupt
-        stop.name = signal.Signals(signum).name  # only a flag: the loop logs and acts on it
+        if not stop.started or stop.name is not None:
+            raise Interrupted(signum)
+        stop.name, stop.signum = signal.Signals(signum).name, signum  # only flags: the loop acts on them
 
     return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -21,6 +22,7 @@ from tests.runs import (
     few_prompts,
     ledger,
     smoke,
+    smoke_overrides,
     trained_by,
 )
 from tests.support import process
@@ -119,3 +121,63 @@ def test_bad_inputs_exit_2_before_ray(tiny_assets, tmp_path, bad, needle):
     assert out.returncode == 2, out.stderr
     assert needle.format(policy=tiny_assets.policy) in out.stderr
     assert not (tmp_path / "smoke").exists()  # nothing half-written
+
+
+# --------------------------------------------------------------------------- starting
+
+
+def test_what_a_run_needs_is_summed_and_compared_with_the_cluster():
+    from cluster.resources import check_fits
+    from cluster.shared.config import load_config
+    from cluster.shared.errors import UserError
+
+    cfg = load_config(REPO / "configs/smoke.yaml")  # learner 1 CPU, 1 actor x 1 CPU, 1 replica x 0.5 CPU
+    check_fits(cfg, {"CPU": 2.5}, [{"CPU": 2.5}])
+    with pytest.raises(UserError) as err:
+        check_fits(cfg, {"CPU": 2.0}, [{"CPU": 2.0}])
+    assert ("the run needs 2.5 CPU: learner.num_cpus 1 + rollout.num_actors 1 x rollout.num_cpus 1 + "
+            "reward.replicas 1 x reward.num_cpus 0.5; the cluster has 2") in str(err.value)
+    assert "cluster.check_resources: false" in str(err.value)
+    # Enough in total, but one actor needs more than any single node has.
+    wide = load_config(REPO / "configs/smoke.yaml", ["learner.num_cpus=3", "learner.resources={gpu_box: 1}"])
+    with pytest.raises(UserError) as err:
+        check_fits(wide, {"CPU": 8.0}, [{"CPU": 4.0}, {"CPU": 4.0}])
+    assert "learner.num_cpus 3 CPU" not in str(err.value)  # 3 of 4 fits a node
+    assert "learner.resources.gpu_box 1 gpu_box: no node has that much (the largest has 0)" in str(err.value)
+    assert "the run needs 1 gpu_box: learner.resources.gpu_box 1; the cluster has 0" in str(err.value)
+
+
+def smoke_command(tiny_assets, tmp_path, *sets: str) -> list[str]:
+    args = [sys.executable, "-m", "cluster.cli", "train", "--config", str(REPO / "configs/smoke.yaml")]
+    for item in smoke_overrides(tiny_assets, tmp_path) + list(sets):
+        args += ["--set", item]
+    return args
+
+
+def test_a_run_the_cluster_cannot_hold_exits_2_before_anything_starts(tiny_assets, tmp_path):
+    out = subprocess.run(smoke_command(tiny_assets, tmp_path, "cluster.num_cpus=2"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "the run needs 2.5 CPU: learner.num_cpus 1 + rollout.num_actors 1 x rollout.num_cpus 1" in out.stderr
+    assert "starting the learner" not in out.stdout
+
+
+def test_a_signal_while_starting_stops_the_start_at_once(tiny_assets, tmp_path):
+    """SIGTERM (`ray job stop`, `timeout`) during start-up: nothing to checkpoint yet, so the
+    start stops at once, says what it was doing, exits 143 and leaves no process behind."""
+    driver = subprocess.Popen(smoke_command(tiny_assets, tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in driver.stdout:
+        lines.append(line)
+        if "starting the learner" in line:
+            break
+    children = psutil.Process(driver.pid).children(recursive=True)  # the local Ray it started
+    driver.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    rest, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 143, "".join(lines) + rest
+    assert time.monotonic() - start < 15
+    assert "stopped while starting (starting the learner and 1 rollout actor(s))" in rest
+    assert "checkpoint" not in rest
+    assert not psutil.wait_procs(children, timeout=30)[1], "a process outlived the stopped start"

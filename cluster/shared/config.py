@@ -384,6 +384,9 @@ class ClusterConfig(Section):
     """Ray address to connect to; null uses RAY_ADDRESS or starts a local Ray."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs of a local Ray started by tame (null: all of the machine's)."""
+    check_resources: bool = True
+    """Before starting, check that the cluster can hold every role's resources, and fail
+    (exit 2) if not; false for a cluster that adds nodes when asked (an autoscaler)."""
 
 
 # --------------------------------------------------------------------------- stage 1 and 2

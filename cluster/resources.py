@@ -1,0 +1,85 @@
+"""Whether a run can start on the cluster at all, checked before anything starts.
+
+Ray queues an actor whose resources no node will ever have, silently and forever. So the
+run first sums what its roles will ask for, per resource (CPU, GPU, custom resources), and
+compares it with what the cluster has: a run that can never be placed is a user error
+naming the config fields and the numbers (exit 2), not a hang.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from cluster.shared.config import TameConfig
+from cluster.shared.errors import UserError
+
+
+@dataclass(frozen=True)
+class Role:
+    """`count` actors of one role, each asking Ray for `each` (resource -> amount)."""
+
+    count: int
+    each: dict[str, float]
+    fields: dict[str, str]
+    """resource -> how the config spells one actor's ask, e.g. "rollout.num_cpus 1"."""
+    count_field: str | None
+    """How the config spells the count ("rollout.num_actors 2"); None for a single actor."""
+
+
+def roles(cfg: TameConfig) -> list[Role]:
+    """What the learner, the rollout actors and the reward replicas ask for. (The driver's
+    control actor and Serve's own actors take no CPU.)"""
+    learner, rollout, reward = cfg.learner, cfg.rollout, cfg.reward
+    replicas = reward.autoscaling.min_replicas if reward.autoscaling else reward.replicas
+    replicas_field = ("reward.autoscaling.min_replicas" if reward.autoscaling else "reward.replicas") + f" {replicas}"
+
+    def ask(prefix: str, num_cpus: float, num_gpus: float, custom: dict[str, float]) -> tuple[dict, dict]:
+        each = {"CPU": num_cpus, "GPU": num_gpus, **custom}
+        fields = {"CPU": f"{prefix}.num_cpus {num_cpus:g}", "GPU": f"{prefix}.num_gpus {num_gpus:g}",
+                  **{k: f"{prefix}.resources.{k} {v:g}" for k, v in custom.items()}}
+        return {k: v for k, v in each.items() if v > 0}, fields
+
+    return [
+        Role(1, *ask("learner", learner.num_cpus, learner.num_gpus, learner.resources), None),
+        Role(rollout.num_actors, *ask("rollout", rollout.num_cpus, rollout.num_gpus, rollout.resources),
+             f"rollout.num_actors {rollout.num_actors}"),
+        Role(replicas, *ask("reward", reward.num_cpus, reward.num_gpus, {}), replicas_field),
+    ]
+
+
+def check_fits(cfg: TameConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
+    """Raise a UserError when the run's roles can never all be placed: a resource whose sum
+    exceeds the cluster's `total`, or one actor that no single node of `nodes` can hold."""
+    need: dict[str, float] = defaultdict(float)
+    terms: dict[str, list[str]] = defaultdict(list)
+    problems = []
+    for role in roles(cfg):
+        for resource, amount in role.each.items():
+            if role.count == 0:
+                continue
+            need[resource] += role.count * amount
+            one = role.fields[resource]
+            terms[resource].append(f"{role.count_field} x {one}" if role.count_field else one)
+            if not any(node.get(resource, 0.0) >= amount - 1e-9 for node in nodes):
+                biggest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+                problems.append(f"{one} {resource}: no node has that much (the largest has {biggest:g})")
+    for resource, amount in need.items():
+        have = total.get(resource, 0.0)
+        if amount > have + 1e-9:
+            problems.append(f"the run needs {amount:g} {resource}: {' + '.join(terms[resource])}; "
+                            f"the cluster has {have:g}")
+    if problems:
+        raise UserError("the run cannot be placed on this Ray cluster:\n  " + "\n  ".join(problems) +
+                        "\nLower one of these, or give the cluster more (cluster.num_cpus for a local Ray). "
+                        "On a cluster that adds nodes as it needs them, set cluster.check_resources: false.")
+
+
+def check_cluster(cfg: TameConfig) -> None:
+    """`check_fits` against the connected Ray cluster's live nodes."""
+    import ray
+
+    if not cfg.cluster.check_resources:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_fits(cfg, ray.cluster_resources(), nodes)
