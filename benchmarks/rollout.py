@@ -135,7 +135,7 @@ def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
         publish.append(time.perf_counter() - start)
         result = ray.get(actor.load_weights.remote(handle))
         if not result.verified:
-            raise RuntimeError(f"{size}: version {version} not verified: {result['problem']}")
+            raise RuntimeError(f"{size}: version {version} not verified: {result.problem}")
         results.append(result)
         del handle
     ray.kill(actor)

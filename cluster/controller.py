@@ -279,8 +279,10 @@ class Loop:
         """An actor whose engine does not hold exactly the published weights is replaced."""
         if result.verified is False:
             self.counters.fingerprint_mismatches += 1
+            draining = slot.state is SlotState.DRAINING
             self.retire(slot, f"weight sync to version {result.policy_version} not verified: {result.problem}")
-            self.start_actor()
+            if not draining:  # one scaled away is not replaced
+                self.start_actor()
             return
         if slot.version < 0:
             self.placement["actors"][slot.actor_id] = _node_of(slot.handle)
@@ -614,6 +616,8 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         raise UserError(f"run.name: {run_dir} already holds checkpoints: pass --resume to continue "
                         f"it, or choose another run.name")
     check_inputs(cfg)
+    if resume:
+        _check_resumable(cfg)
     log(f"run {cfg.run.name} in {run_dir} (tame's code from {Path(__file__).resolve().parents[1]})")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -660,6 +664,17 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         f"{summary['startup_seconds'] or 0:.0f}s of it starting up; {summary['samples_per_second']:.1f} samples/s "
         f"after the first update; summary in {run_dir / 'summary.json'}")
     return summary
+
+
+def _check_resumable(cfg: TameConfig) -> None:
+    """A GAE run cannot resume from a checkpoint trained without a critic (the other way
+    round the critic is just not loaded)."""
+    from learner.checkpoints import complete
+
+    found = complete(cfg.run_dir)
+    if found and cfg.ppo.advantage == "gae" and not (found[-1] / "critic").is_dir():
+        raise UserError(f"ppo.advantage: {found[-1]} was trained without a critic (another ppo.advantage "
+                        "than gae); resume it with the ppo.advantage it was trained with")
 
 
 def _where_saved(summary: dict, run_dir: Path) -> str:

@@ -1,5 +1,5 @@
-"""Checkpoints of a run: `<run_dir>/checkpoints/version-NNNNNN/` holds `policy/` and
-`critic/` in Hugging Face format (loadable with `from_pretrained` and by vLLM) and
+"""Checkpoints of a run: `<run_dir>/checkpoints/version-NNNNNN/` holds `policy/` and (with
+GAE) `critic/` in Hugging Face format (loadable with `from_pretrained` and by vLLM) and
 `trainer_state.pt` (optimizers, schedulers, KL controller, RNG states, the driver's state).
 Each is written to a hidden temporary folder and renamed into place, so a reader never
 sees half of one, and an interrupted save is never picked up."""

@@ -87,7 +87,8 @@ class Experience:
     old_values: torch.Tensor
     """The critic's values (zeros without a critic: `ppo.advantage` other than gae)."""
     rewards: torch.Tensor
-    """KL-shaped per-token rewards."""
+    """Per-token rewards: the score at the last token, minus the KL penalty per token when it
+    goes into the reward (`ppo.kl.placement: reward`)."""
     advantages: torch.Tensor
     returns: torch.Tensor
     """The critic's targets (zeros without a critic)."""

@@ -11,8 +11,10 @@ checkpoints in `learner/checkpoints.py`, the math in `learner/ppo.py`):
    before this update) and the critic's values. When the whole batch is one micro-batch,
    the first epoch's forward pass with gradient is the proximal pass (its detached output),
    so only the reference pass runs without gradient.
-3. rewards: the score at the last response token minus `kl_coef * KL` per token; GAE;
-   whitened advantages; the truncated importance weight min(pi_prox / pi_behaviour, C).
+3. rewards: the score at the last response token minus `kl_coef * KL` per token (or the
+   score alone, with the KL in the loss: `ppo.kl.placement`); the advantages of
+   `ppo.advantage` (GAE with whitening, or the critic-free GRPO, RLOO, REINFORCE++); the
+   truncated importance weight min(pi_prox / pi_behaviour, C).
 4. PPO epochs over shuffled minibatches, each accumulated over micro-batches: clipped
    surrogate (ratio against the proximal policy, times the IS weight), clipped value loss,
    entropy bonus, PPO-ptx; gradient clipping; AdamW; learning-rate schedule.
@@ -266,7 +268,8 @@ class Learner:
             if p.whiten_advantages and mask.sum() > 1:
                 advantages = ppo.masked_whiten(advantages, mask)
         elif p.advantage == "reinforce_pp":
-            advantages = ppo.reinforce_pp_advantages(rewards, mask, p.gamma)
+            advantages = (ppo.reinforce_pp_advantages(rewards, mask, p.gamma) if mask.sum() > 1
+                          else ppo.discounted_returns(rewards, mask, p.gamma))  # one token: nothing to whiten
         else:  # sequence-level, over the samples of each prompt
             sequence_rewards = rewards.sum(1)  # the score, minus the shaped KL when it is in the reward
             per_sequence = (ppo.grpo_advantages(sequence_rewards, batch.groups, p.grpo_scale_by_std)
@@ -279,7 +282,7 @@ class Learner:
         # gap means stale rollouts or a weight sync that did not happen.
         delta = (old_logprobs - batch.behaviour_logprobs) * mask
         behaviour_kl = ppo.masked_mean(ppo.kl_k3(batch.behaviour_logprobs, old_logprobs), mask)
-        non_score = (-kl_coef * kl).sum(1)
+        non_score = (-shaping * kl).sum(1)  # the penalty in the rewards (none when it is in the loss)
         targets = batch.input_ids[:, 1:]
         metrics = {
             "objective/kl": kl.sum(1).mean(),

@@ -22,7 +22,7 @@ def smoke(tiny_assets, out_dir: Path, *overrides: str, prompts: Path | None = No
     return load_config(REPO / "configs/smoke.yaml", [*smoke_overrides(tiny_assets, out_dir, prompts), *overrides])
 
 
-# The metrics DESIGN.md promises every update logs.
+# The metrics the design promises every update logs (../shared/DESIGN.md).
 DESIGN_METRICS = [
     "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
     "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",

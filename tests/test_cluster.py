@@ -181,3 +181,19 @@ def test_a_signal_while_starting_stops_the_start_at_once(tiny_assets, tmp_path):
     assert "stopped while starting (starting the learner and 1 rollout actor(s))" in rest
     assert "checkpoint" not in rest
     assert not psutil.wait_procs(children, timeout=30)[1], "a process outlived the stopped start"
+
+
+def test_a_gae_run_does_not_resume_from_a_checkpoint_without_a_critic(tiny_assets, tmp_path):
+    from cluster.controller import _check_resumable
+    from cluster.shared.errors import UserError
+    from tests.runs import smoke
+
+    cfg = smoke(tiny_assets, tmp_path, "run.name=switch")
+    checkpoint = cfg.run_dir / "checkpoints" / "version-000002"
+    (checkpoint / "policy").mkdir(parents=True)
+    (checkpoint / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="ppo.advantage: .*version-000002 was trained without a critic"):
+        _check_resumable(cfg)
+    _check_resumable(smoke(tiny_assets, tmp_path, "run.name=switch", "ppo.advantage=reinforce_pp"))
+    (checkpoint / "critic").mkdir()
+    _check_resumable(cfg)

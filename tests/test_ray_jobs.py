@@ -115,8 +115,10 @@ def test_ray_job_killed_interrupted_and_stopped_resumes_where_it_stopped(tiny_as
         assert "runtime_resources" in code and not code.startswith(str(REPO)), code
 
         def resume_and_wait(name: str, version: int, job_args=()):
-            """Resubmit with --resume; return once it resumed at `version` and trained one more."""
-            out = submit(["--no-wait", f"--submission-id={name}", *job_args], ["--resume"])
+            """Resubmit with --resume; return once it resumed at `version` and trained one more.
+            No periodic checkpoints: the one a signal leaves can only come from the signal."""
+            out = submit(["--no-wait", f"--submission-id={name}", *job_args],
+                         ["--resume", "--set", "learner.checkpoint_every=1000"])
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
             deadline = time.monotonic() + 300
             while f"resumed at policy version {version}" not in (logs := ray_job("logs", name).stdout):
@@ -127,8 +129,9 @@ def test_ray_job_killed_interrupted_and_stopped_resumes_where_it_stopped(tiny_as
                     raise AssertionError(ray_job("logs", name).stdout[-3000:])
                 time.sleep(0.1)
 
-        def interrupted(name: str, signal_name: str, after: int) -> dict:
-            """The summary a signal left: a final checkpoint at its version, every process gone."""
+        def interrupted(name: str, signal_name: str, after: int, sent: float) -> dict:
+            """The summary a signal (`sent` at that time) left: a final checkpoint at its
+            version, written after the signal, and every process gone."""
             deadline = time.monotonic() + 120
             while not (run_dir / "summary.json").is_file():
                 assert time.monotonic() < deadline, ray_job("logs", name).stdout[-3000:]
@@ -136,7 +139,7 @@ def test_ray_job_killed_interrupted_and_stopped_resumes_where_it_stopped(tiny_as
             stopped = json.loads((run_dir / "summary.json").read_text())
             assert stopped["error"] == f"interrupted ({signal_name})" and after < stopped["steps"] < total, stopped
             assert stopped["checkpoint"].endswith(f"version-{stopped['steps']:06d}")
-            assert (Path(stopped["checkpoint"]) / "trainer_state.pt").is_file()
+            assert (Path(stopped["checkpoint"]) / "trainer_state.pt").stat().st_mtime >= sent
             placed = stopped["placement"]
             pids = [placed["learner"]["pid"], *(a["pid"] for a in placed["actors"].values())]
             alive = psutil.wait_procs([p for p in map(process, pids) if p], timeout=60)[1]
@@ -145,16 +148,18 @@ def test_ray_job_killed_interrupted_and_stopped_resumes_where_it_stopped(tiny_as
 
         # Ctrl-C, as at a terminal: the driver's SIGINT handler.
         resume_and_wait("interrupted", 2)
+        sent = time.time()
         driver().send_signal(signal.SIGINT)
-        stopped = interrupted("interrupted", "SIGINT", 2)
+        stopped = interrupted("interrupted", "SIGINT", 2, sent)
 
         # `ray job stop`: SIGTERM, then SIGKILL this long after it (time for the checkpoint).
         (run_dir / "summary.json").unlink()
         stop_wait = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'
         resume_and_wait("resumed", stopped["steps"], [f"--runtime-env-json={stop_wait}"])
+        sent = time.time()
         out = ray_job("stop", "resumed")
         assert out.returncode == 0 and "stopped" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
-        stopped = interrupted("resumed", "SIGTERM", stopped["steps"])
+        stopped = interrupted("resumed", "SIGTERM", stopped["steps"], sent)
 
         out = submit(["--submission-id=finished"], ["--resume"])
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

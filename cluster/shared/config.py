@@ -269,8 +269,8 @@ class PPOConfig(Section):
     gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
     """Lambda of GAE."""
     whiten_advantages: bool = True
-    """Whiten GAE's advantages over the batch's response tokens (the other estimators
-    normalise by their own rule)."""
+    """Whiten GAE's advantages over the batch's response tokens (GRPO divides by the group
+    std, REINFORCE++ whitens its returns; RLOO and Dr. GRPO are not normalised)."""
     whiten_rewards: bool = False
     """Whiten the scores over the batch before shaping."""
     is_cap: float = Field(2.0, ge=1.0)
@@ -480,7 +480,9 @@ class TameConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _reward_model_sees_whole_items(self) -> TameConfig:
+    def _reward_model_sees_whole_items(self, info: ValidationInfo) -> TameConfig:
+        if _command(info) not in ("train", "serve-reward"):
+            return self
         longest = self.data.max_prompt_tokens + self.rollout.sampling.max_new_tokens
         if self.model.reward is not None and self.reward.max_length < longest:
             raise ValueError(
@@ -501,7 +503,9 @@ class TameConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _estimator_has_what_it_needs(self) -> TameConfig:
+    def _estimator_has_what_it_needs(self, info: ValidationInfo) -> TameConfig:
+        if _command(info) != "train":
+            return self
         advantage, n = self.ppo.advantage, self.rollout.sampling.samples_per_prompt
         if advantage in ("grpo", "rloo") and n < 2:
             raise ValueError(f"ppo.advantage {advantage} compares the samples of one prompt: "

@@ -23,8 +23,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None,
             log(f"connecting to the Ray cluster at {address}")
         ray.init(address=address, **options)
         return False
-    cpus = num_cpus or os.cpu_count()
     if log:
-        log(f"starting a local Ray with {cpus} CPUs")
-    ray.init(num_cpus=cpus, include_dashboard=False, **options)
+        log(f"starting a local Ray with {num_cpus or 'all the'} CPUs")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **options)  # None: Ray counts them (cgroups too)
     return True
