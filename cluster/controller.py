@@ -26,13 +26,13 @@ from cluster.metrics import Metrics
 from cluster.pipeline import Group, Pipeline
 from cluster.pool import ActorPool, Slot, SlotState
 from cluster.prompts import PromptSource
-from cluster.resources import check_cluster
 from cluster.shared.config import TameConfig, check_model_folder, gpu_env
 from cluster.shared.data import load_prompts
 from cluster.shared.errors import UserError
 from cluster.shared.files import write_json
 from cluster.shared.ray_cluster import connect_ray
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
+from cluster.shared.resources import check_cluster
 from cluster.shared.transport import WeightsHandle
 from cluster.state import Counters, DriverState
 

@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.shared.config import TameConfig, gpu_env
 from cluster.shared.ray_cluster import connect_ray
+from cluster.shared.resources import check_cluster
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
 from reward_service.rewards import RewardSum, UnscorableItemError, check_reward_config
 
@@ -201,6 +202,7 @@ def serve_forever(cfg: TameConfig, log=print) -> None:
     import ray
 
     started_here = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, log)
+    check_cluster(cfg, only=("reward",))  # replicas no node can hold would wait in Ray's queue forever
     name = "tame-reward"
     deploy(cfg, http=True, name=name)
     url = f"http://{cfg.reward.host}:{cfg.reward.port}"

@@ -127,9 +127,9 @@ def test_bad_inputs_exit_2_before_ray(tiny_assets, tmp_path, bad, needle):
 
 
 def test_what_a_run_needs_is_summed_and_compared_with_the_cluster():
-    from cluster.resources import check_fits
     from cluster.shared.config import load_config
     from cluster.shared.errors import UserError
+    from cluster.shared.resources import check_fits
 
     cfg = load_config(REPO / "configs/smoke.yaml")  # learner 1 CPU, 1 actor x 1 CPU, 1 replica x 0.5 CPU
     check_fits(cfg, {"CPU": 2.5}, [{"CPU": 2.5}])
@@ -197,3 +197,12 @@ def test_a_gae_run_does_not_resume_from_a_checkpoint_without_a_critic(tiny_asset
     _check_resumable(smoke(tiny_assets, tmp_path, "run.name=switch", "ppo.advantage=reinforce_pp"))
     (checkpoint / "critic").mkdir()
     _check_resumable(cfg)
+
+
+def test_serve_reward_checks_its_replicas_fit_before_deploying(tiny_assets):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve-reward", "--model", str(tiny_assets.reward),
+                          "--replicas", "2", "--set", "cluster.num_cpus=1", "--set", "reward.num_cpus=1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "the run needs 2 CPU: reward.replicas 2 x reward.num_cpus 1; the cluster has 1" in out.stderr
+    assert "reward service at" not in out.stdout

@@ -19,6 +19,8 @@ from cluster.shared.errors import UserError
 class Role:
     """`count` actors of one role, each asking Ray for `each` (resource -> amount)."""
 
+    name: str
+    """"learner", "rollout" or "reward": the config section it comes from."""
     count: int
     each: dict[str, float]
     fields: dict[str, str]
@@ -27,9 +29,9 @@ class Role:
     """How the config spells the count ("rollout.num_actors 2"); None for a single actor."""
 
 
-def roles(cfg: TameConfig) -> list[Role]:
-    """What the learner, the rollout actors and the reward replicas ask for. (The driver's
-    control actor and Serve's own actors take no CPU.)"""
+def roles(cfg: TameConfig, only: tuple[str, ...] = ("learner", "rollout", "reward")) -> list[Role]:
+    """What the learner, the rollout actors and the reward replicas ask for (those named in
+    `only`). The driver's control actor and Serve's own actors take no CPU."""
     learner, rollout, reward = cfg.learner, cfg.rollout, cfg.reward
     replicas = reward.autoscaling.min_replicas if reward.autoscaling else reward.replicas
     replicas_field = ("reward.autoscaling.min_replicas" if reward.autoscaling else "reward.replicas") + f" {replicas}"
@@ -40,21 +42,24 @@ def roles(cfg: TameConfig) -> list[Role]:
                   **{k: f"{prefix}.resources.{k} {v:g}" for k, v in custom.items()}}
         return {k: v for k, v in each.items() if v > 0}, fields
 
-    return [
-        Role(1, *ask("learner", learner.num_cpus, learner.num_gpus, learner.resources), None),
-        Role(rollout.num_actors, *ask("rollout", rollout.num_cpus, rollout.num_gpus, rollout.resources),
+    every = [
+        Role("learner", 1, *ask("learner", learner.num_cpus, learner.num_gpus, learner.resources), None),
+        Role("rollout", rollout.num_actors, *ask("rollout", rollout.num_cpus, rollout.num_gpus, rollout.resources),
              f"rollout.num_actors {rollout.num_actors}"),
-        Role(replicas, *ask("reward", reward.num_cpus, reward.num_gpus, {}), replicas_field),
+        Role("reward", replicas, *ask("reward", reward.num_cpus, reward.num_gpus, {}), replicas_field),
     ]
+    return [role for role in every if role.name in only]
 
 
-def check_fits(cfg: TameConfig, total: dict[str, float], nodes: list[dict[str, float]]) -> None:
-    """Raise a UserError when the run's roles can never all be placed: a resource whose sum
-    exceeds the cluster's `total`, or one actor that no single node of `nodes` can hold."""
+def check_fits(cfg: TameConfig, total: dict[str, float], nodes: list[dict[str, float]],
+               only: tuple[str, ...] = ("learner", "rollout", "reward")) -> None:
+    """Raise a UserError when the roles named in `only` can never all be placed: a resource
+    whose sum exceeds the cluster's `total`, or one actor that no single node of `nodes`
+    can hold."""
     need: dict[str, float] = defaultdict(float)
     terms: dict[str, list[str]] = defaultdict(list)
     problems = []
-    for role in roles(cfg):
+    for role in roles(cfg, only):
         for resource, amount in role.each.items():
             if role.count == 0:
                 continue
@@ -70,16 +75,16 @@ def check_fits(cfg: TameConfig, total: dict[str, float], nodes: list[dict[str, f
             problems.append(f"the run needs {amount:g} {resource}: {' + '.join(terms[resource])}; "
                             f"the cluster has {have:g}")
     if problems:
-        raise UserError("the run cannot be placed on this Ray cluster:\n  " + "\n  ".join(problems) +
+        raise UserError("this cannot be placed on the Ray cluster:\n  " + "\n  ".join(problems) +
                         "\nLower one of these, or give the cluster more (cluster.num_cpus for a local Ray). "
                         "On a cluster that adds nodes as it needs them, set cluster.check_resources: false.")
 
 
-def check_cluster(cfg: TameConfig) -> None:
+def check_cluster(cfg: TameConfig, only: tuple[str, ...] = ("learner", "rollout", "reward")) -> None:
     """`check_fits` against the connected Ray cluster's live nodes."""
     import ray
 
     if not cfg.cluster.check_resources:
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_fits(cfg, ray.cluster_resources(), nodes)
+    check_fits(cfg, ray.cluster_resources(), nodes, only)
