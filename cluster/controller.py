@@ -186,7 +186,7 @@ class Loop:
         self.update_ref = None
         self.update_started = 0.0
         # Per-interval idle accounting (an interval ends with each update): see loop_metrics.
-        self.interval_start = self.pool.interval_start = time.monotonic()
+        self.pool.interval_start = time.monotonic()  # the first interval starts now
         self.generated = {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0}  # within the interval
         self.rate_from: tuple[float, int] | None = None  # (time, samples) at the first update's end
         self.created = created or time.monotonic()  # when `tame train` began: start-up counts from here
@@ -396,11 +396,11 @@ class Loop:
         the interval since the previous update ended: the learner's is the time before this
         update started; the actors' is the time they had nothing to generate or load."""
         now = time.monotonic()
-        interval = max(now - self.interval_start, 1e-9)
-        learner_idle = max(0.0, self.update_started - self.interval_start)
-        actor_idle = self.pool.idle_share(now)
+        start = self.pool.interval_start
+        interval = max(now - start, 1e-9)
+        learner_idle = max(0.0, self.update_started - start)
+        actor_idle = self.pool.idle_share(now)  # and the next interval starts
         generated = self.generated
-        self.interval_start = now
         self.generated = {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0}
         samples = self.counters.samples
         if self.rate_from is None:

@@ -326,10 +326,8 @@ class Learner:
             logp, entropy, values = first if first is not None else self._forward(mb.batch)
             weights = ppo.token_weights(mb.mask, p.loss_aggregation, len(rows), n_tokens,
                                         self.cfg.rollout.sampling.max_new_tokens)
-            # token_mean is the token sum over n_tokens: the loss as it always was.
             pg = ppo.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask, p.clip_ratio,
-                                         weights=mb.is_weights, normaliser=n_tokens,
-                                         aggregation=None if p.loss_aggregation == "token_mean" else weights)
+                                         weights=mb.is_weights, normaliser=n_tokens, aggregation=weights)
             if p.entropy_coef == 0:
                 entropy = entropy.detach()
             ent = ppo.entropy_bonus(entropy, mb.mask, normaliser=n_tokens)
