@@ -143,6 +143,26 @@ def test_critic_free_advantages_follow_the_groups(tiny_assets, tmp_path):
         torch.testing.assert_close(per_sequence, expected.repeat(2), rtol=1e-4, atol=1e-5)
 
 
+def test_the_learner_trains_with_the_hand_tested_functions(tiny_assets):
+    """`training.response_logprobs` (every PPO and SFT forward) gives, on the tiny policy,
+    what ppo's hand-tested functions give on the model's full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from learner import ppo
+    from learner.training import response_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets.policy, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 40, 12, 99, 3], [8, 21, 33, 7, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0, 0.0]])[:, 1:]  # offset 1
+    with torch.no_grad():
+        logp, entropy = response_logprobs(model, ids, attention, mask, 1, 0.7, with_entropy=True)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, 1:-1]  # predicting ids[:, 2:]
+    torch.testing.assert_close(logp, ppo.logprobs_from_logits(logits, ids[:, 2:], 0.7) * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, ppo.entropy_from_logits(logits, 0.7) * mask, atol=1e-5, rtol=0)
+    assert float(logp[mask.bool()].max()) < 0 and float((logp * (1 - mask)).abs().sum()) == 0.0
+
+
 def test_only_response_tokens_receive_gradient(tiny_assets, tmp_path):
     learner = Learner(make_cfg(tiny_assets, "ppo.entropy_coef=0.01"), str(tmp_path))
     rollouts = sample(learner, prompts(tiny_assets, 4, start=20), seed=2)

@@ -59,26 +59,6 @@ def test_logprobs_and_entropy_at_a_temperature():
     assert entropy.item() == pytest.approx(ppo.entropy_from_logits(logits, 2.0).item(), rel=1e-6)
 
 
-def test_the_learner_trains_with_the_hand_tested_functions():
-    """`training.response_logprobs` (every PPO and SFT forward) goes through ppo's functions:
-    a window of a hand-made model's logits gives ppo's log-probs and entropies."""
-    from learner.training import response_logprobs
-
-    table = torch.tensor([[0.0, 1.0, 2.0], [2.0, 0.0, -1.0], [1.0, 1.0, 0.0]])  # logits by input token
-
-    class Bigram(torch.nn.Module):
-        def forward(self, input_ids, attention_mask, use_cache, logits_to_keep):
-            return type("Out", (), {"logits": table[input_ids][:, -logits_to_keep:]})()
-
-    ids = torch.tensor([[0, 1, 2, 1]])
-    mask = torch.tensor([[0.0, 1.0, 1.0]])  # offset 0: positions 1 and 2 predict tokens 2 and 1
-    logp, entropy = response_logprobs(Bigram(), ids, torch.ones_like(ids), mask, 0, 2.0, with_entropy=True)
-    expected = ppo.logprobs_from_logits(table[torch.tensor([1, 2])], torch.tensor([2, 1]), 2.0)
-    torch.testing.assert_close(logp, torch.tensor([[0.0, *expected.tolist()]]))
-    torch.testing.assert_close(entropy[0, 1:], ppo.entropy_from_logits(table[torch.tensor([1, 2])], 2.0))
-    assert entropy[0, 0] == 0.0
-
-
 def test_shifted_token_logprobs_align_with_the_next_token():
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.3, 0.7]]]))
     ids = torch.tensor([[0, 1, 0]])
