@@ -117,7 +117,8 @@ def cmd_scale(args) -> int:
     if not 0 <= args.actors <= MAX_ACTORS:
         raise UserError(f"--actors {args.actors}: the pool size must be between 0 and {MAX_ACTORS}")
     now = scale(args.actors, run=args.run, address=args.address)
-    log(f"run {now['run']}: rollout pool resized to {now['num_actors']} actors")
+    log(f"run {now['run']}: rollout pool resized to {now['num_actors']} actors" +
+        (f"; {now['pending']}. The run goes on with the actors that are up" if now.get("pending") else ""))
     return EXIT_OK
 
 

@@ -28,12 +28,13 @@ from cluster.pool import ActorPool, Slot, SlotState
 from cluster.prompts import PromptSource
 from cluster.shared.config import TameConfig, check_model_folder, gpu_env
 from cluster.shared.data import load_prompts
-from cluster.shared.errors import UserError
+from cluster.shared.errors import RunError, UserError
 from cluster.shared.files import write_json
 from cluster.shared.ray_cluster import connect_ray
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
-from cluster.shared.resources import check_cluster
+from cluster.shared.resources import ask, check_cluster, free_on_cluster, roles
 from cluster.shared.transport import WeightsHandle
+from cluster.startup import Pending, ref_done, wait_until_up
 from cluster.state import Counters, DriverState
 
 NAMESPACE = "tame"
@@ -61,12 +62,6 @@ def learner_env(cfg: TameConfig) -> dict[str, str]:
     threads = cfg.learner.threads or cfg.learner.num_cpus
     overlapped = cfg.train.max_staleness >= 1 and threads > cfg.learner.num_cpus
     return {"OMP_WAIT_POLICY": "PASSIVE"} if overlapped else {}
-
-
-class RunError(RuntimeError):
-    """The run cannot go on (no actor left, the learner died, too many NaN updates).
-
-    Its message says what happened and where the newest checkpoint is."""
 
 
 # --------------------------------------------------------------------------- scaling mailbox
@@ -115,7 +110,16 @@ def scale(num_actors: int, run: str | None = None, address: str | None = None) -
         run = runs[0]
     if run not in runs:
         raise UserError(f"--run {run}: no such running tame job (running: {', '.join(runs) or 'none'})")
-    return ray.get(ray.get_actor(CONTROL_PREFIX + run, namespace=NAMESPACE).request.remote(num_actors))
+    control = ray.get_actor(CONTROL_PREFIX + run, namespace=NAMESPACE)
+    answer = ray.get(control.request.remote(num_actors))
+    # The loop applies the request within a second and reports the actors not up yet.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        status = ray.get(control.get_status.remote())
+        if status.get("num_actors") == num_actors and "pending" in status:
+            return {**answer, "live_actors": status["live_actors"], "pending": status["pending"]}
+        time.sleep(0.25)
+    return answer
 
 
 # --------------------------------------------------------------------------- the loop
@@ -129,7 +133,7 @@ class Loop:
 
         from learner.learner import Learner
         from reward_service.client import RewardClient
-        from reward_service.service import deploy
+        from reward_service.service import app_running, deploy
 
         self.cfg, self.log, self.judge = cfg, log, judge
         self.run_dir = cfg.run_dir
@@ -159,7 +163,21 @@ class Loop:
         # same cluster starts Serve afresh with its own HTTP options.
         self.owns_serve = not _serve_running()
         log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
-        self.scorer = RewardClient(deploy(cfg, http=False), cfg.reward.timeout_s, cfg.reward.retries)
+        self.scorer = RewardClient(deploy(cfg, http=False, wait=False), cfg.reward.timeout_s, cfg.reward.retries)
+        learner_role, rollout_role, reward_role = roles(cfg)
+        roles_up = [
+            Pending("the learner", ask(learner_role), ref_done(self.learner.__ray_ready__.remote()),
+                    tuple(learner_role.each)),
+            *(Pending(f"rollout actor {actor_id}", ask(rollout_role), ref_done(handle.__ray_ready__.remote()),
+                      tuple(rollout_role.each)) for actor_id, handle in early),
+            Pending("the reward service", f"{reward_role.count_field} x {ask(reward_role)}", app_running,
+                    tuple(reward_role.each))]
+        try:
+            wait_until_up(roles_up, cfg.cluster.start_timeout_s, log)
+        except BaseException:  # not up in time, or a signal: stop what was started
+            for handle in [self.learner, *(h for _, h in early)]:
+                ray.kill(handle)
+            raise
         self.placement: dict = {"learner": _node_of(self.learner), "actors": {},
                                 "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}}
         saved = ray.get(self.learner.load_checkpoint.remote()) if resume else None
@@ -252,9 +270,21 @@ class Loop:
         self.control.report.remote({
             "run": self.cfg.run.name, "num_actors": target, "live_actors": len(self.pool),
             "policy_version": self.version, "counters": self.counters.as_dict(),
-            "actors": {i: {**(self.placement["actors"].get(i) or {}), "version": s.version}
+            "actors": {i: {**(self.placement["actors"].get(i) or {}), "version": s.version, "state": s.state.value}
                        for i, s in self.pool.slots.items()},
+            "pending": self.pending_actors(),
             "learner": self.placement["learner"], "driver": self.placement["driver"]})
+
+    def pending_actors(self) -> str | None:
+        """The actors not up yet and why they may wait, for `tame scale` and the status; None
+        when every actor is up. The run goes on with the actors it has."""
+        waiting = self.pool.pending_start()
+        if not waiting:
+            return None
+        role = roles(self.cfg, only=("rollout",))[0]
+        ids = ", ".join(str(s.actor_id) for s in waiting)
+        return (f"{len(waiting)} rollout actor(s) not up yet ({ids}): each asks for {ask(role)}, and Ray places "
+                f"it when a node has that free, then it builds its engine; {free_on_cluster(tuple(role.each))}")
 
     def launch_generation(self) -> None:
         """Hand prompts to idle actors, newest weights first, as far as the staleness bound
@@ -331,6 +361,33 @@ class Loop:
         slot.prompt_ids = []
         if not self.pool.returned(slot):
             self.retire(slot)
+
+    def to_next_deadline(self) -> float:
+        """Seconds until a load or the update in flight is overdue (`check_deadlines`)."""
+        now, ahead = time.monotonic(), [1e9]
+        limit = self.cfg.learner.update_timeout_s
+        if self.update_ref is not None and limit is not None:
+            ahead.append(self.update_started + limit - now)
+        ahead += [s.call_started + self.cfg.rollout.load_timeout_s - now for s in self.pool.reloading()]
+        return max(0.0, min(ahead))
+
+    def check_deadlines(self) -> None:
+        """A weight load or an update that takes too long is taken as hung: the actor is
+        replaced; a hung learner ends the run."""
+        import ray
+
+        now = time.monotonic()
+        limit = self.cfg.rollout.load_timeout_s
+        for slot in self.pool.overdue_loads(now, limit):
+            self.counters.load_timeouts += 1
+            self.retire(slot, f"it did not confirm a weight load within rollout.load_timeout_s {limit:g} s; "
+                              "taken as hung and replaced")  # apply_scaling starts the replacement
+        limit = self.cfg.learner.update_timeout_s
+        if self.update_ref is not None and limit is not None and now - self.update_started > limit:
+            ray.kill(self.learner)  # what a hung learner would still do cannot be trusted
+            self.update_ref = None
+            raise RunError(f"an update took longer than learner.update_timeout_s {limit:g} s, so the learner was "
+                           f"stopped; resume with `tame train --resume`: {_newest_checkpoint(self.run_dir)}")
 
     # ----------------------------------------------------------------- learner
 
@@ -485,7 +542,7 @@ class Loop:
             if not refs:  # e.g. `tame scale --actors 0`: nothing to wait on
                 time.sleep(0.2)
                 continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=min(1.0, self.to_next_deadline()))
             for ref in ready:
                 if ref is self.update_ref:
                     self.on_updated(self.update_result())
@@ -500,6 +557,7 @@ class Loop:
                     self.on_loaded(slot, result)
                 else:
                     self.on_generated(slot, result)
+            self.check_deadlines()
         if self.stop.name is None:
             return self.finish()
         self.log(f"{self.stop.name}: finishing the update in flight and writing a checkpoint "
@@ -618,14 +676,14 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
     check_inputs(cfg)
     if resume:
         _check_resumable(cfg)
+    connect(cfg, log)
+    check_cluster(cfg)  # a run that can never be placed fails here, before it writes anything
     log(f"run {cfg.run.name} in {run_dir} (tame's code from {Path(__file__).resolve().parents[1]})")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     if not resume:
         for stale in ("ledger.jsonl", "metrics.jsonl", "summary.json", "wandb_id"):
             (run_dir / stale).unlink(missing_ok=True)
-    connect(cfg, log)
-    check_cluster(cfg)  # a run that can never be placed fails here, not in a silent queue
     stop = StopSignal()
     previous = _stop_on_signals(stop)
 

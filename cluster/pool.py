@@ -40,6 +40,8 @@ class Slot:
     """The ObjectRef of the call in flight (LOADING, GENERATING, DRAINING)."""
     prompt_ids: list[str] = field(default_factory=list)
     """The prompts of its generation in flight: handed out again if it dies."""
+    call_started: float = 0.0
+    """When the call in flight started."""
     idle_since: float | None = None
     tokens: int = 0
     generate_seconds: float = 0.0
@@ -68,7 +70,7 @@ class ActorPool:
 
     def add(self, actor_id: int, handle: Any, weights_ref: Any) -> Slot:
         """Put an actor in the pool; it loads the newest weights before anything else."""
-        slot = Slot(actor_id, handle, pending=handle.load_weights.remote(weights_ref))
+        slot = Slot(actor_id, handle, pending=handle.load_weights.remote(weights_ref), call_started=time.monotonic())
         self.slots[actor_id] = slot
         return slot
 
@@ -101,8 +103,21 @@ class ActorPool:
 
     def dispatch(self, slot: Slot, state: SlotState, call: Any) -> None:
         """Start a call on an actor (a load or a generation)."""
-        slot.state, slot.pending = state, call
+        slot.state, slot.pending, slot.call_started = state, call, time.monotonic()
         self.mark_busy(slot)
+
+    def pending_start(self) -> list[Slot]:
+        """Actors not up yet: not placed by Ray, or building their engine (no version loaded)."""
+        return [s for s in self.slots.values() if s.version < 0]
+
+    def reloading(self) -> list[Slot]:
+        """Actors that are up and loading a newer version. (An actor's first load waits for its
+        engine to be built: `pending_start`.)"""
+        return [s for s in self.slots.values() if s.state is SlotState.LOADING and s.version >= 0]
+
+    def overdue_loads(self, now: float, timeout_s: float) -> list[Slot]:
+        """Actors that are up and have not confirmed a load started more than `timeout_s` ago."""
+        return [s for s in self.reloading() if now - s.call_started > timeout_s]
 
     def returned(self, slot: Slot) -> bool:
         """A call of this slot finished: the slot goes idle. False when it is draining and

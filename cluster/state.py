@@ -17,6 +17,9 @@ class Counters:
     failed_prompts: int = 0
     """Prompts whose scoring failed: handed out again."""
     actor_failures: int = 0
+    """Rollout actors that died: replaced unless rollout.replace_failed is false."""
+    load_timeouts: int = 0
+    """Weight loads not confirmed within rollout.load_timeout_s: that actor was replaced."""
     fingerprint_mismatches: int = 0
     """Weight loads whose probes did not match: that actor was replaced."""
     skipped_updates: int = 0

@@ -24,9 +24,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve import api as serve_api
 from ray.serve.handle import DeploymentHandle
 
 from cluster.shared.config import TameConfig, gpu_env
+from cluster.shared.errors import RunError
 from cluster.shared.ray_cluster import connect_ray
 from cluster.shared.resources import check_cluster
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
@@ -173,14 +175,15 @@ def deployment_options(cfg: TameConfig) -> dict:
 
 
 def deploy(cfg: TameConfig, *, http: bool = True, name: str = "tame-reward",
-           route_prefix: str = "/") -> DeploymentHandle:
+           route_prefix: str = "/", wait: bool = True) -> DeploymentHandle:
     """Run the reward deployment on the connected Ray cluster and return its handle.
 
     The model comes from `cfg.model.reward` (or none: rule functions only), the chat
     template flag from `cfg.data.chat_template`, HTTP from `cfg.reward.host`/`port` (the
     Serve proxy is cluster-wide: if Serve already runs, its HTTP options stay). A bad
     `module:function` or a missing model folder raises ConfigError here, before any replica
-    starts. `route_prefix` lets several reward applications share one proxy.
+    starts. `route_prefix` lets several reward applications share one proxy. With `wait`
+    false it returns before the replicas are up: the caller watches `app_running(name)`.
     """
     check_reward_config(cfg)
     cfg = _absolute_model_path(cfg)
@@ -190,7 +193,16 @@ def deploy(cfg: TameConfig, *, http: bool = True, name: str = "tame-reward",
     else:
         serve.start(proxy_location="Disabled")
     application = RewardDeployment.options(**deployment_options(cfg)).bind(cfg, token)
-    return serve.run(application, name=name, route_prefix=route_prefix if http else None)
+    return serve_api._run(application, _blocking=wait, name=name, route_prefix=route_prefix if http else None)
+
+
+def app_running(name: str = "tame-reward") -> bool:
+    """Whether the reward application's replicas are all up. A RunError when it failed to
+    deploy (a replica's constructor raised)."""
+    status = serve.status().applications.get(name)
+    if status is not None and status.status == "DEPLOY_FAILED":
+        raise RunError(f"the reward service failed to start: {status.message}")
+    return status is not None and status.status == "RUNNING"
 
 
 def serve_forever(cfg: TameConfig, log=print) -> None:

@@ -45,6 +45,7 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
         out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", str(n), "--run", "pool",
                               "--address", address], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
+        return out.stdout + out.stderr
 
     def last_by(actors, n=3):
         return lambda s, e: len(e) > n and all(x["actors"] == actors for x in e[-n:])
@@ -60,7 +61,9 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
     status = run.wait_for("the pool to shrink to one", lambda s, e: s["num_actors"] == 1 and last_by([0])(s, e))
     assert list(status["actors"]) == [0]
     # Grown through the real CLI: a new actor (id 2) trains; shrunk again: it drains.
-    tame_scale(2)
+    said = tame_scale(2)  # the new actor is still building its engine: the answer says so
+    assert "rollout pool resized to 2 actors; 1 rollout actor(s) not up yet (2): each asks for rollout.num_cpus 1" \
+        in said and "free on the cluster: " in said, said
     status = run.wait_for("the new actor training", lambda s, e: trained_by(2, e) and "pid" in s["actors"].get(2, {}))
     pids[2] = status["actors"][2]["pid"]
     learner = status["learner"]["pid"]
@@ -181,6 +184,82 @@ def test_a_signal_while_starting_stops_the_start_at_once(tiny_assets, tmp_path):
     assert "stopped while starting (starting the learner and 1 rollout actor(s))" in rest
     assert "checkpoint" not in rest
     assert not psutil.wait_procs(children, timeout=30)[1], "a process outlived the stopped start"
+
+
+def test_a_start_that_waits_says_every_report_what_is_pending_and_fails_at_its_deadline(ray_local):
+    from cluster.shared.errors import RunError
+    from cluster.startup import Pending, wait_until_up
+
+    polls, logs = [], []
+    learner = Pending("the learner", "learner.num_cpus 1", lambda: polls.append(1) or len(polls) > 3, ("CPU",))
+    wait_until_up([learner], 5.0, logs.append, report_every_s=100.0, poll_s=0.01)
+    assert len(polls) == 4 and logs == []  # up at the fourth poll: nothing to say
+
+    never = Pending("rollout actor 0", "rollout.num_cpus 1, rollout.resources.nowhere 1", lambda: False,
+                    ("CPU", "nowhere"))
+    up = Pending("the learner", "learner.num_cpus 1", lambda: True, ("CPU",))
+    start = time.monotonic()
+    with pytest.raises(RunError) as failed:
+        wait_until_up([never, up], 0.5, logs.append, report_every_s=0.2, poll_s=0.01)
+    assert 0.5 <= time.monotonic() - start < 1.5
+    pending = "waiting for rollout actor 0 (rollout.num_cpus 1, rollout.resources.nowhere 1); free on the cluster: "
+    assert [line.split(": ", 1)[1].startswith(pending) for line in logs] == [True, True], logs
+    assert logs[0].startswith("still starting after 0 s") and "of 4 CPU, 0 of 0 nowhere" in logs[0]
+    assert str(failed.value).startswith(f"the run did not start within cluster.start_timeout_s 0.5 s: {pending}")
+    assert "the learner" not in str(failed.value)
+
+
+def test_a_role_no_node_can_hold_ends_the_start_at_its_deadline(tiny_assets, tmp_path):
+    """With the resource check off (a cluster that adds nodes when asked), an actor asking for
+    a resource no node has waits: the start says so every 10 s, and fails at
+    cluster.start_timeout_s with exit 1, naming what it waited for."""
+    driver = subprocess.Popen(smoke_command(tiny_assets, tmp_path, "cluster.check_resources=false",
+                                            "rollout.resources={nowhere: 1}", "cluster.start_timeout_s=15"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, started = [], None
+    for line in driver.stdout:
+        lines.append(line)
+        if "starting the learner" in line:
+            started = time.monotonic()
+    driver.wait(timeout=60)
+    out = "".join(lines)
+    assert driver.returncode == 1 and started is not None, out[-3000:]
+    assert time.monotonic() - started < 15 + 10
+    actor = "rollout actor 0 (rollout.num_cpus 1, rollout.resources.nowhere 1)"
+    report = next(line for line in lines if "still starting after 10 s" in line)
+    assert actor in report and "0 of 0 nowhere" in report, report
+    assert "tame train: error: the run did not start within cluster.start_timeout_s 15 s: waiting for" in out
+    assert actor in out.split("tame train: error: ")[1]
+    assert "checkpoint" not in out
+
+
+def test_a_hung_load_replaces_the_actor_and_a_hung_update_ends_the_run(tiny_assets, ray_local, tmp_path):
+    """Deadlines short enough that every reload and every update overruns them: an actor
+    that does not confirm a reload is retired and replaced, and its replacement carries the
+    run on; an update past learner.update_timeout_s ends the run, stops the learner and says
+    there is no checkpoint to resume from."""
+    from cluster.controller import RunError
+
+    run = Run(smoke(tiny_assets, tmp_path, "run.name=hung-load", "rollout.load_timeout_s=0.001",
+                    "train.max_staleness=0", "train.total_updates=2", *SMALL_BATCHES))
+    run.join(timeout=300)
+    assert run.error is None, (run.error, run.logs[-10:])
+    summary, entries = run.summary, ledger(run.cfg.run_dir)
+    assert summary["steps"] == 2 and summary["load_timeouts"] >= 1
+    assert [e["actors"] for e in entries] == [[0], [1]]  # the first load after update 1 overran
+    assert any("actor 0 removed: it did not confirm a weight load within rollout.load_timeout_s 0.001 s"
+               in line for line in run.logs), run.logs
+    trained = [p for e in entries for p in e["prompts"]]
+    assert len(trained) == len(set(trained)) == 16
+
+    run = Run(smoke(tiny_assets, tmp_path, "run.name=hung-update", "learner.update_timeout_s=0.001"))
+    run.join(timeout=300)
+    assert isinstance(run.error, RunError), (run.error, run.logs[-10:])
+    assert str(run.error) == ("an update took longer than learner.update_timeout_s 0.001 s, so the learner was "
+                              "stopped; resume with `tame train --resume`: no checkpoint was written yet")
+    summary = json.loads((run.cfg.run_dir / "summary.json").read_text())
+    assert summary["error"] == str(run.error) and summary["steps"] == 0
+    assert not psutil.wait_procs([p for p in [process(summary["placement"]["learner"]["pid"])] if p], timeout=30)[1]
 
 
 def test_a_gae_run_does_not_resume_from_a_checkpoint_without_a_critic(tiny_assets, tmp_path):

@@ -154,3 +154,19 @@ def test_the_samples_of_a_prompt_are_trained_together(k):
         assert set(counts.values()) == {4}, counts
         assert not seen & counts.keys(), "a prompt's samples were split across updates"
         seen |= counts.keys()
+
+
+def test_only_an_actor_that_is_up_can_be_overdue_with_a_load():
+    """An actor's first load waits for its engine to be built (maybe for Ray to place it):
+    that is a pending start, never a hung load. A reload past rollout.load_timeout_s is."""
+    from cluster.pool import ActorPool, Slot, SlotState
+
+    pool = ActorPool(make_actor=None, target=4)
+    new = Slot(0, None, SlotState.LOADING, version=-1, call_started=0.0)
+    hung = Slot(1, None, SlotState.LOADING, version=4, call_started=0.0)
+    generating = Slot(2, None, SlotState.GENERATING, version=5, call_started=0.0)
+    recent = Slot(3, None, SlotState.LOADING, version=4, call_started=9.5)
+    pool.slots = {s.actor_id: s for s in (new, hung, generating, recent)}
+    assert pool.overdue_loads(now=10.0, timeout_s=5.0) == [hung]
+    assert pool.overdue_loads(now=15.0, timeout_s=5.0) == [hung, recent]
+    assert pool.pending_start() == [new]

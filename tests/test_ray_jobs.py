@@ -114,6 +114,14 @@ def test_ray_job_killed_interrupted_and_stopped_resumes_where_it_stopped(tiny_as
         code = ray_job("logs", "first").stdout.split("tame's code from ")[1].split(")")[0]
         assert "runtime_resources" in code and not code.startswith(str(REPO)), code
 
+        # A run the cluster can never hold ends at once with exit 2, naming the fields.
+        start = time.monotonic()
+        out = submit(["--submission-id=too-big"], ["--set", "run.name=too-big", "--set", "rollout.num_actors=4"])
+        assert time.monotonic() - start < 30 and out.returncode != 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert ("the run needs 5.5 CPU: learner.num_cpus 1 + rollout.num_actors 4 x rollout.num_cpus 1 + "
+                "reward.replicas 1 x reward.num_cpus 0.5; the cluster has 4") in out.stdout + out.stderr
+        assert "exit code 2" in (status := ray_job("status", "too-big")).stdout + status.stderr, status.stdout
+
         def resume_and_wait(name: str, version: int, job_args=()):
             """Resubmit with --resume; return once it resumed at `version` and trained one more.
             No periodic checkpoints: the one a signal leaves can only come from the signal."""

@@ -134,6 +134,10 @@ class RolloutConfig(Section):
     GPUs survive weight reloads, which are made in place)."""
     prompts_per_batch: int = Field(32, ge=1)
     """Prompts an actor generates in one call before it checks for new weights."""
+    load_timeout_s: float = Field(300.0, gt=0.0)
+    """How long an actor that is up may take to load and verify a new policy version; one that
+    has not confirmed by then is taken as hung: it is retired, replaced, and counted
+    (`load_timeouts` in the summary)."""
     replace_failed: bool = True
     """A rollout actor that dies is replaced by a new one, which loads the current weights
     before it produces. False carries on with the actors left (the run fails when none is)."""
@@ -325,6 +329,9 @@ class LearnerConfig(Section):
     """Keep the newest K checkpoints."""
     max_nonfinite_updates: int = Field(3, ge=1)
     """Stop the run after this many consecutive updates skipped for NaN or Inf."""
+    update_timeout_s: float | None = Field(None, gt=0.0)
+    """End the run (exit 1, naming the newest checkpoint) when one update takes longer than
+    this: a hung device or collective. Null: no limit."""
 
     @field_validator("compute_dtype")
     @classmethod
@@ -387,6 +394,10 @@ class ClusterConfig(Section):
     check_resources: bool = True
     """Before starting, check that the cluster can hold every role's resources, and fail
     (exit 2) if not; false for a cluster that adds nodes when asked (an autoscaler)."""
+    start_timeout_s: float = Field(600.0, gt=0.0)
+    """How long the learner, the first rollout actors and the reward replicas may take to come
+    up (placed by Ray, models built). Every 10 s the start says what is still pending; past
+    this, the run fails saying the same."""
 
 
 # --------------------------------------------------------------------------- stage 1 and 2

@@ -1,5 +1,7 @@
-"""The errors a user can cause. The CLI maps every `UserError` to exit code 2 with its message,
-which names the field, file and line."""
+"""The errors the CLI maps to exit codes: a `UserError` (bad config, data, path or argument)
+to 2, with its message naming the field, file and line; a `RunError` (a run that cannot go
+on) to 1, with its message naming the newest checkpoint."""
+
 
 class UserError(ValueError):
     """Something the user gave (config, data file, path, argument) is wrong: exit code 2.
@@ -14,3 +16,10 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A bad line in a data file: the message names the file and the line."""
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (its roles did not come up in time, no actor left, the learner died
+    or hung, too many NaN updates): exit code 1.
+
+    Its message says what happened and where the newest checkpoint is."""

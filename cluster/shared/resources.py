@@ -88,3 +88,18 @@ def check_cluster(cfg: TameConfig, only: tuple[str, ...] = ("learner", "rollout"
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     check_fits(cfg, ray.cluster_resources(), nodes, only)
+
+
+def ask(role: Role) -> str:
+    """One actor's ask as the config spells it: "rollout.num_cpus 1, rollout.resources.ssd 1"."""
+    return ", ".join(role.fields[resource] for resource in role.each) or "nothing"
+
+
+def free_on_cluster(also: tuple[str, ...] = ()) -> str:
+    """What the cluster has free now, per resource: its CPUs and GPUs, and the resources in
+    `also` (e.g. a custom resource an actor asks for, which no node may have)."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    keys = [k for k in ("CPU", "GPU") if k in total] + [k for k in also if k not in ("CPU", "GPU")]
+    return "free on the cluster: " + ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}" for k in keys)

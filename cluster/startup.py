@@ -1,0 +1,67 @@
+"""Waiting for the roles to come up: a deadline, and a word every 10 s on what is pending.
+
+Ray queues an actor it cannot place silently, for as long as it takes, and Serve waits for
+its replicas the same way. A run's start therefore waits for each of its roles (the learner,
+the first rollout actors, the reward replicas) against one deadline,
+`cluster.start_timeout_s`. Every `REPORT_EVERY_S` it says which roles are still pending, what
+each asked for and what the cluster has free; past the deadline it fails with a RunError
+that says the same.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cluster.shared.errors import RunError
+from cluster.shared.resources import free_on_cluster
+
+REPORT_EVERY_S = 10.0
+
+
+@dataclass
+class Pending:
+    """A role on its way up."""
+
+    name: str
+    """"the learner", "rollout actor 0", "the reward service"."""
+    ask: str
+    """What it asked Ray for, as the config spells it: "learner.num_cpus 1"."""
+    is_up: Callable[[], bool]
+    """Polled until true; raises when the role failed to start."""
+    resources: tuple[str, ...] = ()
+    """The resources it asks for, to report what the cluster has free of them."""
+
+
+def ref_done(ref) -> Callable[[], bool]:
+    """`is_up` of an actor call: true once the call returned (or failed: its caller sees how)."""
+    import ray
+
+    return lambda: bool(ray.wait([ref], timeout=0)[0])
+
+
+def wait_until_up(pending: list[Pending], timeout_s: float, log: Callable[[str], None],
+                  report_every_s: float = REPORT_EVERY_S, poll_s: float = 0.25) -> None:
+    """Return once every role is up; a RunError naming the pending ones after `timeout_s`."""
+    start = time.monotonic()
+    next_report = start + report_every_s
+    while True:
+        pending = [p for p in pending if not p.is_up()]
+        if not pending:
+            return
+        now = time.monotonic()
+        if now - start >= timeout_s:
+            raise RunError(f"the run did not start within cluster.start_timeout_s {timeout_s:g} s: "
+                           f"{_describe(pending)}. Nothing was trained. If the cluster adds nodes slowly, "
+                           "raise cluster.start_timeout_s; otherwise lower what the roles ask for")
+        if now >= next_report:
+            log(f"still starting after {now - start:.0f} s: {_describe(pending)}")
+            next_report += report_every_s
+        time.sleep(poll_s)
+
+
+def _describe(pending: list[Pending]) -> str:
+    resources = tuple(dict.fromkeys(r for p in pending for r in p.resources))
+    roles = "; ".join(f"{p.name} ({p.ask})" for p in pending)
+    return f"waiting for {roles}; {free_on_cluster(resources)}"
