@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from cluster.shared.config import MAX_ACTORS, TameConfig, check_model_folder, load_config, schema_json
-from cluster.shared.errors import UserError
+from cluster.shared.errors import RunError, UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -84,14 +84,10 @@ def cmd_train_rm(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _config(args)
-    from cluster.controller import RunError, train
+    from cluster.controller import train
 
     _prepare_models(cfg)
-    try:
-        train(cfg, resume=args.resume, log=log)
-    except RunError as e:  # already explained in the log, with the checkpoint to resume from
-        print(f"tame train: error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    train(cfg, resume=args.resume, log=log)
     return EXIT_OK
 
 
@@ -206,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"tame {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunError as e:  # a run that cannot go on; its message names the newest checkpoint
+        print(f"tame {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt as e:
         print(f"tame {args.command}: interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM

@@ -34,7 +34,7 @@ from cluster.shared.ray_cluster import connect_ray
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
 from cluster.shared.resources import ask, check_cluster, free_on_cluster, roles
 from cluster.shared.transport import WeightsHandle
-from cluster.startup import Pending, ref_done, wait_until_up
+from cluster.shared.startup import Pending, ref_done, wait_until_up
 from cluster.state import Counters, DriverState
 
 NAMESPACE = "tame"
@@ -133,7 +133,7 @@ class Loop:
 
         from learner.learner import Learner
         from reward_service.client import RewardClient
-        from reward_service.service import app_running, deploy
+        from reward_service.service import coming_up, deploy
 
         self.cfg, self.log, self.judge = cfg, log, judge
         self.run_dir = cfg.run_dir
@@ -164,14 +164,13 @@ class Loop:
         self.owns_serve = not _serve_running()
         log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
         self.scorer = RewardClient(deploy(cfg, http=False, wait=False), cfg.reward.timeout_s, cfg.reward.retries)
-        learner_role, rollout_role, reward_role = roles(cfg)
+        learner_role, rollout_role = roles(cfg, only=("learner", "rollout"))
         roles_up = [
             Pending("the learner", ask(learner_role), ref_done(self.learner.__ray_ready__.remote()),
                     tuple(learner_role.each)),
             *(Pending(f"rollout actor {actor_id}", ask(rollout_role), ref_done(handle.__ray_ready__.remote()),
                       tuple(rollout_role.each)) for actor_id, handle in early),
-            Pending("the reward service", f"{reward_role.count_field} x {ask(reward_role)}", app_running,
-                    tuple(reward_role.each))]
+            coming_up(cfg)]
         try:
             wait_until_up(roles_up, cfg.cluster.start_timeout_s, log)
         except BaseException:  # not up in time, or a signal: stop what was started

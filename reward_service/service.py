@@ -30,7 +30,8 @@ from ray.serve.handle import DeploymentHandle
 from cluster.shared.config import TameConfig, gpu_env
 from cluster.shared.errors import RunError
 from cluster.shared.ray_cluster import connect_ray
-from cluster.shared.resources import check_cluster
+from cluster.shared.resources import ask, check_cluster, roles
+from cluster.shared.startup import Pending, wait_until_up
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
 from reward_service.rewards import RewardSum, UnscorableItemError, check_reward_config
 
@@ -205,8 +206,17 @@ def app_running(name: str = "tame-reward") -> bool:
     return status is not None and status.status == "RUNNING"
 
 
+def coming_up(cfg: TameConfig, name: str = "tame-reward") -> Pending:
+    """The reward service as a role the start waits for (`cluster.shared.startup`)."""
+    (role,) = roles(cfg, only=("reward",))
+    return Pending("the reward service", f"{role.count_field} x {ask(role)}", lambda: app_running(name),
+                   tuple(role.each))
+
+
 def serve_forever(cfg: TameConfig, log=print) -> None:
-    """`tame serve-reward`: deploy, print the URL, block until Ctrl-C, then shut down cleanly.
+    """`tame serve-reward`: deploy, print the URL once the replicas are up (within
+    `cluster.start_timeout_s`, saying every 10 s what is pending), block until Ctrl-C, then
+    shut down cleanly.
 
     Connects to `cfg.cluster.address` (or RAY_ADDRESS) when given, else starts a local Ray.
     On a shared cluster only this application is deleted; a local Ray is shut down whole.
@@ -216,18 +226,18 @@ def serve_forever(cfg: TameConfig, log=print) -> None:
     started_here = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, log)
     check_cluster(cfg, only=("reward",))  # replicas no node can hold would wait in Ray's queue forever
     name = "tame-reward"
-    deploy(cfg, http=True, name=name)
-    url = f"http://{cfg.reward.host}:{cfg.reward.port}"
-    auth = f"; bearer token from ${cfg.reward.token_env}" if os.environ.get(cfg.reward.token_env) else ""
-    log(f"reward service at {url}  (POST {url}/v1/score, GET {url}/healthz{auth}); Ctrl-C stops it")
+    deploy(cfg, http=True, name=name, wait=False)
     try:
+        wait_until_up([coming_up(cfg, name)], cfg.cluster.start_timeout_s, log, what="the reward service")
+        url = f"http://{cfg.reward.host}:{cfg.reward.port}"
+        auth = f"; bearer token from ${cfg.reward.token_env}" if os.environ.get(cfg.reward.token_env) else ""
+        log(f"reward service at {url}  (POST {url}/v1/score, GET {url}/healthz{auth}); Ctrl-C stops it")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         log("stopping the reward service")
     finally:
-        if started_here:
-            serve.shutdown()
+        if started_here:  # Serve goes with the local Ray, replicas and all
             ray.shutdown()
         else:
             serve.delete(name)

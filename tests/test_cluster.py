@@ -188,7 +188,7 @@ def test_a_signal_while_starting_stops_the_start_at_once(tiny_assets, tmp_path):
 
 def test_a_start_that_waits_says_every_report_what_is_pending_and_fails_at_its_deadline(ray_local):
     from cluster.shared.errors import RunError
-    from cluster.startup import Pending, wait_until_up
+    from cluster.shared.startup import Pending, wait_until_up
 
     polls, logs = [], []
     learner = Pending("the learner", "learner.num_cpus 1", lambda: polls.append(1) or len(polls) > 3, ("CPU",))
@@ -285,3 +285,13 @@ def test_serve_reward_checks_its_replicas_fit_before_deploying(tiny_assets):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "the run needs 2 CPU: reward.replicas 2 x reward.num_cpus 1; the cluster has 1" in out.stderr
     assert "reward service at" not in out.stdout
+    # Unchecked (a cluster that adds nodes when asked), a replica nothing can place waits
+    # until the start deadline, which names what it waited for.
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve-reward", "--model", str(tiny_assets.reward),
+                          "--set", "cluster.num_cpus=2", "--set", "cluster.check_resources=false",
+                          "--set", "reward.num_gpus=1", "--set", "cluster.start_timeout_s=3"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert ("the reward service did not start within cluster.start_timeout_s 3 s: waiting for the reward service "
+            "(reward.replicas 1 x reward.num_cpus 1, reward.num_gpus 1); free on the cluster: 2 of 2 CPU, 0 of 0 GPU"
+            ) in out.stderr

@@ -97,9 +97,9 @@ def ask(role: Role) -> str:
 
 def free_on_cluster(also: tuple[str, ...] = ()) -> str:
     """What the cluster has free now, per resource: its CPUs and GPUs, and the resources in
-    `also` (e.g. a custom resource an actor asks for, which no node may have)."""
+    `also` (those a pending role asks for, which no node may have)."""
     import ray
 
     total, free = ray.cluster_resources(), ray.available_resources()
-    keys = [k for k in ("CPU", "GPU") if k in total] + [k for k in also if k not in ("CPU", "GPU")]
+    keys = list(dict.fromkeys(["CPU", *(["GPU"] if "GPU" in total else []), *also]))
     return "free on the cluster: " + ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}" for k in keys)
