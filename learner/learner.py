@@ -284,8 +284,15 @@ class Learner:
         behaviour_kl = ppo.masked_mean(ppo.kl_k3(batch.behaviour_logprobs, old_logprobs), mask)
         non_score = (-shaping * kl).sum(1)  # the penalty in the rewards (none when it is in the loss)
         targets = batch.input_ids[:, 1:]
+        sequence_kl = kl.sum(1)
+        sequence_k3 = (ppo.kl_k3(old_logprobs, ref_logprobs) * mask).sum(1)
         metrics = {
-            "objective/kl": kl.sum(1).mean(),
+            "objective/kl": sequence_kl.mean(),
+            # k3 beside the penalty's estimate (k1 by default), and the largest sequence of
+            # each: a mean moved by one sequence is variance, not drift.
+            "objective/kl_k3": sequence_k3.mean(),
+            "objective/kl_max": sequence_kl.max(),
+            "objective/kl_k3_max": sequence_k3.max(),
             "objective/entropy": (-old_logprobs * mask).sum(1).mean(),
             "objective/scores": batch.scores.mean(),
             "objective/non_score_reward": non_score.mean(),

@@ -269,6 +269,18 @@ def test_ppo_updates_raise_the_rewarded_behaviour(tiny_assets, tmp_path):
     assert expected <= metrics.keys()
     assert metrics["objective/kl"] != 0.0  # the policy has left the reference
 
+    # The KL figures by hand: per sequence, the k1 and k3 sums over its response tokens;
+    # logged, their batch means and their largest sequences.
+    exp, metrics = learner.prepare(sample(learner, prompts(tiny_assets, 16, start=200), seed=7))
+    log_ratio = (exp.old_logprobs - exp.ref_logprobs).double()
+    k1 = (log_ratio * exp.mask).sum(1)
+    k3 = ((torch.exp(-log_ratio) - 1 + log_ratio) * exp.mask).sum(1)
+    assert metrics["objective/kl"] == pytest.approx(float(k1.mean()), rel=1e-4, abs=1e-6)
+    assert metrics["objective/kl_max"] == pytest.approx(float(k1.max()), rel=1e-4, abs=1e-6)
+    assert metrics["objective/kl_k3"] == pytest.approx(float(k3.mean()), rel=1e-4, abs=1e-6)
+    assert metrics["objective/kl_k3_max"] == pytest.approx(float(k3.max()), rel=1e-4, abs=1e-6)
+    assert metrics["objective/kl_k3"] > 0
+
 
 def test_critic_from_the_policy_starts_at_zero(tiny_assets, tmp_path):
     learner = Learner(make_cfg(tiny_assets, "learner.critic=policy"), str(tmp_path))
