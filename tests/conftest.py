@@ -46,7 +46,7 @@ def ray_local(tmp_path_factory):
     # The switch of tests.faults:gold_unless_poisoned, seen by every process of the cluster.
     os.environ["TAME_TEST_POISON"] = str(tmp_path_factory.mktemp("faults") / "poison")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False,
                  runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                            "VLLM_CPU_KVCACHE_SPACE": "1",
                                            "TOKENIZERS_PARALLELISM": "false",

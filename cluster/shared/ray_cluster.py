@@ -25,5 +25,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None,
         return False
     if log:
         log(f"starting a local Ray with {num_cpus or 'all the'} CPUs")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **options)  # None: Ray counts them (cgroups too)
+    # "local": a new Ray of its own, even when another was started on this machine with `ray
+    # start` (which a bare ray.init() would join, and refuse num_cpus for).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **options)  # None: Ray counts them
     return True
