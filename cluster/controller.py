@@ -321,11 +321,12 @@ class Loop:
         if not self.pool.returned(slot):  # scaled away while it was loading
             self.retire(slot)
 
-    def on_actor_died(self, slot: Slot, error: Exception) -> None:
-        """Hand the dead actor's prompts out again; replace it unless the config says not to."""
+    def on_actor_died(self, slot: Slot, error: Exception, why: str | None = None) -> None:
+        """Hand the dead (or hung: `why`) actor's prompts out again; replace it unless the
+        config says not to."""
         self.counters.actor_failures += 1
         draining = slot.state is SlotState.DRAINING
-        self.retire(slot, f"actor died ({type(error).__name__}); its {len(slot.prompt_ids)} prompt(s) "
+        self.retire(slot, f"{why or f'actor died ({type(error).__name__})'}; its {len(slot.prompt_ids)} prompt(s) "
                           "are handed out again")
         # A prompt that crashes the engine would kill every replacement: stop instead.
         self.deaths_in_a_row += 1
@@ -368,14 +369,22 @@ class Loop:
         if self.update_ref is not None and limit is not None:
             ahead.append(self.update_started + limit - now)
         ahead += [s.call_started + self.cfg.rollout.load_timeout_s - now for s in self.pool.reloading()]
+        if self.cfg.rollout.generate_timeout_s is not None:
+            ahead += [s.call_started + self.cfg.rollout.generate_timeout_s - now for s in self.pool.generating()]
         return max(0.0, min(ahead))
 
     def check_deadlines(self) -> None:
-        """A weight load or an update that takes too long is taken as hung: the actor is
-        replaced; a hung learner ends the run."""
+        """A weight load, a generation call or an update that takes too long is taken as
+        hung: the actor is replaced (a hung generation as a dead actor); a hung learner ends
+        the run."""
         import ray
 
         now = time.monotonic()
+        limit = self.cfg.rollout.generate_timeout_s
+        for slot in self.pool.overdue_generations(now, limit) if limit is not None else []:
+            self.counters.generate_timeouts += 1
+            self.on_actor_died(slot, TimeoutError(), why=f"actor {slot.actor_id} did not answer a generation call "
+                                                         f"within rollout.generate_timeout_s {limit:g} s: taken as hung")
         limit = self.cfg.rollout.load_timeout_s
         for slot in self.pool.overdue_loads(now, limit):
             self.counters.load_timeouts += 1

@@ -115,6 +115,14 @@ class ActorPool:
         engine to be built: `pending_start`.)"""
         return [s for s in self.slots.values() if s.state is SlotState.LOADING and s.version >= 0]
 
+    def generating(self) -> list[Slot]:
+        """Actors with a generation call in flight (draining ones included)."""
+        return [s for s in self.slots.values() if s.pending is not None and s.prompt_ids]
+
+    def overdue_generations(self, now: float, timeout_s: float) -> list[Slot]:
+        """Actors whose generation call started more than `timeout_s` ago."""
+        return [s for s in self.generating() if now - s.call_started > timeout_s]
+
     def overdue_loads(self, now: float, timeout_s: float) -> list[Slot]:
         """Actors that are up and have not confirmed a load started more than `timeout_s` ago."""
         return [s for s in self.reloading() if now - s.call_started > timeout_s]

@@ -18,6 +18,9 @@ class Counters:
     """Prompts whose scoring failed: handed out again."""
     actor_failures: int = 0
     """Rollout actors that died: replaced unless rollout.replace_failed is false."""
+    generate_timeouts: int = 0
+    """Generation calls not answered within rollout.generate_timeout_s: that actor was
+    handled as a dead one (its prompts handed out again, counted in actor_failures too)."""
     load_timeouts: int = 0
     """Weight loads not confirmed within rollout.load_timeout_s: that actor was replaced."""
     fingerprint_mismatches: int = 0

@@ -170,3 +170,16 @@ def test_only_an_actor_that_is_up_can_be_overdue_with_a_load():
     assert pool.overdue_loads(now=10.0, timeout_s=5.0) == [hung]
     assert pool.overdue_loads(now=15.0, timeout_s=5.0) == [hung, recent]
     assert pool.pending_start() == [new]
+
+
+def test_a_generation_call_past_its_deadline_is_overdue_draining_or_not():
+    from cluster.pool import ActorPool, Slot, SlotState
+
+    pool = ActorPool(make_actor=None, target=3)
+    late = Slot(0, None, SlotState.GENERATING, version=3, pending="ref0", prompt_ids=["0:1"], call_started=0.0)
+    leaving = Slot(1, None, SlotState.DRAINING, version=3, pending="ref1", prompt_ids=["0:2"], call_started=0.0)
+    loading = Slot(2, None, SlotState.DRAINING, version=3, pending="ref2", call_started=0.0)  # no prompts: a load
+    fresh = Slot(3, None, SlotState.GENERATING, version=3, pending="ref3", prompt_ids=["0:3"], call_started=8.0)
+    pool.slots = {s.actor_id: s for s in (late, leaving, loading, fresh)}
+    assert pool.overdue_generations(now=10.0, timeout_s=5.0) == [late, leaving]
+    assert pool.overdue_generations(now=20.0, timeout_s=5.0) == [late, leaving, fresh]

@@ -134,6 +134,11 @@ class RolloutConfig(Section):
     GPUs survive weight reloads, which are made in place)."""
     prompts_per_batch: int = Field(32, ge=1)
     """Prompts an actor generates in one call before it checks for new weights."""
+    generate_timeout_s: float | None = Field(900.0, gt=0.0)
+    """How long one generation call (generating and scoring up to prompts_per_batch prompts)
+    may take; an actor that has not answered by then is taken as hung and handled as a dead
+    one: its prompts are handed out again and it is replaced (`generate_timeouts` in the
+    summary). Null: no limit."""
     load_timeout_s: float = Field(300.0, gt=0.0)
     """How long an actor that is up may take to load and verify a new policy version; one that
     has not confirmed by then is taken as hung: it is retired, replaced, and counted
