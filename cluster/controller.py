@@ -33,8 +33,8 @@ from cluster.shared.files import write_json
 from cluster.shared.ray_cluster import connect_ray
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
 from cluster.shared.resources import ask, check_cluster, free_on_cluster, roles
-from cluster.shared.transport import WeightsHandle
 from cluster.shared.startup import Pending, ref_done, wait_until_up
+from cluster.shared.transport import WeightsHandle
 from cluster.state import Counters, DriverState
 
 NAMESPACE = "tame"
