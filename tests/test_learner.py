@@ -308,7 +308,7 @@ def test_ptx_term_trains_on_demonstrations(tiny_assets, tmp_path):
 # --------------------------------------------------------------------------- non-finite updates
 
 
-def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, tmp_path):
+def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, ray_local, tmp_path):
     learner = Learner(make_cfg(tiny_assets, "learner.max_nonfinite_updates=2",
                                "ppo.minibatch_size=2", "ppo.micro_batch_size=2"), str(tmp_path))
     rollouts = sample(learner, prompts(tiny_assets, 8), seed=5)
