@@ -383,8 +383,8 @@ class Loop:
         limit = self.cfg.rollout.generate_timeout_s
         for slot in self.pool.overdue_generations(now, limit) if limit is not None else []:
             self.counters.generate_timeouts += 1
-            self.on_actor_died(slot, TimeoutError(), why=f"actor {slot.actor_id} did not answer a generation call "
-                                                         f"within rollout.generate_timeout_s {limit:g} s: taken as hung")
+            why = f"no answer to a generation call within rollout.generate_timeout_s {limit:g} s (taken as hung)"
+            self.on_actor_died(slot, TimeoutError(why), why=why)
         limit = self.cfg.rollout.load_timeout_s
         for slot in self.pool.overdue_loads(now, limit):
             self.counters.load_timeouts += 1
