@@ -64,6 +64,32 @@ def learner_env(cfg: TameConfig) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "PASSIVE"} if overlapped else {}
 
 
+def start_learner(cfg: TameConfig):
+    """The learner actor, and its placement group (None for one worker). With
+    learner.num_workers > 1 the actor is rank 0 of a sharded learner, in the first bundle of a
+    placement group that holds every worker (packed onto as few nodes as fit); it starts the
+    others in the remaining bundles (`learner/workers.py`)."""
+    import ray
+
+    lc = cfg.learner
+    options = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus, "resources": lc.resources,
+               "runtime_env": {"env_vars": {**learner_env(cfg), **gpu_env(lc.num_gpus)}}}
+    if lc.num_workers == 1:
+        from learner.learner import Learner
+
+        return ray.remote(**options)(Learner).remote(cfg, str(cfg.run_dir)), None
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from learner.workers import LeadLearner
+
+    bundle = {k: v for k, v in {"CPU": lc.num_cpus, "GPU": lc.num_gpus, **lc.resources}.items() if v > 0}
+    group = placement_group([bundle] * lc.num_workers, strategy="PACK")
+    placed = [{**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, rank)}
+              for rank in range(lc.num_workers)]
+    return ray.remote(LeadLearner).options(**placed[0]).remote(cfg, str(cfg.run_dir), placed[1:]), group
+
+
 # --------------------------------------------------------------------------- scaling mailbox
 
 
@@ -131,7 +157,6 @@ class Loop:
                  created: float | None = None):
         import ray
 
-        from learner.learner import Learner
         from reward_service.client import RewardClient
         from reward_service.service import coming_up, deploy
 
@@ -153,10 +178,7 @@ class Loop:
         actor_cls = rollout_actor_class(cfg)
         self.pool = ActorPool(lambda actor_id, scorer: actor_cls.remote(cfg, actor_id, scorer), cfg.rollout.num_actors)
         log(f"starting the learner and {self.pool.target} rollout actor(s)")
-        self.learner = ray.remote(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
-                                  resources=cfg.learner.resources,
-                                  runtime_env={"env_vars": {**learner_env(cfg), **gpu_env(cfg.learner.num_gpus)}},
-                                  )(Learner).remote(cfg, str(self.run_dir))
+        self.learner, self.learner_group = start_learner(cfg)
         early = [self.pool.create(scorer=None) for _ in range(self.pool.target)]
 
         # A Serve instance this run starts is stopped with it, so a later deployment on the
@@ -174,10 +196,12 @@ class Loop:
         try:
             wait_until_up(roles_up, cfg.cluster.start_timeout_s, log)
         except BaseException:  # not up in time, or a signal: stop what was started
-            for handle in [self.learner, *(h for _, h in early)]:
+            for _, handle in early:
                 ray.kill(handle)
+            self.stop_learner()
             raise
-        self.placement: dict = {"learner": _node_of(self.learner), "actors": {},
+        workers = ray.get(self.learner.places.remote())
+        self.placement: dict = {"learner": {**workers[0], "workers": workers}, "actors": {},
                                 "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}}
         saved = ray.get(self.learner.load_checkpoint.remote()) if resume else None
         if saved:
@@ -377,7 +401,6 @@ class Loop:
         """A weight load, a generation call or an update that takes too long is taken as
         hung: the actor is replaced (a hung generation as a dead actor); a hung learner ends
         the run."""
-        import ray
 
         now = time.monotonic()
         limit = self.cfg.rollout.generate_timeout_s
@@ -392,12 +415,22 @@ class Loop:
                               "taken as hung and replaced")  # apply_scaling starts the replacement
         limit = self.cfg.learner.update_timeout_s
         if self.update_ref is not None and limit is not None and now - self.update_started > limit:
-            ray.kill(self.learner)  # what a hung learner would still do cannot be trusted
+            self.stop_learner()  # what a hung learner would still do cannot be trusted
             self.update_ref = None
             raise RunError(f"an update took longer than learner.update_timeout_s {limit:g} s, so the learner was "
                            f"stopped; resume with `tame train --resume`: {_newest_checkpoint(self.run_dir)}")
 
     # ----------------------------------------------------------------- learner
+
+    def stop_learner(self) -> None:
+        """Kill the learner (a sharded one's workers die with their rank 0) and free its
+        placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        ray.kill(self.learner)
+        if self.learner_group is not None:
+            remove_placement_group(self.learner_group)
 
     def maybe_start_update(self) -> None:
         batch, dropped = self.pipeline.next_batch()
@@ -414,12 +447,14 @@ class Loop:
         import ray
 
         from learner.learner import NonFiniteUpdatesError
+        from learner.workers import WorkerDiedError
 
         try:
             return ray.get(self.update_ref)
-        except ray.exceptions.RayActorError as e:
-            raise RunError(f"the learner died ({type(e).__name__}); resume with `tame train --resume` "
-                           f"from the newest checkpoint in {self.run_dir / 'checkpoints'}") from e
+        except (ray.exceptions.RayActorError, WorkerDiedError) as e:
+            what = e.cause if isinstance(e, ray.exceptions.RayTaskError) else type(e).__name__
+            raise RunError(f"the learner died ({what}); resume with `tame train --resume`: "
+                           f"{_newest_checkpoint(self.run_dir)}") from e
         except NonFiniteUpdatesError as e:
             self.update_ref = None
             self.source.give_back([g.prompt_id for g in self.pipeline.update_done(trained=False)])
@@ -619,7 +654,7 @@ class Loop:
 
         for slot in list(self.pool.slots.values()):
             ray.kill(slot.handle)
-        ray.kill(self.learner)
+        self.stop_learner()
         ray.kill(self.control)
         try:
             serve.shutdown() if self.owns_serve else serve.delete("tame-reward")

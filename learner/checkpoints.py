@@ -1,14 +1,21 @@
-"""Checkpoints of a run: `<run_dir>/checkpoints/version-NNNNNN/` holds `policy/` and (with
-GAE) `critic/` in Hugging Face format (loadable with `from_pretrained` and by vLLM) and
-`trainer_state.pt` (optimizers, schedulers, KL controller, RNG states, the driver's state).
+"""Checkpoints of a run: `<run_dir>/checkpoints/version-NNNNNN/` holds
+- `policy/` and (with GAE) `critic/` in Hugging Face format, loadable with `from_pretrained`
+  and by vLLM (the export for users: whole tensors, float32);
+- `sharded/`: the weights and optimizer states as the learner holds them, written by every
+  worker in parallel with `torch.distributed.checkpoint`, which reshards on load: a run saved
+  with N learner workers resumes with any number;
+- `trainer_state.pt`, written last: schedulers, KL controller, RNG states, the driver's state.
 Each is written to a hidden temporary folder and renamed into place, so a reader never
 sees half of one, and an interrupted save is never picked up."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +23,11 @@ import numpy as np
 import torch
 
 from cluster.shared.files import atomic_directory
+from learner.sharding import Shards
 
 NAME = re.compile(r"^version-(\d{6,})$")
 STATE_FILE = "trainer_state.pt"
+SHARDED = "sharded"
 
 
 def path_of(run_dir: Path, version: int) -> Path:
@@ -35,31 +44,92 @@ def complete(run_dir: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
-def save(final: Path, models: dict[str, Any], tokenizer: Any, state: dict, keep: int) -> str:
-    """Write the models (Hugging Face folders, with the tokenizer and the policy's generation
-    config) and the trainer state atomically, then keep the newest `keep` checkpoints."""
-    with atomic_directory(final) as tmp:
+def _sharded_state(models: dict[str, Any], optimizers: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """{name: state dict} of the models and of the optimizers ({name: (model, optimizer)}),
+    keyed by parameter name, each worker's shards as DTensors when sharded."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {**{name: get_model_state_dict(model) for name, model in models.items()},
+            **{name: get_optimizer_state_dict(model, optimizer) for name, (model, optimizer) in optimizers.items()}}
+
+
+@contextlib.contextmanager
+def _single_process_is_meant() -> Iterator[None]:
+    """One learner worker saves and loads without a process group, on purpose: torch's
+    warning that it assumes so would be noise in the log of every checkpoint."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save(final: Path, models: dict[str, Any], optimizers: dict[str, tuple[Any, Any]], tokenizer: Any,
+         state: dict, keep: int, shards: Shards) -> str:
+    """Write a checkpoint atomically and keep the newest `keep`. Every worker of the learner
+    calls it: each writes its shards; rank 0 writes the export and the trainer state and
+    renames the folder into place. Optimizers that have not stepped yet have no state to save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    lead = shards.rank == 0
+    stepped = {name: pair for name, pair in optimizers.items() if pair[1].state}
+    with atomic_directory(final) if lead else contextlib.nullcontext() as tmp:
+        tmp = Path(shards.broadcast(str(tmp) if lead else None))
         for name, model in models.items():
-            model.save_pretrained(tmp / name)
-            tokenizer.save_pretrained(tmp / name)
-            generation_config = getattr(model, "generation_config", None)
-            if generation_config is not None and name == "policy":
-                generation_config.save_pretrained(tmp / name)
-        torch.save(state, tmp / STATE_FILE)
-    for old in complete(final.parent.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+            whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if lead:
+                model.save_pretrained(tmp / name, state_dict=whole)
+                tokenizer.save_pretrained(tmp / name)
+                generation_config = getattr(model, "generation_config", None)
+                if generation_config is not None and name == "policy":
+                    generation_config.save_pretrained(tmp / name)
+            del whole
+        with _single_process_is_meant():
+            dcp.save(_sharded_state(models, stepped), checkpoint_id=tmp / SHARDED, no_dist=not shards.sharded)
+        if lead:
+            torch.save({**state, "optimizers": sorted(stepped)}, tmp / STATE_FILE)
+    shards.barrier()  # the folder is in place before any worker returns
+    if lead:
+        for old in complete(final.parent.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return str(final)
 
 
-def load(path: Path, models: dict[str, tuple[Any, Any]], dtype: torch.dtype, device: torch.device) -> dict:
-    """Load each model's weights ({name: (model, its Auto class)}) in place and return the
-    trainer state."""
+def load(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, tuple[Any, Any]],
+         shards: Shards) -> dict:
+    """Load the weights and optimizer states in place ({name: (model, Auto class)} and
+    {name: (model, optimizer)}) and return the trainer state. Every worker calls it."""
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
-    for name, (model, auto_class) in models.items():
-        model.load_state_dict(auto_class.from_pretrained(path / name, dtype=dtype).state_dict())
     # Our own file, holding numpy and python RNG states that weights_only cannot load.
-    return torch.load(path / STATE_FILE, map_location=device, weights_only=False)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    if not (path / SHARDED).is_dir():
+        return _load_whole(path, models, optimizers, state, shards)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    stepped = {name: optimizers[name] for name in state["optimizers"]}
+    loaded = _sharded_state({name: model for name, (model, _) in models.items()}, stepped)
+    with _single_process_is_meant():
+        dcp.load(loaded, checkpoint_id=path / SHARDED, no_dist=not shards.sharded)
+    for name, (model, _) in models.items():
+        set_model_state_dict(model, loaded[name])
+    for name, (model, optimizer) in stepped.items():
+        set_optimizer_state_dict(model, optimizer, loaded[name])
+    return state
+
+
+def _load_whole(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, tuple[Any, Any]],
+                state: dict, shards: Shards) -> dict:
+    """A checkpoint written before `sharded/` existed: Hugging Face weights and whole
+    optimizer states in the trainer state. One worker only."""
+    if shards.sharded:
+        raise ValueError(f"{path} was written by a tame without sharded checkpoints: "
+                         "resume it with learner.num_workers 1")
+    for name, (model, auto_class) in models.items():
+        model.load_state_dict(auto_class.from_pretrained(path / name, dtype=torch.float32).state_dict())
+    for name, (_, optimizer) in optimizers.items():
+        optimizer.load_state_dict(state[name])
+    return state
 
 
 def rng_states(generator: torch.Generator, device: torch.device) -> dict:

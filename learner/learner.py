@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
+import types
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -42,6 +44,7 @@ from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, Weight
 from learner import checkpoints, ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
 from learner.experience import Batch, Experience, tokenize
+from learner.sharding import Group, Shards, full
 from learner.training import (
     demonstration_nll,
     disable_dropout,
@@ -70,13 +73,15 @@ class Learner:
     """Policy, frozen reference, critic and their optimizers; PPO updates, weight
     publication and checkpoints. See the module docstring for the shape of one update."""
 
-    def __init__(self, cfg: TameConfig, run_dir: str):
+    def __init__(self, cfg: TameConfig, run_dir: str, group: Group | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.threads = set_torch_threads(cfg.learner.threads or cfg.learner.num_cpus)
         self.device = torch.device(cfg.learner.device)
+        # One of learner.num_workers processes (learner/sharding.py); alone without a group.
+        self.shards = Shards(group, self.device)
         # Float32 weights and optimizer states always; learner.compute_dtype sets the
         # arithmetic of the forward passes (training.compute_context).
         self.dtype = torch.float32
@@ -101,6 +106,24 @@ class Learner:
                 disable_dropout(model)
                 model.to(self.device)
         self.value_head = _value_head(self.critic) if self.critic is not None else None
+        if self.critic is not None:
+            # Body and value head in one call, so a sharded critic gathers its root (which
+            # holds the head) for it as for a forward pass.
+            self.critic.token_values = types.MethodType(_token_values, self.critic)
+        if cfg.learner.gradient_checkpointing:
+            for model in (self.policy, self.critic):
+                if model is not None:
+                    # Transformers recomputes layers only in train mode; dropout stays off
+                    # (disable_dropout zeroed every probability).
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model.train()
+        for model in (self.policy, self.reference, self.critic):
+            if model is not None:
+                self.shards.shard(model, cfg.learner.param_dtype, cfg.learner.reduce_dtype)
+        if self.critic is not None and self.shards.sharded:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(self.critic, "token_values")
 
         minibatches = math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
         total_steps = cfg.train.total_updates * p.epochs * minibatches
@@ -129,6 +152,7 @@ class Learner:
         self.fuse_first_pass = True  # False always runs the separate no-grad pass (tests compare)
         self._version = 0
         self._handle: WeightsHandle | None = None
+        self._published = -1  # the version the workers last gathered for a publication
         self.transport: WeightTransport = ObjectStoreTransport()
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
@@ -164,12 +188,29 @@ class Learner:
     def version(self) -> int:
         return self._version
 
-    def publish(self) -> WeightsHandle:
+    def place(self) -> dict:
+        """The Ray node and the process this worker runs in."""
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def places(self) -> list[dict]:
+        """`place` of each worker of the learner, rank 0 first."""
+        return [self.place()]
+
+    def publish(self) -> WeightsHandle | None:
         """Publish the current policy weights with their probes (once per version: later
-        calls return the cached handle)."""
-        if self._handle is None or self._handle.version != self._version:
-            dtype = torch_dtype(self.cfg.learner.transport_dtype or self.cfg.model.dtype)
-            self._handle = self.transport.publish(self.policy.named_parameters(), self._version, dtype)
+        calls return the cached handle). Sharded, every worker gathers each tensor in turn and
+        rank 0 publishes them; the others return None."""
+        if self._published != self._version:
+            named = self.shards.full_parameters(self.policy)
+            if self.shards.rank == 0:
+                dtype = torch_dtype(self.cfg.learner.transport_dtype or self.cfg.model.dtype)
+                self._handle = self.transport.publish(named, self._version, dtype)
+            else:
+                for _ in named:  # the gathers rank 0 publishes from
+                    pass
+            self._published = self._version
         return self._handle
 
     # ------------------------------------------------------------------ tokens and passes
@@ -187,15 +228,9 @@ class Learner:
                                      self.temperature, with_entropy)
 
     def _values(self, mb: Batch) -> torch.Tensor:
-        """The critic's value of the state before each window token. -> (B, W)
-
-        The body runs in the compute dtype; the value head in float32, so values keep their
-        precision through GAE and whitening."""
-        with compute_context(self.device, self.cfg.learner.compute_dtype):
-            hidden = self.critic.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                            use_cache=False).last_hidden_state  # (B, L, H)
-        window = hidden[:, mb.offset: mb.input_ids.shape[1] - 1]  # (B, W, H)
-        return float32_head(self.value_head, window).squeeze(-1) * mb.mask
+        """The critic's value of the state before each window token (`_token_values`). -> (B, W)"""
+        compute = compute_context(self.device, self.cfg.learner.compute_dtype)
+        return self.critic.token_values(mb.input_ids, mb.attention_mask, mb.offset, compute)[..., 0] * mb.mask
 
     def _forward(self, mb: Batch) -> Forward:
         """The policy's log-probs and entropy and the critic's values (None without a
@@ -211,15 +246,22 @@ class Learner:
         back at its columns). -> (B, W) each; None for the passes not made."""
         ref = torch.zeros(batch.mask.shape, device=self.device)
         old_logprobs = torch.zeros_like(ref) if proximal else None
-        old_values = torch.zeros_like(ref) if proximal else None
-        for rows in torch.arange(len(batch), device=self.device).split(self.cfg.ppo.micro_batch_size):
+        old_values = torch.zeros_like(ref) if proximal and self.critic is not None else None
+        for rows, stand_in in self.shards.rows(torch.arange(len(batch), device=self.device),
+                                               self.cfg.ppo.micro_batch_size):
             window = batch.window(rows)
             mb, cols = batch.cut(window), window.columns()
-            ref[rows, cols] = self._token_logprobs(self.reference, mb)[0]
+            passes = [(ref, self._token_logprobs(self.reference, mb)[0])]
             if proximal:
-                old_logprobs[rows, cols] = self._token_logprobs(self.policy, mb)[0]
+                passes.append((old_logprobs, self._token_logprobs(self.policy, mb)[0]))
                 if self.critic is not None:
-                    old_values[rows, cols] = self._values(mb)
+                    passes.append((old_values, self._values(mb)))
+            if not stand_in:
+                for out, values in passes:
+                    out[rows, cols] = values
+        self.shards.sum_(ref, old_logprobs, old_values)  # each worker wrote its own rows
+        if proximal and old_values is None:
+            old_values = torch.zeros_like(ref)
         return ref, old_logprobs, old_values
 
     def _proximal_from(self, batch: Batch, rows: torch.Tensor, first: Forward) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +368,7 @@ class Learner:
         n_tokens = float(exp.mask[rows].sum())
         kl_coef = self.kl_controller.value if p.kl.placement == "loss" else 0.0
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for micro in rows.split(micro_batch_size):
+        for micro, stand_in in self.shards.rows(rows, micro_batch_size):
             mb = exp.select(micro)
             if first is not None:
                 assert len(micro) == len(rows), "a fused forward covers exactly one micro-batch"
@@ -350,13 +392,15 @@ class Learner:
                 kl = (ppo.kl_k3(logp, mb.ref_logprobs) * weights).sum()
                 loss = loss + kl_coef * kl
                 terms.append(("kl", kl))
-            loss.backward()
+            # A stand-in pass is there for the gathers only: no gradient, and zero statistics
+            # under the same keys as every worker's.
+            (0.0 * loss if stand_in else loss).backward()
             for key, value in [("loss", loss), *terms]:
-                totals[key] += value.detach()
+                totals[key] += torch.zeros_like(value) if stand_in else value.detach()
         if p.ptx_coef > 0:
             totals["ptx"] = self._ptx_backward(len(rows), micro_batch_size)
             totals["loss"] += p.ptx_coef * totals["ptx"]
-        return {k: float(v) for k, v in totals.items()}
+        return self.shards.sum_floats(totals)
 
     def _ptx_backward(self, n_examples: int, micro_batch_size: int) -> torch.Tensor:
         """PPO-ptx (InstructGPT): `ptx_coef` times the NLL of the next `n_examples`
@@ -366,15 +410,16 @@ class Learner:
         self.ptx_cursor = (self.ptx_cursor + n_examples) % len(self.ptx_examples)
         n_tokens = float(sum(len(e.input_ids) - e.prompt_length for e in batch))
         total = torch.zeros((), device=self.device)
-        for start in range(0, len(batch), micro_batch_size):
+        for rows, stand_in in self.shards.rows(torch.arange(len(batch)), micro_batch_size):
             ids, attention, loss_mask = collate_demonstrations(
-                batch[start: start + micro_batch_size], self.pad_id, self.device)
+                [batch[i] for i in rows.tolist()], self.pad_id, self.device)
             with compute_context(self.device, self.cfg.learner.compute_dtype):
                 nll = demonstration_nll(self.policy, ids, attention, loss_mask, n_tokens,
                                         self.temperature)
-            (self.cfg.ppo.ptx_coef * nll).backward()
-            total += nll.detach()
-        return total
+            ((0.0 if stand_in else self.cfg.ppo.ptx_coef) * nll).backward()
+            if not stand_in:
+                total += nll.detach()
+        return total  # this worker's part: accumulate_gradients sums the totals
 
     # ------------------------------------------------------------------ the update
 
@@ -391,7 +436,8 @@ class Learner:
         # 2. no-grad passes. One micro-batch per update: the first epoch's forward pass, made
         # now with gradient, is the proximal policy (Hilton et al.'s pi_prox is the policy
         # before this update's first step), so its no-grad twin is skipped.
-        fused = self.fuse_first_pass and len(batch) <= min(p.minibatch_size, p.micro_batch_size)
+        fused = (self.fuse_first_pass and not self.shards.sharded
+                 and len(batch) <= min(p.minibatch_size, p.micro_batch_size))
         first = None
         ref_logprobs, old_logprobs, old_values = self._no_grad_passes(batch, proximal=not fused)
         if fused:
@@ -414,15 +460,15 @@ class Learner:
             for rows in order.split(p.minibatch_size):
                 mb_stats = self.accumulate_gradients(exp, rows, p.micro_batch_size,
                                                      first=first if epoch == 0 else None)
-                norms = {name: float(torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm))
-                         for name, model in (("policy", self.policy), ("critic", self.critic)) if model is not None}
+                norms = {name: float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)))
+                         for name, model in self._models().items()}
                 if not all(math.isfinite(x) for x in (mb_stats["loss"], *norms.values())):
                     self._zero_grad()
                     if snapshot is not None:
                         self._restore(snapshot)
                     self.ptx_cursor = ptx_cursor
                     return self._skip(metrics, started)
-                for optimizer, scheduler in self._optimizers():
+                for optimizer, scheduler in self._optimizers().values():
                     optimizer.step()
                     scheduler.step()
                 self._zero_grad()
@@ -451,7 +497,8 @@ class Learner:
             "learner/optimizer_steps": float(steps),
             # Policy and critic (none without GAE): what the learner holds and trains.
             "learner/trained_parameters": float(sum(
-                p.numel() for model in (self.policy, self.critic) if model is not None for p in model.parameters())),
+                p.numel() for model in self._models().values() for p in model.parameters())),
+            "learner/workers": float(self.shards.world),
             "learner/fused_first_pass": float(fused),
             "learner/skipped_nonfinite": 0.0,
             "learner/nonfinite_total": float(self.nonfinite_total),
@@ -488,21 +535,29 @@ class Learner:
                         "perf/update_seconds": time.perf_counter() - started})
         return UpdateResult(self._version, skipped=True, metrics=metrics)
 
-    def _optimizers(self) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
-        pairs = [(self.policy_optimizer, self.policy_scheduler)]
-        if self.critic is not None:
-            pairs.append((self.critic_optimizer, self.critic_scheduler))
-        return pairs
+    def _models(self) -> dict[str, torch.nn.Module]:
+        """The trained models by name: the policy, and the critic with GAE."""
+        return {name: model for name, model in (("policy", self.policy), ("critic", self.critic))
+                if model is not None}
+
+    def _optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
+        """{model name: (its optimizer, its scheduler)}."""
+        return {name: (getattr(self, f"{name}_optimizer"), getattr(self, f"{name}_scheduler"))
+                for name in self._models()}
+
+    def _model_optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """{"<model>_optimizer": (model, its optimizer)}, as the checkpoints key them."""
+        return {f"{name}_optimizer": (model, getattr(self, f"{name}_optimizer"))
+                for name, model in self._models().items()}
 
     def _zero_grad(self) -> None:
-        for optimizer, _ in self._optimizers():
+        for optimizer, _ in self._optimizers().values():
             optimizer.zero_grad(set_to_none=True)
 
     def _trainable(self) -> dict[str, object]:
         """Everything an update changes, by name (no critic's without a critic)."""
-        names = ("policy", "critic") if self.critic is not None else ("policy",)
         return {f"{name}{part}": getattr(self, f"{name}{part}")
-                for name in names for part in ("", "_optimizer", "_scheduler")}
+                for name in self._models() for part in ("", "_optimizer", "_scheduler")}
 
     def _snapshot(self) -> dict[str, dict]:
         """Copies of everything an update changes, to undo an update that goes non-finite
@@ -519,31 +574,33 @@ class Learner:
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
         """The learner's log-probs (at the sampling temperature) of every response token."""
         batch = self.tokens(rollouts, truncate=False)
-        out = []
-        for rows in torch.arange(len(batch), device=self.device).split(self.cfg.ppo.micro_batch_size):
-            mb = batch.select(rows)
-            logp, _ = self._token_logprobs(self.policy, mb)
-            out.extend(logp[row][mb.mask[row].bool()].tolist() for row in range(len(rows)))
-        return out
+        logprobs = torch.zeros(batch.mask.shape, device=self.device)
+        for rows, stand_in in self.shards.rows(torch.arange(len(batch), device=self.device),
+                                               self.cfg.ppo.micro_batch_size):
+            window = batch.window(rows)
+            logp, _ = self._token_logprobs(self.policy, batch.cut(window))
+            if not stand_in:
+                logprobs[rows, window.columns()] = logp
+        self.shards.sum_(logprobs)
+        return [logprobs[row][batch.mask[row].bool()].tolist() for row in range(len(batch))]
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, driver_state: dict) -> str:
         """Write this version's checkpoint (`learner/checkpoints.py`) with the driver's state,
         then keep only the newest `learner.keep_checkpoints`."""
-        trainable = self._trainable()
         state = {
             "version": self._version,
-            **{name: obj.state_dict() for name, obj in trainable.items() if name.endswith(("_optimizer", "_scheduler"))},
+            **{f"{name}_scheduler": scheduler.state_dict() for name, (_, scheduler) in self._optimizers().items()},
             "kl_controller": self.kl_controller.state_dict(),
             "ptx_cursor": self.ptx_cursor,
             "nonfinite": {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total},
             "rng": checkpoints.rng_states(self.shuffle, self.device),
             "extra": driver_state,
         }
-        models = {name: model for name, model in (("policy", self.policy), ("critic", self.critic)) if model is not None}
-        return checkpoints.save(checkpoints.path_of(self.run_dir, self._version), models, self.tokenizer, state,
-                                self.cfg.learner.keep_checkpoints)
+        return checkpoints.save(checkpoints.path_of(self.run_dir, self._version), self._models(),
+                                self._model_optimizers(), self.tokenizer, state,
+                                self.cfg.learner.keep_checkpoints, self.shards)
 
     def load_checkpoint(self, path: str | None = None) -> dict | None:
         """Restore weights, optimizers, schedulers, KL controller, version and RNG states
@@ -556,21 +613,32 @@ class Learner:
             if not found:
                 return None
             path = found[-1]
-        models = {"policy": (self.policy, AutoModelForCausalLM)}
-        if self.critic is not None:
-            models["critic"] = (self.critic, AutoModelForSequenceClassification)
-        state = checkpoints.load(Path(path), models, self.dtype, self.device)
+        auto = {"policy": AutoModelForCausalLM, "critic": AutoModelForSequenceClassification}
+        models = {name: (model, auto[name]) for name, model in self._models().items()}
+        state = checkpoints.load(Path(path), models, self._model_optimizers(), self.shards)
         self._version = state["version"]
-        for name, obj in self._trainable().items():
-            if name.endswith(("_optimizer", "_scheduler")):
-                obj.load_state_dict(state[name])
+        for name, (_, scheduler) in self._optimizers().items():
+            scheduler.load_state_dict(state[f"{name}_scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.ptx_cursor = state["ptx_cursor"]
         self.nonfinite_in_row = state["nonfinite"]["in_row"]
         self.nonfinite_total = state["nonfinite"]["total"]
         checkpoints.restore_rng_states(state["rng"], self.shuffle, self.device)
-        self._handle = None
+        self._handle, self._published = None, -1
         return state["extra"]
+
+
+def _token_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, offset: int,
+                  compute) -> torch.Tensor:
+    """The critic's value of the state before each window token (positions offset .. L-2),
+    bound to the critic as `token_values`. The body runs in `compute` (the compute dtype's
+    context); the value head in float32, so values keep their precision through GAE and
+    whitening. -> (B, W, 1)"""
+    with compute:
+        hidden = critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state  # (B, L, H)
+    window = hidden[:, offset: input_ids.shape[1] - 1]  # (B, W, H)
+    return float32_head(_value_head(critic), window)  # (B, W, 1): no view, for FSDP's backward hook
 
 
 def _value_head(model: torch.nn.Module) -> torch.nn.Module:

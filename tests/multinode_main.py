@@ -1,5 +1,5 @@
 """Run the smoke loop on a multi-node cluster simulated with `ray.cluster_utils.Cluster`: the
-learner on one node, the rollout actors on another, placed by custom Ray resources.
+learner's workers on one node, the rollout actors on another, placed by custom Ray resources.
 Run as a script by tests/test_ray_jobs.py (a separate process owns the simulated cluster)."""
 
 import json
@@ -12,7 +12,7 @@ from cluster.controller import NAMESPACE, train
 from cluster.shared.config import load_config
 
 config, out, *overrides = sys.argv[1:]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_node": 1}})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_node": 2}})
 worker = cluster.add_node(num_cpus=2, resources={"rollout_node": 4})
 ray.init(address=cluster.address, namespace=NAMESPACE)
 cfg = load_config(config, [*overrides, "learner.resources={learner_node: 1}", "rollout.resources={rollout_node: 1}"])

@@ -148,6 +148,11 @@ def test_what_a_run_needs_is_summed_and_compared_with_the_cluster():
     assert "learner.num_cpus 3 CPU" not in str(err.value)  # 3 of 4 fits a node
     assert "learner.resources.gpu_box 1 gpu_box: no node has that much (the largest has 0)" in str(err.value)
     assert "the run needs 1 gpu_box: learner.resources.gpu_box 1; the cluster has 0" in str(err.value)
+    # A sharded learner asks for its resources once per worker.
+    with pytest.raises(UserError) as err:
+        check_fits(load_config(REPO / "configs/smoke.yaml", ["learner.num_workers=2"]), {"CPU": 3.0}, [{"CPU": 3.0}])
+    assert ("the run needs 3.5 CPU: learner.num_workers 2 x learner.num_cpus 1 + rollout.num_actors 1 x "
+            "rollout.num_cpus 1 + reward.replicas 1 x reward.num_cpus 0.5; the cluster has 3") in str(err.value)
 
 
 def smoke_command(tiny_assets, tmp_path, *sets: str) -> list[str]:

@@ -12,7 +12,7 @@ import yaml
 from cluster.shared.config import TameConfig, load_config
 from cluster.shared.errors import ConfigError
 
-REPO_CONFIGS = ["configs/demo.yaml", "configs/smoke.yaml", "configs/gpu.yaml"]
+REPO_CONFIGS = ["configs/demo.yaml", "configs/smoke.yaml", "configs/gpu.yaml", "configs/gpu-2node.yaml"]
 
 
 def write(tmp_path, text: str):
@@ -85,6 +85,11 @@ def test_bad_config_names_key_file_and_line(tmp_path, text, override, needle):
     ("learner:\n  device: cuda:1\n  num_gpus: 1\n", "c.yaml:2: learner.device: Input should be 'cpu' or 'cuda'"),
     ("learner:\n  compute_dtype: float16\n",
      "c.yaml:2: learner.compute_dtype: float16 needs a gradient scaler, which tame does not have: use bfloat16"),
+    ("learner:\n  param_dtype: bfloat16\n",
+     "c.yaml:2: learner.param_dtype and learner.reduce_dtype are the mixed precision of a sharded learner "
+     "(learner.num_workers >= 2)"),
+    ("learner:\n  num_workers: 2\n  param_dtype: bfloat16\n  reduce_dtype: float32\n", None),
+    ("learner:\n  num_workers: 0\n", "c.yaml:2: learner.num_workers: Input should be greater than or equal to 1"),
     ("rollout:\n  num_gpus: 2\n",
      "c.yaml:2: rollout.num_gpus: 2.0 GPUs per engine: one engine spans at most one GPU"),
     ("rollout:\n  num_gpus: 0.5\n  gpu_memory_utilization: 0.6\n",

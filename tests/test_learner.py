@@ -67,6 +67,12 @@ def params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+def gradients(learner: Learner) -> dict[str, torch.Tensor]:
+    """The .grad of every policy and critic parameter, by "policy.<name>" / "critic.<name>"."""
+    return {f"{model}.{n}": p.grad.clone() for model in ("policy", "critic")
+            for n, p in getattr(learner, model).named_parameters()}
+
+
 # --------------------------------------------------------------------------- gradients
 
 
@@ -77,12 +83,10 @@ def test_micro_batches_give_the_same_loss_and_gradients(tiny_assets, tmp_path):
     rows = torch.arange(8)
 
     whole = learner.accumulate_gradients(exp, rows, micro_batch_size=8)
-    grads_whole = {n: p.grad.clone() for n, p in
-                   [*learner.policy.named_parameters(), *learner.critic.named_parameters()]}
+    grads_whole = gradients(learner)
     learner._zero_grad()
     quarters = learner.accumulate_gradients(exp, rows, micro_batch_size=2)
-    grads_quarters = {n: p.grad.clone() for n, p in
-                      [*learner.policy.named_parameters(), *learner.critic.named_parameters()]}
+    grads_quarters = gradients(learner)
 
     for key in ("loss", "policy", "value", "entropy", "clipfrac", "ratio"):
         assert quarters[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
@@ -91,6 +95,15 @@ def test_micro_batches_give_the_same_loss_and_gradients(tiny_assets, tmp_path):
     for name, g in grads_whole.items():
         torch.testing.assert_close(grads_quarters[name], g, rtol=1e-4, atol=1e-7, msg=name)
     assert sum(float(g.abs().sum()) for g in grads_whole.values()) > 0
+
+    # Gradient checkpointing recomputes the layers in the backward pass: the same gradients.
+    recomputing = Learner(make_cfg(tiny_assets, "ppo.entropy_coef=0.01", "learner.gradient_checkpointing=true"),
+                          str(tmp_path / "recompute"))
+    assert recomputing.policy.is_gradient_checkpointing and recomputing.critic.is_gradient_checkpointing
+    recomputed = recomputing.accumulate_gradients(exp, rows, micro_batch_size=8)
+    assert recomputed["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    for name, g in gradients(recomputing).items():
+        torch.testing.assert_close(g, grads_whole[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce_pp"])
@@ -115,7 +128,8 @@ def test_every_estimator_and_aggregation_gives_the_same_loss_and_gradients_in_mi
         results = []
         for micro_batch_size in (8, 2):
             stats = learner.accumulate_gradients(exp, rows, micro_batch_size)
-            results.append((stats, {n: p.grad.clone() for m in models for n, p in m.named_parameters()}))
+            results.append((stats, {f"{i}.{n}": p.grad.clone() for i, m in enumerate(models)
+                                    for n, p in m.named_parameters()}))
             learner._zero_grad()
         (whole, grads_whole), (quarters, grads_quarters) = results
         assert ("value" in whole) == (advantage == "gae") and "kl" in whole
@@ -390,6 +404,31 @@ def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
     assert AutoTokenizer.from_pretrained(path / "policy").eos_token_id == straight.eos_id
     reloaded = params(policy)
     assert any(not torch.equal(reloaded[n], p) for n, p in params(straight.policy).items())
+
+
+def test_a_checkpoint_from_before_sharded_checkpoints_still_resumes(tiny_assets, tmp_path):
+    """The layout tame wrote before `sharded/`: Hugging Face weights, and the optimizer
+    states inside trainer_state.pt."""
+    import shutil
+
+    cfg = make_cfg(tiny_assets)
+    first = Learner(cfg, str(tmp_path / "old"))
+    first.update(sample(first, prompts(tiny_assets, 16), seed=5))
+    path = Path(first.save_checkpoint({"cursor": 1}))
+    shutil.rmtree(path / "sharded")
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    del state["optimizers"]
+    state.update(policy_optimizer=first.policy_optimizer.state_dict(), critic_optimizer=first.critic_optimizer.state_dict())
+    torch.save(state, path / "trainer_state.pt")
+
+    resumed = Learner(cfg, str(tmp_path / "old"))
+    assert resumed.load_checkpoint() == {"cursor": 1}
+    batch = sample(first, prompts(tiny_assets, 16, start=16), seed=6)
+    first.update(batch)
+    resumed.update(batch)
+    for model in ("policy", "critic"):
+        a, b = params(getattr(first, model)), params(getattr(resumed, model))
+        assert all(torch.equal(a[n], b[n]) for n in a), model
 
 
 # --------------------------------------------------------------------------- vLLM

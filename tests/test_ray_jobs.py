@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from cluster.prompts import PromptSource
+from cluster.shared.data import load_prompts
 from tests.conftest import REPO
 from tests.runs import DESIGN_METRICS, ledger, smoke, smoke_overrides, uninterrupted
 from tests.support import free_port, process
@@ -208,29 +210,35 @@ def test_ray_job_killed_interrupted_and_stopped_resumes_where_it_stopped(tiny_as
 
 
 def test_multi_node_places_learner_and_actors_on_different_nodes(tiny_assets, tmp_path):
-    """Also the critic-free path end to end: GRPO over 4 samples of each prompt, KL in the
+    """A sharded learner (2 workers, FSDP2 over gloo) on one node, the actors on the other.
+    Also the critic-free path end to end: GRPO over 4 samples of each prompt, KL in the
     loss, Dr. GRPO's aggregation: no critic is trained, passed or saved."""
     out = tmp_path / "result.json"
     grpo = ["ppo.advantage=grpo", "rollout.sampling.samples_per_prompt=4", "ppo.kl.placement=loss",
             "ppo.loss_aggregation=token_sum_norm"]
     run = subprocess.run(
         [sys.executable, str(REPO / "tests/multinode_main.py"), str(REPO / "configs/smoke.yaml"), str(out),
-         *job_overrides(tiny_assets, tmp_path / "runs", "multinode"), *grpo],
+         *job_overrides(tiny_assets, tmp_path / "runs", "multinode"), *grpo, "learner.num_workers=2"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     placement, nodes = result["summary"]["placement"], result["nodes"]
     assert result["summary"]["steps"] == 2
     assert placement["learner"]["node"] == nodes["head"]
+    assert [w["node"] for w in placement["learner"]["workers"]] == [nodes["head"]] * 2
     assert {a["node"] for a in placement["actors"].values()} == {nodes["worker"]}
 
     checkpoint = Path(result["summary"]["checkpoint"])
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["policy", "trainer_state.pt"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["policy", "sharded", "trainer_state.pt"]
     policy_parameters = json.loads((tiny_assets.root / "assets.json").read_text())["policy_parameters"]
     rows = [json.loads(line) for line in (checkpoint.parents[1] / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         assert row["learner/trained_parameters"] == policy_parameters  # the policy alone
         assert "loss/value_avg" not in row and "val/mean" not in row and "loss/kl_avg" in row
-    # 4 prompts of 4 samples per update: each prompt's group whole in one update.
+    # 4 prompts of 4 samples per update: each prompt's group whole in one update, the prompts
+    # in the source's order, as one learner worker trains them.
     entries = ledger(checkpoint.parents[1])
-    assert all(len(e["prompts"]) == 4 for e in entries)
+    source = PromptSource(load_prompts(tiny_assets.data / "prompts.jsonl"), seed=0)
+    assert [sorted(e["prompts"]) for e in entries] == [sorted(p.prompt_id for p in source.take(4)) for _ in entries]
+    # The actors loaded what the sharded learner published, probe for probe.
+    assert all(row["sync/fingerprint_mismatches"] == 0 and row["learner/workers"] == 2 for row in rows)

@@ -337,6 +337,20 @@ class LearnerConfig(Section):
     update_timeout_s: float | None = Field(None, gt=0.0)
     """End the run (exit 1, naming the newest checkpoint) when one update takes longer than
     this: a hung device or collective. Null: no limit."""
+    num_workers: int = Field(1, ge=1, le=4096)
+    """Processes of the one logical learner. Above 1, FSDP2 shards the policy, reference,
+    critic and optimizer states over them (a torch.distributed group: gloo on CPU, NCCL on
+    GPU), each worker with the num_cpus, num_gpus and resources above, placed together with
+    a Ray placement group. Sharded checkpoints resume with any number of workers."""
+    param_dtype: Literal["float32", "bfloat16"] | None = None
+    """FSDP2 mixed precision of a sharded learner: the dtype its layers gather and compute in
+    (float32 master weights and optimizer states stay). Null: float32."""
+    reduce_dtype: Literal["float32", "bfloat16"] | None = None
+    """FSDP2 mixed precision of a sharded learner: the dtype gradients are summed in across
+    workers. Null: as param_dtype."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them: less memory for a long sequence, about a third more compute."""
 
     @field_validator("compute_dtype")
     @classmethod
@@ -352,6 +366,10 @@ class LearnerConfig(Section):
         if self.device == "cuda" and self.num_gpus < 1:
             raise ValueError(f"learner.device cuda needs learner.num_gpus >= 1 (got {self.num_gpus}): "
                              "Ray gives the learner its GPU and hides the others")
+        if self.num_workers == 1 and (self.param_dtype or self.reduce_dtype):
+            raise ValueError("learner.param_dtype and learner.reduce_dtype are the mixed precision of a "
+                             "sharded learner (learner.num_workers >= 2); one worker computes in "
+                             "learner.compute_dtype")
         return self
 
 

@@ -43,7 +43,8 @@ def roles(cfg: TameConfig, only: tuple[str, ...] = ("learner", "rollout", "rewar
         return {k: v for k, v in each.items() if v > 0}, fields
 
     every = [
-        Role("learner", 1, *ask("learner", learner.num_cpus, learner.num_gpus, learner.resources), None),
+        Role("learner", learner.num_workers, *ask("learner", learner.num_cpus, learner.num_gpus, learner.resources),
+             f"learner.num_workers {learner.num_workers}" if learner.num_workers > 1 else None),
         Role("rollout", rollout.num_actors, *ask("rollout", rollout.num_cpus, rollout.num_gpus, rollout.resources),
              f"rollout.num_actors {rollout.num_actors}"),
         Role("reward", replicas, *ask("reward", reward.num_cpus, reward.num_gpus, {}), replicas_field),

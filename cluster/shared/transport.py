@@ -242,11 +242,14 @@ class ObjectStoreTransport:
         """Put the named tensors (cast to `dtype` when given) and their probes into the store."""
         import ray
 
-        named = list(named)
-        arrays, specs = export_tensors(named, dtype, self._staging)
-        # Probed where they live (on the GPU, say), as sent: after the cast.
-        probes = probes_of(named, dtype)
-        return WeightsHandle(version=version, tensors=ray.put(tuple(arrays)), specs=specs,
+        arrays, specs, probes = [], [], {}
+        for name, tensor in named:  # one at a time: a sharded learner gathers each as it comes
+            (array,), (spec,) = export_tensors([(name, tensor)], dtype, self._staging)
+            arrays.append(array)
+            specs.append(spec)
+            # Probed where it lives (on the GPU, say), as sent: after the cast.
+            probes[name] = probe(tensor, dtype).cpu().numpy()
+        return WeightsHandle(version=version, tensors=ray.put(tuple(arrays)), specs=tuple(specs),
                              probes=ray.put(probes), nbytes=sum(int(a.nbytes) for a in arrays))
 
     @staticmethod
