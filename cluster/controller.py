@@ -179,49 +179,50 @@ class Loop:
         self.pool = ActorPool(lambda actor_id, scorer: actor_cls.remote(cfg, actor_id, scorer), cfg.rollout.num_actors)
         log(f"starting the learner and {self.pool.target} rollout actor(s)")
         self.learner, self.learner_group = start_learner(cfg)
-        early = [self.pool.create(scorer=None) for _ in range(self.pool.target)]
-
-        # A Serve instance this run starts is stopped with it, so a later deployment on the
-        # same cluster starts Serve afresh with its own HTTP options.
-        self.owns_serve = not _serve_running()
-        log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
-        self.scorer = RewardClient(deploy(cfg, http=False, wait=False), cfg.reward.timeout_s, cfg.reward.retries)
-        learner_role, rollout_role = roles(cfg, only=("learner", "rollout"))
-        roles_up = [
-            Pending("the learner", ask(learner_role), ref_done(self.learner.__ray_ready__.remote()),
-                    tuple(learner_role.each)),
-            *(Pending(f"rollout actor {actor_id}", ask(rollout_role), ref_done(handle.__ray_ready__.remote()),
-                      tuple(rollout_role.each)) for actor_id, handle in early),
-            coming_up(cfg)]
+        early: list = []
         try:
+            early.extend(self.pool.create(scorer=None) for _ in range(self.pool.target))
+
+            # A Serve instance this run starts is stopped with it, so a later deployment on the
+            # same cluster starts Serve afresh with its own HTTP options.
+            self.owns_serve = not _serve_running()
+            log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
+            self.scorer = RewardClient(deploy(cfg, http=False, wait=False), cfg.reward.timeout_s, cfg.reward.retries)
+            learner_role, rollout_role = roles(cfg, only=("learner", "rollout"))
+            roles_up = [
+                Pending("the learner", ask(learner_role), ref_done(self.learner.__ray_ready__.remote()),
+                        tuple(learner_role.each)),
+                *(Pending(f"rollout actor {actor_id}", ask(rollout_role), ref_done(handle.__ray_ready__.remote()),
+                          tuple(rollout_role.each)) for actor_id, handle in early),
+                coming_up(cfg)]
             wait_until_up(roles_up, cfg.cluster.start_timeout_s, log)
-        except BaseException:  # not up in time, or a signal: stop what was started
+            workers = ray.get(self.learner.places.remote())
+            self.placement: dict = {"learner": {**workers[0], "workers": workers}, "actors": {},
+                                    "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}}
+            saved = ray.get(self.learner.load_checkpoint.remote()) if resume else None
+            if saved:
+                state = DriverState.from_dict(saved)
+                self.source.restore(state.source)
+                self.counters, self.first = state.counters, state.first
+            self.pipeline.version = ray.get(self.learner.version.remote())
+            self.checkpointed = self.version  # on disk already: the init model or the resumed checkpoint
+            _truncate_jsonl(self.run_dir / "ledger.jsonl", "version", self.version)
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", "step", self.version)
+            if resume:
+                log(f"resumed at policy version {self.version}" if saved else "no checkpoint yet: starting fresh")
+            self.publish()
+
+            self.control = ray.remote(num_cpus=0)(Control).options(
+                name=CONTROL_PREFIX + cfg.run.name, namespace=NAMESPACE, get_if_exists=True,
+            ).remote(cfg.run.name, cfg.rollout.num_actors)
+            ray.get(self.control.request.remote(cfg.rollout.num_actors))
+            for actor in early:
+                self.start_actor(actor)
+        except BaseException:  # not up in time, a signal, or a failed start: stop what was started
             for _, handle in early:
                 ray.kill(handle)
-            self.stop_learner()
+            self.stop_learner()  # and free its placement group, which outlives handles
             raise
-        workers = ray.get(self.learner.places.remote())
-        self.placement: dict = {"learner": {**workers[0], "workers": workers}, "actors": {},
-                                "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}}
-        saved = ray.get(self.learner.load_checkpoint.remote()) if resume else None
-        if saved:
-            state = DriverState.from_dict(saved)
-            self.source.restore(state.source)
-            self.counters, self.first = state.counters, state.first
-        self.pipeline.version = ray.get(self.learner.version.remote())
-        self.checkpointed = self.version  # on disk already: the init model or the resumed checkpoint
-        _truncate_jsonl(self.run_dir / "ledger.jsonl", "version", self.version)
-        _truncate_jsonl(self.run_dir / "metrics.jsonl", "step", self.version)
-        if resume:
-            log(f"resumed at policy version {self.version}" if saved else "no checkpoint yet: starting fresh")
-        self.publish()
-
-        self.control = ray.remote(num_cpus=0)(Control).options(
-            name=CONTROL_PREFIX + cfg.run.name, namespace=NAMESPACE, get_if_exists=True,
-        ).remote(cfg.run.name, cfg.rollout.num_actors)
-        ray.get(self.control.request.remote(cfg.rollout.num_actors))
-        for actor in early:
-            self.start_actor(actor)
         self.metrics = Metrics(cfg, self.run_dir, log)
 
         self.update_ref = None
@@ -769,13 +770,17 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
 
 def _check_resumable(cfg: TameConfig) -> None:
     """A GAE run cannot resume from a checkpoint trained without a critic (the other way
-    round the critic is just not loaded)."""
-    from learner.checkpoints import complete
+    round the critic is just not loaded), nor a sharded learner from a checkpoint written
+    before checkpoints were sharded."""
+    from learner.checkpoints import SHARDED, complete
 
     found = complete(cfg.run_dir)
     if found and cfg.ppo.advantage == "gae" and not (found[-1] / "critic").is_dir():
         raise UserError(f"ppo.advantage: {found[-1]} was trained without a critic (another ppo.advantage "
                         "than gae); resume it with the ppo.advantage it was trained with")
+    if found and cfg.learner.num_workers > 1 and not (found[-1] / SHARDED).is_dir():
+        raise UserError(f"learner.num_workers: {found[-1]} was written by a tame without sharded checkpoints; "
+                        "resume it with learner.num_workers 1 (its next checkpoint can be resumed with any number)")
 
 
 def _where_saved(summary: dict, run_dir: Path) -> str:

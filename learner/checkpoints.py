@@ -107,7 +107,8 @@ def load(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, t
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    stepped = {name: optimizers[name] for name in state["optimizers"]}
+    # A GAE checkpoint may be resumed by a critic-free estimator: its critic is not loaded.
+    stepped = {name: optimizers[name] for name in state["optimizers"] if name in optimizers}
     loaded = _sharded_state({name: model for name, (model, _) in models.items()}, stepped)
     with _single_process_is_meant():
         dcp.load(loaded, checkpoint_id=path / SHARDED, no_dist=not shards.sharded)
@@ -128,7 +129,8 @@ def _load_whole(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict
     for name, (model, auto_class) in models.items():
         model.load_state_dict(auto_class.from_pretrained(path / name, dtype=torch.float32).state_dict())
     for name, (_, optimizer) in optimizers.items():
-        optimizer.load_state_dict(state[name])
+        if name in state:
+            optimizer.load_state_dict(state[name])
     return state
 
 

@@ -260,6 +260,7 @@ class Learner:
                 for out, values in passes:
                     out[rows, cols] = values
         self.shards.sum_(ref, old_logprobs, old_values)  # each worker wrote its own rows
+        self.shards.release(self.reference)  # FSDP keeps a root gathered after its forward
         if proximal and old_values is None:
             old_values = torch.zeros_like(ref)
         return ref, old_logprobs, old_values
@@ -582,6 +583,7 @@ class Learner:
             if not stand_in:
                 logprobs[rows, window.columns()] = logp
         self.shards.sum_(logprobs)
+        self.shards.release(self.policy)
         return [logprobs[row][batch.mask[row].bool()].tolist() for row in range(len(batch))]
 
     # ------------------------------------------------------------------ checkpoints
@@ -608,11 +610,11 @@ class Learner:
         the driver's state saved with it, or None when there is no checkpoint."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        if path is None:
-            found = checkpoints.complete(self.run_dir)
-            if not found:
+        if path is None:  # rank 0 picks it, so that every worker loads the same one
+            found = checkpoints.complete(self.run_dir) if self.shards.rank == 0 else []
+            path = self.shards.broadcast(str(found[-1]) if found else None)
+            if path is None:
                 return None
-            path = found[-1]
         auto = {"policy": AutoModelForCausalLM, "critic": AutoModelForSequenceClassification}
         models = {name: (model, auto[name]) for name, model in self._models().items()}
         state = checkpoints.load(Path(path), models, self._model_optimizers(), self.shards)

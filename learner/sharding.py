@@ -115,6 +115,12 @@ class Shards:
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
 
+    def release(self, model: torch.nn.Module) -> None:
+        """Free the gathered parameters FSDP keeps after a forward pass with no backward
+        (the root's: embeddings, heads, final norm), so each worker holds only its shards."""
+        if self.sharded:
+            model.reshard()
+
     def full_parameters(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, whole tensor) of each parameter, gathered one at a time, so no worker holds
         a second copy of the whole model. Every worker must run through it."""

@@ -30,35 +30,56 @@ class LeadLearner(Learner):
         address = rendezvous_address()
         self.workers = [ray.remote(Learner).options(**options).remote(cfg, run_dir, Group(rank, world, address))
                         for rank, options in enumerate(worker_options, start=1)]
+        self.broken: str | None = None  # why the workers were stopped, if they were
         super().__init__(cfg, run_dir, Group(0, world, address))  # returns once every worker joined
 
     def _on_all(self, method: str, *args: Any) -> Any:
         """Call `method` on every worker and on this one; rank 0's result (all agree). A
-        worker that died is a `WorkerDiedError`."""
+        worker that died is a `WorkerDiedError`. A failure that leaves the workers out of step
+        (one of them still inside a collective the others left) stops them: every later call
+        fails at once instead of pairing with a stale collective."""
         import ray
 
-        pending = {getattr(worker, method).remote(*args): rank for rank, worker in enumerate(self.workers, start=1)}
+        if self.broken:
+            raise WorkerDiedError(f"the learner's workers were stopped after {self.broken}")
+        calls = {getattr(worker, method).remote(*args): rank for rank, worker in enumerate(self.workers, start=1)}
         try:
             mine = getattr(super(), method)(*args)
-        except Exception:
-            # A dead worker breaks this worker's collective first: name it rather than the
-            # broken connection.
-            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=10)
-            self._raise_if_dead({ref: pending[ref] for ref in ready})
+        except Exception as e:
+            # A dead worker breaks rank 0's collective first: name it rather than the broken
+            # connection. Workers that raised the same error as rank 0 are still in step.
+            done, stuck = ray.wait(list(calls), num_returns=len(calls), timeout=10)
+            for ref in done:
+                self._check_alive(ref, calls[ref])
+            if stuck:
+                self._stop_workers(f"{method} failed on rank 0 ({type(e).__name__})")
             raise
-        self._raise_if_dead(pending)  # and a worker's own error, if it had one
+        for ref, rank in calls.items():
+            self._check_alive(ref, rank, raise_errors=True)
         return mine
 
-    def _raise_if_dead(self, ranks: dict) -> None:
-        """Get each call ({ref: the worker's rank}); a dead worker is a WorkerDiedError."""
+    def _check_alive(self, ref, rank: int, raise_errors: bool = False) -> None:
+        """Wait for a worker's call: a dead worker is a WorkerDiedError; its own error is
+        raised when `raise_errors` (rank 0 succeeded, so the workers are out of step)."""
         import ray
 
-        for ref, rank in ranks.items():
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                raise WorkerDiedError(f"learner worker {rank} of {len(self.workers) + 1} died "
-                                      f"({type(e).__name__})") from e
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self._stop_workers(f"worker {rank} died")
+            raise WorkerDiedError(f"learner worker {rank} of {len(self.workers) + 1} died "
+                                  f"({type(e).__name__})") from e
+        except Exception:
+            if raise_errors:
+                self._stop_workers(f"an error on worker {rank}")
+                raise
+
+    def _stop_workers(self, why: str) -> None:
+        import ray
+
+        self.broken = why
+        for worker in self.workers:
+            ray.kill(worker)
 
     def update(self, rollouts):
         return self._on_all("update", rollouts)

@@ -431,6 +431,20 @@ def test_a_checkpoint_from_before_sharded_checkpoints_still_resumes(tiny_assets,
         assert all(torch.equal(a[n], b[n]) for n in a), model
 
 
+def test_a_critic_free_learner_resumes_a_gae_checkpoint_without_its_critic(tiny_assets, tmp_path):
+    gae = Learner(make_cfg(tiny_assets), str(tmp_path))
+    gae.update(sample(gae, prompts(tiny_assets, 16), seed=5))
+    gae.save_checkpoint({"cursor": 1})
+    grpo = Learner(make_cfg(tiny_assets, "ppo.advantage=grpo", "rollout.sampling.samples_per_prompt=4"),
+                   str(tmp_path))
+    assert grpo.critic is None and grpo.load_checkpoint() == {"cursor": 1}
+    a, b = params(gae.policy), params(grpo.policy)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(gae.policy_optimizer.state.values(),
+                                                            grpo.policy_optimizer.state.values(), strict=True)]
+    assert moments and all(torch.equal(x, y) for x, y in moments)
+
+
 # --------------------------------------------------------------------------- vLLM
 
 
