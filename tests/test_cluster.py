@@ -191,6 +191,34 @@ def test_a_signal_while_starting_stops_the_start_at_once(tiny_assets, tmp_path):
     assert not psutil.wait_procs(children, timeout=30)[1], "a process outlived the stopped start"
 
 
+def test_signals_ask_the_loop_to_stop_at_its_next_safe_point():
+    """Ctrl-C (SIGINT) and `ray job stop` (SIGTERM) share one handler: while the run starts,
+    a signal stops it at once; once it trains, the first only flags the loop (which finishes
+    its update and checkpoints: the job test sends SIGTERM to a real driver), a second stops
+    at once."""
+    from cluster.controller import Interrupted, StopSignal, _stop_on_signals
+
+    def deliver(signum: int) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.2)  # the handler runs in this (the main) thread, here at the latest
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        stop = StopSignal()
+        previous = _stop_on_signals(stop)
+        try:
+            with pytest.raises(Interrupted) as err:
+                deliver(signum)
+            assert err.value.signum == signum and stop.name is None
+            stop.started = True
+            deliver(signum)
+            assert (stop.name, stop.signum) == (signal.Signals(signum).name, signum)
+            with pytest.raises(Interrupted):
+                deliver(signum)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
 def test_a_start_that_waits_says_every_report_what_is_pending_and_fails_at_its_deadline(ray_local):
     from cluster.shared.errors import RunError
     from cluster.shared.startup import Pending, wait_until_up

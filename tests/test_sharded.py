@@ -80,23 +80,24 @@ def test_two_workers_train_checkpoint_and_resume_as_one(tiny_assets, tmp_path, r
     batches = [sample(sampler, prompts(tiny_assets, 16, start=16 * i), seed=30 + i) for i in range(2)]
     del sampler
 
-    one, _ = start_learner(one_cfg)
+    one = Learner(one_cfg, str(one_cfg.run_dir))  # one worker, in this process
     two, group = start_learner(two_cfg)
     assert len({w["pid"] for w in ray.get(two.places.remote())}) == 2  # two processes
 
     # One update of the same batch: the same weights (float32 reduction order apart).
-    first_one, first_two = ray.get([one.update.remote(batches[0]), two.update.remote(batches[0])])
+    first_two = two.update.remote(batches[0])
+    first_one, first_two = one.update(batches[0]), ray.get(first_two)
     assert first_one.version == first_two.version == 1 and not first_two.skipped
     assert first_two.metrics["learner/workers"] == 2
     for key in ("objective/kl", "loss/policy_avg", "loss/value_avg", "policy/grad_norm_avg", "val/ratio"):
         assert math.isclose(first_one.metrics[key], first_two.metrics[key], rel_tol=1e-4, abs_tol=1e-6), key
-    handle_one, handle_two = ray.get([one.publish.remote(), two.publish.remote()])
+    handle_one, handle_two = one.publish(), ray.get(two.publish.remote())
     published_v1 = weights(handle_two)
     assert max_gap(weights(handle_one), published_v1) < 1e-5
     # The critic too, through the Hugging Face exports of both checkpoints.
-    path_one, path_two = ray.get([one.save_checkpoint.remote({}), two.save_checkpoint.remote({"cursor": 1})])
+    path_one, path_two = one.save_checkpoint({}), ray.get(two.save_checkpoint.remote({"cursor": 1}))
     assert max_gap(hf_weights(path_one), hf_weights(path_two)) < 1e-5
-    ray.kill(one)
+    del one
 
     # The uninterrupted 2-worker run goes on; a fresh 2-worker learner resumes from the
     # checkpoint and trains the same batch: the same bits.
@@ -125,10 +126,9 @@ def test_two_workers_train_checkpoint_and_resume_as_one(tiny_assets, tmp_path, r
         ray.get(worker.__ray_ready__.remote(), timeout=30)
 
     # The 2-worker checkpoint into one worker: the same weights.
-    single, _ = start_learner(one_cfg)
-    assert ray.get(single.load_checkpoint.remote(path_two)) == {"cursor": 1}
-    assert max_gap(weights(ray.get(single.publish.remote())), published_v1) < 1e-6
-    ray.kill(single)
+    single = Learner(one_cfg, str(tmp_path / "single"))
+    assert single.load_checkpoint(path_two) == {"cursor": 1}
+    assert max_gap(weights(single.publish()), published_v1) < 1e-6
 
 
 def test_a_run_whose_learner_worker_dies_ends_naming_its_checkpoint(tiny_assets, ray_local, tmp_path):
