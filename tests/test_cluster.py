@@ -295,7 +295,7 @@ def test_a_hung_load_replaces_the_actor_and_a_hung_update_ends_the_run(tiny_asse
     assert not psutil.wait_procs([p for p in [process(summary["placement"]["learner"]["pid"])] if p], timeout=30)[1]
 
 
-def test_a_gae_run_does_not_resume_from_a_checkpoint_without_a_critic(tiny_assets, tmp_path):
+def test_a_run_does_not_resume_from_a_checkpoint_it_cannot_load(tiny_assets, tmp_path):
     from cluster.controller import _check_resumable
     from cluster.shared.errors import UserError
     from tests.runs import smoke
@@ -309,6 +309,12 @@ def test_a_gae_run_does_not_resume_from_a_checkpoint_without_a_critic(tiny_asset
     _check_resumable(smoke(tiny_assets, tmp_path, "run.name=switch", "ppo.advantage=reinforce_pp"))
     (checkpoint / "critic").mkdir()
     _check_resumable(cfg)
+    # A checkpoint from before sharded checkpoints resumes with one learner worker only.
+    sharded = smoke(tiny_assets, tmp_path, "run.name=switch", "learner.num_workers=2")
+    with pytest.raises(UserError, match="learner.num_workers: .*version-000002 was written by a tame without sharded"):
+        _check_resumable(sharded)
+    (checkpoint / "sharded").mkdir()
+    _check_resumable(sharded)
 
 
 def test_serve_reward_checks_its_replicas_fit_before_deploying(tiny_assets):
