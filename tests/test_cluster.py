@@ -247,7 +247,7 @@ def test_a_role_no_node_can_hold_ends_the_start_at_its_deadline(tiny_assets, tmp
     a resource no node has waits: the start says so every 10 s, and fails at
     cluster.start_timeout_s with exit 1, naming what it waited for."""
     driver = subprocess.Popen(smoke_command(tiny_assets, tmp_path, "cluster.check_resources=false",
-                                            "rollout.resources={nowhere: 1}", "cluster.start_timeout_s=15"),
+                                            "rollout.resources={nowhere: 1}", "cluster.start_timeout_s=11"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, started = [], None
     for line in driver.stdout:
@@ -257,11 +257,11 @@ def test_a_role_no_node_can_hold_ends_the_start_at_its_deadline(tiny_assets, tmp
     driver.wait(timeout=60)
     out = "".join(lines)
     assert driver.returncode == 1 and started is not None, out[-3000:]
-    assert time.monotonic() - started < 15 + 10
+    assert time.monotonic() - started < 11 + 10
     actor = "rollout actor 0 (rollout.num_cpus 1, rollout.resources.nowhere 1)"
     report = next(line for line in lines if "still starting after 10 s" in line)
     assert actor in report and "0 of 0 nowhere" in report, report
-    assert "tame train: error: the run did not start within cluster.start_timeout_s 15 s: waiting for" in out
+    assert "tame train: error: the run did not start within cluster.start_timeout_s 11 s: waiting for" in out
     assert actor in out.split("tame train: error: ")[1]
     assert "checkpoint" not in out
 
