@@ -75,7 +75,9 @@ def save(final: Path, models: dict[str, Any], optimizers: dict[str, tuple[Any, A
     with atomic_directory(final) if lead else contextlib.nullcontext() as tmp:
         tmp = Path(shards.broadcast(str(tmp) if lead else None))
         for name, model in models.items():
-            whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # Sharded, the export is gathered (to rank 0's host); one worker exports its own tensors.
+            whole = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                     if shards.sharded else None)
             if lead:
                 model.save_pretrained(tmp / name, state_dict=whole)
                 tokenizer.save_pretrained(tmp / name)

@@ -242,14 +242,17 @@ class ObjectStoreTransport:
         """Put the named tensors (cast to `dtype` when given) and their probes into the store."""
         import ray
 
-        arrays, specs, probes = [], [], {}
-        for name, tensor in named:  # one at a time: a sharded learner gathers each as it comes
-            (array,), (spec,) = export_tensors([(name, tensor)], dtype, self._staging)
-            arrays.append(array)
-            specs.append(spec)
-            # Probed where it lives (on the GPU, say), as sent: after the cast.
-            probes[name] = probe(tensor, dtype).cpu().numpy()
-        return WeightsHandle(version=version, tensors=ray.put(tuple(arrays)), specs=tuple(specs),
+        probes: dict[str, np.ndarray] = {}
+
+        def probed():
+            # One tensor at a time (a sharded learner gathers each as it comes), probed where
+            # it lives (on the GPU, say), as sent: after the cast.
+            for name, tensor in named:
+                probes[name] = probe(tensor, dtype).cpu().numpy()
+                yield name, tensor
+
+        arrays, specs = export_tensors(probed(), dtype, self._staging)
+        return WeightsHandle(version=version, tensors=ray.put(tuple(arrays)), specs=specs,
                              probes=ray.put(probes), nbytes=sum(int(a.nbytes) for a in arrays))
 
     @staticmethod
