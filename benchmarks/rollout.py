@@ -41,7 +41,9 @@ from cluster.shared.transport import ObjectStoreTransport  # noqa: E402
 
 def make_config(policy: Path, max_new_tokens: int) -> TameConfig:
     return TameConfig.model_validate({
-        "model": {"policy": str(policy), "reward": None},
+        # Nothing is scored here; the config still needs something to score with.
+        "model": {"policy": str(policy), "reward": None}, "learner": {"critic": "policy"},
+        "reward": {"functions": [{"function": "cluster.demo.world:gold_reward"}]},
         "rollout": {"num_cpus": 1, "max_model_len": 512, "kv_cache_gib": 1.0,
                     "sampling": {"max_new_tokens": max_new_tokens}},
     })
