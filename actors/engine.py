@@ -7,7 +7,6 @@ actor and lets the actor reach the model to load new weights (`actors.weights`).
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from typing import Any
 
 from cluster.shared.config import TameConfig
 from cluster.shared.records import Prompt, Rollout
+from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import prompt_token_ids
 
 # vLLM reports these finish reasons; the records carry only "stop" or "length".
@@ -44,8 +44,9 @@ def build_engine(cfg: TameConfig, seed: int) -> Any:
     top_k=-1 that is exactly log_softmax(logits / temperature), what the learner computes.
     """
     configure_vllm_env()
-    from vllm import LLM
-    from vllm.platforms import current_platform
+    with heavy_imports():  # also spares LLM()'s own collections the scan of the import's objects
+        from vllm import LLM
+        from vllm.platforms import current_platform
 
     cpu = current_platform.is_cpu()
     if cpu:
@@ -54,11 +55,6 @@ def build_engine(cfg: TameConfig, seed: int) -> Any:
     else:
         memory = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}
     eager = cpu if cfg.rollout.enforce_eager is None else cfg.rollout.enforce_eager
-    # vLLM collects garbage several times while it starts, each time scanning the 700k
-    # objects its import made (0.3 s a scan on CPU). Frozen, they are skipped: the engine is
-    # up 1.2-1.4 s sooner (2.2-2.5 s -> 1.0-1.15 s on the tiny policy). vLLM freezes its heap
-    # itself once it is up, so nothing that would have been collected later is kept.
-    gc.freeze()
     return LLM(
         model=cfg.model.policy,
         tokenizer=cfg.model.policy,

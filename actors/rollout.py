@@ -27,6 +27,7 @@ from actors.engine import (
 from actors.weights import checkpoint_layout, engine_probes, load_into_engine, validate_specs
 from cluster.shared.config import TameConfig
 from cluster.shared.records import LoadResult, Prompt, RolloutBatch
+from cluster.shared.startup import heavy_imports
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport, compare_probes
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class RolloutActor:
 
     def __init__(self, cfg: TameConfig, actor_id: int, scorer: Scorer | None = None):
         configure_vllm_env(cfg.rollout.threads or max(1, int(cfg.rollout.num_cpus)))
-        from transformers import AutoTokenizer
+        with heavy_imports():
+            from transformers import AutoTokenizer
 
         self.cfg = cfg
         self.actor_id = actor_id

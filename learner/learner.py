@@ -40,6 +40,7 @@ import torch
 from cluster.shared.config import TameConfig
 from cluster.shared.precision import compute_context, float32_head, torch_dtype
 from cluster.shared.records import Rollout, UpdateResult
+from cluster.shared.startup import heavy_imports
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport
 from learner import checkpoints, ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
@@ -74,7 +75,8 @@ class Learner:
     publication and checkpoints. See the module docstring for the shape of one update."""
 
     def __init__(self, cfg: TameConfig, run_dir: str, group: Group | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        with heavy_imports():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cluster.shared.precision import float32_head
+from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import pad, prompt_token_ids, response_token_ids
 
 SCORE_BIAS_KEY = "score.bias"
@@ -107,8 +108,9 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
     PAD equals EOS is refused, because right padding would then be indistinguishable from
     the EOS that ends every response.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    with heavy_imports():
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
     path = Path(path)
     if not (path / "config.json").is_file():

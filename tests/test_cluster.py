@@ -242,6 +242,25 @@ def test_a_start_that_waits_says_every_report_what_is_pending_and_fails_at_its_d
     assert "the learner" not in str(failed.value)
 
 
+def test_heavy_imports_keep_the_collector_off_and_freeze_what_they_made():
+    import gc
+
+    from cluster.shared.startup import heavy_imports
+
+    frozen = gc.get_freeze_count()
+    with heavy_imports():
+        assert not gc.isenabled()
+        made = [[] for _ in range(1000)]
+    assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
+    gc.disable()  # a caller's collector that was off stays off
+    try:
+        with heavy_imports():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_a_role_no_node_can_hold_ends_the_start_at_its_deadline(tiny_assets, tmp_path):
     """With the resource check off (a cluster that adds nodes when asked), an actor asking for
     a resource no node has waits: the start says so every 10 s, and fails at

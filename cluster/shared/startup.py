@@ -10,8 +10,10 @@ that says the same.
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cluster.shared.errors import RunError
@@ -32,6 +34,26 @@ class Pending:
     """Polled until true; raises when the role failed to start."""
     resources: tuple[str, ...] = ()
     """The resources it asks for, to report what the cluster has free of them."""
+
+
+@contextmanager
+def heavy_imports() -> Iterator[None]:
+    """Import torch, transformers or vLLM inside this: Python's cyclic garbage collector is
+    off meanwhile, and what the imports made is frozen afterwards (`gc.freeze`).
+
+    Importing transformers and vLLM makes about a million objects, and the collector scans
+    every one of them each time the heap has grown by a quarter; vLLM's engine start then
+    collects five times more. On this 2-core machine that is 1.8 s of a 7.8 s import and
+    1.3 s of a 2.4 s engine start. Frozen objects are never scanned again (nor freed:
+    modules and classes live as long as the process anyway)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def ref_done(ref) -> Callable[[], bool]:
