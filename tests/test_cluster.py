@@ -244,19 +244,25 @@ def test_a_start_that_waits_says_every_report_what_is_pending_and_fails_at_its_d
 
 def test_heavy_imports_keep_the_collector_off_and_freeze_what_they_made():
     import gc
+    import importlib
 
     from cluster.shared.startup import heavy_imports
 
+    sys.modules.pop("tabnanny", None)
     frozen = gc.get_freeze_count()
     with heavy_imports():
         assert not gc.isenabled()
+        importlib.import_module("tabnanny")
         made = [[] for _ in range(1000)]
     assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(made)
-    gc.disable()  # a caller's collector that was off stays off
+    # Nothing new imported (a second model load, say): nothing frozen, the garbage stays collectable.
+    frozen = gc.get_freeze_count()
+    gc.disable()  # and a caller's collector that was off stays off
     try:
         with heavy_imports():
-            pass
-        assert not gc.isenabled()
+            importlib.import_module("tabnanny")
+            again = [[] for _ in range(1000)]
+        assert not gc.isenabled() and gc.get_freeze_count() == frozen and len(again + made) == 2000
     finally:
         gc.enable()
 
