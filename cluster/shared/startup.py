@@ -6,6 +6,9 @@ the first rollout actors, the reward replicas) against one deadline,
 `cluster.start_timeout_s`. Every `REPORT_EVERY_S` it says which roles are still pending, what
 each asked for and what the cluster has free; past the deadline it fails with a RunError
 that says the same.
+
+Most of a role's own start is importing torch, transformers and vLLM: `heavy_imports` makes
+that cheaper.
 """
 
 from __future__ import annotations
