@@ -13,6 +13,8 @@ that cheaper.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gc
 import sys
 import time
@@ -59,8 +61,17 @@ def heavy_imports() -> Iterator[None]:
     finally:
         if len(sys.modules) > modules:
             gc.freeze()
+            _unfreeze_at_exit()
         if enabled:
             gc.enable()
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    """At exit, hand the frozen objects back to the collector, so that the interpreter frees
+    them as it would have: bindings that count what is still alive when they unload (triton's,
+    which vLLM imports) would otherwise print a screen of "leaked function" lines."""
+    atexit.register(gc.unfreeze)
 
 
 def ref_done(ref) -> Callable[[], bool]:
