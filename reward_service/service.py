@@ -39,6 +39,9 @@ REPLICA_HEADER = "x-tame-replica"
 """Response header naming the replica that answered (which replica served is useful when
 debugging a deployment with several)."""
 
+SHUTDOWN_POLL_S = 0.1
+"""How often a stopping replica checks that its requests in flight have finished."""
+
 app = FastAPI(title="tame reward service", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -167,6 +170,9 @@ def deployment_options(cfg: TameConfig) -> dict:
                               "runtime_env": {"env_vars": gpu_env(r.num_gpus)}},
         # Enough requests in flight per replica to fill a batch from single-item callers.
         "max_ongoing_requests": max(r.max_batch_size, 8),
+        # Serve's default poll, 2 s, was the least every replica's stop took, idle or not;
+        # requests in flight still get Serve's graceful timeout (20 s) to finish.
+        "graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S,
     }
     if r.autoscaling is not None:
         options["autoscaling_config"] = r.autoscaling.model_dump()

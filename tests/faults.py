@@ -1,13 +1,15 @@
-"""A reward the fault-injection tests can poison from outside the cluster.
+"""Rewards the fault-injection tests steer from outside the cluster.
 
 While the file named by TAME_TEST_POISON exists, every reward is 1e300: a finite Python
 float that passes the reward service's checks and overflows to Inf in the learner's float32,
-as an exploding reward model would.
+as an exploding reward model would. `slow_gold` takes a second per item: a request that is
+still in flight when its replica is told to stop.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from cluster.demo.world import gold_reward
@@ -17,4 +19,9 @@ def gold_unless_poisoned(prompt: str, response: str) -> float:
     switch = os.environ.get("TAME_TEST_POISON")
     if switch and Path(switch).exists():
         return 1e300
+    return gold_reward(prompt, response)
+
+
+def slow_gold(prompt: str, response: str) -> float:
+    time.sleep(1.0)
     return gold_reward(prompt, response)

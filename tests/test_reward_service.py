@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -51,6 +52,9 @@ WORLD_ITEMS = [
 ]
 
 
+APPS = ("test-reward-main", "test-reward-mix", "test-reward-rules", "test-reward-slow")
+
+
 def _cfg(reward_path, port, **reward) -> TameConfig:
     return TameConfig.model_validate({
         "model": {"reward": str(reward_path) if reward_path else None},
@@ -64,27 +68,32 @@ def _cfg(reward_path, port, **reward) -> TameConfig:
 def service(tiny_assets, ray_local):
     from ray import serve
 
-    from reward_service.service import deploy
+    from reward_service.service import app_running, deploy
 
     # Start Serve afresh, so its HTTP proxy binds this module's port whatever ran before.
     serve.shutdown()
     port = free_port()
     os.environ.pop(TOKEN_ENV, None)
-    main = deploy(_cfg(tiny_assets.reward, port, replicas=2), name="test-reward-main")
+    # The replicas of all four applications start together.
+    main = deploy(_cfg(tiny_assets.reward, port, replicas=2), name="test-reward-main", wait=False)
     os.environ[TOKEN_ENV] = TOKEN  # read by deploy() at start-up; only `mix` sees it
     try:
         mix = deploy(_cfg(tiny_assets.reward, port, model_weight=0.5,
                           functions=[{"function": "cluster.demo.world:gold_reward", "weight": 2.0}]),
-                     name="test-reward-mix", route_prefix="/mix")
+                     name="test-reward-mix", route_prefix="/mix", wait=False)
     finally:
         os.environ.pop(TOKEN_ENV)
     rules = deploy(_cfg(None, port, functions=[{"function": "cluster.demo.world:gold_reward"}]),
-                   http=False, name="test-reward-rules")
+                   http=False, name="test-reward-rules", wait=False)
+    slow = deploy(_cfg(None, port, functions=[{"function": "tests.faults:slow_gold"}]), http=False,
+                  name="test-reward-slow", wait=False)
+    deadline = time.monotonic() + 120
+    while not all(app_running(name) for name in APPS):
+        assert time.monotonic() < deadline, serve.status()
+        time.sleep(0.2)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-        yield {"main": main, "mix": mix, "rules": rules, "http": http}
-    for name in ("test-reward-main", "test-reward-mix", "test-reward-rules"):
-        serve.delete(name)
-    serve.shutdown()
+        yield {"main": main, "mix": mix, "rules": rules, "slow": slow, "http": http}
+    serve.shutdown()  # every application at once
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +358,20 @@ def test_reward_client_raises_reward_error_when_the_time_budget_is_spent(service
     client = RewardClient(service["main"], timeout_s=0.001, retries=2)
     with pytest.raises(RewardError, match="no reward after"):
         client([p for p, _ in ITEMS], [r for _, r in ITEMS])
+
+
+def test_a_stopping_replica_answers_the_requests_it_holds(service):
+    """Deleting an application while a request is in flight answers that request first: the
+    replica's stop waits for it (up to Serve's graceful timeout), however often it polls."""
+    from ray import serve
+
+    from cluster.demo.world import gold_reward
+
+    prompt, response = WORLD_ITEMS[1]
+    answer = service["slow"].score.remote([prompt], [response])  # a second in the replica
+    time.sleep(0.3)
+    serve.delete("test-reward-slow")  # returns once the replica has stopped
+    assert answer.result(timeout_s=30) == [gold_reward(prompt, response)]
 
 
 @pytest.mark.parametrize("spec, message", [
