@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,11 +47,12 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
     # This process's wandb service, if an earlier test started one, is not the jobs' to share:
     # a killed driver's run would stay open in it and the resumed driver find its id in use.
     env.pop("WANDB_SERVICE", None)
+    # Short: Ray puts Unix sockets there, whose paths may not exceed 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="tame-ray-", dir="/tmp")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports,
-         # Short: Ray puts Unix sockets there, whose paths may not exceed 107 bytes.
-         f"--temp-dir={tempfile.mkdtemp(prefix='tame-ray-', dir='/tmp')}"],
+         f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     total = 30  # room for `ray job stop` to land in the middle: an update takes a fraction of a second
@@ -169,8 +169,15 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert f"resumed at policy version {stopped['steps']}" in out.stdout + out.stderr
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        # `ray start --block` stops its processes in a few seconds when it alone gets the
+        # signal; signalled with them all (its process group), it waited a minute on them.
+        head.terminate()
         head.wait(timeout=60)
+        left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        outlived = psutil.wait_procs(left, timeout=30)[1]
+        for p in outlived:
+            p.kill()
+    assert not outlived, f"processes of the head outlived it: {outlived}"
 
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = smoke(tiny_assets, tmp_path / "runs", *overrides)
