@@ -30,7 +30,7 @@ from cluster.shared.config import TameConfig, check_model_folder, gpu_env
 from cluster.shared.data import load_prompts
 from cluster.shared.errors import RunError, UserError
 from cluster.shared.files import write_json
-from cluster.shared.ray_cluster import connect_ray
+from cluster.shared.ray_cluster import connect_ray, started_here
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
 from cluster.shared.resources import ask, check_cluster, free_on_cluster, roles
 from cluster.shared.startup import Pending, ref_done, wait_until_up
@@ -657,6 +657,8 @@ class Loop:
             ray.kill(slot.handle)
         self.stop_learner()
         ray.kill(self.control)
+        if started_here():
+            return  # this process's own Ray: Serve stops with it when the process exits
         try:
             serve.shutdown() if self.owns_serve else serve.delete("tame-reward")
         except Exception:  # Serve may already be gone with a dying cluster

@@ -191,6 +191,25 @@ def test_a_signal_while_starting_stops_the_start_at_once(tiny_assets, tmp_path):
     assert not psutil.wait_procs(children, timeout=30)[1], "a process outlived the stopped start"
 
 
+def test_a_run_on_a_ray_of_its_own_leaves_no_process_behind(tiny_assets, tmp_path):
+    """`tame train` with the local Ray it starts: the run ends, the process exits, and no
+    process it started (Ray's, Serve's, the roles') outlives it. Serve goes with that Ray
+    rather than being shut down first, which Ray reported as a failed task."""
+    driver = subprocess.Popen(smoke_command(tiny_assets, tmp_path, "train.total_updates=2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, children = [], []
+    for line in driver.stdout:
+        lines.append(line)
+        if "training to version" in line:  # every role is up
+            children = psutil.Process(driver.pid).children(recursive=True)
+    driver.wait(timeout=60)
+    out = "".join(lines)
+    assert driver.returncode == 0 and "done: 2 updates" in out, out[-3000:]
+    assert "failed" not in out, out[-3000:]
+    assert len(children) > 5, children  # Ray's own processes, Serve's, the learner, the actor
+    assert not psutil.wait_procs(children, timeout=30)[1], "a process outlived the run"
+
+
 def test_signals_ask_the_loop_to_stop_at_its_next_safe_point():
     """Ctrl-C (SIGINT) and `ray job stop` (SIGTERM) share one handler: while the run starts,
     a signal stops it at once; once it trains, the first only flags the loop (which finishes

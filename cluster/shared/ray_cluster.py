@@ -7,6 +7,16 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+_started_here = False
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to: everything on it, Serve
+    included, stops when the process exits."""
+    import ray
+
+    return _started_here and ray.is_initialized()
+
 
 def connect_ray(address: str | None, num_cpus: int | None = None,
                 log: Callable[[str], None] | None = None, **options: Any) -> bool:
@@ -15,9 +25,11 @@ def connect_ray(address: str | None, num_cpus: int | None = None,
     a local Ray (the caller shuts it down); nothing happens when already connected."""
     import ray
 
+    global _started_here
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    _started_here = not address
     if address:
         if log:
             log(f"connecting to the Ray cluster at {address}")
