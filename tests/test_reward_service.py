@@ -369,7 +369,10 @@ def test_a_stopping_replica_answers_the_requests_it_holds(service):
 
     prompt, response = WORLD_ITEMS[1]
     answer = service["slow"].score.remote([prompt], [response])  # a second in the replica
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while service["slow"].stats.remote().result()["forward_passes"] == 0:  # until it is being scored
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     serve.delete("test-reward-slow")  # returns once the replica has stopped
     assert answer.result(timeout_s=30) == [gold_reward(prompt, response)]
 
