@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.shared.config import TameConfig, gpu_env
 from cluster.shared.errors import RunError
-from cluster.shared.ray_cluster import connect_ray
+from cluster.shared.ray_cluster import connect_ray, started_here
 from cluster.shared.resources import ask, check_cluster, roles
 from cluster.shared.startup import Pending, wait_until_up
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
@@ -229,7 +229,7 @@ def serve_forever(cfg: TameConfig, log=print) -> None:
     """
     import ray
 
-    started_here = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, log)
+    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, log)
     check_cluster(cfg, only=("reward",))  # replicas no node can hold would wait in Ray's queue forever
     name = "tame-reward"
     deploy(cfg, http=True, name=name, wait=False)
@@ -243,7 +243,7 @@ def serve_forever(cfg: TameConfig, log=print) -> None:
     except KeyboardInterrupt:
         log("stopping the reward service")
     finally:
-        if started_here:  # Serve goes with the local Ray, replicas and all
+        if started_here():  # Serve goes with the local Ray, replicas and all
             ray.shutdown()
         else:
             serve.delete(name)

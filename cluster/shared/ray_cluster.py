@@ -19,25 +19,24 @@ def started_here() -> bool:
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None,
-                log: Callable[[str], None] | None = None, **options: Any) -> bool:
+                log: Callable[[str], None] | None = None, **options: Any) -> None:
     """Connect to the Ray cluster at `address` (else RAY_ADDRESS), or start a local one with
-    `num_cpus` (all cores when None). `options` go to `ray.init`. Returns True when it started
-    a local Ray (the caller shuts it down); nothing happens when already connected."""
+    `num_cpus` (all cores when None; `started_here()` says so afterwards). `options` go to
+    `ray.init`. Nothing happens when already connected."""
     import ray
 
     global _started_here
     if ray.is_initialized():
-        return False
+        return
     address = address or os.environ.get("RAY_ADDRESS")
     _started_here = not address
     if address:
         if log:
             log(f"connecting to the Ray cluster at {address}")
         ray.init(address=address, **options)
-        return False
+        return
     if log:
         log(f"starting a local Ray with {num_cpus or 'all the'} CPUs")
     # "local": a new Ray of its own, even when another was started on this machine with `ray
     # start` (which a bare ray.init() would join, and refuse num_cpus for).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **options)  # None: Ray counts them
-    return True
