@@ -52,9 +52,6 @@ WORLD_ITEMS = [
 ]
 
 
-APPS = ("test-reward-main", "test-reward-mix", "test-reward-rules", "test-reward-slow")
-
-
 def _cfg(reward_path, port, **reward) -> TameConfig:
     return TameConfig.model_validate({
         "model": {"reward": str(reward_path) if reward_path else None},
@@ -68,29 +65,31 @@ def _cfg(reward_path, port, **reward) -> TameConfig:
 def service(tiny_assets, ray_local):
     from ray import serve
 
-    from reward_service.service import app_running, deploy
+    from cluster.shared.startup import wait_until_up
+    from reward_service.service import coming_up, deploy
 
     # Start Serve afresh, so its HTTP proxy binds this module's port whatever ran before.
     serve.shutdown()
     port = free_port()
+    pending = []
+
+    def start(cfg, name, **options):  # the replicas of all four applications start together
+        pending.append(coming_up(cfg, name))
+        return deploy(cfg, name=name, wait=False, **options)
+
     os.environ.pop(TOKEN_ENV, None)
-    # The replicas of all four applications start together.
-    main = deploy(_cfg(tiny_assets.reward, port, replicas=2), name="test-reward-main", wait=False)
+    main = start(_cfg(tiny_assets.reward, port, replicas=2), "test-reward-main")
     os.environ[TOKEN_ENV] = TOKEN  # read by deploy() at start-up; only `mix` sees it
     try:
-        mix = deploy(_cfg(tiny_assets.reward, port, model_weight=0.5,
-                          functions=[{"function": "cluster.demo.world:gold_reward", "weight": 2.0}]),
-                     name="test-reward-mix", route_prefix="/mix", wait=False)
+        mix = start(_cfg(tiny_assets.reward, port, model_weight=0.5,
+                         functions=[{"function": "cluster.demo.world:gold_reward", "weight": 2.0}]),
+                    "test-reward-mix", route_prefix="/mix")
     finally:
         os.environ.pop(TOKEN_ENV)
-    rules = deploy(_cfg(None, port, functions=[{"function": "cluster.demo.world:gold_reward"}]),
-                   http=False, name="test-reward-rules", wait=False)
-    slow = deploy(_cfg(None, port, functions=[{"function": "tests.faults:slow_gold"}]), http=False,
-                  name="test-reward-slow", wait=False)
-    deadline = time.monotonic() + 120
-    while not all(app_running(name) for name in APPS):
-        assert time.monotonic() < deadline, serve.status()
-        time.sleep(0.2)
+    rules = start(_cfg(None, port, functions=[{"function": "cluster.demo.world:gold_reward"}]),
+                  "test-reward-rules", http=False)
+    slow = start(_cfg(None, port, functions=[{"function": "tests.faults:slow_gold"}]), "test-reward-slow", http=False)
+    wait_until_up(pending, 120, lambda _: None)  # on time out it names the applications still starting
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
         yield {"main": main, "mix": mix, "rules": rules, "slow": slow, "http": http}
     serve.shutdown()  # every application at once
