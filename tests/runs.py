@@ -95,17 +95,35 @@ class Run(threading.Thread):
         except BaseException as e:  # the test asserts on it
             self.error = e
 
-    def status(self) -> dict:
-        """What the loop last reported: pool, versions, counters, placement with PIDs."""
+    def control(self):
+        """The run's control actor, or None before it started and after the run ended."""
         import ray
 
         from cluster.controller import CONTROL_PREFIX, NAMESPACE
 
         try:
-            control = ray.get_actor(CONTROL_PREFIX + self.cfg.run.name, namespace=NAMESPACE)
-        except ValueError:  # not started yet, or gone
-            return {}
-        return ray.get(control.get_status.remote())
+            return ray.get_actor(CONTROL_PREFIX + self.cfg.run.name, namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    def status(self) -> dict:
+        """What the loop last reported: pool, versions, counters, placement with PIDs."""
+        import ray
+
+        control = self.control()
+        return ray.get(control.get_status.remote()) if control else {}
+
+    def stop(self) -> None:
+        """Ask the loop to finish after the update in flight, as if it had reached its last
+        one: final checkpoint and summary (`Control.stop`). Nothing when it has ended."""
+        import ray
+
+        control = self.control()
+        if control:
+            try:
+                ray.get(control.stop.remote())
+            except ray.exceptions.RayActorError:  # the run ended meanwhile
+                pass
 
     def wait_for(self, what: str, predicate, limit: float = 240) -> dict:
         """Poll until predicate(status, ledger entries) holds; returns that status."""
