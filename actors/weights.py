@@ -93,11 +93,14 @@ def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """The probes (`cluster.shared.transport.probe`) of every weight the engine computes with, by
     engine tensor name, and the engine's fusion map (vLLM's `packed_modules_mapping`).
 
-    Readable weights are probed directly. A linear layer that vLLM on CPU keeps packed in a
-    oneDNN handle (its parameter left empty) is probed through its own kernel: x_K in,
-    W @ x_K out, one matrix-vector product; in a precision below float32 the kernel's output
-    would be rounded, so its weight is read back exactly first (identity rows through the
-    kernel) and probed like a readable one.
+    Readable weights are probed directly. vLLM on CPU also hands a linear layer's weight to a
+    oneDNN kernel that keeps its own packed copy: of the decoder's linear layers (their
+    parameter left empty), and of the LM head, which computes the logits, beside its readable
+    parameter. Each such kernel is probed through itself: x_K in, W @ x_K out, one
+    matrix-vector product; in a precision below float32 the kernel's output would be rounded,
+    so its weight is read back exactly first (identity rows through the kernel) and probed
+    like a readable one. A kernel beside a readable parameter is named
+    `<parameter> + KERNEL_SUFFIX`: both must hold the published weights.
     """
     (result,) = llm.collective_rpc(lambda worker: _model_probes(worker.get_model()))
     return result
@@ -106,7 +109,7 @@ def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
 def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     import torch
 
-    from cluster.shared.transport import probe, probe_vector
+    from cluster.shared.transport import KERNEL_SUFFIX, probe, probe_vector
 
     out = {}
     with torch.inference_mode():
@@ -114,28 +117,26 @@ def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
             for name, param in module.named_parameters(prefix=module_name, recurse=False):
                 if param.numel() > 0:
                     out[name] = probe(param).cpu().numpy()
-                elif _is_packed_linear(module) and name.endswith(".weight"):
-                    if module.weight.dtype == torch.float32:
-                        x = probe_vector(module.input_size_per_partition)[None, :]
-                        out[name] = module.cpu_linear(x, module.weight, None)[0].float().numpy()
-                    else:
-                        out[name] = probe(_read_packed_weight(module)).numpy()
+                if not (hasattr(module, "cpu_linear") and name == f"{module_name}.weight"):
+                    continue
+                if param.numel() > 0 and param.ndim != 2:
+                    continue
+                key = name if param.numel() == 0 else name + KERNEL_SUFFIX
+                width = param.shape[1] if param.numel() > 0 else module.input_size_per_partition
+                if param.dtype == torch.float32:
+                    x = probe_vector(width)[None, :]
+                    out[key] = module.cpu_linear(x, module.weight, None)[0].float().numpy()
+                else:
+                    out[key] = probe(_read_kernel_weight(module, width)).numpy()
     fused = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
     return out, fused
 
 
-def _is_packed_linear(module: Any) -> bool:
-    """vLLM on CPU moves linear weights into oneDNN handles and leaves an empty parameter."""
-    weight = getattr(module, "weight", None)
-    return hasattr(module, "cpu_linear") and weight is not None and weight.numel() == 0
-
-
-def _read_packed_weight(module: Any) -> Any:
-    """A packed weight W (N, K) read back exactly through the engine's own kernel: rows of the
-    identity give columns of W (each output is one weight times 1 plus zeros)."""
+def _read_kernel_weight(module: Any, in_features: int) -> Any:
+    """A linear layer's weight W (N, K) read back exactly through the engine's own kernel:
+    rows of the identity give columns of W (each output is one weight times 1 plus zeros)."""
     import torch
 
-    in_features = module.input_size_per_partition
     columns = []
     for start in range(0, in_features, _PROBE_ROWS):
         rows = min(_PROBE_ROWS, in_features - start)

@@ -377,3 +377,37 @@ def test_a_corrupted_tensor_of_any_layer_fails_verification(actors, hf_policy, c
     arrays, specs = export_tensors(clean.items())
     result = ray.get(warm.load_weights.remote(WeightsHandle(version + 1, ray.put(tuple(arrays)), specs, probes, 0)))
     assert result.verified is True and result.probe_rms_error < 1e-6
+
+
+def test_a_logits_kernel_that_kept_other_weights_fails_verification(actors, hf_policy):
+    """vLLM on CPU computes the logits with the LM head's kernel, which keeps its own copy of
+    the weight beside the readable parameter. A kernel computing with other weights than
+    the parameter holds is caught, named as the kernel; a reload rebuilds it."""
+    import ray
+
+    from cluster.shared.transport import KERNEL_SUFFIX
+
+    _, warm, _ = actors
+    clean = {k: v.clone() for k, v in hf_policy.state_dict().items()}
+    probes = ray.put(probes_of(clean.items()))
+    version = ray.get(warm.policy_version.remote()) + 1
+    arrays, specs = export_tensors(clean.items())
+    handle = WeightsHandle(version, ray.put(tuple(arrays)), specs, probes, 0)
+    assert ray.get(warm.load_weights.remote(handle)).verified is True
+    measured, _ = ray.get(warm.probes.remote())
+    assert "lm_head.weight" + KERNEL_SUFFIX in measured  # probed through the kernel too
+
+    def skew_the_logits_kernel(actor):
+        def skew(worker):
+            head = worker.get_model().lm_head
+            kernel = head.cpu_linear
+            head.cpu_linear = lambda x, weight, bias: kernel(x, weight, bias) * 1.001
+
+        actor._llm.collective_rpc(skew)
+
+    ray.get(warm.__ray_call__.remote(skew_the_logits_kernel))
+    result = ray.get(warm.load_weights.remote(handle))  # the version it holds: verified again
+    assert result.loaded is False and result.verified is False
+    assert f"engine tensor {'lm_head.weight' + KERNEL_SUFFIX!r} differs" in result.problem, result.problem
+    again = WeightsHandle(version + 1, handle.tensors, specs, probes, 0)
+    assert ray.get(warm.load_weights.remote(again)).verified is True
