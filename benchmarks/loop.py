@@ -19,6 +19,10 @@ waits); and the physical limit on these cores, cores / (core-seconds per sample 
 generation + scoring + update, each measured on one thread).
 
     .venv/bin/python benchmarks/loop.py [--sizes small tiny] [--updates 16] [--sweep-threads]
+                                        [--compute-dtype float32|bfloat16]
+
+`--compute-dtype bfloat16` runs every learner update (the baseline's too) under bfloat16
+autocast (`learner.compute_dtype`), for a CPU with AVX-512 BF16.
 
 Prints a table, then one JSON object as the last line.
 """
@@ -45,10 +49,12 @@ THREADS = {0: (2, 2, 2), 1: (2, 1, 1)}
 """max_staleness -> threads of (learner, actor, reward replica): what this 2-core machine should use."""
 
 
-def overrides(assets: Path, updates: int) -> list[str]:
+def overrides(assets: Path, updates: int, compute_dtype: str) -> list[str]:
     """The run both sides share: model-only reward, B prompts per update, one epoch, one
-    micro-batch (so the first epoch's forward pass is the proximal one, in both)."""
+    micro-batch (so the first epoch's forward pass is the proximal one, in both), the
+    learner's arithmetic."""
     return [f"model.policy={assets / 'policy'}", f"model.reward={assets / 'reward'}", "model.build_assets=null",
+            f"learner.compute_dtype={compute_dtype}",
             f"data.prompts={assets / 'data/prompts.jsonl'}", f"train.total_updates={updates}",
             f"train.rollout_batch_size={BATCH}", f"rollout.prompts_per_batch={BATCH}", "ppo.epochs=1",
             f"ppo.minibatch_size={BATCH}", f"ppo.micro_batch_size={BATCH}",
@@ -92,7 +98,7 @@ def hf_rollouts(model, tokenizer, prompts, temperature: float):
     return rollouts
 
 
-def one_process(assets: Path, updates: int, out: Path) -> dict:
+def one_process(assets: Path, updates: int, out: Path, compute_dtype: str) -> dict:
     """The baseline: generate, score, update in sequence in this process, on every core."""
     import torch
 
@@ -102,7 +108,8 @@ def one_process(assets: Path, updates: int, out: Path) -> dict:
     from learner.learner import Learner
     from reward_service.model import RewardModel
 
-    cfg = load_config(REPO / "configs/smoke.yaml", [*overrides(assets, updates), f"run.output_dir={out}",
+    cfg = load_config(REPO / "configs/smoke.yaml", [*overrides(assets, updates, compute_dtype),
+                                                    f"run.output_dir={out}",
                                                     f"run.name=one-process-{time.monotonic_ns()}",
                                                     f"learner.threads={CORES}"])
     learner = Learner(cfg, str(cfg.run_dir))  # sets torch's thread count to CORES
@@ -146,15 +153,15 @@ def timed(fn) -> float:
 # --------------------------------------------------------------------------- tame
 
 
-def tame(assets: Path, updates: int, out: Path, k: int, learner_threads: int, actor_threads: int,
-         reward_threads: int) -> dict:
+def tame(assets: Path, updates: int, out: Path, compute_dtype: str, k: int, learner_threads: int,
+         actor_threads: int, reward_threads: int) -> dict:
     from cluster.controller import train
     from cluster.shared.config import load_config
 
     name = f"k{k}-l{learner_threads}-a{actor_threads}-r{reward_threads}-{time.monotonic_ns()}"
     cfg = load_config(REPO / "configs/smoke.yaml", [
-        *overrides(assets, updates), f"run.output_dir={out}", f"run.name={name}", f"train.max_staleness={k}",
-        "rollout.num_actors=1", "rollout.num_cpus=1", "learner.num_cpus=1",
+        *overrides(assets, updates, compute_dtype), f"run.output_dir={out}", f"run.name={name}",
+        f"train.max_staleness={k}", "rollout.num_actors=1", "rollout.num_cpus=1", "learner.num_cpus=1",
         f"learner.threads={learner_threads}", f"rollout.threads={actor_threads}", f"reward.threads={reward_threads}"])
     summary = train(cfg, log=lambda *_: None)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
@@ -182,7 +189,7 @@ def median_run(runs: list[dict]) -> dict:
     return {**ranked[len(ranked) // 2], "samples_per_s_all": [round(r["samples_per_s"], 2) for r in runs]}
 
 
-def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, log) -> dict:
+def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, compute_dtype: str, log) -> dict:
     """Every configuration `repeats` times, in turns, so that load from other processes on a
     shared machine hits all of them alike; each reported by its median run."""
     from cluster.demo.assets import ensure_assets
@@ -194,11 +201,11 @@ def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, l
     bases, runs = [], {s: [] for s in settings}
     for round_ in range(repeats):
         log(f"{size} round {round_ + 1}/{repeats}: one-process baseline")
-        bases.append(one_process(assets, updates, out))
+        bases.append(one_process(assets, updates, out, compute_dtype))
         for k, lt, at, rt in settings:
             log(f"{size} round {round_ + 1}/{repeats}: tame max_staleness {k}, threads: learner {lt}, "
                 f"actor {at}, reward {rt}")
-            runs[(k, lt, at, rt)].append(tame(assets, updates, out, k, lt, at, rt))
+            runs[(k, lt, at, rt)].append(tame(assets, updates, out, compute_dtype, k, lt, at, rt))
     base = median_run(bases)
     tames = [median_run(r) for r in runs.values()]
     # The limit on these cores: each sample's generation (on one thread, as the k=1 actor runs
@@ -211,7 +218,8 @@ def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, l
     for r in tames:
         r["over_one_process"] = r["samples_per_s"] / base["samples_per_s"]
         r["of_limit"] = r["samples_per_s"] / limit
-    return {"size": size, "one_process": base, "tame": tames, "limit_samples_per_s": limit,
+    return {"size": size, "compute_dtype": compute_dtype, "one_process": base, "tame": tames,
+            "limit_samples_per_s": limit,
             "limit_over_one_process": limit / base["samples_per_s"],
             "core_s_per_sample": {"generate": generate, "score": score, "update": update}}
 
@@ -223,6 +231,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each configuration, in turns (median reported)")
     p.add_argument("--assets", type=Path, default=REPO / "runs/assets", help="folder of the <size>/ assets")
     p.add_argument("--sweep-threads", action="store_true", help="every learner/actor thread count, both staleness")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the learner's arithmetic (learner.compute_dtype), in the baseline and in tame alike")
     args = p.parse_args()
 
     import ray
@@ -230,14 +240,14 @@ def main() -> None:
     from cluster.controller import ENGINE_ENV
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ENGINE_ENV})
-    results = [bench_size(size, args.assets, args.updates, args.repeats, args.sweep_threads,
+    results = [bench_size(size, args.assets, args.updates, args.repeats, args.sweep_threads, args.compute_dtype,
                           lambda m: print(m, file=sys.stderr, flush=True)) for size in args.sizes]
     ray.shutdown()
 
     for res in results:
         base = res["one_process"]
         print(f"\n{res['size']} assets: {BATCH} prompts x {NEW_TOKENS} new tokens per update, {args.updates} updates, "
-              f"{CORES} cores")
+              f"{CORES} cores, learner in {args.compute_dtype}")
         print(f"{'run':<34}{'samples/s':>10}{'x 1-proc':>9}{'of limit':>9}{'eff.':>6}{'dropped':>8}"
               f"{'learner idle':>13}{'actor idle':>11}{'gen+score s':>12}{'update s':>9}{'start-up s':>11}")
         print(f"{'one process (HF generate)':<34}{base['samples_per_s']:>10.1f}{1.0:>9.2f}"
