@@ -53,16 +53,17 @@ def roles(cfg: TameConfig, only: tuple[str, ...] = ("learner", "rollout", "rewar
 
 
 def check_fits(cfg: TameConfig, total: dict[str, float], nodes: list[dict[str, float]],
-               only: tuple[str, ...] = ("learner", "rollout", "reward")) -> None:
+               only: tuple[str, ...] = ("learner", "rollout", "reward"),
+               resources: tuple[str, ...] | None = None) -> None:
     """Raise a UserError when the roles named in `only` can never all be placed: a resource
-    whose sum exceeds the cluster's `total`, or one actor that no single node of `nodes`
-    can hold."""
+    (of `resources`; all when None) whose sum exceeds the cluster's `total`, or one actor
+    that no single node of `nodes` can hold."""
     need: dict[str, float] = defaultdict(float)
     terms: dict[str, list[str]] = defaultdict(list)
     problems = []
     for role in roles(cfg, only):
         for resource, amount in role.each.items():
-            if role.count == 0:
+            if role.count == 0 or (resources is not None and resource not in resources):
                 continue
             need[resource] += role.count * amount
             one = role.fields[resource]
@@ -79,6 +80,15 @@ def check_fits(cfg: TameConfig, total: dict[str, float], nodes: list[dict[str, f
         raise UserError("this cannot be placed on the Ray cluster:\n  " + "\n  ".join(problems) +
                         "\nLower one of these, or give the cluster more (cluster.num_cpus for a local Ray). "
                         "On a cluster that adds nodes as it needs them, set cluster.check_resources: false.")
+
+
+def check_local(cfg: TameConfig) -> None:
+    """`check_fits` on CPUs alone, before this process starts a local Ray of
+    cluster.num_cpus CPUs: a run that cannot fit fails in a second rather than after Ray's
+    start. GPUs and custom resources wait for `check_cluster`, which sees what Ray detects."""
+    if cfg.cluster.check_resources and cfg.cluster.num_cpus is not None:
+        cpus = {"CPU": float(cfg.cluster.num_cpus)}
+        check_fits(cfg, cpus, [cpus], resources=("CPU",))
 
 
 def check_cluster(cfg: TameConfig, only: tuple[str, ...] = ("learner", "rollout", "reward")) -> None:
