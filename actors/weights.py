@@ -94,13 +94,14 @@ def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     engine tensor name, and the engine's fusion map (vLLM's `packed_modules_mapping`).
 
     Readable weights are probed directly. vLLM on CPU also hands a linear layer's weight to a
-    oneDNN kernel that keeps its own packed copy: of the decoder's linear layers (their
-    parameter left empty), and of the LM head, which computes the logits, beside its readable
-    parameter. Each such kernel is probed through itself: x_K in, W @ x_K out, one
-    matrix-vector product; in a precision below float32 the kernel's output would be rounded,
-    so its weight is read back exactly first (identity rows through the kernel) and probed
-    like a readable one. A kernel beside a readable parameter is named
-    `<parameter> + KERNEL_SUFFIX`: both must hold the published weights.
+    oneDNN kernel that keeps its own packed copy: the decoder's linear layers (their
+    parameter left empty) and the LM head, which computes the logits with it beside its
+    readable parameter. (The embedding gets such a copy too, which its lookups never use: not
+    probed.) Each kernel is probed through itself: x_K in, W @ x_K out, one matrix-vector
+    product; in a precision below float32 the kernel's output would be rounded, so its
+    weight is read back exactly first (identity rows through the kernel) and probed like a
+    readable one. The LM head's kernel is named `lm_head.weight + KERNEL_SUFFIX`: it and the
+    parameter must both hold the published weights.
     """
     (result,) = llm.collective_rpc(lambda worker: _model_probes(worker.get_model()))
     return result
@@ -108,6 +109,7 @@ def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
 
 def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     import torch
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     from cluster.shared.transport import KERNEL_SUFFIX, probe, probe_vector
 
@@ -119,8 +121,8 @@ def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
                     out[name] = probe(param).cpu().numpy()
                 if not (hasattr(module, "cpu_linear") and name == f"{module_name}.weight"):
                     continue
-                if param.numel() > 0 and param.ndim != 2:
-                    continue
+                if param.numel() > 0 and not isinstance(module, ParallelLMHead):
+                    continue  # a readable weight the module computes with itself
                 key = name if param.numel() == 0 else name + KERNEL_SUFFIX
                 width = param.shape[1] if param.numel() > 0 else module.input_size_per_partition
                 if param.dtype == torch.float32:

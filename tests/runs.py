@@ -113,17 +113,23 @@ class Run(threading.Thread):
         control = self.control()
         return ray.get(control.get_status.remote()) if control else {}
 
-    def stop(self) -> None:
+    def stop(self, limit: float = 240) -> None:
         """Ask the loop to finish after the update in flight, as if it had reached its last
-        one: final checkpoint and summary (`Control.stop`). Nothing when it has ended."""
+        one: final checkpoint and summary (`Control.stop`). A run still starting is asked as
+        soon as its control actor is up; nothing when it has ended."""
         import ray
 
-        control = self.control()
-        if control:
+        deadline = time.monotonic() + limit
+        while self.is_alive() and time.monotonic() < deadline:
+            control = self.control()
+            if control is None:
+                time.sleep(0.2)
+                continue
             try:
                 ray.get(control.stop.remote())
             except ray.exceptions.RayActorError:  # the run ended meanwhile
                 pass
+            return
 
     def wait_for(self, what: str, predicate, limit: float = 240) -> dict:
         """Poll until predicate(status, ledger entries) holds; returns that status."""

@@ -171,7 +171,7 @@ def test_a_run_the_cluster_cannot_hold_exits_2_before_anything_starts(tiny_asset
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "the run needs 2.5 CPU: learner.num_cpus 1 + rollout.num_actors 1 x rollout.num_cpus 1" in out.stderr
-    assert "starting a local Ray" not in out.stdout  # known from cluster.num_cpus, before Ray's start
+    assert "starting a local Ray" not in out.stderr  # known from cluster.num_cpus, before Ray's start
 
 
 def test_a_signal_while_starting_stops_the_start_at_once(tiny_assets, tmp_path):

@@ -1,6 +1,7 @@
 """Fault injection on a real run: rollout actor processes and the reward replica killed with
 SIGKILL, and rewards that overflow the learner, in the middle of training. The run must
-reach its configured number of updates with every prompt trained on exactly once."""
+carry on through each, with every prompt trained on exactly once. The test stops it once it
+has survived them all: a fixed number of updates would race the faults on a fast machine."""
 
 from __future__ import annotations
 
@@ -56,7 +57,6 @@ def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, r
         assert len(killed) == 1, killed
         replica = ray.get_actor(killed[0], namespace="serve")
         os.kill(ray.get(replica.__ray_call__.remote(lambda _self: os.getpid())), signal.SIGKILL)
-        killed_at = len(ledger(run.cfg.run_dir))
         run.wait_for("a new replica", lambda s, e: reward_replicas() not in ([], killed), limit=120)
         # More updates than the queue holds batches scored before the kill (1 + max_staleness).
         replaced_at = len(ledger(run.cfg.run_dir))
@@ -67,9 +67,8 @@ def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, r
     run.join(timeout=400)
     assert not run.is_alive() and run.error is None, (run.error, run.logs[-10:])
     summary, entries = run.summary, ledger(run.cfg.run_dir)
-    steps = summary["steps"]
-    assert summary["error"] is None and killed_at < replaced_at + 3 <= steps < TOTAL
-    assert [e["version"] for e in entries] == list(range(1, steps + 1))
+    assert summary["error"] is None  # stopped, not failed
+    assert [e["version"] for e in entries] == list(range(1, summary["steps"] + 1))
     assert summary["actor_failures"] == 2 and summary["skipped_updates"] >= 4 and summary["failed_prompts"] > 0
     assert {a for e in entries for a in e["actors"]} == {0, 1, 2}
     assert all(e["version"] - 1 - v <= 1 for e in entries for v in e["record_versions"])

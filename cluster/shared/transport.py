@@ -38,8 +38,9 @@ PROBE_MAX_TOL = 1e-4
 """Largest single |measured - expected| / max|expected| of one tensor's projection."""
 _ROWS_PER_CHUNK = 8192  # rows cast to float32 at a time: no full-size copy of a large weight
 KERNEL_SUFFIX = " (kernel)"
-"""Names an engine probe taken through a kernel's own copy of a readable weight (the copy an
-engine computes with, beside the parameter): checked against the same published tensor."""
+"""Names an engine probe taken through a kernel's own copy of a readable weight (vLLM's CPU
+LM head computes the logits with one, beside its parameter): checked against the same
+published tensor as the parameter."""
 
 
 @dataclass(frozen=True)
