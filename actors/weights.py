@@ -82,11 +82,26 @@ def load_into_engine(llm: Any, tensors: Iterable[tuple[str, Any]]) -> None:
     and re-runs the per-layer processing (on CPU: repacking linear weights for oneDNN).
     Tensors are consumed in the given order; grouping them by layer keeps the reload's
     staging buffers small.
+
+    An LM head tied to the embedding receives no tensor of its own, so vLLM does not re-run
+    its processing: on CPU its logits kernel would keep the old weights (the probes catch
+    that). It is re-run here for every tied head.
     """
     items = iter(tensors)
-    llm.collective_rpc(lambda worker: worker.reload_weights(weights_iterator=items))
+    llm.collective_rpc(lambda worker: _reload(worker, items))
     # Cached prefixes hold keys and values computed by the old weights.
     llm.reset_prefix_cache()
+
+
+def _reload(worker: Any, items: Iterable[tuple[str, Any]]) -> None:
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    worker.reload_weights(weights_iterator=items)
+    model = worker.get_model()
+    shared = {id(m.weight) for m in model.modules() if not isinstance(m, ParallelLMHead) and hasattr(m, "weight")}
+    for head in model.modules():
+        if isinstance(head, ParallelLMHead) and id(head.weight) in shared:
+            head.quant_method.process_weights_after_loading(head)  # on CPU: a new kernel from the weight
 
 
 def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -114,16 +129,20 @@ def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     from cluster.shared.transport import KERNEL_SUFFIX, probe, probe_vector
 
     out = {}
+    # A tied weight (an LM head that is the embedding, as in many small models) is one tensor
+    # under two module names; the checkpoint and the learner name it once, by its first name.
+    first: dict[int, str] = {}
     with torch.inference_mode():
         for module_name, module in model.named_modules():
             for name, param in module.named_parameters(prefix=module_name, recurse=False):
-                if param.numel() > 0:
+                own = first.setdefault(id(param), name)
+                if param.numel() > 0 and own == name:
                     out[name] = probe(param).cpu().numpy()
                 if not (hasattr(module, "cpu_linear") and name == f"{module_name}.weight"):
                     continue
                 if param.numel() > 0 and not isinstance(module, ParallelLMHead):
                     continue  # a readable weight the module computes with itself
-                key = name if param.numel() == 0 else name + KERNEL_SUFFIX
+                key = own if param.numel() == 0 else own + KERNEL_SUFFIX
                 width = param.shape[1] if param.numel() > 0 else module.input_size_per_partition
                 if param.dtype == torch.float32:
                     x = probe_vector(width)[None, :]

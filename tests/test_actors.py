@@ -413,3 +413,35 @@ def test_a_logits_kernel_that_kept_other_weights_fails_verification(actors, hf_p
         assert f"engine tensor {'lm_head.weight' + KERNEL_SUFFIX!r} differs" in result.problem, result.problem
     finally:  # the module's engine is shared: a reload rebuilds the kernel
         assert ray.get(warm.load_weights.remote(again)).verified is True
+
+
+def test_a_policy_whose_lm_head_is_its_embedding_loads_and_verifies(tiny_assets, hf_policy, ray_local, tmp_path):
+    """Tied word embeddings, as in many small Hugging Face models: the checkpoint and the
+    learner name the one tensor once, as the embedding's; the engine's LM head and its logits
+    kernel are that tensor, and a published version loads and verifies."""
+    import ray
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.rollout import RolloutActor
+    from cluster.shared.transport import KERNEL_SUFFIX
+
+    config = type(hf_policy.config).from_dict({**hf_policy.config.to_dict(), "tie_word_embeddings": True})
+    tied = AutoModelForCausalLM.from_config(config)
+    tied.load_state_dict({k: v for k, v in hf_policy.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    tied.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_assets.policy).save_pretrained(tmp_path / "tied")
+
+    actor = ray_local.remote(num_cpus=1)(RolloutActor).remote(make_config(str(tmp_path / "tied")), 2)
+    try:
+        ray.get(actor.ready.remote())
+        published = dict(tied.named_parameters())  # as Learner.publish sends them: the tensor once
+        assert "lm_head.weight" not in published
+        measured, _ = ray.get(actor.probes.remote())
+        assert "lm_head.weight" not in measured and "model.embed_tokens.weight" + KERNEL_SUFFIX in measured
+        gen = torch.Generator().manual_seed(5)
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in published.items()}
+        result = ray.get(actor.load_weights.remote(ObjectStoreTransport().publish(state.items(), 1)))
+        assert result.loaded is True and result.verified is True, result.problem
+    finally:
+        ray.kill(actor)
