@@ -94,13 +94,14 @@ def load_into_engine(llm: Any, tensors: Iterable[tuple[str, Any]]) -> None:
 
 
 def _reload(worker: Any, items: Iterable[tuple[str, Any]]) -> None:
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
     worker.reload_weights(weights_iterator=items)
     model = worker.get_model()
     shared = {id(m.weight) for m in model.modules() if not isinstance(m, ParallelLMHead) and hasattr(m, "weight")}
     for head in model.modules():
-        if isinstance(head, ParallelLMHead) and id(head.weight) in shared:
+        if (isinstance(head, ParallelLMHead) and id(head.weight) in shared
+                and isinstance(head.quant_method, UnquantizedEmbeddingMethod)):
             head.quant_method.process_weights_after_loading(head)  # on CPU: a new kernel from the weight
 
 
