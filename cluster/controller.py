@@ -30,7 +30,7 @@ from cluster.shared.config import TameConfig, check_model_folder, gpu_env
 from cluster.shared.data import load_prompts
 from cluster.shared.errors import RunError, UserError
 from cluster.shared.files import write_json
-from cluster.shared.ray_cluster import connect_ray, started_here
+from cluster.shared.ray_cluster import connect_ray, started_here, starts_local
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
 from cluster.shared.resources import ask, check_cluster, check_local, free_on_cluster, roles
 from cluster.shared.startup import Pending, ref_done, wait_until_up
@@ -714,8 +714,6 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
 
     Ctrl-C or SIGTERM stops at the next safe point and raises KeyboardInterrupt after the
     final checkpoint; a failure raises after it (RunError when the run cannot go on)."""
-    import ray
-
     created = time.monotonic()
     run_dir = cfg.run_dir
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
@@ -724,7 +722,7 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
     check_inputs(cfg)
     if resume:
         _check_resumable(cfg)
-    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+    if starts_local(cfg.cluster.address):
         check_local(cfg)  # the Ray about to start here: its CPUs are known without starting it
     connect(cfg, log)
     check_cluster(cfg)  # a run that can never be placed fails here, before it writes anything

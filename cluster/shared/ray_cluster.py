@@ -18,6 +18,14 @@ def started_here() -> bool:
     return _started_here and ray.is_initialized()
 
 
+def starts_local(address: str | None) -> bool:
+    """Whether `connect_ray(address, ...)` would start a local Ray: no address given or in
+    RAY_ADDRESS, and not connected yet."""
+    import ray
+
+    return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None,
                 log: Callable[[str], None] | None = None, **options: Any) -> None:
     """Connect to the Ray cluster at `address` (else RAY_ADDRESS), or start a local one with
@@ -28,9 +36,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None,
     global _started_here
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    _started_here = not address
-    if address:
+    _started_here = starts_local(address)
+    if not _started_here:
+        address = address or os.environ["RAY_ADDRESS"]
         if log:
             log(f"connecting to the Ray cluster at {address}")
         ray.init(address=address, **options)
