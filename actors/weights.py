@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.shared.transport import TensorSpec
+from cluster.shared.transport import TensorSpec, checkpoint_names
 
 # Identity rows fed through a packed linear layer at once when reading its weights back.
 _PROBE_ROWS = 512
@@ -78,31 +79,131 @@ def validate_specs(specs: Iterable[TensorSpec], layout: dict[str, tuple[int, ...
 def load_into_engine(llm: Any, tensors: Iterable[tuple[str, Any]]) -> None:
     """Copy named checkpoint-format tensors into the live engine and drop its prefix cache.
 
-    vLLM's in-place reload maps checkpoint names onto its fused parameters (q/k/v, gate/up)
-    and re-runs the per-layer processing (on CPU: repacking linear weights for oneDNN).
-    Tensors are consumed in the given order; grouping them by layer keeps the reload's
-    staging buffers small.
-
-    An LM head tied to the embedding receives no tensor of its own, so vLLM does not re-run
-    its processing: on CPU its logits kernel would keep the old weights (the probes catch
-    that). It is re-run here for every tied head.
+    On CPU, where vLLM keeps each linear layer's weight only in a oneDNN kernel, the kernels
+    are rebuilt straight from the tensors (`_direct_plan`): one repack per weight, plus one
+    copy to join the parts of a fused weight (q/k/v, gate/up). Otherwise, or for a model
+    the plan does not cover, vLLM's in-place reload does it: it maps checkpoint names onto
+    its fused parameters, stages every layer's weights in fresh memory and re-runs the
+    layer's processing, which costs about a third more on CPU (benchmarks/README.md).
+    Either way the probes check the result.
     """
-    items = iter(tensors)
-    llm.collective_rpc(lambda worker: _reload(worker, items))
+    tensors = dict(tensors)
+    llm.collective_rpc(lambda worker: _load(worker, tensors))
     # Cached prefixes hold keys and values computed by the old weights.
     llm.reset_prefix_cache()
 
 
-def _reload(worker: Any, items: Iterable[tuple[str, Any]]) -> None:
+def _load(worker: Any, tensors: dict[str, Any]) -> None:
+    model = worker.get_model()
+    plan = _direct_plan(model, tensors)
+    if plan is None:
+        _reload(worker, tensors)
+        return
+    import torch
+
+    steps, heads = plan
+    with torch.no_grad():
+        for step in steps:
+            step.run(tensors)
+        for head in heads:  # the logits kernel, from the head's weight (which may be the embedding)
+            head.quant_method.process_weights_after_loading(head)
+
+
+def _reload(worker: Any, tensors: dict[str, Any]) -> None:
+    """vLLM's in-place reload. An LM head tied to the embedding receives no tensor of its own,
+    so vLLM does not re-run its processing: on CPU its logits kernel would keep the old
+    weights (the probes catch that). It is re-run here for every tied head."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
-    worker.reload_weights(weights_iterator=items)
+    worker.reload_weights(weights_iterator=iter(tensors.items()))
     model = worker.get_model()
     shared = {id(m.weight) for m in model.modules() if not isinstance(m, ParallelLMHead) and hasattr(m, "weight")}
     for head in model.modules():
         if (isinstance(head, ParallelLMHead) and id(head.weight) in shared
                 and isinstance(head.quant_method, UnquantizedEmbeddingMethod)):
             head.quant_method.process_weights_after_loading(head)  # on CPU: a new kernel from the weight
+
+
+@dataclass
+class _Step:
+    """One engine parameter of a direct load: the checkpoint tensors whose rows it joins."""
+
+    module: Any
+    name: str
+    """The parameter's attribute name on `module` ("weight", "bias")."""
+    parts: list[str]
+    kernel: bool
+    """A linear layer's weight, which lives only in its oneDNN kernel: the kernel is rebuilt
+    from the joined parts. Otherwise the parts are copied into the parameter (rows past
+    them, vocabulary padding, are left alone)."""
+
+    def run(self, tensors: dict[str, Any]) -> None:
+        import torch
+
+        parts = [tensors[name] for name in self.parts]
+        if not self.kernel:
+            _copy_rows(getattr(self.module, self.name).data, parts)
+            return
+        dtype = self.module.params_dtype
+        if len(parts) == 1 and parts[0].dtype == dtype:
+            weight = parts[0]  # a view of the object store: the repack reads it in place
+        else:
+            weight = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=dtype)
+            _copy_rows(weight, parts)
+        self.module.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.module.quant_method.process_weights_after_loading(self.module)  # repacks, drops the weight
+
+
+def _copy_rows(out: Any, parts: list[Any]) -> None:
+    row = 0
+    for part in parts:
+        out[row:row + part.shape[0]].copy_(part)
+        row += part.shape[0]
+
+
+def _direct_plan(model: Any, tensors: dict[str, Any]) -> tuple[list[_Step], list[Any]] | None:
+    """(the steps of a direct load of `tensors` into `model`, the LM heads whose logits kernel
+    is rebuilt after them), or None when the load must go through vLLM's reload: not on CPU,
+    tensor-parallel, a quantized or unknown layer, a linear layer without a kernel of its own,
+    a parameter no tensor maps onto (by name, through the model's fusion map), a tensor left
+    over, or a shape that does not fit. Nothing is touched here."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or get_tensor_model_parallel_world_size() != 1:
+        return None
+    fused = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
+    steps, heads, seen, covered = [], [], set(), set()
+    for module_name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(module, ParallelLMHead) and isinstance(method, UnquantizedEmbeddingMethod):
+            heads.append(module)
+        for full, param in module.named_parameters(prefix=module_name, recurse=False):
+            if id(param) in seen:
+                continue  # a tied weight (an LM head that is the embedding): loaded under its first name
+            seen.add(id(param))
+            name = full.rsplit(".", 1)[-1]
+            parts = checkpoint_names(full, tensors, fused)
+            if parts is None or any(tensors[p].ndim == 0 for p in parts):
+                return None
+            shapes = [tuple(tensors[p].shape) for p in parts]
+            rows = sum(s[0] for s in shapes)
+            if name == "weight" and isinstance(method, UnquantizedLinearMethod):
+                want = (getattr(module, "output_size_per_partition", None),
+                        getattr(module, "input_size_per_partition", None))
+                if param.numel() > 0 or any(s[1:] != want[1:] for s in shapes) or rows != want[0]:
+                    return None  # (a weight vLLM left readable computes from itself: no kernel to rebuild)
+                steps.append(_Step(module, name, parts, kernel=True))
+            elif method is None or name == "bias" or isinstance(method, UnquantizedEmbeddingMethod):
+                if any(s[1:] != tuple(param.shape[1:]) for s in shapes) or rows > param.shape[0]:
+                    return None
+                steps.append(_Step(module, name, parts, kernel=False))
+            else:
+                return None  # quantized, or a kind of layer this plan does not know
+            covered.update(parts)
+    return (steps, heads) if covered == set(tensors) else None
 
 
 def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:

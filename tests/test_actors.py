@@ -121,6 +121,15 @@ def engine_holds(actor, state: dict) -> bool:
     return compare_probes(measured, probes_of(state.items()), fused).ok
 
 
+def load_with_vllms_reload(actor, tensors: dict) -> None:
+    """Inside a rollout actor (`__ray_call__`): load through vLLM's reload, the path for models
+    the direct plan does not cover."""
+    from actors.weights import _reload
+
+    actor._llm.collective_rpc(lambda worker: _reload(worker, tensors))
+    actor._llm.reset_prefix_cache()
+
+
 def test_ready_reports_version_zero_and_the_engine_holds_the_disk_weights(actors, tiny_assets):
     from safetensors.torch import load_file
 
@@ -443,5 +452,48 @@ def test_a_policy_whose_lm_head_is_its_embedding_loads_and_verifies(tiny_assets,
         state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in published.items()}
         result = ray.get(actor.load_weights.remote(ObjectStoreTransport().publish(state.items(), 1)))
         assert result.loaded is True and result.verified is True, result.problem
+        # vLLM's reload gives the tied head no tensor of its own: its kernel is rebuilt after.
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the helper travels by value
+        state = {k: v + 0.01 for k, v in state.items()}
+        ray.get(actor.__ray_call__.remote(load_with_vllms_reload, state))
+        assert engine_holds(actor, state)
     finally:
         ray.kill(actor)
+
+
+def test_loads_rebuild_the_kernels_directly_and_agree_with_vllms_reload(actors, hf_policy):
+    """On CPU a load rebuilds each linear layer's kernel straight from the published tensors
+    (`actors.weights._direct_plan` covers every tensor of the Llama policy); vLLM's own
+    reload stays the path for models the plan does not cover. Loads through either path,
+    one after the other on one engine, each verify; a set of tensors the plan cannot place
+    (one missing, one unknown) gets no plan."""
+    import ray
+
+    _, warm, _ = actors
+
+    def plan_of(tensors):
+        def inside(actor):
+            from actors.weights import _direct_plan
+
+            (plan,) = actor._llm.collective_rpc(lambda worker: _direct_plan(worker.get_model(), tensors))
+            return None if plan is None else (len(plan[0]), len(plan[1]))
+
+        return ray.get(warm.__ray_call__.remote(inside))
+
+    state = {k: v.clone() for k, v in hf_policy.state_dict().items()}
+    n_params = len(state) - 3 * hf_policy.config.num_hidden_layers  # q/k/v and gate/up are fused
+    assert plan_of(state) == (n_params, 1)  # every engine parameter, and the LM head's kernel after
+    assert plan_of({k: v for k, v in state.items() if k != "model.norm.weight"}) is None
+    assert plan_of({**state, "model.extra.weight": state["model.norm.weight"]}) is None
+
+    version = ray.get(warm.policy_version.remote())
+    for seed, path in enumerate(["direct", "vllm", "direct"]):
+        handle, state = perturbed_handle(hf_policy, version + 1 + seed, seed=20 + seed)
+        if path == "direct":
+            result = ray.get(warm.load_weights.remote(handle))
+            assert result.loaded is True and result.verified is True, result.problem
+        else:
+            ray.get(warm.__ray_call__.remote(load_with_vllms_reload, dict(state)))
+        assert engine_holds(warm, state), path

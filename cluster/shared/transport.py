@@ -128,7 +128,7 @@ def compare_probes(measured: Mapping[str, np.ndarray], expected: Mapping[str, np
     covered: set[str] = set()
     worst, worst_rms, worst_max = None, 0.0, 0.0
     for name, got in measured.items():
-        parts = _checkpoint_names(name.removesuffix(KERNEL_SUFFIX), expected, fused)
+        parts = checkpoint_names(name.removesuffix(KERNEL_SUFFIX), expected, fused)
         if parts is None:
             return ProbeCheck(False, name, np.inf, np.inf, f"engine tensor {name!r} has no published counterpart")
         covered.update(parts)
@@ -155,8 +155,10 @@ def compare_probes(measured: Mapping[str, np.ndarray], expected: Mapping[str, np
     return ProbeCheck(True, worst, worst_rms, worst_max)
 
 
-def _checkpoint_names(engine_name: str, expected: Mapping[str, Any],
-                      fused: Mapping[str, Iterable[str]]) -> list[str] | None:
+def checkpoint_names(engine_name: str, expected: Mapping[str, Any],
+                     fused: Mapping[str, Iterable[str]]) -> list[str] | None:
+    """The checkpoint tensors (names in `expected`) an engine tensor holds: itself, or the
+    parts a fused module joins (`fused`: vLLM's `packed_modules_mapping`); None if neither."""
     if engine_name in expected:
         return [engine_name]
     parts = engine_name.split(".")
