@@ -24,7 +24,7 @@ from actors.engine import (
     run_generate,
     sampling_params,
 )
-from actors.weights import checkpoint_layout, engine_probes, load_into_engine, validate_specs
+from actors.weights import checkpoint_layout, engine_probes, load_into_engine, loads_directly, validate_specs
 from cluster.shared.config import TameConfig
 from cluster.shared.records import LoadResult, Prompt, RolloutBatch
 from cluster.shared.startup import heavy_imports
@@ -53,6 +53,9 @@ class RolloutActor:
         self._tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
         self._params = sampling_params(cfg)
         self._layout = checkpoint_layout(cfg.model.policy)
+        self._direct = loads_directly(self._llm, cfg.model.policy)
+        log.info("actor %d: weight loads %s", actor_id, "rebuild the CPU kernels directly" if self._direct
+                 else "go through vLLM's reload")
         self._version = 0  # the weights on disk at cfg.model.policy
         self._transport: WeightTransport = ObjectStoreTransport()
         self._warm_up()
@@ -144,10 +147,10 @@ class RolloutActor:
             # Views of the object store's memory go straight into the engine: no staging copy.
             tensors = self._transport.fetch(handle)
             fetched = time.perf_counter()
-            load_into_engine(self._llm, tensors.items())
+            path = load_into_engine(self._llm, tensors, self._direct)
             self._version = handle.version
             loaded = {"loaded": True, "bytes": handle.nbytes, "fetch_seconds": fetched - start,
-                      "reload_seconds": time.perf_counter() - fetched}
+                      "reload_seconds": time.perf_counter() - fetched, "direct": path == "direct"}
 
         verifying = time.perf_counter()
         measured, fused = engine_probes(self._llm)

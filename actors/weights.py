@@ -10,7 +10,7 @@ from the handle, and compared with the published ones: that proves the load happ
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,20 +34,24 @@ def checkpoint_layout(model_path: str | Path) -> dict[str, tuple[int, ...]]:
     """
     from safetensors import safe_open
 
-    root = Path(model_path)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(root.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"{root}: no safetensors checkpoint to take the weight layout from")
     layout = {}
-    for name in files:
-        with safe_open(root / name, framework="pt") as f:
+    for path in _checkpoint_files(model_path):
+        with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 layout[key] = tuple(f.get_slice(key).get_shape())
     return layout
+
+
+def _checkpoint_files(model_path: str | Path) -> list[Path]:
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        files = [root / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no safetensors checkpoint to take the weight layout from")
+    return files
 
 
 def validate_specs(specs: Iterable[TensorSpec], layout: dict[str, tuple[int, ...]]) -> None:
@@ -76,43 +80,73 @@ def validate_specs(specs: Iterable[TensorSpec], layout: dict[str, tuple[int, ...
             f"weights handle: tensor {missing[0]!r}{more} of the engine's model is missing")
 
 
-def load_into_engine(llm: Any, tensors: Iterable[tuple[str, Any]]) -> None:
-    """Copy named checkpoint-format tensors into the live engine and drop its prefix cache.
+def load_into_engine(llm: Any, tensors: Mapping[str, Any], direct: bool) -> str:
+    """Copy named checkpoint-format tensors into the live engine and drop its prefix cache;
+    returns the path taken, "direct" or "vllm".
 
-    On CPU, where vLLM keeps each linear layer's weight only in a oneDNN kernel, the kernels
-    are rebuilt straight from the tensors (`_direct_plan`): one repack per weight, plus one
-    copy to join the parts of a fused weight (q/k/v, gate/up). Otherwise, or for a model
-    the plan does not cover, vLLM's in-place reload does it: it maps checkpoint names onto
-    its fused parameters, stages every layer's weights in fresh memory and re-runs the
-    layer's processing, which costs about a third more on CPU (benchmarks/README.md).
-    Either way the probes check the result.
+    `direct` (on CPU, for an engine `loads_directly` approved): vLLM keeps each linear
+    layer's weight only in a oneDNN kernel, and the kernels are rebuilt straight from the
+    tensors (`_direct_plan`): one repack per weight, plus one copy where parts are joined
+    (q/k/v, gate/up) or cast to the engine's dtype. Otherwise vLLM's in-place reload does
+    it: it maps checkpoint names onto its fused parameters, stages every layer's weights in
+    fresh memory and re-runs the layer's processing, about 40% slower on CPU
+    (benchmarks/README.md). Either way the probes check the result.
     """
-    tensors = dict(tensors)
-    llm.collective_rpc(lambda worker: _load(worker, tensors))
+    (path,) = llm.collective_rpc(lambda worker: _load(worker, tensors, direct))
     # Cached prefixes hold keys and values computed by the old weights.
     llm.reset_prefix_cache()
+    return path
 
 
-def _load(worker: Any, tensors: dict[str, Any]) -> None:
+def loads_directly(llm: Any, model_path: str | Path) -> bool:
+    """Whether loads into this engine may skip vLLM's reload (`load_into_engine(direct=True)`):
+    only on CPU, if the plan covers the model and the engine, as vLLM built it from the
+    checkpoint at `model_path`, holds exactly the checkpoint's tensors where the plan would
+    put them (one read of the checkpoint). A model whose vLLM loader changes tensors on the
+    way in (BLOOM's and Falcon's q/k/v reordering, offsets added to norms) fails this and
+    keeps vLLM's reload; its loads then fail verification, as they would have before: tame
+    cannot check such a model's weights."""
+    from safetensors.torch import load_file
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    checkpoint = {name: t for path in _checkpoint_files(model_path) for name, t in load_file(path).items()}
+    (ok,) = llm.collective_rpc(lambda worker: _holds_checkpoint(worker, checkpoint))
+    return ok
+
+
+def _holds_checkpoint(worker: Any, checkpoint: Mapping[str, Any]) -> bool:
+    from cluster.shared.transport import compare_probes, probes_of
+
     model = worker.get_model()
-    plan = _direct_plan(model, tensors)
+    if _direct_plan(model, checkpoint) is None:
+        return False
+    measured, fused = _model_probes(model)
+    return compare_probes(measured, probes_of(checkpoint.items(), worker.model_config.dtype), fused).ok
+
+
+def _load(worker: Any, tensors: Mapping[str, Any], direct: bool) -> str:
+    plan = _direct_plan(worker.get_model(), tensors) if direct else None
     if plan is None:
         _reload(worker, tensors)
-        return
+        return "vllm"
     import torch
 
-    steps, heads = plan
+    steps, kernels = plan
     with torch.no_grad():
         for step in steps:
             step.run(tensors)
-        for head in heads:  # the logits kernel, from the head's weight (which may be the embedding)
-            head.quant_method.process_weights_after_loading(head)
+        for module in kernels:  # an embedding's or LM head's kernel, from its (new) readable weight
+            module.quant_method.process_weights_after_loading(module)
+    return "direct"
 
 
-def _reload(worker: Any, tensors: dict[str, Any]) -> None:
-    """vLLM's in-place reload. An LM head tied to the embedding receives no tensor of its own,
-    so vLLM does not re-run its processing: on CPU its logits kernel would keep the old
-    weights (the probes catch that). It is re-run here for every tied head."""
+def _reload(worker: Any, tensors: Mapping[str, Any]) -> None:
+    """vLLM's in-place reload; grouping the tensors by layer (as the checkpoint order does)
+    keeps its staging buffers small. An LM head tied to the embedding receives no tensor of
+    its own, so vLLM does not re-run its processing: on CPU its logits kernel would keep the
+    old weights (the probes catch that). It is re-run here for every tied head."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
     worker.reload_weights(weights_iterator=iter(tensors.items()))
@@ -131,16 +165,17 @@ class _Step:
     module: Any
     name: str
     """The parameter's attribute name on `module` ("weight", "bias")."""
-    parts: list[str]
+    sources: list[str]
+    """Checkpoint tensor names, in the order their rows are joined."""
     kernel: bool
     """A linear layer's weight, which lives only in its oneDNN kernel: the kernel is rebuilt
-    from the joined parts. Otherwise the parts are copied into the parameter (rows past
-    them, vocabulary padding, are left alone)."""
+    from the joined tensors. Otherwise they are copied into the parameter (rows past them,
+    an embedding's vocabulary padding, are left alone)."""
 
-    def run(self, tensors: dict[str, Any]) -> None:
+    def run(self, tensors: Mapping[str, Any]) -> None:
         import torch
 
-        parts = [tensors[name] for name in self.parts]
+        parts = [tensors[name] for name in self.sources]
         if not self.kernel:
             _copy_rows(getattr(self.module, self.name).data, parts)
             return
@@ -152,6 +187,8 @@ class _Step:
             _copy_rows(weight, parts)
         self.module.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.module.quant_method.process_weights_after_loading(self.module)  # repacks, drops the weight
+        if self.module.weight.numel() > 0:  # a kernel that fell back to the weight itself: make it own it
+            self.module.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
 
 
 def _copy_rows(out: Any, parts: list[Any]) -> None:
@@ -161,49 +198,60 @@ def _copy_rows(out: Any, parts: list[Any]) -> None:
         row += part.shape[0]
 
 
-def _direct_plan(model: Any, tensors: dict[str, Any]) -> tuple[list[_Step], list[Any]] | None:
-    """(the steps of a direct load of `tensors` into `model`, the LM heads whose logits kernel
-    is rebuilt after them), or None when the load must go through vLLM's reload: not on CPU,
-    tensor-parallel, a quantized or unknown layer, a linear layer without a kernel of its own,
-    a parameter no tensor maps onto (by name, through the model's fusion map), a tensor left
+def _direct_plan(model: Any, tensors: Mapping[str, Any]) -> tuple[list[_Step], list[Any]] | None:
+    """(the steps of a direct load of `tensors` into `model`, the embeddings and LM heads whose
+    kernel is rebuilt after them), or None when the load must go through vLLM's reload: not
+    on a plain CPU (zentorch's kernels may keep the tensor they were built from), tensor-
+    parallel, a quantized or unknown layer, a linear layer without a kernel of its own, a
+    parameter no tensor maps onto (by name, through the model's fusion map), a tensor left
     over, or a shape that does not fit. Nothing is touched here."""
     from vllm.distributed import get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or get_tensor_model_parallel_world_size() != 1:
+    if (not current_platform.is_cpu() or current_platform.is_zen_cpu()
+            or get_tensor_model_parallel_world_size() != 1):
         return None
-    fused = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
-    steps, heads, seen, covered = [], [], set(), set()
+    fused = _fusion_map(model)
+    steps, kernels, seen, covered = [], [], set(), set()
     for module_name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
-        if isinstance(module, ParallelLMHead) and isinstance(method, UnquantizedEmbeddingMethod):
-            heads.append(module)
+        embedding = isinstance(method, UnquantizedEmbeddingMethod)
+        if embedding:
+            kernels.append(module)
         for full, param in module.named_parameters(prefix=module_name, recurse=False):
             if id(param) in seen:
                 continue  # a tied weight (an LM head that is the embedding): loaded under its first name
             seen.add(id(param))
             name = full.rsplit(".", 1)[-1]
-            parts = checkpoint_names(full, tensors, fused)
-            if parts is None or any(tensors[p].ndim == 0 for p in parts):
+            sources = checkpoint_names(full, tensors, fused)
+            if sources is None or any(tensors[t].ndim == 0 for t in sources):
                 return None
-            shapes = [tuple(tensors[p].shape) for p in parts]
-            rows = sum(s[0] for s in shapes)
+            shapes = [tuple(tensors[t].shape) for t in sources]
+            rows = sum(shape[0] for shape in shapes)
             if name == "weight" and isinstance(method, UnquantizedLinearMethod):
-                want = (getattr(module, "output_size_per_partition", None),
-                        getattr(module, "input_size_per_partition", None))
-                if param.numel() > 0 or any(s[1:] != want[1:] for s in shapes) or rows != want[0]:
-                    return None  # (a weight vLLM left readable computes from itself: no kernel to rebuild)
-                steps.append(_Step(module, name, parts, kernel=True))
-            elif method is None or name == "bias" or isinstance(method, UnquantizedEmbeddingMethod):
-                if any(s[1:] != tuple(param.shape[1:]) for s in shapes) or rows > param.shape[0]:
+                if param.numel() > 0:
+                    return None  # vLLM left the weight readable: no kernel of its own to rebuild
+                out, width = (getattr(module, "output_size_per_partition", None),
+                              getattr(module, "input_size_per_partition", None))
+                if rows != out or any(shape[1:] != (width,) for shape in shapes):
                     return None
-                steps.append(_Step(module, name, parts, kernel=False))
+                steps.append(_Step(module, name, sources, kernel=True))
+            elif method is None or name == "bias" or embedding:
+                fits = rows <= param.shape[0] if embedding else rows == param.shape[0]
+                if not fits or any(shape[1:] != tuple(param.shape[1:]) for shape in shapes):
+                    return None
+                steps.append(_Step(module, name, sources, kernel=False))
             else:
                 return None  # quantized, or a kind of layer this plan does not know
-            covered.update(parts)
-    return (steps, heads) if covered == set(tensors) else None
+            covered.update(sources)
+    return (steps, kernels) if covered == set(tensors) else None
+
+
+def _fusion_map(model: Any) -> dict[str, list[str]]:
+    """vLLM's `packed_modules_mapping`: fused module -> the checkpoint modules it joins."""
+    return {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
 
 
 def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -212,13 +260,14 @@ def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
 
     Readable weights are probed directly. vLLM on CPU also hands a linear layer's weight to a
     oneDNN kernel that keeps its own packed copy: the decoder's linear layers (their
-    parameter left empty) and the LM head, which computes the logits with it beside its
-    readable parameter. (The embedding gets such a copy too, which its lookups never use: not
-    probed.) Each kernel is probed through itself: x_K in, W @ x_K out, one matrix-vector
-    product; in a precision below float32 the kernel's output would be rounded, so its
-    weight is read back exactly first (identity rows through the kernel) and probed like a
-    readable one. The LM head's kernel is named `lm_head.weight + KERNEL_SUFFIX`: it and the
-    parameter must both hold the published weights.
+    parameter left empty), and the LM head and the embedding beside their readable
+    parameter (the logits come from the head's kernel, or from the embedding's in models
+    that compute them through it, such as Gemma 2). Each kernel is probed through itself:
+    x_K in, W @ x_K out, one matrix-vector product; in a precision below float32 the
+    kernel's output would be rounded, so its weight is read back exactly first (identity
+    rows through the kernel) and probed like a readable one. A kernel beside a readable
+    parameter is named by `cluster.shared.transport.kernel_probe_name`: it and the parameter
+    must both hold the published weights.
     """
     (result,) = llm.collective_rpc(lambda worker: _model_probes(worker.get_model()))
     return result
@@ -226,9 +275,8 @@ def engine_probes(llm: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
 
 def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     import torch
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-    from cluster.shared.transport import KERNEL_SUFFIX, probe, probe_vector
+    from cluster.shared.transport import kernel_probe_name, probe, probe_vector
 
     out = {}
     # A tied weight (an LM head that is the embedding, as in many small models) is one tensor
@@ -242,17 +290,14 @@ def _model_probes(model: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
                     out[name] = probe(param).cpu().numpy()
                 if not (hasattr(module, "cpu_linear") and name == f"{module_name}.weight"):
                     continue
-                if param.numel() > 0 and not isinstance(module, ParallelLMHead):
-                    continue  # a readable weight the module computes with itself
-                key = own if param.numel() == 0 else own + KERNEL_SUFFIX
+                key = own if param.numel() == 0 else kernel_probe_name(own, module_name)
                 width = param.shape[1] if param.numel() > 0 else module.input_size_per_partition
                 if param.dtype == torch.float32:
                     x = probe_vector(width)[None, :]
                     out[key] = module.cpu_linear(x, module.weight, None)[0].float().numpy()
                 else:
                     out[key] = probe(_read_kernel_weight(module, width)).numpy()
-    fused = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
-    return out, fused
+    return out, _fusion_map(model)
 
 
 def _read_kernel_weight(module: Any, in_features: int) -> Any:

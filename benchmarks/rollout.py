@@ -7,7 +7,8 @@
 2. One weight sync as the actor pays it, versus a plain memory copy of the same bytes, for
    each asset size asked for: the learner's publish (tensors and probes into the object
    store), the actor's load (fetch, copy into the live engine) and its verification (the
-   engine's probes against the published ones).
+   engine's probes against the published ones). `direct_loads` in the JSON counts the loads
+   that rebuilt the CPU kernels themselves instead of going through vLLM's reload.
 
     .venv/bin/python benchmarks/rollout.py [--prompts 64] [--rounds 3] [--load-sizes small base]
 
@@ -157,6 +158,7 @@ def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
             "first_sync_seconds": publish[0] + results[0].seconds,
             "fetch_seconds": pick("fetch_seconds"), "reload_seconds": pick("reload_seconds"),
             "verify_seconds": pick("verify_seconds"), "probe_rms_error": max(r.probe_rms_error for r in results),
+            "direct_loads": sum(r.direct for r in results),
             "sync_seconds": sync_s, "memcpy_seconds": copy, "ratio_to_memcpy": sync_s / copy}
 
 

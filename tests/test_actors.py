@@ -388,13 +388,15 @@ def test_a_corrupted_tensor_of_any_layer_fails_verification(actors, hf_policy, c
     assert result.verified is True and result.probe_rms_error < 1e-6
 
 
-def test_a_logits_kernel_that_kept_other_weights_fails_verification(actors, hf_policy):
-    """vLLM on CPU computes the logits with the LM head's kernel, which keeps its own copy of
-    the weight beside the readable parameter. A kernel computing with other weights than
-    the parameter holds is caught, named as the kernel; a reload rebuilds it."""
+@pytest.mark.parametrize("module", ["lm_head", "model.embed_tokens"])
+def test_a_kernel_beside_a_readable_weight_that_kept_other_weights_fails_verification(actors, hf_policy, module):
+    """vLLM on CPU computes the logits with the LM head's kernel (some models, Gemma 2 among
+    them, with the embedding's), which keeps its own copy of the weight beside the readable
+    parameter. A kernel computing with other weights than the parameter holds is caught,
+    named as the kernel; a load rebuilds it."""
     import ray
 
-    from cluster.shared.transport import KERNEL_SUFFIX
+    from cluster.shared.transport import kernel_probe_name
 
     _, warm, _ = actors
     clean = {k: v.clone() for k, v in hf_policy.state_dict().items()}
@@ -404,24 +406,26 @@ def test_a_logits_kernel_that_kept_other_weights_fails_verification(actors, hf_p
     handle = WeightsHandle(version, ray.put(tuple(arrays)), specs, probes, 0)
     assert ray.get(warm.load_weights.remote(handle)).verified is True
     measured, _ = ray.get(warm.probes.remote())
-    assert "lm_head.weight" + KERNEL_SUFFIX in measured  # probed through the kernel too
+    kernel = kernel_probe_name(f"{module}.weight", module)
+    assert kernel in measured  # probed through the kernel too
 
-    def skew_the_logits_kernel(actor):
+    def skew_the_kernel(actor):
         def skew(worker):
-            head = worker.get_model().lm_head
-            kernel = head.cpu_linear
-            head.cpu_linear = lambda x, weight, bias: kernel(x, weight, bias) * 1.001
+            layer = worker.get_model().get_submodule(module)
+            computes = layer.cpu_linear
+            layer.cpu_linear = lambda x, weight, bias: computes(x, weight, bias) * 1.001
 
         actor._llm.collective_rpc(skew)
 
-    ray.get(warm.__ray_call__.remote(skew_the_logits_kernel))
+    ray.get(warm.__ray_call__.remote(skew_the_kernel))
     again = WeightsHandle(version + 1, handle.tensors, specs, probes, 0)
     try:
         result = ray.get(warm.load_weights.remote(handle))  # the version it holds: verified again
         assert result.loaded is False and result.verified is False
-        assert f"engine tensor {'lm_head.weight' + KERNEL_SUFFIX!r} differs" in result.problem, result.problem
-    finally:  # the module's engine is shared: a reload rebuilds the kernel
-        assert ray.get(warm.load_weights.remote(again)).verified is True
+        assert f"engine tensor {kernel!r} differs" in result.problem, result.problem
+    finally:  # the module's engine is shared: a load rebuilds the kernel
+        result = ray.get(warm.load_weights.remote(again))
+        assert result.verified is True and result.direct is True
 
 
 def test_a_policy_whose_lm_head_is_its_embedding_loads_and_verifies(tiny_assets, hf_policy, ray_local, tmp_path):
@@ -432,7 +436,7 @@ def test_a_policy_whose_lm_head_is_its_embedding_loads_and_verifies(tiny_assets,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.rollout import RolloutActor
-    from cluster.shared.transport import KERNEL_SUFFIX
+    from cluster.shared.transport import kernel_probe_name
 
     config = type(hf_policy.config).from_dict({**hf_policy.config.to_dict(), "tie_word_embeddings": True})
     tied = AutoModelForCausalLM.from_config(config)
@@ -447,11 +451,13 @@ def test_a_policy_whose_lm_head_is_its_embedding_loads_and_verifies(tiny_assets,
         published = dict(tied.named_parameters())  # as Learner.publish sends them: the tensor once
         assert "lm_head.weight" not in published
         measured, _ = ray.get(actor.probes.remote())
-        assert "lm_head.weight" not in measured and "model.embed_tokens.weight" + KERNEL_SUFFIX in measured
+        assert "lm_head.weight" not in measured  # the head's kernel is probed as computing the embedding's weight
+        kernels = {kernel_probe_name("model.embed_tokens.weight", m) for m in ("lm_head", "model.embed_tokens")}
+        assert kernels <= set(measured)
         gen = torch.Generator().manual_seed(5)
         state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in published.items()}
         result = ray.get(actor.load_weights.remote(ObjectStoreTransport().publish(state.items(), 1)))
-        assert result.loaded is True and result.verified is True, result.problem
+        assert result.loaded is True and result.verified is True and result.direct is True, result.problem
         # vLLM's reload gives the tied head no tensor of its own: its kernel is rebuilt after.
         from ray import cloudpickle
 
@@ -463,37 +469,43 @@ def test_a_policy_whose_lm_head_is_its_embedding_loads_and_verifies(tiny_assets,
         ray.kill(actor)
 
 
-def test_loads_rebuild_the_kernels_directly_and_agree_with_vllms_reload(actors, hf_policy):
+def test_loads_rebuild_the_kernels_directly_where_the_engine_holds_the_checkpoint_as_named(
+        actors, hf_policy, tiny_assets):
     """On CPU a load rebuilds each linear layer's kernel straight from the published tensors
-    (`actors.weights._direct_plan` covers every tensor of the Llama policy); vLLM's own
-    reload stays the path for models the plan does not cover. Loads through either path,
-    one after the other on one engine, each verify; a set of tensors the plan cannot place
-    (one missing, one unknown) gets no plan."""
+    (`actors.weights._direct_plan` covers every tensor of the Llama policy) and keeps no view
+    of them. The actor takes that path only if its fresh engine held the checkpoint exactly
+    where the plan puts each tensor: an engine whose loader changed a tensor on the way in
+    would fail the check and keep vLLM's reload. Loads through either path, one after the
+    other on one engine, each verify."""
     import ray
+    from safetensors.torch import load_file
 
     _, warm, _ = actors
 
-    def plan_of(tensors):
-        def inside(actor):
-            from actors.weights import _direct_plan
+    def inside(actor, checkpoint):
+        from actors.weights import _direct_plan, _holds_checkpoint
 
-            (plan,) = actor._llm.collective_rpc(lambda worker: _direct_plan(worker.get_model(), tensors))
-            return None if plan is None else (len(plan[0]), len(plan[1]))
+        def look(worker):
+            steps, kernels = _direct_plan(worker.get_model(), checkpoint)
+            emptied = all(step.module.weight.numel() == 0 for step in steps if step.kernel)
+            return len(steps), len(kernels), emptied, _holds_checkpoint(worker, checkpoint)
 
-        return ray.get(warm.__ray_call__.remote(inside))
+        (result,) = actor._llm.collective_rpc(look)
+        return result
 
-    state = {k: v.clone() for k, v in hf_policy.state_dict().items()}
-    n_params = len(state) - 3 * hf_policy.config.num_hidden_layers  # q/k/v and gate/up are fused
-    assert plan_of(state) == (n_params, 1)  # every engine parameter, and the LM head's kernel after
-    assert plan_of({k: v for k, v in state.items() if k != "model.norm.weight"}) is None
-    assert plan_of({**state, "model.extra.weight": state["model.norm.weight"]}) is None
+    on_disk = load_file(tiny_assets.policy / "model.safetensors")
+    engine_params = len(on_disk) - 3 * hf_policy.config.num_hidden_layers  # q/k/v and gate/up are fused
+    holds = holding_disk_weights(warm, hf_policy)
+    assert ray.get(warm.__ray_call__.remote(inside, on_disk)) == (engine_params, 2, True, True)
+    # What BLOOM's or Falcon's loader does to q/k/v, or PLaMo's to its norms: changed on the way in.
+    changed = {**on_disk, "model.norm.weight": on_disk["model.norm.weight"] + 1.0}
+    assert ray.get(warm.__ray_call__.remote(inside, changed))[3] is False
 
-    version = ray.get(warm.policy_version.remote())
     for seed, path in enumerate(["direct", "vllm", "direct"]):
-        handle, state = perturbed_handle(hf_policy, version + 1 + seed, seed=20 + seed)
+        handle, state = perturbed_handle(hf_policy, holds + 1 + seed, seed=20 + seed)
         if path == "direct":
             result = ray.get(warm.load_weights.remote(handle))
-            assert result.loaded is True and result.verified is True, result.problem
+            assert result.loaded is True and result.verified is True and result.direct is True, result.problem
         else:
             ray.get(warm.__ray_call__.remote(load_with_vllms_reload, dict(state)))
         assert engine_holds(warm, state), path

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.weights import engine_probes, load_into_engine
+from actors.weights import engine_probes, load_into_engine, loads_directly
 from cluster.shared.config import load_config
 from cluster.shared.records import Rollout
 from cluster.shared.transport import ObjectStoreTransport, compare_probes, probes_of
@@ -503,7 +503,7 @@ def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tin
     check = compare_probes(recomputed, published)  # equal up to float32 summation order
     assert check.ok and check.rms_error < 1e-6, check
     assert handle.nbytes == sum(t.numel() * t.element_size() for t in state.values())
-    load_into_engine(llm, state.items())  # the rollout actors' own load
+    assert load_into_engine(llm, state, loads_directly(llm, tiny_assets.policy)) == "direct"  # the actors' own
     measured, fused = engine_probes(llm)
     assert compare_probes(measured, published, fused).ok
 

@@ -90,6 +90,9 @@ class LoadResult:
     verify_seconds: float = 0.0
     bytes: int = 0
     """Bytes loaded (0 when nothing was)."""
+    direct: bool = False
+    """The load rebuilt the engine's CPU kernels itself instead of going through vLLM's
+    reload (`actors.weights.load_into_engine`)."""
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,15 @@ PROBE_RMS_TOL = 1e-5
 PROBE_MAX_TOL = 1e-4
 """Largest single |measured - expected| / max|expected| of one tensor's projection."""
 _ROWS_PER_CHUNK = 8192  # rows cast to float32 at a time: no full-size copy of a large weight
-KERNEL_SUFFIX = " (kernel)"
-"""Names an engine probe taken through a kernel's own copy of a readable weight (vLLM's CPU
-LM head computes the logits with one, beside its parameter): checked against the same
-published tensor as the parameter."""
+_KERNEL = " (kernel"
+
+
+def kernel_probe_name(weight: str, module: str) -> str:
+    """The name of an engine probe taken through a kernel's own copy of a readable weight
+    (vLLM's CPU LM head computes the logits with one, beside its parameter): `weight (kernel)`,
+    or `weight (kernel of module)` when the module computes with another module's weight (a
+    tied LM head). Checked against the same published tensor as the parameter."""
+    return f"{weight}{_KERNEL})" if weight == f"{module}.weight" else f"{weight}{_KERNEL} of {module})"
 
 
 @dataclass(frozen=True)
@@ -123,12 +128,12 @@ def compare_probes(measured: Mapping[str, np.ndarray], expected: Mapping[str, np
     checkpoint name). `fused` maps an engine module name to the checkpoint modules it
     concatenates (vLLM's `packed_modules_mapping`, e.g. qkv_proj -> q_proj, k_proj, v_proj).
     An engine projection may be longer than the expected one (vocabulary padding): the extra
-    entries are not compared. A name ending in `KERNEL_SUFFIX` is checked against the
-    tensor it names without it. Every published tensor must be covered."""
+    entries are not compared. A kernel's probe (`kernel_probe_name`) is checked against the
+    weight it names. Every published tensor must be covered."""
     covered: set[str] = set()
     worst, worst_rms, worst_max = None, 0.0, 0.0
     for name, got in measured.items():
-        parts = checkpoint_names(name.removesuffix(KERNEL_SUFFIX), expected, fused)
+        parts = checkpoint_names(name.split(_KERNEL)[0], expected, fused)
         if parts is None:
             return ProbeCheck(False, name, np.inf, np.inf, f"engine tensor {name!r} has no published counterpart")
         covered.update(parts)
