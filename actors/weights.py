@@ -89,7 +89,7 @@ def load_into_engine(llm: Any, tensors: Mapping[str, Any], direct: bool) -> str:
     tensors (`_direct_plan`): one repack per weight, plus one copy where parts are joined
     (q/k/v, gate/up) or cast to the engine's dtype. Otherwise vLLM's in-place reload does
     it: it maps checkpoint names onto its fused parameters, stages every layer's weights in
-    fresh memory and re-runs the layer's processing, about 40% slower on CPU
+    fresh memory and re-runs the layer's processing: on CPU a load takes a third longer
     (benchmarks/README.md). Either way the probes check the result.
     """
     (path,) = llm.collective_rpc(lambda worker: _load(worker, tensors, direct))
@@ -102,28 +102,35 @@ def loads_directly(llm: Any, model_path: str | Path) -> bool:
     """Whether loads into this engine may skip vLLM's reload (`load_into_engine(direct=True)`):
     only on CPU, if the plan covers the model and the engine, as vLLM built it from the
     checkpoint at `model_path`, holds exactly the checkpoint's tensors where the plan would
-    put them (one read of the checkpoint). A model whose vLLM loader changes tensors on the
-    way in (BLOOM's and Falcon's q/k/v reordering, offsets added to norms) fails this and
-    keeps vLLM's reload; its loads then fail verification, as they would have before: tame
-    cannot check such a model's weights."""
-    from safetensors.torch import load_file
+    put them (one read of the checkpoint, a tensor at a time). A model whose vLLM loader
+    changes tensors on the way in (BLOOM's and Falcon's q/k/v reordering, offsets added to
+    norms) fails this and keeps vLLM's reload; its loads then fail verification, as they
+    would have before: tame cannot check such a model's weights."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return False
-    checkpoint = {name: t for path in _checkpoint_files(model_path) for name, t in load_file(path).items()}
-    (ok,) = llm.collective_rpc(lambda worker: _holds_checkpoint(worker, checkpoint))
+    (ok,) = llm.collective_rpc(lambda worker: _holds_checkpoint(worker, model_path))
     return ok
 
 
-def _holds_checkpoint(worker: Any, checkpoint: Mapping[str, Any]) -> bool:
-    from cluster.shared.transport import compare_probes, probes_of
+def _holds_checkpoint(worker: Any, model_path: str | Path) -> bool:
+    import torch
+    from safetensors import safe_open
+
+    from cluster.shared.transport import compare_probes, probe
 
     model = worker.get_model()
-    if _direct_plan(model, checkpoint) is None:
+    shapes = {name: torch.empty(shape, device="meta") for name, shape in checkpoint_layout(model_path).items()}
+    if _direct_plan(model, shapes) is None:
         return False
+    expected = {}
+    for path in _checkpoint_files(model_path):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # cast as vLLM's loader casts them into the engine
+                expected[name] = probe(f.get_tensor(name), worker.model_config.dtype).numpy()
     measured, fused = _model_probes(model)
-    return compare_probes(measured, probes_of(checkpoint.items(), worker.model_config.dtype), fused).ok
+    return compare_probes(measured, expected, fused).ok
 
 
 def _load(worker: Any, tensors: Mapping[str, Any], direct: bool) -> str:
@@ -202,16 +209,18 @@ def _direct_plan(model: Any, tensors: Mapping[str, Any]) -> tuple[list[_Step], l
     """(the steps of a direct load of `tensors` into `model`, the embeddings and LM heads whose
     kernel is rebuilt after them), or None when the load must go through vLLM's reload: not
     on a plain CPU (zentorch's kernels may keep the tensor they were built from), tensor-
-    parallel, a quantized or unknown layer, a linear layer without a kernel of its own, a
-    parameter no tensor maps onto (by name, through the model's fusion map), a tensor left
-    over, or a shape that does not fit. Nothing is touched here."""
+    parallel, a model with a step of its own after loading, a quantized or unknown layer, a
+    linear layer without a kernel of its own, a parameter no tensor maps onto (by name,
+    through the model's fusion map), a tensor left over, or a shape that does not fit.
+    Nothing is touched here."""
     from vllm.distributed import get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
     from vllm.platforms import current_platform
 
     if (not current_platform.is_cpu() or current_platform.is_zen_cpu()
-            or get_tensor_model_parallel_world_size() != 1):
+            or get_tensor_model_parallel_world_size() != 1
+            or hasattr(model, "process_weights_after_loading")):  # a model-level step after loading
         return None
     fused = _fusion_map(model)
     steps, kernels, seen, covered = [], [], set(), set()

@@ -122,12 +122,11 @@ def engine_holds(actor, state: dict) -> bool:
 
 
 def load_with_vllms_reload(actor, tensors: dict) -> None:
-    """Inside a rollout actor (`__ray_call__`): load through vLLM's reload, the path for models
-    the direct plan does not cover."""
-    from actors.weights import _reload
+    """Inside a rollout actor (`__ray_call__`): load through vLLM's reload, the path for GPUs and
+    for models the direct load does not cover."""
+    from actors.weights import load_into_engine
 
-    actor._llm.collective_rpc(lambda worker: _reload(worker, tensors))
-    actor._llm.reset_prefix_cache()
+    assert load_into_engine(actor._llm, tensors, direct=False) == "vllm"
 
 
 def test_ready_reports_version_zero_and_the_engine_holds_the_disk_weights(actors, tiny_assets):
@@ -470,36 +469,36 @@ def test_a_policy_whose_lm_head_is_its_embedding_loads_and_verifies(tiny_assets,
 
 
 def test_loads_rebuild_the_kernels_directly_where_the_engine_holds_the_checkpoint_as_named(
-        actors, hf_policy, tiny_assets):
+        actors, hf_policy, tiny_assets, tmp_path):
     """On CPU a load rebuilds each linear layer's kernel straight from the published tensors
     (`actors.weights._direct_plan` covers every tensor of the Llama policy) and keeps no view
-    of them. The actor takes that path only if its fresh engine held the checkpoint exactly
-    where the plan puts each tensor: an engine whose loader changed a tensor on the way in
-    would fail the check and keep vLLM's reload. Loads through either path, one after the
-    other on one engine, each verify."""
+    of them. An actor takes that path only if its engine holds its checkpoint exactly where
+    the plan puts each tensor: against a checkpoint that differs from what the engine holds
+    (as when a model's loader changes a tensor on the way in) it keeps vLLM's reload. Loads
+    through either path, one after the other on one engine, each verify."""
     import ray
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     _, warm, _ = actors
 
-    def inside(actor, checkpoint):
-        from actors.weights import _direct_plan, _holds_checkpoint
+    def inside(actor, checkpoint, path):
+        from actors.weights import _direct_plan, loads_directly
 
         def look(worker):
             steps, kernels = _direct_plan(worker.get_model(), checkpoint)
             emptied = all(step.module.weight.numel() == 0 for step in steps if step.kernel)
-            return len(steps), len(kernels), emptied, _holds_checkpoint(worker, checkpoint)
+            return len(steps), len(kernels), emptied
 
-        (result,) = actor._llm.collective_rpc(look)
-        return result
+        (plan,) = actor._llm.collective_rpc(look)
+        return (*plan, loads_directly(actor._llm, path))
 
     on_disk = load_file(tiny_assets.policy / "model.safetensors")
+    # What BLOOM's or Falcon's loader does to q/k/v, or PLaMo's to its norms: changed on the way in.
+    save_file({**on_disk, "model.norm.weight": on_disk["model.norm.weight"] + 1.0}, tmp_path / "model.safetensors")
     engine_params = len(on_disk) - 3 * hf_policy.config.num_hidden_layers  # q/k/v and gate/up are fused
     holds = holding_disk_weights(warm, hf_policy)
-    assert ray.get(warm.__ray_call__.remote(inside, on_disk)) == (engine_params, 2, True, True)
-    # What BLOOM's or Falcon's loader does to q/k/v, or PLaMo's to its norms: changed on the way in.
-    changed = {**on_disk, "model.norm.weight": on_disk["model.norm.weight"] + 1.0}
-    assert ray.get(warm.__ray_call__.remote(inside, changed))[3] is False
+    assert ray.get(warm.__ray_call__.remote(inside, on_disk, tiny_assets.policy)) == (engine_params, 2, True, True)
+    assert ray.get(warm.__ray_call__.remote(inside, on_disk, tmp_path))[3] is False
 
     for seed, path in enumerate(["direct", "vllm", "direct"]):
         handle, state = perturbed_handle(hf_policy, holds + 1 + seed, seed=20 + seed)

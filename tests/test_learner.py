@@ -460,7 +460,7 @@ def vllm_engine(tiny_assets, tmp_path_factory):
     checkpoint = Learner(cfg, str(run)).save_checkpoint({})
     llm = LLM(model=str(Path(checkpoint) / "policy"), dtype="float32", max_model_len=256, seed=0,
               enforce_eager=True, logprobs_mode="processed_logprobs")
-    yield llm, cfg
+    yield llm, cfg, Path(checkpoint) / "policy"
 
 
 def vllm_rollouts(llm, tokenizer, texts: list[str], temperature: float, max_tokens: int):
@@ -483,7 +483,7 @@ def vllm_rollouts(llm, tokenizer, texts: list[str], temperature: float, max_toke
 
 def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tiny_assets,
                                                                tmp_path, ray_local):
-    llm, cfg = vllm_engine
+    llm, cfg, on_disk = vllm_engine
     learner = Learner(cfg, str(tmp_path))
     for i in range(2):
         learner.update(sample(learner, prompts(tiny_assets, 16, start=16 * i), seed=20 + i))
@@ -503,12 +503,14 @@ def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tin
     check = compare_probes(recomputed, published)  # equal up to float32 summation order
     assert check.ok and check.rms_error < 1e-6, check
     assert handle.nbytes == sum(t.numel() * t.element_size() for t in state.values())
-    assert load_into_engine(llm, state, loads_directly(llm, tiny_assets.policy)) == "direct"  # the actors' own
-    measured, fused = engine_probes(llm)
-    assert compare_probes(measured, published, fused).ok
+    # The rollout actors' own load, both ways: vLLM's reload (GPUs), then the direct one (CPU).
+    for direct, path in [(False, "vllm"), (loads_directly(llm, on_disk), "direct")]:
+        assert load_into_engine(llm, state, direct) == path
+        measured, fused = engine_probes(llm)
+        assert compare_probes(measured, published, fused).ok
 
-    fresh = vllm_rollouts(llm, learner.tokenizer, texts, learner.temperature, 10)
-    gaps = [abs(a - b) for r, lp in zip(fresh, learner.logprobs(fresh))
-            for a, b in zip(r.behaviour_logprobs, lp)]
-    assert len(gaps) > 50
-    assert max(gaps) < 1e-4
+        fresh = vllm_rollouts(llm, learner.tokenizer, texts, learner.temperature, 10)
+        gaps = [abs(a - b) for r, lp in zip(fresh, learner.logprobs(fresh))
+                for a, b in zip(r.behaviour_logprobs, lp)]
+        assert len(gaps) > 50
+        assert max(gaps) < 1e-4, path
