@@ -97,6 +97,10 @@ def test_bad_config_names_key_file_and_line(tmp_path, text, override, needle):
      "rollout.gpu_memory_utilization 0.6 of it: 1.20 > 0.95. Lower gpu_memory_utilization to 0.47"),
     ("rollout:\n  num_gpus: 0.25\n  gpu_memory_utilization: 0.2\n", None),
     ("rollout:\n  gpu_memory_utilization: 0.99\n", "c.yaml:2: rollout.gpu_memory_utilization"),
+    ("model:\n  dtype: bfloat16\nlearner:\n  transport_dtype: float32\n",
+     "c.yaml:4: learner.transport_dtype float32 sends weights the model.dtype bfloat16 engines round on "
+     "arrival, so no weight sync could be verified"),
+    ("model:\n  dtype: float32\nlearner:\n  transport_dtype: bfloat16\n", None),  # widened exactly
     ("reward:\n  max_length: 100\n",
      "c.yaml:2: reward.max_length (100) is below data.max_prompt_tokens (256) + "
      "rollout.sampling.max_new_tokens (48) = 304"),

@@ -327,7 +327,9 @@ class LearnerConfig(Section):
     critic: Literal["reward", "policy"] = "reward"
     """Initialise the critic from the reward model (InstructGPT) or from the policy with a fresh value head."""
     transport_dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """Cast the weights to this dtype for the broadcast; null keeps model.dtype."""
+    """Cast the weights to this dtype for the broadcast; null keeps model.dtype. The engines
+    must hold what is sent exactly, for the sync to be verified: model.dtype itself, or a
+    16-bit dtype into float32 engines."""
     checkpoint_every: int = Field(10, ge=1)
     """Write a checkpoint every this many updates (and at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
@@ -511,6 +513,17 @@ class TameConfig(Section):
                     f"rollout.gpu_memory_utilization {r.gpu_memory_utilization} of it: "
                     f"{per_gpu * r.gpu_memory_utilization:.2f} > 0.95. Lower gpu_memory_utilization "
                     f"to {0.95 / per_gpu:.2f} or give each engine more of a GPU")
+        return self
+
+    @model_validator(mode="after")
+    def _engines_hold_the_weights_as_sent(self) -> TameConfig:
+        sent, held = self.learner.transport_dtype or self.model.dtype, self.model.dtype
+        exact = sent == held or held == "float32"  # bfloat16 and float16 widen to float32 exactly
+        if not exact:
+            raise ValueError(
+                f"learner.transport_dtype {sent} sends weights the model.dtype {held} engines round "
+                "on arrival, so no weight sync could be verified (the probes are of what was sent): "
+                f"use {held}, or null to send model.dtype")
         return self
 
     @model_validator(mode="after")
