@@ -118,7 +118,7 @@ def _holds_checkpoint(worker: Any, model_path: str | Path) -> bool:
     import torch
     from safetensors import safe_open
 
-    from cluster.shared.transport import compare_probes, probe
+    from cluster.shared.transport import compare_probes, probes_of
 
     model = worker.get_model()
     shapes = {name: torch.empty(shape, device="meta") for name, shape in checkpoint_layout(model_path).items()}
@@ -126,43 +126,37 @@ def _holds_checkpoint(worker: Any, model_path: str | Path) -> bool:
         return False
     expected = {}
     for path in _checkpoint_files(model_path):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():  # cast as vLLM's loader casts them into the engine
-                expected[name] = probe(f.get_tensor(name), worker.model_config.dtype).numpy()
+        with safe_open(path, framework="pt") as f:  # a tensor at a time, cast as vLLM's loader casts it
+            expected.update(probes_of(((name, f.get_tensor(name)) for name in f.keys()), worker.model_config.dtype))
     measured, fused = _model_probes(model)
     return compare_probes(measured, expected, fused).ok
 
 
 def _load(worker: Any, tensors: Mapping[str, Any], direct: bool) -> str:
-    plan = _direct_plan(worker.get_model(), tensors) if direct else None
-    if plan is None:
-        _reload(worker, tensors)
-        return "vllm"
     import torch
 
-    steps, kernels = plan
-    with torch.no_grad():
-        for step in steps:
-            step.run(tensors)
-        for module in kernels:  # an embedding's or LM head's kernel, from its (new) readable weight
-            module.quant_method.process_weights_after_loading(module)
-    return "direct"
-
-
-def _reload(worker: Any, tensors: Mapping[str, Any]) -> None:
-    """vLLM's in-place reload; grouping the tensors by layer (as the checkpoint order does)
-    keeps its staging buffers small. An LM head tied to the embedding receives no tensor of
-    its own, so vLLM does not re-run its processing: on CPU its logits kernel would keep the
-    old weights (the probes catch that). It is re-run here for every tied head."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
-
-    worker.reload_weights(weights_iterator=iter(tensors.items()))
     model = worker.get_model()
-    shared = {id(m.weight) for m in model.modules() if not isinstance(m, ParallelLMHead) and hasattr(m, "weight")}
-    for head in model.modules():
-        if (isinstance(head, ParallelLMHead) and id(head.weight) in shared
-                and isinstance(head.quant_method, UnquantizedEmbeddingMethod)):
-            head.quant_method.process_weights_after_loading(head)  # on CPU: a new kernel from the weight
+    steps = _direct_plan(model, tensors) if direct else None
+    if steps is None:
+        # Grouping the tensors by layer (as the checkpoint order does) keeps vLLM's staging small.
+        worker.reload_weights(weights_iterator=iter(tensors.items()))
+    else:
+        with torch.no_grad():
+            for step in steps:
+                step.run(tensors)
+    # Embeddings and LM heads keep a kernel beside their readable weight on CPU (the logits
+    # come from one). Rebuilt from the new weight after either path: the direct one does not
+    # touch them, and vLLM's reload gives a tied head no tensor of its own, so it would keep
+    # the old weights. (On GPUs this does nothing.)
+    for module in _embedding_kernels(model):
+        module.quant_method.process_weights_after_loading(module)
+    return "vllm" if steps is None else "direct"
+
+
+def _embedding_kernels(model: Any) -> list[Any]:
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    return [m for m in model.modules() if isinstance(getattr(m, "quant_method", None), UnquantizedEmbeddingMethod)]
 
 
 @dataclass
@@ -205,14 +199,13 @@ def _copy_rows(out: Any, parts: list[Any]) -> None:
         row += part.shape[0]
 
 
-def _direct_plan(model: Any, tensors: Mapping[str, Any]) -> tuple[list[_Step], list[Any]] | None:
-    """(the steps of a direct load of `tensors` into `model`, the embeddings and LM heads whose
-    kernel is rebuilt after them), or None when the load must go through vLLM's reload: not
-    on a plain CPU (zentorch's kernels may keep the tensor they were built from), tensor-
-    parallel, a model with a step of its own after loading, a quantized or unknown layer, a
-    linear layer without a kernel of its own, a parameter no tensor maps onto (by name,
-    through the model's fusion map), a tensor left over, or a shape that does not fit.
-    Nothing is touched here."""
+def _direct_plan(model: Any, tensors: Mapping[str, Any]) -> list[_Step] | None:
+    """The steps of a direct load of `tensors` into `model`, or None when the load must go
+    through vLLM's reload: not on a plain CPU (zentorch's kernels may keep the tensor they
+    were built from), tensor-parallel, a model with a step of its own after loading, a
+    quantized or unknown layer, a linear layer without a kernel of its own, a parameter no
+    tensor maps onto (by name, through the model's fusion map), a tensor left over, or a
+    shape that does not fit. Nothing is touched here."""
     from vllm.distributed import get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
@@ -223,12 +216,10 @@ def _direct_plan(model: Any, tensors: Mapping[str, Any]) -> tuple[list[_Step], l
             or hasattr(model, "process_weights_after_loading")):  # a model-level step after loading
         return None
     fused = _fusion_map(model)
-    steps, kernels, seen, covered = [], [], set(), set()
+    steps, seen, covered = [], set(), set()
     for module_name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         embedding = isinstance(method, UnquantizedEmbeddingMethod)
-        if embedding:
-            kernels.append(module)
         for full, param in module.named_parameters(prefix=module_name, recurse=False):
             if id(param) in seen:
                 continue  # a tied weight (an LM head that is the embedding): loaded under its first name
@@ -255,7 +246,7 @@ def _direct_plan(model: Any, tensors: Mapping[str, Any]) -> tuple[list[_Step], l
             else:
                 return None  # quantized, or a kind of layer this plan does not know
             covered.update(sources)
-    return (steps, kernels) if covered == set(tensors) else None
+    return steps if covered == set(tensors) else None
 
 
 def _fusion_map(model: Any) -> dict[str, list[str]]:
