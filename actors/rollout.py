@@ -3,7 +3,8 @@
 A plain class; `cluster/` makes it a Ray actor with
 `ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)`, so on a GPU
 cluster each actor holds its own device. Each call reads top to bottom: tokenise, generate
-with the current weights, build records, score them through the reward service.
+with the current weights, build records, score them through the reward service (and, with
+`rollout.reference_logprobs`, compute their reference log-probs meanwhile).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,9 +26,10 @@ from actors.engine import (
     run_generate,
     sampling_params,
 )
+from actors.reference import Reference
 from actors.weights import checkpoint_layout, engine_probes, load_into_engine, loads_directly, validate_specs
 from cluster.shared.config import TameConfig
-from cluster.shared.records import LoadResult, Prompt, RolloutBatch
+from cluster.shared.records import LoadResult, Prompt, Rollout, RolloutBatch
 from cluster.shared.startup import heavy_imports
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport, compare_probes
 
@@ -58,6 +61,12 @@ class RolloutActor:
                  else "go through vLLM's reload")
         self._version = 0  # the weights on disk at cfg.model.policy
         self._transport: WeightTransport = ObjectStoreTransport()
+        self._reference = None
+        if cfg.rollout.reference_logprobs:
+            pad_id = self._tokenizer.pad_token_id
+            self._reference = Reference(cfg, self._tokenizer.eos_token_id if pad_id is None else pad_id)
+            # Scoring waits on the reward service in this thread while the reference computes.
+            self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -67,6 +76,10 @@ class RolloutActor:
         ids = encode_prompts(self._tokenizer, [prompt], self.cfg.data.chat_template,
                              self.cfg.rollout.max_model_len)
         run_generate(self._llm, ids, sampling_params(self.cfg, max_new_tokens=4))
+        if self._reference is not None:
+            eos = self._tokenizer.eos_token_id
+            self._reference.annotate([Rollout("warm-up", 0, "", ids[0], [eos], "", [0.0], "stop", 0,
+                                              self.actor_id, 0.0)])
 
     def set_scorer(self, scorer: Scorer | None) -> None:
         """Attach the scorer of an actor started before the reward service was up."""
@@ -109,8 +122,13 @@ class RolloutActor:
         )
 
         # Score here, so the completions reach the reward service without a detour
-        # through the controller.
-        if self._scorer is not None and rollouts:
+        # through the controller; the reference log-probs meanwhile.
+        if self._reference is not None and rollouts:
+            scoring = self._scoring.submit(self._score, batch) if self._scorer is not None else None
+            batch.reference_seconds = self._reference.annotate(rollouts)
+            if scoring is not None:
+                scoring.result()
+        elif self._scorer is not None and rollouts:
             self._score(batch)
         return batch
 

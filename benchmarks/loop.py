@@ -11,15 +11,20 @@ prompts per update, 64-token responses, one PPO epoch and 16 updates:
 - *tame, max_staleness 1*: the same, overlapped: the actor (1 thread) generates the next
   batch while the learner (2 threads, waiting passively) trains.
 
+In both tame runs the actor computes the reference log-probs while the reward service scores
+(`rollout.reference_logprobs`, as configs/smoke.yaml sets it; `--reference learner` leaves
+that pass to the learner, as the one-process baseline does).
+
 Samples/s counts from the end of the first update in every case (start-up and warm-up are
 reported apart). Next to it: samples dropped as too stale; the shares of each interval the
-learner and the actors sat idle; the pipeline efficiency, samples/s / (B / max(t_generate +
-t_score, t_update)) with both times measured in the same run (1.0: the slower role never
-waits); and the physical limit on these cores, cores / (core-seconds per sample of
-generation + scoring + update, each measured on one thread).
+learner and the actors sat idle; the pipeline efficiency, samples/s / (B / max(t_actor,
+t_update)) with both times measured in the same run (1.0: the slower role never waits;
+t_actor = t_generate + max(t_score, t_reference), the reference pass running beside the
+scoring); and the physical limit on these cores, cores / (core-seconds per sample of
+generation + scoring + update with its reference pass, each measured on one thread).
 
     .venv/bin/python benchmarks/loop.py [--sizes small tiny] [--updates 16] [--sweep-threads]
-                                        [--compute-dtype float32|bfloat16]
+                                        [--compute-dtype float32|bfloat16] [--reference actors|learner]
 
 `--compute-dtype bfloat16` runs every learner update (the baseline's too) under bfloat16
 autocast (`learner.compute_dtype`), for a CPU with AVX-512 BF16.
@@ -111,7 +116,7 @@ def one_process(assets: Path, updates: int, out: Path, compute_dtype: str) -> di
     cfg = load_config(REPO / "configs/smoke.yaml", [*overrides(assets, updates, compute_dtype),
                                                     f"run.output_dir={out}",
                                                     f"run.name=one-process-{time.monotonic_ns()}",
-                                                    f"learner.threads={CORES}"])
+                                                    f"learner.threads={CORES}", "rollout.reference_logprobs=false"])
     learner = Learner(cfg, str(cfg.run_dir))  # sets torch's thread count to CORES
     reward = RewardModel.load(cfg.model.reward, max_length=cfg.reward.max_length)
     source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
@@ -153,7 +158,7 @@ def timed(fn) -> float:
 # --------------------------------------------------------------------------- tame
 
 
-def tame(assets: Path, updates: int, out: Path, compute_dtype: str, k: int, learner_threads: int,
+def tame(assets: Path, updates: int, out: Path, compute_dtype: str, reference: str, k: int, learner_threads: int,
          actor_threads: int, reward_threads: int) -> dict:
     from cluster.controller import train
     from cluster.shared.config import load_config
@@ -162,22 +167,25 @@ def tame(assets: Path, updates: int, out: Path, compute_dtype: str, k: int, lear
     cfg = load_config(REPO / "configs/smoke.yaml", [
         *overrides(assets, updates, compute_dtype), f"run.output_dir={out}", f"run.name={name}",
         f"train.max_staleness={k}", "rollout.num_actors=1", "rollout.num_cpus=1", "learner.num_cpus=1",
-        f"learner.threads={learner_threads}", f"rollout.threads={actor_threads}", f"reward.threads={reward_threads}"])
+        f"learner.threads={learner_threads}", f"rollout.threads={actor_threads}", f"reward.threads={reward_threads}",
+        f"rollout.reference_logprobs={reference == 'actors'}"])
     summary = train(cfg, log=lambda *_: None)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
     t_update = mean("perf/update_seconds")
     t_generate = BATCH * mean("perf/generate_seconds_per_sample")
     t_score = BATCH * mean("perf/score_seconds_per_sample")
+    t_reference = BATCH * mean("perf/reference_seconds_per_sample")
+    t_actor = t_generate + max(t_score, t_reference)  # the reference runs while the reward service scores
     rate = summary["samples_per_second"]
     return {
         "max_staleness": k, "learner_threads": learner_threads, "actor_threads": actor_threads,
-        "reward_threads": reward_threads,
+        "reward_threads": reward_threads, "reference": reference,
         "samples_per_s": rate, "startup_s": summary["startup_seconds"], "wall_s": summary["wall_seconds"],
         "dropped_stale": summary["dropped_stale"], "samples": summary["samples"],
         "learner_idle_share": mean("perf/learner_idle_share"), "actor_idle_share": mean("perf/actor_idle_share"),
-        "update_s": t_update, "generate_s": t_generate, "score_s": t_score,
-        "pipeline_efficiency": rate * max(t_generate + t_score, t_update) / BATCH,
+        "update_s": t_update, "generate_s": t_generate, "score_s": t_score, "reference_s": t_reference,
+        "actor_s": t_actor, "pipeline_efficiency": rate * max(t_actor, t_update) / BATCH,
         "staleness_mean": mean("rollout/staleness_mean"),
         "generate_core_s_per_sample": mean("perf/generate_seconds_per_sample") * actor_threads,
     }
@@ -189,7 +197,8 @@ def median_run(runs: list[dict]) -> dict:
     return {**ranked[len(ranked) // 2], "samples_per_s_all": [round(r["samples_per_s"], 2) for r in runs]}
 
 
-def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, compute_dtype: str, log) -> dict:
+def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, compute_dtype: str, reference: str,
+               log) -> dict:
     """Every configuration `repeats` times, in turns, so that load from other processes on a
     shared machine hits all of them alike; each reported by its median run."""
     from cluster.demo.assets import ensure_assets
@@ -205,7 +214,7 @@ def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, c
         for k, lt, at, rt in settings:
             log(f"{size} round {round_ + 1}/{repeats}: tame max_staleness {k}, threads: learner {lt}, "
                 f"actor {at}, reward {rt}")
-            runs[(k, lt, at, rt)].append(tame(assets, updates, out, compute_dtype, k, lt, at, rt))
+            runs[(k, lt, at, rt)].append(tame(assets, updates, out, compute_dtype, reference, k, lt, at, rt))
     base = median_run(bases)
     tames = [median_run(r) for r in runs.values()]
     # The limit on these cores: each sample's generation (on one thread, as the k=1 actor runs
@@ -218,7 +227,7 @@ def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, c
     for r in tames:
         r["over_one_process"] = r["samples_per_s"] / base["samples_per_s"]
         r["of_limit"] = r["samples_per_s"] / limit
-    return {"size": size, "compute_dtype": compute_dtype, "one_process": base, "tame": tames,
+    return {"size": size, "compute_dtype": compute_dtype, "reference": reference, "one_process": base, "tame": tames,
             "limit_samples_per_s": limit,
             "limit_over_one_process": limit / base["samples_per_s"],
             "core_s_per_sample": {"generate": generate, "score": score, "update": update}}
@@ -233,6 +242,8 @@ def main() -> None:
     p.add_argument("--sweep-threads", action="store_true", help="every learner/actor thread count, both staleness")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the learner's arithmetic (learner.compute_dtype), in the baseline and in tame alike")
+    p.add_argument("--reference", default="actors", choices=["actors", "learner"],
+                   help="who computes tame's reference log-probs (rollout.reference_logprobs)")
     args = p.parse_args()
 
     import ray
@@ -241,15 +252,15 @@ def main() -> None:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ENGINE_ENV})
     results = [bench_size(size, args.assets, args.updates, args.repeats, args.sweep_threads, args.compute_dtype,
-                          lambda m: print(m, file=sys.stderr, flush=True)) for size in args.sizes]
+                          args.reference, lambda m: print(m, file=sys.stderr, flush=True)) for size in args.sizes]
     ray.shutdown()
 
     for res in results:
         base = res["one_process"]
         print(f"\n{res['size']} assets: {BATCH} prompts x {NEW_TOKENS} new tokens per update, {args.updates} updates, "
-              f"{CORES} cores, learner in {args.compute_dtype}")
+              f"{CORES} cores, learner in {args.compute_dtype}, tame's reference pass on the {args.reference}")
         print(f"{'run':<34}{'samples/s':>10}{'x 1-proc':>9}{'of limit':>9}{'eff.':>6}{'dropped':>8}"
-              f"{'learner idle':>13}{'actor idle':>11}{'gen+score s':>12}{'update s':>9}{'start-up s':>11}")
+              f"{'learner idle':>13}{'actor idle':>11}{'actor s':>12}{'update s':>9}{'start-up s':>11}")
         print(f"{'one process (HF generate)':<34}{base['samples_per_s']:>10.1f}{1.0:>9.2f}"
               f"{base['samples_per_s'] / res['limit_samples_per_s']:>9.2f}{'':>6}{0:>8}{'':>13}{'':>11}"
               f"{base['generate_s'] + base['score_s']:>12.2f}{base['update_s']:>9.2f}{'':>11}")
@@ -258,7 +269,7 @@ def main() -> None:
                      f"{r['reward_threads']})")
             print(f"{label:<34}{r['samples_per_s']:>10.1f}{r['over_one_process']:>9.2f}{r['of_limit']:>9.2f}"
                   f"{r['pipeline_efficiency']:>6.2f}{r['dropped_stale']:>8}{r['learner_idle_share']:>13.2f}"
-                  f"{r['actor_idle_share']:>11.2f}{r['generate_s'] + r['score_s']:>12.2f}{r['update_s']:>9.2f}"
+                  f"{r['actor_idle_share']:>11.2f}{r['actor_s']:>12.2f}{r['update_s']:>9.2f}"
                   f"{r['startup_s']:>11.1f}")
         cost = res["core_s_per_sample"]
         print(f"limit: {CORES} cores / ({cost['generate'] * 1e3:.1f} generate + {cost['score'] * 1e3:.1f} score + "

@@ -151,6 +151,11 @@ def scale(num_actors: int, run: str | None = None, address: str | None = None) -
 # --------------------------------------------------------------------------- the loop
 
 
+def _no_generation() -> dict[str, float]:
+    """The generation counters of one logging interval, at zero."""
+    return {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0, "reference_seconds": 0.0}
+
+
 class Loop:
     def __init__(self, cfg: TameConfig, resume: bool, log: Callable[[str], None],
                  judge: Callable[[list[Rollout]], dict] | None = None, stop: StopSignal | None = None,
@@ -229,7 +234,7 @@ class Loop:
         self.update_started = 0.0
         # Per-interval idle accounting (an interval ends with each update): see loop_metrics.
         self.pool.interval_start = time.monotonic()  # the first interval starts now
-        self.generated = {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0}  # within the interval
+        self.generated = _no_generation()  # within the interval
         self.rate_from: tuple[float, int] | None = None  # (time, samples) at the first update's end
         self.created = created or time.monotonic()  # when `tame train` began: start-up counts from here
         self.startup_seconds: float | None = None  # until the first generation call: roles up, weights loaded
@@ -376,6 +381,7 @@ class Loop:
         self.generated["samples"] += len(batch.rollouts)
         self.generated["generate_seconds"] += batch.generate_seconds
         self.generated["score_seconds"] += batch.score_seconds
+        self.generated["reference_seconds"] += batch.reference_seconds
         if batch.failed_prompt_ids:
             self.counters.failed_prompts += len(batch.failed_prompt_ids)
             self.source.give_back(batch.failed_prompt_ids)
@@ -502,7 +508,7 @@ class Loop:
         learner_idle = max(0.0, self.update_started - start)
         actor_idle = self.pool.idle_share(now)  # and the next interval starts
         generated = self.generated
-        self.generated = {"samples": 0, "generate_seconds": 0.0, "score_seconds": 0.0}
+        self.generated = _no_generation()
         samples = self.counters.samples
         if self.rate_from is None:
             self.rate_from = (now, samples)
@@ -530,6 +536,7 @@ class Loop:
             # What one sample cost the actors in this interval: the pipeline's other side.
             "perf/generate_seconds_per_sample": generated["generate_seconds"] / max(generated["samples"], 1),
             "perf/score_seconds_per_sample": generated["score_seconds"] / max(generated["samples"], 1),
+            "perf/reference_seconds_per_sample": generated["reference_seconds"] / max(generated["samples"], 1),
             "learner/skipped_updates": self.counters.skipped_updates,
         }
         for slot in self.pool.slots.values():

@@ -1,7 +1,8 @@
 """The experience of one update, built in steps, each a record with every field set:
 
-1. `tokenize`: scored rollouts -> `Batch` (token ids, masks, behaviour log-probs, scores);
-2. the learner's no-grad passes -> reference and proximal log-probs, old values;
+1. `tokenize`: scored rollouts -> `Batch` (token ids, masks, behaviour log-probs, scores,
+   and the reference log-probs when the actors computed them);
+2. the learner's no-grad passes -> reference (unless given) and proximal log-probs, old values;
 3. `Experience`: the batch with those and the shaped rewards, advantages, returns and
    importance weights: what the PPO epochs train on.
 
@@ -57,6 +58,8 @@ class Batch:
     fresh: torch.Tensor  # (B,) bool: made by the weights the learner holds (staleness 0)
     groups: torch.Tensor  # (B,) long: which prompt (0, 1, ... in order of appearance) it answers
     offset: int = 0
+    reference_logprobs: torch.Tensor | None = None
+    """(B, W) log pi_ref as the actors computed it (`rollout.reference_logprobs`), else None."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -73,7 +76,9 @@ class Batch:
     def cut(self, w: Window) -> Batch:
         return Batch(w.tokens(self.input_ids), w.tokens(self.attention_mask), w.per_token(self.mask),
                      w.per_token(self.behaviour_logprobs), self.scores[w.rows], self.has_eos[w.rows],
-                     self.fresh[w.rows], self.groups[w.rows], offset=w.start)
+                     self.fresh[w.rows], self.groups[w.rows], offset=w.start,
+                     reference_logprobs=None if self.reference_logprobs is None
+                     else w.per_token(self.reference_logprobs))
 
 
 @dataclass(frozen=True)
@@ -114,23 +119,30 @@ def tokenize(rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, 
              device: torch.device) -> Batch:
     """Step 1: right-padded prompt + response ids of the rollouts and the response mask, cut
     after the first EOS when `truncate` (`ppo.truncate_at_stop`). `version` is the learner's:
-    records it made are `fresh`. A missing score becomes NaN, which skips the update."""
+    records it made are `fresh`. A missing score becomes NaN, which skips the update. The
+    reference log-probs come along when every rollout carries them."""
     if not rollouts:
         raise ValueError("no rollouts")
+    with_reference = rollouts[0].reference_logprobs is not None
     for r in rollouts:
         if not r.prompt_token_ids or not r.response_token_ids:
             raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: empty prompt or response")
-        if len(r.behaviour_logprobs) != len(r.response_token_ids):
-            raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: {len(r.behaviour_logprobs)} "
-                             f"behaviour log-probs for {len(r.response_token_ids)} response tokens")
+        for name in ("behaviour_logprobs", "reference_logprobs") if with_reference else ("behaviour_logprobs",):
+            values = getattr(r, name)
+            if values is None or len(values) != len(r.response_token_ids):
+                raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: {'no' if values is None else len(values)} "
+                                 f"{name.replace('_', ' ')} for {len(r.response_token_ids)} response tokens")
     input_ids, attention_mask = pad([r.prompt_token_ids + r.response_token_ids for r in rollouts], pad_id)
     mask = torch.zeros((len(rollouts), input_ids.shape[1] - 1))
     behaviour = torch.zeros_like(mask)
+    reference = torch.zeros_like(mask) if with_reference else None
     for b, r in enumerate(rollouts):
         # Position t predicts token t + 1, so the response starts at n_prompt - 1.
         start, n = len(r.prompt_token_ids) - 1, len(r.response_token_ids)
         mask[b, start: start + n] = 1.0
         behaviour[b, start: start + n] = torch.tensor(r.behaviour_logprobs, dtype=torch.float32)
+        if reference is not None:
+            reference[b, start: start + n] = torch.tensor(r.reference_logprobs, dtype=torch.float32)
     if truncate:
         mask = ppo.mask_after_stop(input_ids[:, 1:], mask, eos_id)
     has_eos = torch.tensor([r.finish_reason == "stop" or eos_id in r.response_token_ids for r in rollouts])
@@ -139,4 +151,5 @@ def tokenize(rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, 
     index: dict[str, int] = {}
     groups = torch.tensor([index.setdefault(r.prompt_id, len(index)) for r in rollouts])
     return Batch(input_ids.to(device), attention_mask.to(device), mask.to(device), behaviour.to(device),
-                 scores.to(device), has_eos.to(device), fresh.to(device), groups.to(device))
+                 scores.to(device), has_eos.to(device), fresh.to(device), groups.to(device),
+                 reference_logprobs=None if reference is None else (reference * mask).to(device))

@@ -7,7 +7,8 @@ One update, top to bottom (`update`; the records of each step are in `learner/ex
 checkpoints in `learner/checkpoints.py`, the math in `learner/ppo.py`):
 1. tokens: prompt + response ids of each scored rollout, right-padded; a mask marks the
    response tokens (cut after the first EOS when `ppo.truncate_at_stop`).
-2. no-grad passes: the reference log-probs, the proximal log-probs (the current weights,
+2. no-grad passes: the reference log-probs (unless the actors computed them:
+   `rollout.reference_logprobs`), the proximal log-probs (the current weights,
    before this update) and the critic's values. When the whole batch is one micro-batch,
    the first epoch's forward pass with gradient is the proximal pass (its detached output),
    so only the reference pass runs without gradient.
@@ -38,6 +39,7 @@ from typing import NamedTuple
 import torch
 
 from cluster.shared.config import TameConfig
+from cluster.shared.logprobs import response_logprobs
 from cluster.shared.precision import compute_context, float32_head, torch_dtype
 from cluster.shared.records import Rollout, UpdateResult
 from cluster.shared.startup import heavy_imports
@@ -50,7 +52,6 @@ from learner.training import (
     demonstration_nll,
     disable_dropout,
     make_scheduler,
-    response_logprobs,
     set_torch_threads,
 )
 
@@ -95,10 +96,13 @@ class Learner:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_id
 
-        # The policy we train and the frozen reference (the SFT model) it is held close to.
+        # The policy we train and the frozen reference (the SFT model) it is held close to;
+        # none when the actors compute the reference log-probs (rollout.reference_logprobs).
         self.policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
-        self.reference = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
-        self.reference.requires_grad_(False)
+        self.reference = None
+        if not cfg.rollout.reference_logprobs:
+            self.reference = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
+            self.reference.requires_grad_(False)
         # A critic only for GAE: the other estimators take their baseline from the group or
         # the batch, and the learner then holds, passes and saves no value model at all.
         p = cfg.ppo
@@ -243,17 +247,24 @@ class Learner:
     @torch.no_grad()
     def _no_grad_passes(self, batch: Batch, proximal: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Step 2: the reference log-probs and, with `proximal`, the proximal log-probs and
-        the old values, micro-batch by micro-batch (each cut to its own window, then written
-        back at its columns). -> (B, W) each; None for the passes not made."""
-        ref = torch.zeros(batch.mask.shape, device=self.device)
+        """Step 2: the reference log-probs (unless the actors sent them) and, with `proximal`,
+        the proximal log-probs and the old values, micro-batch by micro-batch (each cut to its
+        own window, then written back at its columns). -> (B, W) each; None for the passes
+        not made."""
+        given = batch.reference_logprobs
+        if given is None and self.reference is None:
+            raise ValueError("the rollouts carry no reference log-probs, and this learner holds no reference "
+                             "model (rollout.reference_logprobs is on: the actors compute them)")
+        ref = torch.zeros(batch.mask.shape, device=self.device) if given is None else given
         old_logprobs = torch.zeros_like(ref) if proximal else None
         old_values = torch.zeros_like(ref) if proximal and self.critic is not None else None
+        if given is not None and not proximal:
+            return ref, None, None
         for rows, stand_in in self.shards.rows(torch.arange(len(batch), device=self.device),
                                                self.cfg.ppo.micro_batch_size):
             window = batch.window(rows)
             mb, cols = batch.cut(window), window.columns()
-            passes = [(ref, self._token_logprobs(self.reference, mb)[0])]
+            passes = [] if given is not None else [(ref, self._token_logprobs(self.reference, mb)[0])]
             if proximal:
                 passes.append((old_logprobs, self._token_logprobs(self.policy, mb)[0]))
                 if self.critic is not None:
@@ -261,8 +272,10 @@ class Learner:
             if not stand_in:
                 for out, values in passes:
                     out[rows, cols] = values
-        self.shards.sum_(ref, old_logprobs, old_values)  # each worker wrote its own rows
-        self.shards.release(self.reference)  # FSDP keeps a root gathered after its forward
+        # Each worker wrote its own rows; FSDP keeps a root gathered after a forward.
+        self.shards.sum_(None if given is not None else ref, old_logprobs, old_values)
+        if given is None:
+            self.shards.release(self.reference)
         if proximal and old_values is None:
             old_values = torch.zeros_like(ref)
         return ref, old_logprobs, old_values

@@ -71,36 +71,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return out * mask
 
 
-# --------------------------------------------------------------------------- log-probs, entropy
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) of the given tokens.
-
-    logits: (..., V) predicting `tokens`: (...) -> (...), e.g. (B, T, V), (B, T) -> (B, T).
-    The division by the sampling temperature makes these the log-probs of the distribution
-    the tokens were sampled from.
-    """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) at every position. (..., V) -> (...)."""
-    logits = logits.float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`logprobs_from_logits` and `entropy_from_logits` from one log-softmax: what the
-    learner trains with when the loss has an entropy term. (..., V), (...) -> (...), (...)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-
-
 # --------------------------------------------------------------------------- KL estimators
 # Per-token estimates of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020), with
 # log r = log pi_ref - log pi. k1 is unbiased but can be negative; k2 is biased, low
@@ -417,11 +387,3 @@ class AdaptiveKLController:
 def any_nonfinite(*tensors: torch.Tensor) -> bool:
     """True when any of the tensors holds a NaN or an Inf."""
     return any(not bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def shifted_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
-                           temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of every token given its prefix: position t holds log p(input_ids[t+1]).
-    logits: (B, L, V), input_ids: (B, L) -> (B, L-1)."""
-    return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], temperature)
-

@@ -1,5 +1,5 @@
 """Small pieces shared by the PPO learner and the SFT stage: threads, dropout,
-learning-rate schedules and the log-probs of response tokens."""
+learning-rate schedules and the demonstration loss."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from cluster.shared.logprobs import response_logprobs
 from learner import ppo
 
 
@@ -67,34 +68,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, schedule, warmup_steps, total_steps))
-
-
-def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, mask: torch.Tensor, offset: int,
-                      temperature: float = 1.0, with_entropy: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(token | prefix) at the response positions of a right-padded batch.
-
-    input_ids, attention_mask: (B, L). mask: (B, W) marks the positions that count among
-    the prediction positions offset .. offset + W - 1 (position t predicts
-    input_ids[:, t + 1]; W = L - 1 - offset). Only those W positions go through the LM
-    head (`logits_to_keep`), and only the masked ones through the softmax, so prompt
-    positions cost no vocabulary-sized work.
-
-    Returns log-probs (B, W), zero where mask is 0, and the entropy of
-    softmax(logits / temperature) there (B, W) when `with_entropy`.
-    """
-    keep = input_ids.shape[1] - offset
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=keep).logits[:, :-1]  # (B, W, V)
-    targets = input_ids[:, offset + 1:]  # (B, W)
-    selected = mask.bool()
-    zeros = torch.zeros(selected.shape, device=logits.device)
-    if not with_entropy:
-        token_logp = ppo.logprobs_from_logits(logits[selected], targets[selected], temperature)  # (N,)
-        return zeros.masked_scatter(selected, token_logp), None
-    token_logp, entropy = ppo.logprobs_and_entropy(logits[selected], targets[selected], temperature)
-    return zeros.masked_scatter(selected, token_logp), zeros.masked_scatter(selected, entropy)
 
 
 def demonstration_nll(model: torch.nn.Module, input_ids: torch.Tensor,

@@ -1,7 +1,8 @@
 """The rollout actor against a real vLLM engine in a real Ray actor, checked with transformers.
 
 Two actors are built once for the module (engines cost seconds on CPU): one samples at
-temperature 1 and scores through a scorer, the other samples at temperature 0.7 with
+temperature 1, scores through a scorer and computes the reference log-probs meanwhile
+(`rollout.reference_logprobs`), the other samples at temperature 0.7 with
 samples_per_prompt=4, a short max_new_tokens and a stop string, so both finish reasons occur.
 """
 
@@ -43,11 +44,11 @@ def length_scorer(prompts: list[str], responses: list[str]) -> list[float]:
     return [math.nan if "NAN" in p else float(len(r)) for p, r in zip(prompts, responses)]
 
 
-def make_config(policy: str, **sampling) -> TameConfig:
+def make_config(policy: str, reference_logprobs: bool = False, **sampling) -> TameConfig:
     return TameConfig.model_validate({
         "model": {"policy": policy},  # the actors never read model.reward
         "rollout": {"num_cpus": 1, "max_model_len": 256, "kv_cache_gib": 0.25,
-                    "sampling": {"max_new_tokens": 24, **sampling}},
+                    "reference_logprobs": reference_logprobs, "sampling": {"max_new_tokens": 24, **sampling}},
     })
 
 
@@ -67,7 +68,8 @@ def hf_policy(tiny_assets):
 
 @pytest.fixture(scope="module")
 def actors(tiny_assets, ray_local):
-    """(actor at T=1 with a scorer, actor at T=0.7 with 4 samples, 6 new tokens, stop "h")."""
+    """(actor at T=1 with a scorer and the reference, actor at T=0.7 with 4 samples, 6 new
+    tokens, stop "h")."""
     from ray import cloudpickle
 
     from actors.rollout import RolloutActor
@@ -75,7 +77,7 @@ def actors(tiny_assets, ray_local):
     # The scorer travels to the actor by value: the worker cannot import this test module.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     remote = ray_local.remote(num_cpus=1)(RolloutActor)
-    scored = remote.remote(make_config(str(tiny_assets.policy)), 0, length_scorer)
+    scored = remote.remote(make_config(str(tiny_assets.policy), reference_logprobs=True), 0, length_scorer)
     warm = remote.remote(make_config(str(tiny_assets.policy), temperature=0.7,
                                      samples_per_prompt=4, max_new_tokens=6, stop=["h"]), 1)
     # What each engine held when it came up, measured before any test loads other weights.
@@ -90,6 +92,14 @@ def max_logprob_error(model, batch, temperature: float) -> float:
     return max(
         float(np.abs(hf_logprobs(model, r.prompt_token_ids, r.response_token_ids, temperature)
                      - np.array(r.behaviour_logprobs)).max())
+        for r in batch.rollouts)
+
+
+def max_reference_error(model, batch, temperature: float) -> float:
+    assert batch.rollouts and all(len(r.reference_logprobs) == len(r.response_token_ids) for r in batch.rollouts)
+    return max(
+        float(np.abs(hf_logprobs(model, r.prompt_token_ids, r.response_token_ids, temperature)
+                     - np.array(r.reference_logprobs)).max())
         for r in batch.rollouts)
 
 
@@ -172,6 +182,9 @@ def test_generate_returns_well_formed_scored_records(actors, tokenizer, hf_polic
         assert r.policy_version == version and r.actor_id == 0
         assert r.score == float(len(r.response_text)) and r.score_seconds == batch.score_seconds
     assert max_logprob_error(hf_policy, batch, temperature=1.0) < 1e-4
+    # The engine holds the SFT weights: reference and behaviour log-probs are the same numbers.
+    assert batch.reference_seconds > 0
+    assert max_reference_error(hf_policy, batch, temperature=1.0) < 1e-5
 
 
 def test_behaviour_logprobs_are_at_the_sampling_temperature(actors, hf_policy, tokenizer):
@@ -184,7 +197,7 @@ def test_behaviour_logprobs_are_at_the_sampling_temperature(actors, hf_policy, t
     # Four samples of each prompt; each ends at the stop string "h" or after 6 tokens.
     assert [(r.prompt_id, r.sample_index) for r in batch.rollouts] == \
         [(p.prompt_id, i) for p in PROMPTS for i in range(4)]
-    assert all(r.score is None for r in batch.rollouts)
+    assert all(r.score is None and r.reference_logprobs is None for r in batch.rollouts)
     for r in batch.rollouts:
         full_text = tokenizer.decode(r.response_token_ids, skip_special_tokens=True)
         if r.finish_reason == "stop":
@@ -233,6 +246,8 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
     new_policy = _model_with(hf_policy, state)
     assert max_logprob_error(new_policy, batch, temperature=1.0) < 1e-4
     assert max_logprob_error(hf_policy, batch, temperature=1.0) > 1e-2
+    # The reference stays the SFT model whatever the engine was sent.
+    assert max_reference_error(hf_policy, batch, temperature=1.0) < 1e-5
 
     # The version held again: verified, not loaded. An older one changes nothing.
     again = ray.get(scored.load_weights.remote(handle))

@@ -158,12 +158,11 @@ def test_critic_free_advantages_follow_the_groups(tiny_assets, tmp_path):
 
 
 def test_the_learner_trains_with_the_hand_tested_functions(tiny_assets):
-    """`training.response_logprobs` (every PPO and SFT forward) gives, on the tiny policy,
+    """`logprobs.response_logprobs` (every PPO and SFT forward, the actors' reference) gives, on the tiny policy,
     what ppo's hand-tested functions give on the model's full logits."""
     from transformers import AutoModelForCausalLM
 
-    from learner import ppo
-    from learner.training import response_logprobs
+    from cluster.shared.logprobs import entropy_from_logits, logprobs_from_logits, response_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_assets.policy, dtype=torch.float32).eval()
     ids = torch.tensor([[5, 17, 40, 12, 99, 3], [8, 21, 33, 7, 0, 0]])
@@ -172,8 +171,8 @@ def test_the_learner_trains_with_the_hand_tested_functions(tiny_assets):
     with torch.no_grad():
         logp, entropy = response_logprobs(model, ids, attention, mask, 1, 0.7, with_entropy=True)
         logits = model(input_ids=ids, attention_mask=attention).logits[:, 1:-1]  # predicting ids[:, 2:]
-    torch.testing.assert_close(logp, ppo.logprobs_from_logits(logits, ids[:, 2:], 0.7) * mask, atol=1e-5, rtol=0)
-    torch.testing.assert_close(entropy, ppo.entropy_from_logits(logits, 0.7) * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp, logprobs_from_logits(logits, ids[:, 2:], 0.7) * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits, 0.7) * mask, atol=1e-5, rtol=0)
     assert float(logp[mask.bool()].max()) < 0 and float((logp * (1 - mask)).abs().sum()) == 0.0
 
 
@@ -216,6 +215,40 @@ def test_the_fused_first_pass_trains_exactly_like_the_separate_proximal_pass(tin
     assert any(not torch.equal(policy_a[n], p) for n, p in
                params(Learner(make_cfg(tiny_assets), str(tmp_path / "fresh")).policy).items())
 
+
+
+@pytest.mark.parametrize("micro_batch", [4, 16])
+def test_reference_logprobs_from_the_actors_train_exactly_like_the_learners_own_pass(tiny_assets, tmp_path,
+                                                                                    micro_batch):
+    """`rollout.reference_logprobs`: the actors' reference (`actors.reference`) computes the
+    learner's numbers, so a learner holding no reference model and fed them trains to the
+    same weights and metrics; without them it refuses the batch by naming the setting."""
+    import copy
+
+    from actors.reference import Reference
+
+    overrides = ("ppo.minibatch_size=16", f"ppo.micro_batch_size={micro_batch}", "ppo.kl.coef=0.5",
+                 "ppo.truncate_at_stop=true")
+    own = Learner(make_cfg(tiny_assets, *overrides), str(tmp_path / "own"))
+    cfg = make_cfg(tiny_assets, *overrides, "rollout.reference_logprobs=true")
+    fed = Learner(cfg, str(tmp_path / "fed"))
+    reference = Reference(cfg, fed.pad_id)
+    assert own.reference is not None and fed.reference is None
+    for update in range(2):  # the second trains away from the reference: a KL to compute
+        rollouts = sample(own, prompts(tiny_assets, 16, start=40 + 16 * update), seed=3 + update)
+        annotated = copy.deepcopy(rollouts)
+        reference.annotate(annotated)
+        assert [len(r.reference_logprobs) for r in annotated] == [len(r.response_token_ids) for r in rollouts]
+        ours = own.update(rollouts).metrics
+        theirs = fed.update(annotated).metrics
+        for key in ours:
+            if not key.startswith("perf/"):
+                assert theirs[key] == ours[key], key
+        for name, p in params(own.policy).items():
+            assert torch.equal(p, params(fed.policy)[name]), name
+    assert ours["objective/kl"] > 0
+    with pytest.raises(ValueError, match="rollout.reference_logprobs"):
+        fed.update(rollouts)
 
 def test_bfloat16_compute_trains_float32_weights_that_learn_at_small_learning_rates(tiny_assets, tmp_path):
     """learner.compute_dtype bfloat16 runs the passes under autocast; weights and AdamW states

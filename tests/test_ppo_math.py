@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from cluster.shared import logprobs
 from learner import ppo
 
 LN2 = math.log(2.0)
@@ -45,24 +46,24 @@ def test_whitening_with_mask():
 def test_logprobs_and_entropy_at_a_temperature():
     logits = torch.tensor([[[0.0, math.log(3.0)]]])  # probs 1/4, 3/4 at T=1
     tokens = torch.tensor([[1]])
-    assert ppo.logprobs_from_logits(logits, tokens).item() == pytest.approx(math.log(0.75))
+    assert logprobs.logprobs_from_logits(logits, tokens).item() == pytest.approx(math.log(0.75))
     # At T=2 the logits halve: p(1) = sqrt(3) / (1 + sqrt(3)).
     s3 = math.sqrt(3.0)
-    assert ppo.logprobs_from_logits(logits, tokens, 2.0).item() == pytest.approx(math.log(s3 / (1 + s3)))
+    assert logprobs.logprobs_from_logits(logits, tokens, 2.0).item() == pytest.approx(math.log(s3 / (1 + s3)))
     uniform = torch.zeros(1, 1, 4)
-    assert ppo.entropy_from_logits(uniform).item() == pytest.approx(math.log(4.0))
+    assert logprobs.entropy_from_logits(uniform).item() == pytest.approx(math.log(4.0))
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    assert ppo.entropy_from_logits(logits).item() == pytest.approx(h, rel=1e-6)
+    assert logprobs.entropy_from_logits(logits).item() == pytest.approx(h, rel=1e-6)
     # The learner trains with both from one log-softmax: the same numbers.
-    logp, entropy = ppo.logprobs_and_entropy(logits, tokens, 2.0)
+    logp, entropy = logprobs.logprobs_and_entropy(logits, tokens, 2.0)
     assert logp.item() == pytest.approx(math.log(s3 / (1 + s3)))
-    assert entropy.item() == pytest.approx(ppo.entropy_from_logits(logits, 2.0).item(), rel=1e-6)
+    assert entropy.item() == pytest.approx(logprobs.entropy_from_logits(logits, 2.0).item(), rel=1e-6)
 
 
 def test_shifted_token_logprobs_align_with_the_next_token():
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.3, 0.7]]]))
     ids = torch.tensor([[0, 1, 0]])
-    out = ppo.shifted_token_logprobs(logits, ids)
+    out = logprobs.shifted_token_logprobs(logits, ids)
     assert out.tolist()[0] == pytest.approx([math.log(0.5), math.log(0.9)], rel=1e-6)
 
 

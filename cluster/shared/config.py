@@ -148,6 +148,13 @@ class RolloutConfig(Section):
     before it produces. False carries on with the actors left (the run fails when none is)."""
     sampling: SamplingConfig = SamplingConfig()
     """Sampling parameters shared by all actors."""
+    reference_logprobs: bool = False
+    """Each actor holds a copy of the frozen reference model (the SFT model at model.policy)
+    and computes the reference log-probs of its rollouts while the reward service scores
+    them; the learner then holds no reference model and skips its reference pass. It moves
+    a forward pass per sample off the learner, the slower role in most runs, and overlaps
+    it with scoring. Costs each actor the reference's memory (on its GPU, beside vLLM's
+    share). See the README's performance section."""
 
     @field_validator("num_gpus")
     @classmethod

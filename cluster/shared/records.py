@@ -50,6 +50,9 @@ class Rollout:
     score: float | None = None
     """Reward (model score plus weighted rule rewards); None until scored."""
     score_seconds: float = 0.0
+    reference_logprobs: list[float] | None = None
+    """log pi_ref(token) of each response token under the frozen reference model, at the
+    sampling temperature, when the actor computes them (`rollout.reference_logprobs`)."""
 
 
 @dataclass
@@ -66,6 +69,8 @@ class RolloutBatch:
     generated_tokens: int = 0
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
+    reference_seconds: float = 0.0
+    """The reference log-prob pass, made while the reward service scores."""
 
 
 @dataclass(frozen=True)
