@@ -10,6 +10,7 @@ from the handle, and compared with the published ones: that proves the load happ
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,15 +182,39 @@ class _Step:
             _copy_rows(getattr(self.module, self.name).data, parts)
             return
         dtype = self.module.params_dtype
-        if len(parts) == 1 and parts[0].dtype == dtype:
-            weight = parts[0]  # a view of the object store: the repack reads it in place
-        else:
+        # A view of the object store where the parts lie back to back (the repack reads it in
+        # place), else one copy that joins or casts them.
+        weight = _rows_in_place(parts) if parts[0].dtype == dtype else None
+        if weight is None:
             weight = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=dtype)
             _copy_rows(weight, parts)
         self.module.weight = torch.nn.Parameter(weight, requires_grad=False)
         self.module.quant_method.process_weights_after_loading(self.module)  # repacks, drops the weight
         if self.module.weight.numel() > 0:  # a kernel that fell back to the weight itself: make it own it
             self.module.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+
+
+def _rows_in_place(parts: list[Any]) -> Any:
+    """The parts joined row-wise as one view of their memory, when they lie back to back in
+    it (a published version keeps a layer's q/k/v and gate/up so); None otherwise."""
+    import numpy as np
+    import torch
+
+    first = parts[0]
+    if any(p.dim() != 2 or not p.is_contiguous() or p.dtype != first.dtype or p.shape[1] != first.shape[1]
+           for p in parts):
+        return None
+    if any(a.data_ptr() + a.numel() * a.element_size() != b.data_ptr() for a, b in zip(parts, parts[1:])):
+        return None
+    if len(parts) == 1:
+        return first
+    # Numpy builds a view past the first part's end (torch would refuse); the check above
+    # proves that memory is the other parts, in order. Bytes, so any dtype goes through.
+    raw = first.view(torch.uint8).numpy()
+    span = np.lib.stride_tricks.as_strided(raw, (sum(p.shape[0] for p in parts), raw.shape[1]), raw.strides)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(span).view(first.dtype)
 
 
 def _copy_rows(out: Any, parts: list[Any]) -> None:
