@@ -11,9 +11,9 @@ prompts per update, 64-token responses, one PPO epoch and 16 updates:
 - *tame, max_staleness 1*: the same, overlapped: the actor (1 thread) generates the next
   batch while the learner (2 threads, waiting passively) trains.
 
-In both tame runs the actor computes the reference log-probs while the reward service scores
-(`rollout.reference_logprobs`, as configs/smoke.yaml sets it; `--reference learner` leaves
-that pass to the learner, as the one-process baseline does).
+The reference log-probs are the learner's pass, as in the one-process baseline and
+configs/smoke.yaml; `--reference actors` has the actor compute them while the reward service
+scores (`rollout.reference_logprobs`).
 
 Samples/s counts from the end of the first update in every case (start-up and warm-up are
 reported apart). Next to it: samples dropped as too stale; the shares of each interval the
@@ -242,7 +242,7 @@ def main() -> None:
     p.add_argument("--sweep-threads", action="store_true", help="every learner/actor thread count, both staleness")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the learner's arithmetic (learner.compute_dtype), in the baseline and in tame alike")
-    p.add_argument("--reference", default="actors", choices=["actors", "learner"],
+    p.add_argument("--reference", default="learner", choices=["actors", "learner"],
                    help="who computes tame's reference log-probs (rollout.reference_logprobs)")
     args = p.parse_args()
 
