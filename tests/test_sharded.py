@@ -153,3 +153,35 @@ def test_a_run_whose_learner_worker_dies_ends_naming_its_checkpoint(tiny_assets,
     newest = Path(message.rsplit(" ", 1)[1])
     assert newest.parent == first.parent.parent and (newest / "trainer_state.pt").is_file()
     assert not psutil.wait_procs([p for w in workers if (p := process(w["pid"]))], timeout=30)[1]
+
+
+def test_two_workers_fed_the_actors_reference_logprobs_train_as_one_computing_them(tiny_assets, tmp_path, ray_local):
+    """`rollout.reference_logprobs` on a sharded learner: every worker takes the batch's
+    reference log-probs as sent (not summed over the workers like the rows each computes) and
+    none holds a reference model; one update matches a lone learner's own reference pass."""
+    import copy
+
+    import ray
+
+    from actors.reference import Reference
+
+    overrides = ["learner.num_cpus=1", "ppo.minibatch_size=8", "ppo.micro_batch_size=2", "ppo.kl.coef=0.5"]
+    one_cfg = make_cfg(tiny_assets, *overrides, f"run.output_dir={tmp_path}", "run.name=one")
+    two_cfg = make_cfg(tiny_assets, *overrides, f"run.output_dir={tmp_path}", "run.name=two",
+                       "learner.num_workers=2", "rollout.reference_logprobs=true")
+    one = Learner(one_cfg, str(one_cfg.run_dir))
+    rollouts = sample(one, prompts(tiny_assets, 16, start=64), seed=50)
+    annotated = copy.deepcopy(rollouts)
+    Reference(two_cfg, one.pad_id).annotate(annotated)
+
+    two, group = start_learner(two_cfg)
+    try:
+        assert ray.get(two.__ray_call__.remote(lambda self: [self.reference is None, *ray.get(
+            [w.__ray_call__.remote(lambda worker: worker.reference is None) for w in self.workers])])) == [True, True]
+        pending = two.update.remote(annotated)
+        ours, theirs = one.update(rollouts).metrics, ray.get(pending).metrics
+        for key in ("objective/kl", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg", "val/ratio"):
+            assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-6), key
+        assert max_gap(weights(one.publish()), weights(ray.get(two.publish.remote()))) < 1e-5
+    finally:
+        stop(two, group)
