@@ -21,7 +21,10 @@ learner and the actors sat idle; the pipeline efficiency, samples/s / (B / max(t
 t_update)) with both times measured in the same run (1.0: the slower role never waits;
 t_actor = t_generate + max(t_score, t_reference), the reference pass running beside the
 scoring); and the physical limit on these cores, cores / (core-seconds per sample of
-generation + scoring + update with its reference pass, each measured on one thread).
+generation + scoring + update with its reference pass, each measured on one thread). Where
+the cores went in each tame run's steady state: the CPU time of each role's processes per
+sample (Linux /proc), everything else (Ray, Serve, the driver, the kernel) and the share of
+the machine busy.
 
     .venv/bin/python benchmarks/loop.py [--sizes small tiny] [--updates 16] [--sweep-threads]
                                         [--compute-dtype float32|bfloat16] [--reference actors|learner]
@@ -40,6 +43,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -158,6 +162,69 @@ def timed(fn) -> float:
 # --------------------------------------------------------------------------- tame
 
 
+ROLE_TITLES = {"learner": "ray::Learner", "actor": "ray::RolloutActor", "reward": "ray::ServeReplica"}
+"""Each role's processes, by the title Ray gives an actor's process."""
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds so far of each role's processes, and the machine's busy and total seconds
+    (Linux /proc; empty elsewhere)."""
+    proc = Path("/proc")
+    if not (proc / "stat").exists():
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(ROLE_TITLES, 0.0)
+    for pid in proc.iterdir():
+        if not pid.name.isdigit():
+            continue
+        try:
+            title = (pid / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            stat = (pid / "stat").read_text()
+        except OSError:
+            continue
+        role = next((r for r, t in ROLE_TITLES.items() if title.startswith(t)), None)
+        if role is not None:
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    cpu = [int(x) for x in (proc / "stat").read_text().split("\n", 1)[0].split()[1:]]
+    out["machine_total"] = sum(cpu) / tick
+    out["machine_busy"] = out["machine_total"] - (cpu[3] + cpu[4]) / tick  # minus idle and iowait
+    return out
+
+
+class CpuWatch(threading.Thread):
+    """Where the cores went in a run's steady state: CPU seconds of each role's processes
+    between the end of the first update and the end of the last (`metrics.jsonl` gets a line
+    per update), per sample trained in between, next to the share of the machine busy."""
+
+    def __init__(self, metrics: Path, updates: int):
+        super().__init__(daemon=True)
+        self.metrics, self.updates = metrics, updates
+        self.marks: list[tuple[int, dict[str, float]]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and len(self.marks) < 2:
+            lines = self.metrics.read_bytes().count(b"\n") if self.metrics.exists() else 0
+            if (not self.marks and lines >= 1) or (self.marks and lines >= self.updates):
+                self.marks.append((lines, cpu_snapshot()))
+            time.sleep(0.01)
+
+    def core_ms_per_sample(self) -> dict[str, float]:
+        self.done.set()
+        self.join()
+        if len(self.marks) < 2 or not self.marks[0][1]:
+            return {}
+        (n0, a), (n1, b) = self.marks
+        samples = (n1 - n0) * BATCH
+        out = {k: 1e3 * (b[k] - a[k]) / samples for k in ROLE_TITLES}
+        busy = b["machine_busy"] - a["machine_busy"]
+        out["other"] = 1e3 * busy / samples - sum(out.values())
+        out["machine_busy_share"] = busy / (b["machine_total"] - a["machine_total"])
+        return out
+
+
+
 def tame(assets: Path, updates: int, out: Path, compute_dtype: str, reference: str, k: int, learner_threads: int,
          actor_threads: int, reward_threads: int) -> dict:
     from cluster.controller import train
@@ -169,7 +236,10 @@ def tame(assets: Path, updates: int, out: Path, compute_dtype: str, reference: s
         f"train.max_staleness={k}", "rollout.num_actors=1", "rollout.num_cpus=1", "learner.num_cpus=1",
         f"learner.threads={learner_threads}", f"rollout.threads={actor_threads}", f"reward.threads={reward_threads}",
         f"rollout.reference_logprobs={reference == 'actors'}"])
+    watch = CpuWatch(cfg.run_dir / "metrics.jsonl", updates)
+    watch.start()
     summary = train(cfg, log=lambda *_: None)
+    cores = watch.core_ms_per_sample()
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
     t_update = mean("perf/update_seconds")
@@ -188,6 +258,7 @@ def tame(assets: Path, updates: int, out: Path, compute_dtype: str, reference: s
         "actor_s": t_actor, "pipeline_efficiency": rate * max(t_actor, t_update) / BATCH,
         "staleness_mean": mean("rollout/staleness_mean"),
         "generate_core_s_per_sample": mean("perf/generate_seconds_per_sample") * actor_threads,
+        "in_run_core_ms_per_sample": cores,
     }
 
 
@@ -275,6 +346,12 @@ def main() -> None:
         print(f"limit: {CORES} cores / ({cost['generate'] * 1e3:.1f} generate + {cost['score'] * 1e3:.1f} score + "
               f"{cost['update'] * 1e3:.1f} update core-ms per sample) = {res['limit_samples_per_s']:.1f} samples/s "
               f"({res['limit_over_one_process']:.2f}x one process)")
+        for r in res["tame"]:
+            c = r["in_run_core_ms_per_sample"]
+            if c:
+                print(f"k={r['max_staleness']} (its median run), core-ms per sample: learner {c['learner']:.1f}, "
+                      f"actor {c['actor']:.1f}, reward {c['reward']:.1f}, everything else {c['other']:.1f}; "
+                      f"machine busy {c['machine_busy_share']:.0%}")
         print("samples/s of every round: " + "; ".join(
             f"{r['label']}: {r['samples_per_s_all']}" for r in [{"label": "one process", **base}, *[
                 {"label": f"k={t['max_staleness']}", **t} for t in res["tame"]]]))
