@@ -3,9 +3,9 @@
 PPO's KL term needs log pi_ref of every response token. The reference never changes, so
 any process holding a copy can compute it; the actor does, while the reward service scores
 the same responses, and the learner (the slower role in most runs) skips that forward pass.
-The numbers are the learner's: the same float32 weights, the same function
-(`cluster.shared.logprobs.response_logprobs`), the same arithmetic (`learner.compute_dtype`)
-and sampling temperature.
+The numbers are the learner's: the same float32 weights (the config refuses a 16-bit
+`learner.param_dtype` beside this), the same function (`cluster.shared.logprobs.response_logprobs`),
+the same arithmetic (`learner.compute_dtype`) and sampling temperature.
 """
 
 from __future__ import annotations

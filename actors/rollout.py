@@ -125,9 +125,11 @@ class RolloutActor:
         # through the controller; the reference log-probs meanwhile.
         if self._reference is not None and rollouts:
             scoring = self._scoring.submit(self._score, batch) if self._scorer is not None else None
-            batch.reference_seconds = self._reference.annotate(rollouts)
-            if scoring is not None:
-                scoring.result()
+            try:
+                batch.reference_seconds = self._reference.annotate(rollouts)
+            finally:  # the call ends with its scoring, whatever happened here
+                if scoring is not None:
+                    scoring.result()
         elif self._scorer is not None and rollouts:
             self._score(batch)
         return batch

@@ -11,7 +11,7 @@ checkpoints in `learner/checkpoints.py`, the math in `learner/ppo.py`):
    `rollout.reference_logprobs`), the proximal log-probs (the current weights,
    before this update) and the critic's values. When the whole batch is one micro-batch,
    the first epoch's forward pass with gradient is the proximal pass (its detached output),
-   so only the reference pass runs without gradient.
+   so only the reference pass runs without gradient, or none with the actors' reference.
 3. rewards: the score at the last response token minus `kl_coef * KL` per token (or the
    score alone, with the KL in the loss: `ppo.kl.placement`); the advantages of
    `ppo.advantage` (GAE with whitening, or the critic-free GRPO, RLOO, REINFORCE++); the

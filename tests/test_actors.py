@@ -370,6 +370,25 @@ def test_exported_tensors_round_trip_as_views():
     assert torch.equal(import_tensors(again, specs)["a"], state["a"].bfloat16())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parts_back_to_back_in_memory_join_as_a_view_and_no_others(dtype):
+    """A direct load hands q/k/v (gate/up) to the repack as one view of the object store where
+    they lie back to back; anything else gets the joining copy."""
+    from actors.weights import _rows_in_place
+
+    buf = torch.randn(64 * 8).to(dtype)
+    q, k, v = buf[:256].view(32, 8), buf[256:320].view(8, 8), buf[320:384].view(8, 8)
+    joined = _rows_in_place([q, k, v])
+    assert joined.data_ptr() == q.data_ptr() and joined.dtype == dtype
+    assert torch.equal(joined, torch.cat([q, k, v]))
+    assert _rows_in_place([q]) is q
+    assert _rows_in_place([q, v]) is None  # a gap: k lies between
+    assert _rows_in_place([k, q]) is None  # out of order
+    assert _rows_in_place([q, buf[256:320].view(16, 4)]) is None  # another row width
+    assert _rows_in_place([q, buf[256:320].view(8, 8).to(torch.float16)]) is None  # another dtype
+    assert _rows_in_place([q, buf[256:384].view(8, 16)[:, :8]]) is None  # not contiguous
+
+
 @pytest.mark.parametrize("corruption", ["row", "scale"])
 def test_a_corrupted_tensor_of_any_layer_fails_verification(actors, hf_policy, corruption):
     """The engine is handed weights in which one tensor differs from the published ones (one

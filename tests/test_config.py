@@ -101,6 +101,10 @@ def test_bad_config_names_key_file_and_line(tmp_path, text, override, needle):
      "c.yaml:4: learner.transport_dtype float32 sends weights the model.dtype bfloat16 engines round on "
      "arrival, so no weight sync could be verified"),
     ("model:\n  dtype: float32\nlearner:\n  transport_dtype: bfloat16\n", None),  # widened exactly
+    ("learner:\n  num_workers: 2\n  param_dtype: bfloat16\nrollout:\n  reference_logprobs: true\n",
+     "c.yaml:5: rollout.reference_logprobs has the actors compute the reference from float32 weights, but "
+     "learner.param_dtype bfloat16"),
+    ("learner:\n  num_workers: 2\n  param_dtype: float32\nrollout:\n  reference_logprobs: true\n", None),
     ("reward:\n  max_length: 100\n",
      "c.yaml:2: reward.max_length (100) is below data.max_prompt_tokens (256) + "
      "rollout.sampling.max_new_tokens (48) = 304"),

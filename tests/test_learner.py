@@ -216,10 +216,9 @@ def test_the_fused_first_pass_trains_exactly_like_the_separate_proximal_pass(tin
                params(Learner(make_cfg(tiny_assets), str(tmp_path / "fresh")).policy).items())
 
 
-
-@pytest.mark.parametrize("micro_batch", [4, 16])
+@pytest.mark.parametrize("micro_batch, temperature", [(4, 1.0), (16, 0.7)])
 def test_reference_logprobs_from_the_actors_train_exactly_like_the_learners_own_pass(tiny_assets, tmp_path,
-                                                                                    micro_batch):
+                                                                                    micro_batch, temperature):
     """`rollout.reference_logprobs`: the actors' reference (`actors.reference`) computes the
     learner's numbers, so a learner holding no reference model and fed them trains to the
     same weights and metrics; without them it refuses the batch by naming the setting."""
@@ -228,7 +227,7 @@ def test_reference_logprobs_from_the_actors_train_exactly_like_the_learners_own_
     from actors.reference import Reference
 
     overrides = ("ppo.minibatch_size=16", f"ppo.micro_batch_size={micro_batch}", "ppo.kl.coef=0.5",
-                 "ppo.truncate_at_stop=true")
+                 "ppo.truncate_at_stop=true", f"rollout.sampling.temperature={temperature}")
     own = Learner(make_cfg(tiny_assets, *overrides), str(tmp_path / "own"))
     cfg = make_cfg(tiny_assets, *overrides, "rollout.reference_logprobs=true")
     fed = Learner(cfg, str(tmp_path / "fed"))
@@ -249,6 +248,7 @@ def test_reference_logprobs_from_the_actors_train_exactly_like_the_learners_own_
     assert ours["objective/kl"] > 0
     with pytest.raises(ValueError, match="rollout.reference_logprobs"):
         fed.update(rollouts)
+
 
 def test_bfloat16_compute_trains_float32_weights_that_learn_at_small_learning_rates(tiny_assets, tmp_path):
     """learner.compute_dtype bfloat16 runs the passes under autocast; weights and AdamW states

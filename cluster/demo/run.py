@@ -43,7 +43,7 @@ def evaluate(cfg: TameConfig, policy: str, prompts: list[str], world) -> dict[st
     sampling = cfg.rollout.sampling.model_copy(update={"samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0})
     eval_cfg = cfg.model_copy(update={
         "model": cfg.model.model_copy(update={"policy": policy}),
-        "rollout": cfg.rollout.model_copy(update={"sampling": sampling}),
+        "rollout": cfg.rollout.model_copy(update={"sampling": sampling, "reference_logprobs": False}),
     })
     actor = rollout_actor_class(eval_cfg).remote(eval_cfg, 0, None)
     try:

@@ -135,7 +135,8 @@ class RolloutConfig(Section):
     prompts_per_batch: int = Field(32, ge=1)
     """Prompts an actor generates in one call before it checks for new weights."""
     generate_timeout_s: float | None = Field(900.0, gt=0.0)
-    """How long one generation call (generating and scoring up to prompts_per_batch prompts)
+    """How long one generation call (generating and scoring up to prompts_per_batch prompts, and
+    their reference log-probs with reference_logprobs)
     may take; an actor that has not answered by then is taken as hung and handled as a dead
     one: its prompts are handed out again and it is replaced (`generate_timeouts` in the
     summary). Null: no limit."""
@@ -153,8 +154,8 @@ class RolloutConfig(Section):
     and computes the reference log-probs of its rollouts while the reward service scores
     them; the learner then holds no reference model and skips its reference pass. It moves
     a forward pass per sample off the learner, the slower role in most runs, and overlaps
-    it with scoring. Costs each actor the reference's memory (on its GPU, beside vLLM's
-    share). See the README's performance section."""
+    it with scoring. Costs each actor the reference's memory: on a GPU it must fit beside
+    the engine's gpu_memory_utilization share. See the README's "On GPUs"."""
 
     @field_validator("num_gpus")
     @classmethod
@@ -531,6 +532,15 @@ class TameConfig(Section):
                 f"learner.transport_dtype {sent} sends weights the model.dtype {held} engines round "
                 "on arrival, so no weight sync could be verified (the probes are of what was sent): "
                 f"use {held}, or null to send model.dtype")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_as_the_learner_computes(self) -> TameConfig:
+        if self.rollout.reference_logprobs and self.learner.param_dtype not in (None, "float32"):
+            raise ValueError(
+                f"rollout.reference_logprobs has the actors compute the reference from float32 weights, but "
+                f"learner.param_dtype {self.learner.param_dtype} has the learner compute the policy from "
+                f"{self.learner.param_dtype} ones: the KL would measure their rounding. Drop one of the two")
         return self
 
     @model_validator(mode="after")
