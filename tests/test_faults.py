@@ -1,10 +1,13 @@
 """Fault injection on a real run: rollout actor processes and the reward replica killed with
 SIGKILL, and rewards that overflow the learner, in the middle of training. The run must
 carry on through each, with every prompt trained on exactly once. The test stops it once it
-has survived them all: a fixed number of updates would race the faults on a fast machine."""
+has survived them all: a fixed number of updates would race the faults on a fast machine.
+The actors compute the reference log-probs (`rollout.reference_logprobs`), so their scoring
+calls run in a second thread through every fault."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -23,7 +26,7 @@ def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, r
                     *SMALL_BATCHES, "learner.max_nonfinite_updates=1000", "learner.checkpoint_every=1000",
                     "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
                     # Short enough that scoring calls give up while the killed replica is down.
-                    "reward.timeout_s=3",
+                    "reward.timeout_s=3", "rollout.reference_logprobs=true",
                     prompts=few_prompts(tiny_assets, tmp_path)))
 
     def reward_replicas():
@@ -73,3 +76,7 @@ def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, r
     assert {a for e in entries for a in e["actors"]} == {0, 1, 2}
     assert all(e["version"] - 1 - v <= 1 for e in entries for v in e["record_versions"])
     assert_each_prompt_once(entries, summary, 24)
+    # The learner held no reference (a batch without the actors' log-probs would have raised);
+    # the actors report their pass.
+    rows = [json.loads(line) for line in (run.cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("perf/reference_seconds_per_sample", 0.0) > 0 for r in rows)
