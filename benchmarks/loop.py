@@ -167,8 +167,9 @@ ROLE_TITLES = {"learner": "ray::Learner", "actor": "ray::RolloutActor", "reward"
 
 
 def cpu_snapshot() -> dict[str, float]:
-    """CPU seconds so far of each role's processes, and the machine's busy and total seconds
-    (Linux /proc; empty elsewhere)."""
+    """CPU seconds so far of each role's processes, and the machine's busy, total and stolen
+    seconds (Linux /proc; empty elsewhere). Steal is time a virtual machine's cores waited for
+    the host: neither busy here nor idle."""
     proc = Path("/proc")
     if not (proc / "stat").exists():
         return {}
@@ -187,8 +188,10 @@ def cpu_snapshot() -> dict[str, float]:
             fields = stat[stat.rindex(")") + 2:].split()
             out[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     cpu = [int(x) for x in (proc / "stat").read_text().split("\n", 1)[0].split()[1:]]
-    out["machine_total"] = sum(cpu) / tick
-    out["machine_busy"] = out["machine_total"] - (cpu[3] + cpu[4]) / tick  # minus idle and iowait
+    # user nice system idle iowait irq softirq steal guest guest_nice; guest time is in user
+    out["machine_total"] = sum(cpu[:8]) / tick
+    out["machine_steal"] = cpu[7] / tick
+    out["machine_busy"] = out["machine_total"] - (cpu[3] + cpu[4] + cpu[7]) / tick
     return out
 
 
@@ -220,7 +223,9 @@ class CpuWatch(threading.Thread):
         out = {k: 1e3 * (b[k] - a[k]) / samples for k in ROLE_TITLES}
         busy = b["machine_busy"] - a["machine_busy"]
         out["other"] = 1e3 * busy / samples - sum(out.values())
-        out["machine_busy_share"] = busy / (b["machine_total"] - a["machine_total"])
+        total = b["machine_total"] - a["machine_total"]
+        out["machine_busy_share"] = busy / total
+        out["machine_steal_share"] = (b["machine_steal"] - a["machine_steal"]) / total
         return out
 
 
@@ -351,7 +356,7 @@ def main() -> None:
             if c:
                 print(f"k={r['max_staleness']} (its median run), core-ms per sample: learner {c['learner']:.1f}, "
                       f"actor {c['actor']:.1f}, reward {c['reward']:.1f}, everything else {c['other']:.1f}; "
-                      f"machine busy {c['machine_busy_share']:.0%}")
+                      f"machine busy {c['machine_busy_share']:.0%}, stolen by the host {c['machine_steal_share']:.1%}")
         print("samples/s of every round: " + "; ".join(
             f"{r['label']}: {r['samples_per_s_all']}" for r in [{"label": "one process", **base}, *[
                 {"label": f"k={t['max_staleness']}", **t} for t in res["tame"]]]))
