@@ -459,13 +459,19 @@ class Loop:
         try:
             return ray.get(self.update_ref)
         except (ray.exceptions.RayActorError, WorkerDiedError) as e:
-            what = e.cause if isinstance(e, ray.exceptions.RayTaskError) else type(e).__name__
-            raise RunError(f"the learner died ({what}); resume with `tame train --resume`: "
-                           f"{_newest_checkpoint(self.run_dir)}") from e
+            raise self.learner_died(e) from e
         except NonFiniteUpdatesError as e:
             self.update_ref = None
             self.source.give_back([g.prompt_id for g in self.pipeline.update_done(trained=False)])
             raise RunError(str(e)) from e
+
+    def learner_died(self, e: Exception) -> RunError:
+        """The error that ends a run whose learner (or one of its workers) died in any call."""
+        import ray
+
+        what = e.cause if isinstance(e, ray.exceptions.RayTaskError) else type(e).__name__
+        return RunError(f"the learner died ({what}); resume with `tame train --resume`: "
+                        f"{_newest_checkpoint(self.run_dir)}")
 
     def on_updated(self, result: UpdateResult) -> None:
         self.update_ref = None
@@ -562,9 +568,14 @@ class Loop:
     def checkpoint(self) -> str:
         import ray
 
+        from learner.workers import WorkerDiedError
+
         self.checkpointed = self.version
         state = DriverState(self.source.state(self.in_flight()), self.counters, self.first)
-        return ray.get(self.learner.save_checkpoint.remote(state.to_dict()))
+        try:
+            return ray.get(self.learner.save_checkpoint.remote(state.to_dict()))
+        except (ray.exceptions.RayActorError, WorkerDiedError) as e:
+            raise self.learner_died(e) from e
 
     # ----------------------------------------------------------------- the loop
 
@@ -575,6 +586,8 @@ class Loop:
 
     def run(self) -> dict:
         import ray
+
+        from learner.workers import WorkerDiedError
 
         self.started = time.monotonic()
         self.stop.started = True  # from here a signal finishes the update in flight and checkpoints
@@ -601,6 +614,8 @@ class Loop:
                 slot = pending[ref]
                 try:
                     result = ray.get(ref)
+                except WorkerDiedError as e:  # a load of the version a dying sharded learner published
+                    raise self.learner_died(e) from e
                 except ray.exceptions.RayActorError as e:
                     self.on_actor_died(slot, e)
                     continue
