@@ -229,7 +229,6 @@ class CpuWatch(threading.Thread):
         return out
 
 
-
 def tame(assets: Path, updates: int, out: Path, compute_dtype: str, reference: str, k: int, learner_threads: int,
          actor_threads: int, reward_threads: int) -> dict:
     from cluster.controller import train
