@@ -15,11 +15,10 @@ import time
 import torch
 
 from cluster.shared.config import TameConfig
-from cluster.shared.logprobs import response_logprobs
+from cluster.shared.logprobs import response_logprobs, response_positions
 from cluster.shared.precision import compute_context
 from cluster.shared.records import Rollout
 from cluster.shared.startup import heavy_imports
-from cluster.shared.tokens import pad
 
 
 class Reference:
@@ -44,14 +43,10 @@ class Reference:
         start = time.perf_counter()
         for first in range(0, len(rollouts), self.micro_batch_size):
             chunk = rollouts[first: first + self.micro_batch_size]
-            input_ids, attention_mask = pad([r.prompt_token_ids + r.response_token_ids for r in chunk], self.pad_id)
-            # Position t predicts token t + 1: a response starts at position n_prompt - 1,
-            # and no position before the earliest one reaches the LM head.
-            starts = [len(r.prompt_token_ids) - 1 for r in chunk]
-            offset = min(starts)
-            mask = torch.zeros((len(chunk), input_ids.shape[1] - 1 - offset))
-            for row, (r, s) in enumerate(zip(chunk, starts)):
-                mask[row, s - offset: s - offset + len(r.response_token_ids)] = 1.0
+            input_ids, attention_mask, mask, starts = response_positions(
+                [r.prompt_token_ids for r in chunk], [r.response_token_ids for r in chunk], self.pad_id)
+            offset = min(starts)  # no position before the earliest response reaches the LM head
+            mask = mask[:, offset:]
             with compute_context(self.device, self.compute_dtype):
                 logp, _ = response_logprobs(self.model, input_ids.to(self.device), attention_mask.to(self.device),
                                             mask.to(self.device), offset, self.temperature)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.shared.logprobs import response_positions
 from cluster.shared.records import Rollout
-from cluster.shared.tokens import pad
 from learner import ppo
 
 
@@ -132,14 +132,12 @@ def tokenize(rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, 
             if values is None or len(values) != len(r.response_token_ids):
                 raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: {'no' if values is None else len(values)} "
                                  f"{name.replace('_', ' ')} for {len(r.response_token_ids)} response tokens")
-    input_ids, attention_mask = pad([r.prompt_token_ids + r.response_token_ids for r in rollouts], pad_id)
-    mask = torch.zeros((len(rollouts), input_ids.shape[1] - 1))
+    input_ids, attention_mask, mask, starts = response_positions(
+        [r.prompt_token_ids for r in rollouts], [r.response_token_ids for r in rollouts], pad_id)
     behaviour = torch.zeros_like(mask)
     reference = torch.zeros_like(mask) if with_reference else None
-    for b, r in enumerate(rollouts):
-        # Position t predicts token t + 1, so the response starts at n_prompt - 1.
-        start, n = len(r.prompt_token_ids) - 1, len(r.response_token_ids)
-        mask[b, start: start + n] = 1.0
+    for b, (r, start) in enumerate(zip(rollouts, starts)):
+        n = len(r.response_token_ids)
         behaviour[b, start: start + n] = torch.tensor(r.behaviour_logprobs, dtype=torch.float32)
         if reference is not None:
             reference[b, start: start + n] = torch.tensor(r.reference_logprobs, dtype=torch.float32)

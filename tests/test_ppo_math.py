@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -60,11 +61,38 @@ def test_logprobs_and_entropy_at_a_temperature():
     assert entropy.item() == pytest.approx(logprobs.entropy_from_logits(logits, 2.0).item(), rel=1e-6)
 
 
-def test_shifted_token_logprobs_align_with_the_next_token():
-    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.3, 0.7]]]))
-    ids = torch.tensor([[0, 1, 0]])
-    out = logprobs.shifted_token_logprobs(logits, ids)
-    assert out.tolist()[0] == pytest.approx([math.log(0.5), math.log(0.9)], rel=1e-6)
+class TableLM(torch.nn.Module):
+    """A causal LM whose next-token distribution at position t is row t of a table, whatever
+    the tokens: what `response_logprobs` reads of a model is where each position's logits go."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.log_table = probs.log()  # (L, V)
+
+    def forward(self, input_ids, attention_mask, use_cache, logits_to_keep):
+        logits = self.log_table[: input_ids.shape[1]].expand(input_ids.shape[0], -1, -1)
+        return types.SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+
+def test_response_logprobs_read_each_response_token_at_the_position_before_it():
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1], [0.25] * 4])
+    lm, pad_id = TableLM(probs), 3
+    # Rows [2, 3 | 0, 1] and [2 | 1, 0, 1]: position t predicts token t + 1.
+    ids, attention, mask, starts = logprobs.response_positions([[2, 3], [2]], [[0, 1], [1, 0, 1]], pad_id)
+    assert ids.tolist() == [[2, 3, 0, 1], [2, 1, 0, 1]] and attention.tolist() == [[1] * 4] * 2
+    assert starts == [1, 0] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    logp, _ = logprobs.response_logprobs(lm, ids, attention, mask, 0)
+    want = [[0.0, math.log(0.4), math.log(0.1)], [math.log(0.2), math.log(0.4), math.log(0.1)]]
+    assert logp.tolist()[0] == pytest.approx(want[0]) and logp.tolist()[1] == pytest.approx(want[1])
+    # From the first response position on (`offset`), the same numbers without the prompt's.
+    ids, attention, mask, starts = logprobs.response_positions([[2, 3]], [[0, 1]], pad_id)
+    logp, _ = logprobs.response_logprobs(lm, ids, attention, mask[:, 1:], 1)
+    assert logp.tolist()[0] == pytest.approx(want[0][1:])
+    # A shorter row is padded, and its padding is no response position.
+    ids, attention, mask, _ = logprobs.response_positions([[2, 3]], [[0]], pad_id)
+    ids2, attention2, mask2, _ = logprobs.response_positions([[2, 3], [2, 3]], [[0], [0, 1]], pad_id)
+    assert ids2[0].tolist() == [2, 3, 0, pad_id] and attention2[0].tolist() == [1, 1, 1, 0]
+    assert mask2[0].tolist() == [0, 1, 0] and mask2[0, :2].tolist() == mask[0].tolist()
 
 
 # --------------------------------------------------------------------------- KL estimators

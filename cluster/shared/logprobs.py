@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from cluster.shared.tokens import pad
+
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
                          temperature: float = 1.0) -> torch.Tensor:
@@ -34,11 +36,20 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-def shifted_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
-                           temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of every token given its prefix: position t holds log p(input_ids[t+1]).
-    logits: (B, L, V), input_ids: (B, L) -> (B, L-1)."""
-    return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], temperature)
+def response_positions(prompts: list[list[int]], responses: list[list[int]], pad_id: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Prompt + response token ids as a right-padded batch, and where each response's
+    log-probs sit: position t predicts input_ids[:, t + 1], so a response after n prompt
+    tokens starts at position n - 1.
+
+    Returns input_ids and attention_mask (B, L), the response mask over the prediction
+    positions 0 .. L - 2 (B, L - 1), and each row's first response position."""
+    input_ids, attention_mask = pad([p + r for p, r in zip(prompts, responses)], pad_id)
+    mask = torch.zeros((len(prompts), input_ids.shape[1] - 1))
+    starts = [len(p) - 1 for p in prompts]
+    for row, (start, response) in enumerate(zip(starts, responses)):
+        mask[row, start: start + len(response)] = 1.0
+    return input_ids, attention_mask, mask, starts
 
 
 def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
