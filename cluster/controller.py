@@ -451,19 +451,25 @@ class Loop:
 
     def update_result(self) -> UpdateResult:
         """The result of the update in flight; a RunError when the learner cannot go on."""
-        import ray
-
         from learner.learner import NonFiniteUpdatesError
-        from learner.workers import WorkerDiedError
 
         try:
-            return ray.get(self.update_ref)
-        except (ray.exceptions.RayActorError, WorkerDiedError) as e:
-            raise self.learner_died(e) from e
+            return self.learner_get(self.update_ref)
         except NonFiniteUpdatesError as e:
             self.update_ref = None
             self.source.give_back([g.prompt_id for g in self.pipeline.update_done(trained=False)])
             raise RunError(str(e)) from e
+
+    def learner_get(self, ref):
+        """`ray.get` of a learner call; a RunError when the learner or one of its workers died."""
+        import ray
+
+        from learner.workers import WorkerDiedError
+
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, WorkerDiedError) as e:
+            raise self.learner_died(e) from e
 
     def learner_died(self, e: Exception) -> RunError:
         """The error that ends a run whose learner (or one of its workers) died in any call."""
@@ -566,16 +572,9 @@ class Loop:
         return ids
 
     def checkpoint(self) -> str:
-        import ray
-
-        from learner.workers import WorkerDiedError
-
         self.checkpointed = self.version
         state = DriverState(self.source.state(self.in_flight()), self.counters, self.first)
-        try:
-            return ray.get(self.learner.save_checkpoint.remote(state.to_dict()))
-        except (ray.exceptions.RayActorError, WorkerDiedError) as e:
-            raise self.learner_died(e) from e
+        return self.learner_get(self.learner.save_checkpoint.remote(state.to_dict()))
 
     # ----------------------------------------------------------------- the loop
 
