@@ -53,7 +53,8 @@ class Pipeline:
     max_prompts_per_call: int
     """Most prompts one generation call takes (`rollout.prompts_per_batch`)."""
     max_waiting: int
-    """Most samples queued or being generated at once (`train.queue_size` generation calls)."""
+    """Most samples queued or being generated at once (`train.queue_size` generation calls),
+    never fewer than a batch: the learner waits for a whole one."""
     version: int = 0
     """V: the learner's newest version, which the next (or the current) update trains from."""
     queue: list[Group] = field(default_factory=list)
@@ -61,6 +62,9 @@ class Pipeline:
     """The batch of the update in flight."""
     generating: dict[int, int] = field(default_factory=dict)
     """Samples each actor was asked for and has not returned yet."""
+
+    def __post_init__(self) -> None:
+        self.max_waiting = max(self.max_waiting, self.batch_size)
 
     # ----------------------------------------------------------------- counts
 

@@ -23,11 +23,12 @@ class Trace:
 
 
 def simulate(k: int, generate_s: list[float], update_s: float, load_s: float = 0.05, updates: int = 40,
-             batch: int = 32, per_prompt: int = 1, prompts_per_call: int = 32, lose_every: int = 0) -> Trace:
+             batch: int = 32, per_prompt: int = 1, prompts_per_call: int = 32, lose_every: int = 0,
+             max_waiting: int | None = None) -> Trace:
     """Run `updates` updates. Actor i takes generate_s[i] per call (whatever its size), a weight
     load takes load_s, an update update_s. With lose_every = n, every n-th call loses one
     prompt (a scoring failure): it is not trained and never comes back into the pipeline."""
-    pipeline = Pipeline(batch, k, per_prompt, prompts_per_call, max_waiting=10 * batch)
+    pipeline = Pipeline(batch, k, per_prompt, prompts_per_call, max_waiting=max_waiting or 10 * batch)
     trace = Trace()
     now, events, seq = 0.0, [], 0
     actors = [{"version": 0, "state": "idle", "idle_since": 0.0} for _ in generate_s]
@@ -126,6 +127,14 @@ def test_lost_prompts_do_not_stall_or_overfill_the_pipeline():
     for k in (0, 1):
         trace = simulate(k, [0.5, 0.6], update_s=1.0, prompts_per_call=8, lose_every=3)
         assert max(trace.staleness) <= k and len(trace.updates) == 40
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_a_queue_bound_below_one_batch_still_fills_a_batch(k):
+    # train.queue_size x rollout.prompts_per_batch (4 x 8 = 32) below rollout_batch_size (64):
+    # the bound is raised to one batch, or the learner would wait for ever.
+    trace = simulate(k, [0.5], update_s=1.0, batch=64, prompts_per_call=8, max_waiting=32)
+    assert len(trace.updates) == 40 and max(trace.staleness) <= k and trace.dropped == 0
 
 
 def test_whole_prompts_are_admitted():

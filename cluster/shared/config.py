@@ -396,7 +396,8 @@ class TrainConfig(Section):
     max_staleness: int = Field(0, ge=0)
     """Largest allowed learner version minus record version: 0 is synchronous on-policy PPO."""
     queue_size: int = Field(4, ge=1)
-    """Bound of the experience queue, in generation batches."""
+    """Bound of the experience queue, in generation batches (`rollout.prompts_per_batch`
+    prompts); never below one learner batch."""
 
 
 class WandbConfig(Section):
