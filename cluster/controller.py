@@ -254,11 +254,9 @@ class Loop:
 
     def publish(self) -> None:
         """Put the learner's current version into the object store (once per version)."""
-        import ray
-
         start = time.monotonic()
         self.weights_ref = self.learner.publish.remote()
-        self.weights: WeightsHandle = ray.get(self.weights_ref)
+        self.weights: WeightsHandle = self.learner_get(self.weights_ref)
         self.publish_seconds = time.monotonic() - start
         assert self.weights.version == self.version, (self.weights.version, self.version)
 
@@ -344,7 +342,13 @@ class Loop:
                 self.start_actor()
             return
         if slot.version < 0:
-            self.placement["actors"][slot.actor_id] = _node_of(slot.handle)
+            import ray
+
+            try:
+                self.placement["actors"][slot.actor_id] = _node_of(slot.handle)
+            except ray.exceptions.RayActorError as e:  # died right after its first load
+                self.on_actor_died(slot, e)
+                return
         slot.version = result.policy_version
         if result.loaded:
             self.last_loads[slot.actor_id] = result
@@ -572,9 +576,10 @@ class Loop:
         return ids
 
     def checkpoint(self) -> str:
-        self.checkpointed = self.version
         state = DriverState(self.source.state(self.in_flight()), self.counters, self.first)
-        return self.learner_get(self.learner.save_checkpoint.remote(state.to_dict()))
+        path = self.learner_get(self.learner.save_checkpoint.remote(state.to_dict()))
+        self.checkpointed = self.version  # only once written: a failed one is tried again at the end
+        return path
 
     # ----------------------------------------------------------------- the loop
 
