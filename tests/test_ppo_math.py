@@ -324,3 +324,16 @@ def test_loss_aggregations_weigh_tokens_as_their_papers_say():
         whole = ppo.token_weights(mask, aggregation, 2, 4.0, 8)
         rows = [ppo.token_weights(mask[i:i + 1], aggregation, 2, 4.0, 8) for i in range(2)]
         torch.testing.assert_close(torch.cat(rows), whole)
+
+
+def test_a_scalar_head_computes_in_float32_whatever_its_weights_are_held_in():
+    # FSDP's param_dtype hands the value head its weights in bfloat16 during the forward pass:
+    # values must still come out with float32 precision (GAE sums small differences of them).
+    from cluster.shared.precision import float32_head
+
+    head = torch.nn.Linear(64, 1).to(torch.bfloat16)
+    features = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = float32_head(head, features)
+    want = features @ head.weight.float().T + head.bias.float()
+    assert values.dtype == torch.float32 and torch.allclose(values, want, rtol=1e-6, atol=1e-6)

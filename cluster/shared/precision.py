@@ -28,7 +28,9 @@ def compute_context(device: torch.device | str, compute_dtype: str) -> contextli
     return torch.autocast(torch.device(device).type, dtype=torch_dtype(compute_dtype))
 
 
-def float32_head(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """A scalar head on features (..., H) in float32, outside any autocast."""
+def float32_head(head: torch.nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    """A scalar head on features (..., H) in float32, outside any autocast, whatever dtype its
+    weights compute in (FSDP's `param_dtype` gathers them in bfloat16)."""
     with torch.autocast(features.device.type, enabled=False):
-        return head(features.to(head.weight.dtype))
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(features.float(), head.weight.float(), bias)
