@@ -430,8 +430,9 @@ class Learner:
             ids, attention, loss_mask = collate_demonstrations(
                 [batch[i] for i in rows.tolist()], self.pad_id, self.device)
             with compute_context(self.device, self.cfg.learner.compute_dtype):
-                nll = demonstration_nll(self.policy, ids, attention, loss_mask, n_tokens,
-                                        self.temperature)
+                # At temperature 1, as SFT trained: at T the term would pull the logits
+                # towards T times the SFT model's, away from where the KL term holds them.
+                nll = demonstration_nll(self.policy, ids, attention, loss_mask, n_tokens)
             ((0.0 if stand_in else self.cfg.ppo.ptx_coef) * nll).backward()
             if not stand_in:
                 total += nll.detach()

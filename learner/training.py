@@ -72,11 +72,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
 
 def demonstration_nll(model: torch.nn.Module, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                      normaliser: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+                      normaliser: float | None = None) -> torch.Tensor:
     """Negative log-likelihood of the response tokens of a batch (the SFT loss, and the
     pretraining term of PPO-ptx): a sum over response tokens / normaliser (default: their
     count). input_ids, attention_mask: (B, L); loss_mask: (B, L-1) -> scalar."""
     offset = int(loss_mask.any(0).nonzero()[0])
     window = loss_mask[:, offset:]
-    logp, _ = response_logprobs(model, input_ids, attention_mask, window, offset, temperature)
+    logp, _ = response_logprobs(model, input_ids, attention_mask, window, offset)
     return ppo.nll_loss(logp, window, normaliser)

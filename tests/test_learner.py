@@ -352,6 +352,23 @@ def test_ptx_term_trains_on_demonstrations(tiny_assets, tmp_path):
     assert losses[-1] < losses[0] - 0.1, losses  # starts near ln(1024) ~ 6.9
 
 
+def test_the_ptx_term_is_the_demonstrations_nll_at_temperature_1_whatever_the_sampling_temperature(
+        tiny_assets, tmp_path):
+    from learner.data import collate_demonstrations
+    from learner.training import demonstration_nll
+
+    lines = (tiny_assets.data / "sft.jsonl").read_text().splitlines()[:6]
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text("\n".join(lines) + "\n")
+    learner = Learner(make_cfg(tiny_assets, "ppo.ptx_coef=1.0", f"ppo.ptx_data={ptx}", "ppo.minibatch_size=16",
+                               "rollout.sampling.temperature=0.5"), str(tmp_path / "run"))
+    rollouts = sample(learner, prompts(tiny_assets, 16), seed=5)
+    demos = [learner.ptx_examples[i % 6] for i in range(16)]  # one minibatch of 16, cycling the 6
+    with torch.no_grad():
+        want = float(demonstration_nll(learner.policy, *collate_demonstrations(demos, learner.pad_id, learner.device)))
+    assert learner.update(rollouts).metrics["loss/ptx_avg"] == pytest.approx(want, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- non-finite updates
 
 
