@@ -42,6 +42,7 @@ from cluster.shared.config import TameConfig
 from cluster.shared.logprobs import response_logprobs
 from cluster.shared.precision import compute_context, float32_head, torch_dtype
 from cluster.shared.records import Rollout, UpdateResult
+from cluster.shared.score_head import restore_score_bias
 from cluster.shared.startup import heavy_imports
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport
 from learner import checkpoints, ppo
@@ -170,18 +171,20 @@ class Learner:
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
-        if self.cfg.learner.critic == "reward":  # the config checked that model.reward is set
-            return AutoModelForSequenceClassification.from_pretrained(
-                self.cfg.model.reward, num_labels=1, dtype=self.dtype)
-        # Loading a causal LM as seq-cls reports the missing head and the unused LM head:
-        # expected here, so keep it out of the logs.
+        # Loading a causal LM as seq-cls reports the missing head and the unused LM head, and
+        # a reward model its score bias (put back below): expected here, so keep them out of
+        # the logs.
+        from_reward = self.cfg.learner.critic == "reward"  # the config checked that model.reward is set
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
             critic = AutoModelForSequenceClassification.from_pretrained(
-                self.cfg.model.policy, num_labels=1, dtype=self.dtype)
+                self.cfg.model.reward if from_reward else self.cfg.model.policy, num_labels=1, dtype=self.dtype)
         finally:
             hf_logging.set_verbosity(verbosity)
+        if from_reward:
+            restore_score_bias(critic, self.cfg.model.reward)  # the values start at the scores
+            return critic
         head = _value_head(critic)
         with torch.no_grad():
             head.weight.zero_()

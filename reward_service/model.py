@@ -5,15 +5,12 @@ Text becomes tokens exactly as the policy saw it (`cluster.shared.tokens.prompt_
 token. Serving, benchmarks and reward-model training all go through `sequence_scores`, so
 a score means the same thing everywhere.
 
-The score head may carry a bias: training normalises the scores by shifting it (the
-InstructGPT recipe), but Llama's `GenericForSequenceClassification` head is built without
-one, so plain `from_pretrained` would drop `score.bias` from the checkpoint with an
-"unexpected key" warning. `load_reward_model` puts it back; load reward models with it.
+The score head may carry a bias (`cluster.shared.score_head`), which plain `from_pretrained`
+drops; `load_reward_model` puts it back: load reward models with it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,9 @@ import torch
 from torch import nn
 
 from cluster.shared.precision import float32_head
+from cluster.shared.score_head import SCORE_BIAS_KEY, checkpoint_tensor, set_score_bias
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import pad, prompt_token_ids, response_token_ids
-
-SCORE_BIAS_KEY = "score.bias"
 
 
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -45,38 +41,6 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 # ------------------------------------------------------------------------- load / save
-
-
-def _checkpoint_tensor(path: Path, key: str) -> torch.Tensor | None:
-    """One tensor from a safetensors checkpoint (single file or sharded), or None if absent."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shard = json.loads(index.read_text())["weight_map"].get(key)
-        files = [path / shard] if shard else []
-    else:
-        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            if key in f.keys():
-                return f.get_tensor(key)
-    return None
-
-
-def set_score_bias(model: nn.Module, bias: float | torch.Tensor) -> None:
-    """Give the score head a bias (adding one if it has none) equal to `bias`."""
-    head: nn.Linear = model.score
-    bias_t = torch.as_tensor(bias, dtype=head.weight.dtype, device=head.weight.device).reshape(head.out_features)
-    if head.bias is None:
-        new = nn.Linear(head.in_features, head.out_features, bias=True,
-                        device=head.weight.device, dtype=head.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(head.weight)
-        model.score = new
-        head = new
-    with torch.no_grad():
-        head.bias.copy_(bias_t)
 
 
 def _zero_dropout_fields(obj: Any) -> None:
@@ -129,7 +93,7 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     _zero_dropout_fields(config)
-    bias = _checkpoint_tensor(path, SCORE_BIAS_KEY) if is_seq_cls else None
+    bias = checkpoint_tensor(path, SCORE_BIAS_KEY) if is_seq_cls else None
     # Transformers reports our own score.bias (put back below) as UNEXPECTED, and a causal
     # LM's lm_head and missing score head likewise: both are intended, so keep that load
     # report out of the logs.

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from cluster.shared.config import TameConfig
 from cluster.shared.files import atomic_directory
 from cluster.shared.precision import compute_context
+from cluster.shared.score_head import set_score_bias
 from cluster.shared.tokens import pad
 from reward_service.data import DataError, PreferencePair, load_preference_pairs
 from reward_service.model import (
@@ -39,7 +40,6 @@ from reward_service.model import (
     load_reward_model,
     save_reward_model,
     sequence_scores,
-    set_score_bias,
 )
 
 __all__ = ["DataError", "pairwise_loss", "train_reward_model"]

@@ -338,6 +338,22 @@ def test_critic_from_the_policy_starts_at_zero(tiny_assets, tmp_path):
     assert not result.skipped and result.version == learner.version() == 1
 
 
+def test_critic_from_the_reward_model_is_the_reward_model_score_bias_included(tiny_assets, tmp_path):
+    from cluster.shared.score_head import set_score_bias
+    from reward_service.model import load_reward_model, save_reward_model
+
+    # A reward model whose scores training normalised by shifting its head's bias.
+    reward, tokenizer = load_reward_model(tiny_assets.reward)
+    set_score_bias(reward, 1.5)
+    save_reward_model(reward, tokenizer, tmp_path / "reward")
+    learner = Learner(make_cfg(tiny_assets, "learner.critic=reward", f"model.reward={tmp_path / 'reward'}"),
+                      str(tmp_path / "run"))
+    assert learner.critic.score.bias.item() == 1.5
+    critic, want = learner.critic.state_dict(), reward.state_dict()
+    assert critic.keys() == want.keys()
+    assert all(torch.equal(critic[k], want[k]) for k in want)
+
+
 def test_ptx_term_trains_on_demonstrations(tiny_assets, tmp_path):
     lines = (tiny_assets.data / "sft.jsonl").read_text().splitlines()[:6]
     ptx = tmp_path / "ptx.jsonl"
