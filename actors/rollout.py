@@ -145,6 +145,7 @@ class RolloutActor:
             batch.score_seconds = time.perf_counter() - start
             log.warning("actor %d: scoring %d responses failed: %r",
                         self.actor_id, len(batch.rollouts), e)
+            batch.score_error = f"{type(e).__name__}: {e}"[:1000]
             failed = {r.prompt_id for r in batch.rollouts}
         if failed:
             batch.failed_prompt_ids = [pid for pid in batch.prompt_ids if pid in failed]

@@ -241,6 +241,7 @@ class Loop:
         self.last_scale_poll = 0.0
         self.last_loads: dict[int, LoadResult] = {}  # each actor's last load
         self.deaths_in_a_row = 0  # actor deaths since the last batch an actor produced
+        self.scoring_failing_since: float | None = None  # since when no call came back scored
         self.stop_requested = False
         self.started = time.monotonic()
         self.stop = stop or StopSignal()  # set by a signal handler; checked between loop passes
@@ -378,6 +379,22 @@ class Loop:
             raise RunError("the last rollout actor died and rollout.replace_failed is false; "
                            "resume with `tame train --resume` once the cluster has room")
 
+    def check_scoring(self, batch: RolloutBatch) -> None:
+        """End the run once every generation call for `reward.failing_timeout_s` came back
+        with nothing scored: retrying cannot help a reward service that stays down or a rule
+        function that fails on the same prompts each time they are handed out."""
+        if batch.rollouts or not batch.failed_prompt_ids:
+            self.scoring_failing_since = None
+            return
+        now = time.monotonic()
+        if self.scoring_failing_since is None:
+            self.scoring_failing_since = now
+        limit = self.cfg.reward.failing_timeout_s
+        if now - self.scoring_failing_since > limit:
+            raise RunError(f"no generation call could be scored for {now - self.scoring_failing_since:.0f} s "
+                           f"(reward.failing_timeout_s {limit:g}); the last failure: "
+                           f"{batch.score_error or 'scores that are not finite numbers'}")
+
     def on_generated(self, slot: Slot, batch: RolloutBatch) -> None:
         self.deaths_in_a_row = 0
         slot.tokens += batch.generated_tokens
@@ -396,6 +413,7 @@ class Loop:
         slot.prompt_ids = []
         if not self.pool.returned(slot):
             self.retire(slot)
+        self.check_scoring(batch)
 
     def to_next_deadline(self) -> float:
         """Seconds until a load or the update in flight is overdue (`check_deadlines`)."""

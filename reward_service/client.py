@@ -46,10 +46,10 @@ class RewardClient:
                 # gives up in time for a retry to reach a live one.
                 scores = response.result(timeout_s=remaining / (self.retries + 1 - attempt))
             except UnscorableItemError as e:  # the same items would fail again: no retry
-                raise RewardError(f"the reward service cannot score these items: {e}") from e
+                raise RewardError(f"the reward service cannot score these items: {_message(e)}") from e
             except Exception as e:  # replica died, timed out, back-pressure: retryable
                 response.cancel()
-                failures.append(f"attempt {attempt + 1}: {type(e).__name__}: {str(e)[:200]}")
+                failures.append(f"attempt {attempt + 1}: {type(e).__name__}: {_message(e)[:200]}")
                 # Back off a little (never past the deadline) so a restarting replica can come up.
                 time.sleep(max(0.0, min(0.1 * 2 ** attempt, deadline - time.monotonic())))
                 continue
@@ -58,3 +58,8 @@ class RewardClient:
             return [float(s) for s in scores]
         raise RewardError(f"no reward after {len(failures)} attempt(s) within {self.timeout_s:.1f}s: "
                           + "; ".join(failures or ["time budget spent"]))
+
+
+def _message(e: Exception) -> str:
+    """An error's own message: a Ray task error's is its cause's, without the remote traceback."""
+    return str(getattr(e, "cause", None) or e)

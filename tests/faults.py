@@ -25,3 +25,7 @@ def gold_unless_poisoned(prompt: str, response: str) -> float:
 def slow_gold(prompt: str, response: str) -> float:
     time.sleep(1.0)
     return gold_reward(prompt, response)
+
+
+def unscorable(prompt: str, response: str) -> float:
+    raise ValueError("no reward for this item")

@@ -349,6 +349,27 @@ def test_a_hung_load_replaces_the_actor_and_a_hung_update_ends_the_run(tiny_asse
     assert not psutil.wait_procs([p for p in [process(summary["placement"]["learner"]["pid"])] if p], timeout=30)[1]
 
 
+def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_every_prompt(
+        tiny_assets, ray_local, tmp_path):
+    """A rule function that fails on every item: each call's prompts are handed out again,
+    never scored as 0, until reward.failing_timeout_s ends the run naming the failure."""
+    from cluster.controller import RunError
+
+    run = Run(smoke(tiny_assets, tmp_path, "run.name=unscorable", "reward.failing_timeout_s=3",
+                    "reward.functions=[{function: 'tests.faults:unscorable', weight: 1.0}]", *SMALL_BATCHES))
+    run.join(timeout=300)
+    assert isinstance(run.error, RunError), (run.error, run.logs[-10:])
+    assert str(run.error).startswith("no generation call could be scored for "), run.error
+    assert str(run.error).endswith("(reward.failing_timeout_s 3); the last failure: RewardError: the reward "
+                                   "service cannot score these items: items.0: reward function "
+                                   "tests.faults:unscorable failed: ValueError: no reward for this item"), run.error
+    summary = json.loads((run.cfg.run_dir / "summary.json").read_text())
+    assert summary["error"] == str(run.error) and summary["steps"] == 0 and summary["failed_prompts"] >= 16
+    # Nothing trained, nothing lost: the prompts handed out are all outstanding, once each.
+    assert ledger(run.cfg.run_dir) == []
+    assert len(summary["outstanding_prompts"]) == len(set(summary["outstanding_prompts"])) >= 8
+
+
 def test_a_run_does_not_resume_from_a_checkpoint_it_cannot_load(tiny_assets, tmp_path):
     from cluster.controller import _check_resumable
     from cluster.shared.errors import UserError

@@ -66,6 +66,8 @@ class RolloutBatch:
     """Every prompt of the call, also those whose rollouts failed (for exact accounting)."""
     failed_prompt_ids: list[str] = field(default_factory=list)
     """Prompts that could not be scored: they are handed out again, never scored as 0."""
+    score_error: str | None = None
+    """Why scoring failed, when it failed for the whole call."""
     generated_tokens: int = 0
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
