@@ -747,6 +747,39 @@ def check_inputs(cfg: TameConfig) -> None:
         read_demonstrations(cfg.ppo.ptx_data)
 
 
+class PromptLengths(threading.Thread):
+    """Every prompt within `data.max_prompt_tokens` (and leaving the engine room for a
+    response), checked in a thread: a longer one would fail its generation call mid-run, and
+    again after every resume. `check` raises the DataError naming its file and line."""
+
+    def __init__(self, cfg: TameConfig):
+        super().__init__(daemon=True, name="prompt-lengths")
+        self.cfg, self.error = cfg, None
+        self.start()
+
+    def run(self) -> None:
+        from cluster.shared.data import check_prompt_lengths
+        from cluster.shared.startup import heavy_imports
+
+        cfg = self.cfg
+        try:
+            with heavy_imports():
+                from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+            if cfg.rollout.max_model_len <= cfg.data.max_prompt_tokens:
+                limit, key = cfg.rollout.max_model_len - 1, "rollout.max_model_len - 1"
+            else:
+                limit, key = cfg.data.max_prompt_tokens, "data.max_prompt_tokens"
+            check_prompt_lengths(cfg.data.prompts, tokenizer, cfg.data.chat_template, limit, key)
+        except Exception as e:  # raised in the caller's thread by check()
+            self.error = e
+
+    def check(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
 def connect(cfg: TameConfig, log: Callable[[str], None]) -> None:
     connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, log, namespace=NAMESPACE,
                 runtime_env={"env_vars": dict(ENGINE_ENV)}, log_to_driver=False)
@@ -768,8 +801,10 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         _check_resumable(cfg)
     if starts_local(cfg.cluster.address):
         check_local(cfg)  # the Ray about to start here: its CPUs are known without starting it
+    lengths = PromptLengths(cfg)  # tokenises the prompts while Ray starts
     connect(cfg, log)
     check_cluster(cfg)  # a run that can never be placed fails here, before it writes anything
+    lengths.check()
     log(f"run {cfg.run.name} in {run_dir} (tame's code from {Path(__file__).resolve().parents[1]})")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -71,3 +71,29 @@ def test_every_role_reads_its_data_through_the_one_reader(tmp_path):
     for read in (load_prompts, read_demonstrations, load_preference_pairs):
         with pytest.raises(DataError, match=r"train-0\.jsonl:3: expected a JSON object, got list"):
             read(folder)
+
+
+def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_starts(tiny_assets, tmp_path):
+    """As the policy sees it (chat template included), against data.max_prompt_tokens, or
+    against rollout.max_model_len when that leaves no room for a response."""
+    from transformers import AutoTokenizer
+
+    from cluster.controller import PromptLengths
+    from cluster.shared.config import load_config
+    from cluster.shared.tokens import prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.policy)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "Hi " * 40}) + "\n")
+    n = len(prompt_token_ids(tokenizer, "Hi " * 40))
+
+    def check(*overrides):
+        cfg = load_config(None, [f"model.policy={tiny_assets.policy}", f"data.prompts={data}", *overrides])
+        PromptLengths(cfg).check()
+
+    check(f"data.max_prompt_tokens={n}")
+    with pytest.raises(DataError, match=rf"prompts.jsonl:2: the prompt is {n} tokens long as the policy sees it, "
+                                        rf"over data.max_prompt_tokens \({n - 1}\)"):
+        check(f"data.max_prompt_tokens={n - 1}")
+    with pytest.raises(DataError, match=rf"prompts.jsonl:2: .* over rollout.max_model_len - 1 \({n - 1}\)"):
+        check(f"rollout.max_model_len={n}", f"data.max_prompt_tokens={n}")

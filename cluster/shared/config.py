@@ -83,7 +83,8 @@ class DataConfig(Section):
     chat_template: bool = True
     """Format prompts with the tokenizer's chat template; false sends the raw text (base models)."""
     max_prompt_tokens: int = Field(256, ge=1)
-    """Prompts longer than this (in tokens, after the template) are rejected when the data is loaded."""
+    """Prompts longer than this (in tokens, after the template), or leaving no room for a response
+    within rollout.max_model_len, are rejected before a run starts (exit 2, naming file and line)."""
 
 
 # --------------------------------------------------------------------------- rollout

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from cluster.shared.errors import DataError
+from cluster.shared.tokens import prompt_token_ids
 
 ROLES = ("system", "user", "assistant")
 
@@ -104,3 +106,12 @@ def _messages(row: dict, where: str) -> tuple[tuple[str, str], ...]:
 def load_prompts(path: str | Path) -> list[tuple[tuple[str, str], ...]]:
     """The prompts of a data path (`read_records`), each as chat turns, in order."""
     return [_messages(row, where) for where, row in read_records(path)]
+
+
+def check_prompt_lengths(path: str | Path, tokenizer: Any, chat_template: bool, limit: int, key: str) -> None:
+    """A DataError naming the file and line of the first prompt longer than `limit` tokens as
+    the policy sees it (`cluster.shared.tokens.prompt_token_ids`); `key` names the limit."""
+    for where, row in read_records(path):
+        n = len(prompt_token_ids(tokenizer, _messages(row, where), chat_template))
+        if n > limit:
+            raise DataError(f"{where}: the prompt is {n} tokens long as the policy sees it, over {key} ({limit})")
