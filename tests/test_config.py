@@ -79,6 +79,36 @@ def test_bad_config_names_key_file_and_line(tmp_path, text, override, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("text, line, key, first", [
+    ("ppo:\n  clip_ratio: 0.3\nrollout:\n  num_actors: 2\nppo:\n  epochs: 2\n", 5, "ppo", 1),
+    ("ppo:\n  kl:\n    coef: 0.1\n    coef: 0.2\n", 4, "ppo.kl.coef", 3),
+    ("run:\n  seed: 1\n  seed: 1\n", 3, "run.seed", 2),  # the same value twice is still a mistake
+    ("reward:\n  functions:\n    - function: m:f\n      function: m:g\n", 4, "reward.functions.0.function", 3),
+    ("run:\n  yes: 1\n  true: 2\n", 3, "run.true", 2),  # YAML 1.1 reads both as the key True
+])
+def test_a_key_given_twice_is_refused_with_file_line_and_key_path(tmp_path, text, line, key, first):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:{line}: invalid YAML: {key}: duplicate key, first on line {first} " \
+                             "(YAML would keep only the last)"
+
+
+def test_a_duplicate_section_exits_2_and_merge_keys_still_override(tmp_path):
+    path = write(tmp_path, "ppo:\n  epochs: 3\nppo:\n  epochs: 2\n")
+    out = tame("config", "show", "--config", str(path))
+    assert out.returncode == 2, out.stderr
+    assert f"{path}:3: invalid YAML: ppo: duplicate key, first on line 1" in out.stderr
+    # A `<<` merge brings keys in to be overridden, and lines are still reported after one.
+    path = write(tmp_path, "run:\n  seed: 2\nlogging:\n  <<: {sample_every: 4}\n  sample_every: 6\n"
+                           "  samples_in_table: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:6: logging.samples_in_table: Input should be greater than or equal to 1" in str(err.value)
+    cfg = load_config(path, ["logging.samples_in_table=2"])
+    assert (cfg.run.seed, cfg.logging.sample_every) == (2, 6)
+
+
 @pytest.mark.parametrize("text, needle", [
     ("learner:\n  device: cuda\n",
      "c.yaml:2: learner.device cuda needs learner.num_gpus >= 1 (got 0.0)"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -608,6 +609,41 @@ def _command(info: ValidationInfo) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so a second `ppo:` section would throw the first away. Keys are compared as
+    constructed, so `1` and `1.0`, or `yes` and `true`, are the same key, as in the dict."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._paths: dict[yaml.Node, tuple] = {}  # key path of each node, for the message
+
+    def construct_mapping(self, node, deep=False):
+        path = self._paths.get(node, ())
+        first_lines: dict[Any, int] = {}
+        for key_node, value_node in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` brings keys in to be overridden: that is what it is for
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                break  # SafeLoader's own error names it
+            spelled = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
+            if key in first_lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{'.'.join(map(str, path + (spelled,)))}: duplicate key, first on line "
+                    f"{first_lines[key]} (YAML would keep only the last)", key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+            self._paths.setdefault(value_node, path + (spelled,))
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_sequence(self, node, deep=False):
+        if isinstance(node, yaml.SequenceNode):
+            path = self._paths.get(node, ())
+            for i, child in enumerate(node.value):
+                self._paths.setdefault(child, path + (i,))
+        return super().construct_sequence(node, deep=deep)
+
+
 def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
     """Map every key path of a YAML document to the 1-based line where it appears."""
     lines: dict[tuple, int] = {}
@@ -664,16 +700,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), comma
         if not p.is_file():
             raise ConfigError(f"{where}: config file not found")
         text = p.read_text()
+        loader = _UniqueKeyLoader(text)
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text) or {}
+            node = loader.get_single_node()
+            if node is not None:
+                lines = _key_lines(node)  # before constructing, which flattens `<<` merges into the node
+                data = loader.construct_document(node) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"{where}{at}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        finally:
+            loader.dispose()
         if not isinstance(data, dict):
             raise ConfigError(f"{where}:1: the config must be a mapping of sections")
-        lines = _key_lines(node) if node is not None else {}
 
     overridden: set[tuple] = set()
     for item in overrides:
