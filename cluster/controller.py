@@ -192,14 +192,15 @@ class Loop:
             # same cluster starts Serve afresh with its own HTTP options.
             self.owns_serve = not _serve_running()
             log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
-            self.scorer = RewardClient(deploy(cfg, http=False, wait=False), cfg.reward.timeout_s, cfg.reward.retries)
+            self.scorer = RewardClient(deploy(cfg, http=False, name=reward_app(cfg), wait=False),
+                                       cfg.reward.timeout_s, cfg.reward.retries)
             learner_role, rollout_role = roles(cfg, only=("learner", "rollout"))
             roles_up = [
                 Pending("the learner", ask(learner_role), ref_done(self.learner.__ray_ready__.remote()),
                         tuple(learner_role.each)),
                 *(Pending(f"rollout actor {actor_id}", ask(rollout_role), ref_done(handle.__ray_ready__.remote()),
                           tuple(rollout_role.each)) for actor_id, handle in early),
-                coming_up(cfg)]
+                coming_up(cfg, reward_app(cfg))]
             wait_until_up(roles_up, cfg.cluster.start_timeout_s, log)
             workers = ray.get(self.learner.places.remote())
             self.placement: dict = {"learner": {**workers[0], "workers": workers}, "actors": {},
@@ -704,7 +705,7 @@ class Loop:
         if started_here():
             return  # this process's own Ray: Serve stops with it when the process exits
         try:
-            serve.shutdown() if self.owns_serve else serve.delete("tame-reward")
+            serve.shutdown() if self.owns_serve else serve.delete(reward_app(self.cfg))
         except Exception:  # Serve may already be gone with a dying cluster
             pass
 
@@ -841,7 +842,7 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         if loop is not None:
             loop.shutdown()  # every process the run started
         else:
-            _delete_reward_app()
+            _delete_reward_app(cfg)
     if summary["error"]:
         log(f"{summary['error']}; " + _where_saved(summary, run_dir))
         raise Interrupted(stop.signum)
@@ -878,12 +879,18 @@ def _newest_checkpoint(run_dir: Path) -> str:
     return f"the newest complete checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
 
 
-def _delete_reward_app() -> None:
+def reward_app(cfg: TameConfig) -> str:
+    """The run's own Serve application: runs sharing a cluster (and `tame serve-reward`, whose
+    application is "tame-reward") never score with each other's reward model."""
+    return f"tame-reward-{cfg.run.name}"
+
+
+def _delete_reward_app(cfg: TameConfig) -> None:
     """After a failed start: the reward app is the one part that would outlive the driver."""
     from ray import serve
 
     try:
-        serve.delete("tame-reward")
+        serve.delete(reward_app(cfg))
     except Exception:  # Serve never started, or is gone with the cluster
         pass
 

@@ -352,9 +352,20 @@ def test_a_hung_load_replaces_the_actor_and_a_hung_update_ends_the_run(tiny_asse
 def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_every_prompt(
         tiny_assets, ray_local, tmp_path):
     """A rule function that fails on every item: each call's prompts are handed out again,
-    never scored as 0, until reward.failing_timeout_s ends the run naming the failure."""
-    from cluster.controller import RunError
+    never scored as 0, until reward.failing_timeout_s ends the run naming the failure. The
+    run scores with a reward application of its own: `tame serve-reward`'s on the same
+    cluster goes on serving its own rule."""
+    from ray import serve
 
+    from cluster.controller import RunError
+    from cluster.demo.world import gold_reward
+    from cluster.shared.startup import wait_until_up
+    from reward_service.service import coming_up, deploy
+
+    other = smoke(tiny_assets, tmp_path, "model.reward=null", "learner.critic=policy", "reward.num_cpus=0.25",
+                  "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]")
+    handle = deploy(other, http=False, name="tame-reward", wait=False)
+    wait_until_up([coming_up(other, "tame-reward")], 120, log=lambda *_: None)
     run = Run(smoke(tiny_assets, tmp_path, "run.name=unscorable", "reward.failing_timeout_s=3",
                     "reward.functions=[{function: 'tests.faults:unscorable', weight: 1.0}]", *SMALL_BATCHES))
     run.join(timeout=300)
@@ -368,6 +379,11 @@ def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_ever
     # Nothing trained, nothing lost: the prompts handed out are all outstanding, once each.
     assert ledger(run.cfg.run_dir) == []
     assert len(summary["outstanding_prompts"]) == len(set(summary["outstanding_prompts"])) >= 8
+    apps = serve.status().applications
+    assert "tame-reward-unscorable" not in apps and apps["tame-reward"].status == "RUNNING"
+    assert handle.score.remote(["Where does Quinn live?"], ["Oslo"]).result(timeout_s=60) == [
+        gold_reward("Where does Quinn live?", "Oslo")]
+    serve.delete("tame-reward")
 
 
 def test_a_run_does_not_resume_from_a_checkpoint_it_cannot_load(tiny_assets, tmp_path):
