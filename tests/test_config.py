@@ -140,6 +140,10 @@ def test_a_duplicate_section_exits_2_and_merge_keys_still_override(tmp_path):
      "rollout.sampling.max_new_tokens (48) = 304"),
     ("reward:\n  max_length: 100\n  functions:\n    - function: m:f\nmodel:\n  reward: null\nlearner:\n  critic: policy\n",
      None),  # no reward model, nothing cut
+    ("reward:\n  autoscaling:\n    min_replicas: 3\n    max_replicas: 2\n",
+     "c.yaml:3: reward.autoscaling.min_replicas (3) is greater than reward.autoscaling.max_replicas (2): "
+     "Serve would refuse to deploy. Raise max_replicas or lower min_replicas"),
+    ("reward:\n  autoscaling:\n    min_replicas: 2\n    max_replicas: 2\n", None),
 ])
 def test_gpu_and_length_settings_are_checked_across_fields(tmp_path, text, needle):
     loads_or_fails_with(tmp_path, text, needle)

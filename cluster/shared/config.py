@@ -551,6 +551,15 @@ class TameConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _autoscaling_range(self) -> TameConfig:
+        scaling = self.reward.autoscaling
+        if scaling is not None and scaling.min_replicas > scaling.max_replicas:
+            raise ValueError(f"reward.autoscaling.min_replicas ({scaling.min_replicas}) is greater than "
+                             f"reward.autoscaling.max_replicas ({scaling.max_replicas}): Serve would refuse "
+                             "to deploy. Raise max_replicas or lower min_replicas")
+        return self
+
+    @model_validator(mode="after")
     def _reward_model_sees_whole_items(self, info: ValidationInfo) -> TameConfig:
         if _command(info) not in ("train", "serve-reward"):
             return self
