@@ -182,6 +182,16 @@ def test_missing_file_and_malformed_override(tmp_path):
         load_config(None, ["ppo.kl.coef"])
 
 
+def test_a_config_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("run:\n  name: café\n".encode("latin-1"))  # é is one byte, 0xe9, in Latin-1
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at offset 16): save the config as UTF-8"
+    out = tame("config", "show", "--config", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+
+
 def tame(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=60)

@@ -708,7 +708,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), comma
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{where}: config file not found")
-        text = p.read_text()
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{where}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
+                              "save the config as UTF-8") from None
         loader = _UniqueKeyLoader(text)
         try:
             node = loader.get_single_node()
