@@ -730,10 +730,21 @@ def _node_of(actor) -> dict:
 
 
 def _truncate_jsonl(path: Path, key: str, last: int) -> None:
-    """Drop the lines of updates after `last`: a resumed run redoes them."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)[key] <= last]
-        path.write_text("".join(line + "\n" for line in keep))
+    """Drop the lines of updates after `last`: a resumed run redoes them. A line a killed
+    driver left half-written is one of them (each line goes out before its checkpoint). The
+    file is replaced whole, through a temporary file."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)[key] <= last:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def check_inputs(cfg: TameConfig) -> None:

@@ -214,6 +214,17 @@ def test_a_run_on_a_ray_of_its_own_leaves_no_process_behind(tiny_assets, tmp_pat
     assert not psutil.wait_procs(children, timeout=30)[1], "a process outlived the run"
 
 
+def test_a_resume_drops_the_redone_updates_and_a_line_a_killed_driver_left_half_written(tmp_path):
+    from cluster.controller import _truncate_jsonl
+
+    ledger_file = tmp_path / "ledger.jsonl"
+    lines = [json.dumps({"version": v, "prompts": [f"p{v}"]}) for v in (1, 2, 3)]
+    ledger_file.write_text("".join(line + "\n" for line in lines) + '{"version": 4, "pro')
+    _truncate_jsonl(ledger_file, "version", 2)
+    assert ledger_file.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger.jsonl"]  # no temporary file left
+
+
 def test_signals_ask_the_loop_to_stop_at_its_next_safe_point():
     """Ctrl-C (SIGINT) and `ray job stop` (SIGTERM) share one handler: while the run starts,
     a signal stops it at once; once it trains, the first only flags the loop (which finishes
