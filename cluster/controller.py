@@ -367,8 +367,8 @@ class Loop:
         # A prompt that crashes the engine would kill every replacement: stop instead.
         self.deaths_in_a_row += 1
         if self.deaths_in_a_row >= 3:
-            raise RunError(f"rollout actors died 3 times in a row without producing a batch; the last: {error}") \
-                from error
+            raise RunError(f"rollout actors died 3 times in a row without producing a batch; the last: "
+                           f"{why or error}") from error
         if draining:
             return  # it was on its way out
         if self.cfg.rollout.replace_failed:
@@ -641,6 +641,9 @@ class Loop:
                     raise self.learner_died(e) from e
                 except ray.exceptions.RayActorError as e:
                     self.on_actor_died(slot, e)
+                    continue
+                except ray.exceptions.RayTaskError as e:  # the call raised: replaced as if it had died
+                    self.on_actor_died(slot, e, f"its call raised {type(e.cause).__name__}: {e.cause}")
                     continue
                 if isinstance(result, LoadResult):
                     self.on_loaded(slot, result)
