@@ -90,9 +90,10 @@ class ActorPool:
 
     def drain(self, count: int) -> list[Slot]:
         """Mark the `count` newest live actors to leave; returns those that can leave now
-        (idle), the others leave once their call in flight is done."""
+        (idle, or not up yet: a first load may wait for Ray to place the actor for ever), the
+        others leave once their call in flight is done."""
         leaving = sorted(self.live(), key=lambda s: -s.actor_id)[:max(0, count)]
-        idle = [s for s in leaving if s.state is SlotState.IDLE]
+        idle = [s for s in leaving if s.state is SlotState.IDLE or s.version < 0]
         for slot in leaving:
             slot.state = SlotState.DRAINING
         return idle

@@ -192,3 +192,17 @@ def test_a_generation_call_past_its_deadline_is_overdue_draining_or_not():
     pool.slots = {s.actor_id: s for s in (late, leaving, loading, fresh)}
     assert pool.overdue_generations(now=10.0, timeout_s=5.0) == [late, leaving]
     assert pool.overdue_generations(now=20.0, timeout_s=5.0) == [late, leaving, fresh]
+
+
+def test_scaling_in_removes_idle_actors_and_those_not_up_yet_at_once_and_busy_ones_after_their_call():
+    from cluster.pool import ActorPool, Slot, SlotState
+
+    pool = ActorPool(make_actor=None, target=4)
+    busy = Slot(0, None, SlotState.GENERATING, version=3, pending="ref0", prompt_ids=["0:1"])
+    idle = Slot(1, None, SlotState.IDLE, version=3)
+    unplaced = Slot(2, None, SlotState.LOADING, version=-1, pending="ref2")  # Ray found no room for it yet
+    pool.slots = {s.actor_id: s for s in (busy, idle, unplaced)}
+    assert pool.drain(2) == [unplaced, idle]  # the newest first
+    assert pool.drain(1) == []  # the live one left is busy: it leaves after its call
+    assert busy.state is SlotState.DRAINING and pool.live() == []
+
