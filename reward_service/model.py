@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cluster.shared.errors import UserError
 from cluster.shared.precision import float32_head
 from cluster.shared.score_head import SCORE_BIAS_KEY, checkpoint_tensor, set_score_bias
 from cluster.shared.startup import heavy_imports
@@ -70,7 +71,8 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
     sequence-classification class with a fresh one-output score head over the same body.
     Dropout is disabled and `config.pad_token_id` is set from the tokenizer; a model whose
     PAD equals EOS is refused, because right padding would then be indistinguishable from
-    the EOS that ends every response.
+    the EOS that ends every response. A folder that is not such a model is a UserError
+    naming the path; the caller adds the config key that gave it.
     """
     with heavy_imports():
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -78,18 +80,18 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        raise UserError(f"{path}: not a Hugging Face model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"{path}: the tokenizer needs a PAD token distinct from EOS "
+        raise UserError(f"{path}: the tokenizer needs a PAD token distinct from EOS "
                          f"(pad={tokenizer.pad_token_id}, eos={tokenizer.eos_token_id})")
     config = AutoConfig.from_pretrained(path)
     is_seq_cls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if not is_seq_cls and not init_head:
-        raise ValueError(f"{path}: not a sequence-classification model "
+        raise UserError(f"{path}: not a sequence-classification model "
                          f"(architectures {config.architectures})")
     if is_seq_cls and config.num_labels != 1:
-        raise ValueError(f"{path}: a reward model has one output, this one has {config.num_labels}")
+        raise UserError(f"{path}: a reward model has one output, this one has {config.num_labels}")
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     _zero_dropout_fields(config)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.shared.config import TameConfig
+from cluster.shared.errors import ConfigError, UserError
 from cluster.shared.files import atomic_directory
 from cluster.shared.precision import compute_context
 from cluster.shared.score_head import set_score_bias
@@ -107,7 +108,8 @@ def train_reward_model(cfg: TameConfig, log=print) -> dict:
     learner's budget: on small models, more threads than cores are free is many times
     slower, not faster). Returns {"accuracy", "accuracy_before", "eval_loss", "output",
     "pairs", "train_pairs", "eval_pairs", "steps", "score_bias", "normalised_on",
-    "seconds"}. Raises DataError (a ValueError) naming the file and line of a bad pair.
+    "seconds"}. Raises DataError (a ValueError) naming the file and line of a bad pair, and
+    ConfigError naming reward_model.init (or model.reward) when it is no model to start from.
     """
     threads = torch.get_num_threads()
     if cfg.learner.device == "cpu":
@@ -133,7 +135,10 @@ def _train(cfg: TameConfig, log) -> dict:
 
     torch.manual_seed(cfg.run.seed)  # a fresh score head (causal-LM init) is drawn from it
     # Float32 weights; the forward passes run in learner.compute_dtype (cluster.shared.precision).
-    model, tokenizer = load_reward_model(init, dtype="float32", device=device, init_head=True)
+    try:
+        model, tokenizer = load_reward_model(init, dtype="float32", device=device, init_head=True)
+    except UserError as e:
+        raise ConfigError(f"{'reward_model.init' if rm_cfg.init else 'model.reward'}: {e}") from None
     encoder = RewardModel(model, tokenizer, cfg.data.chat_template, rm_cfg.max_length)
     pad_id = tokenizer.pad_token_id
 

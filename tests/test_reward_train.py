@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,42 @@ def test_training_fails_with_the_data_error_before_any_work(tiny_assets, tmp_pat
                                                       "output": str(tmp_path / "rm")}})
     with pytest.raises(DataError, match=f"{path}:4"):
         train_reward_model(cfg, log=lambda *_: None)
+    assert not (tmp_path / "rm").exists()
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _no_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+
+
+def _pad_is_eos(folder: Path) -> None:
+    _edit_json(folder / "tokenizer_config.json", pad_token="<|eos|>")
+
+
+def _two_labels(folder: Path) -> None:
+    _edit_json(folder / "config.json", id2label={"0": "a", "1": "b"}, label2id={"a": 0, "b": 1})
+
+
+@pytest.mark.parametrize("key, spoil, reason", [
+    ("reward_model.init", _no_config, "not a Hugging Face model folder (no config.json)"),
+    ("reward_model.init", _pad_is_eos, "the tokenizer needs a PAD token distinct from EOS (pad=1, eos=1)"),
+    ("reward_model.init", _two_labels, "a reward model has one output, this one has 2"),
+    ("model.reward", _no_config, "not a Hugging Face model folder (no config.json)"),  # init null: model.reward
+])
+def test_a_bad_init_model_exits_2_naming_its_config_key(tiny_assets, tmp_path, key, spoil, reason):
+    folder = tmp_path / "init"
+    shutil.copytree(tiny_assets.reward, folder)
+    spoil(folder)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"reward_model:\n  data: {tiny_assets.data / 'preferences.jsonl'}\n  output: {tmp_path / 'rm'}\n")
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "train-rm", "--config", str(config),
+                          "--set", f"{key}={folder}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"tame train-rm: error: {key}: {folder}: {reason}\n" in out.stderr
+    assert "Traceback" not in out.stderr
     assert not (tmp_path / "rm").exists()
 
 
