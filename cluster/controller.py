@@ -185,6 +185,7 @@ class Loop:
         log(f"starting the learner and {self.pool.target} rollout actor(s)")
         self.learner, self.learner_group = start_learner(cfg)
         early: list = []
+        self.control = None
         try:
             early.extend(self.pool.create(scorer=None) for _ in range(self.pool.target))
 
@@ -201,6 +202,7 @@ class Loop:
                 *(Pending(f"rollout actor {actor_id}", ask(rollout_role), ref_done(handle.__ray_ready__.remote()),
                           tuple(rollout_role.each)) for actor_id, handle in early),
                 coming_up(cfg, reward_app(cfg))]
+            self.metrics = Metrics(cfg, self.run_dir, log)  # W&B starts while the roles do
             wait_until_up(roles_up, cfg.cluster.start_timeout_s, log)
             workers = ray.get(self.learner.places.remote())
             self.placement: dict = {"learner": {**workers[0], "workers": workers}, "actors": {},
@@ -227,9 +229,10 @@ class Loop:
         except BaseException:  # not up in time, a signal, or a failed start: stop what was started
             for _, handle in early:
                 ray.kill(handle)
+            if self.control is not None:
+                ray.kill(self.control)
             self.stop_learner()  # and free its placement group, which outlives handles
             raise
-        self.metrics = Metrics(cfg, self.run_dir, log)
 
         self.update_ref = None
         self.update_started = 0.0
