@@ -389,11 +389,12 @@ def test_parts_back_to_back_in_memory_join_as_a_view_and_no_others(dtype):
     assert _rows_in_place([q, buf[256:384].view(8, 16)[:, :8]]) is None  # not contiguous
 
 
-@pytest.mark.parametrize("corruption", ["row", "scale"])
+@pytest.mark.parametrize("corruption", ["row", "scale", "step"])
 def test_a_corrupted_tensor_of_any_layer_fails_verification(actors, hf_policy, corruption):
     """The engine is handed weights in which one tensor differs from the published ones (one
-    row zeroed, or the whole tensor scaled by 1.001): the probes catch it for every tensor
-    of the model, naming the engine tensor that holds it; the clean weights verify."""
+    row zeroed, the whole tensor scaled by 1.001, or one optimizer step at lr 1e-6 missing:
+    every element off by 1e-6): the probes catch it for every tensor of the model, naming the
+    engine tensor that holds it; the clean weights verify."""
     import ray
 
     _, warm, _ = actors
@@ -406,8 +407,11 @@ def test_a_corrupted_tensor_of_any_layer_fails_verification(actors, hf_policy, c
             assert clean[name][1].abs().sum() > 0, name
             bad[name] = clean[name].clone()
             bad[name][1] = 0.0
-        else:
+        elif corruption == "scale":
             bad[name] = clean[name] * 1.001
+        else:  # what AdamW's first step does to every element: lr x sign(gradient)
+            signs = torch.randint(0, 2, clean[name].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            bad[name] = clean[name] + 1e-6 * signs
         arrays, specs = export_tensors(bad.items())
         version += 1
         handle = WeightsHandle(version, ray.put(tuple(arrays)), specs, probes, 0)

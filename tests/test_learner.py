@@ -573,7 +573,7 @@ def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tin
     for direct, path in [(False, "vllm"), (loads_directly(llm, on_disk), "direct")]:
         assert load_into_engine(llm, state, direct) == path
         measured, fused = engine_probes(llm)
-        assert compare_probes(measured, published, fused).ok
+        assert compare_probes(measured, published, fused, exact={n for n, t in state.items() if t.dim() <= 1}).ok
 
         fresh = vllm_rollouts(llm, learner.tokenizer, texts, learner.temperature, 10)
         gaps = [abs(a - b) for r, lp in zip(fresh, learner.logprobs(fresh))
