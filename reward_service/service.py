@@ -133,13 +133,24 @@ class RewardDeployment:
                 given.strip().encode("utf-8", "surrogateescape"), self._token):
             raise RequestError(401, "missing or wrong bearer token")
 
+    async def _body(self, request: Request) -> bytes:
+        """The request body, read chunk by chunk up to the size limit: a chunked upload has no
+        Content-Length to refuse it by, and must not be held whole before it is found too large."""
+        limit = self._limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"body of {declared} bytes is larger than {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"body of at least {len(body)} bytes is larger than {limit}")
+        return bytes(body)
+
     @app.post("/v1/score")
     async def http_score(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self._limits.max_body_bytes:
-            raise RequestError(413, f"body of {declared} bytes is larger than {self._limits.max_body_bytes}")
-        parsed = parse_score_request(await request.body(), self._limits)
+        parsed = parse_score_request(await self._body(request), self._limits)
         try:
             scores = await self.score([it.prompt for it in parsed.items], [it.response for it in parsed.items])
         except UnscorableItemError as e:

@@ -13,8 +13,11 @@ import json
 import math
 import os
 import pickle
+import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPResponse
 
 import httpx
 import pytest
@@ -26,6 +29,7 @@ from cluster.demo.world import gold_reward
 from cluster.shared.config import TameConfig
 from cluster.shared.errors import ConfigError
 from cluster.shared.tokens import prompt_token_ids, response_token_ids
+from reward_service.api import Limits
 from tests.support import free_port
 
 TOKEN_ENV = "TAME_TEST_REWARD_TOKEN"
@@ -266,6 +270,28 @@ def test_bad_request_gets_its_4xx_with_a_reason_and_the_service_keeps_serving(se
     assert r.status_code == status, r.text
     assert isinstance(r.json()["detail"], str) and r.json()["detail"]
     _good_request_answers(service["http"])
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_size_limit(service):
+    """A chunked upload declares no Content-Length: the service reads it with the same cap and
+    answers 413 once past it, holding no more of it. The second upload never ends, so only
+    such an early answer comes back at all."""
+    http, limit = service["http"], Limits(MAX_ITEMS, MAX_CHARS).max_body_bytes
+    chunks = limit // 4096 + 2  # just over the limit
+    r = http.post("/v1/score", content=(b" " * 4096 for _ in range(chunks)))
+    assert r.request.headers["transfer-encoding"] == "chunked" and "content-length" not in r.request.headers
+    assert r.status_code == 413
+    assert re.fullmatch(rf"body of at least \d+ bytes is larger than {limit}", r.json()["detail"])
+
+    with socket.create_connection((http.base_url.host, http.base_url.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: reward\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(chunks):
+            sock.sendall(b"1000\r\n" + b" " * 4096 + b"\r\n")  # and no last, empty chunk
+        answer = HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 413
+        assert re.fullmatch(rf"body of at least \d+ bytes is larger than {limit}", json.loads(answer.read())["detail"])
+    _good_request_answers(http)
 
 
 def test_limits_are_inclusive(service):
