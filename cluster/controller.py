@@ -125,8 +125,11 @@ def scale(num_actors: int, run: str | None = None, address: str | None = None) -
     import ray
 
     # "auto": the running cluster of this machine; `tame scale` never starts one.
-    connect_ray(address or os.environ.get("RAY_ADDRESS") or "auto", namespace=NAMESPACE,
-                logging_level="ERROR", log_to_driver=False)
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        connect_ray(address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as e:
+        raise UserError(f"--address {address}: no running Ray cluster to scale a job on ({e})") from None
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == NAMESPACE and a["name"].startswith(CONTROL_PREFIX)]
     runs = [n.removeprefix(CONTROL_PREFIX) for n in names]
