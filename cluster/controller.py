@@ -28,7 +28,7 @@ from cluster.pool import ActorPool, Slot, SlotState
 from cluster.prompts import PromptSource
 from cluster.shared.config import TameConfig, check_model_folder, gpu_env
 from cluster.shared.data import load_prompts
-from cluster.shared.errors import RunError, UserError
+from cluster.shared.errors import ConfigError, RunError, UserError
 from cluster.shared.files import write_json
 from cluster.shared.ray_cluster import connect_ray, started_here, starts_local
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
@@ -770,13 +770,15 @@ def check_inputs(cfg: TameConfig) -> None:
         read_demonstrations(cfg.ppo.ptx_data)
 
 
-class PromptLengths(threading.Thread):
-    """Every prompt within `data.max_prompt_tokens` (and leaving the engine room for a
-    response), checked in a thread: a longer one would fail its generation call mid-run, and
-    again after every resume. `check` raises the DataError naming its file and line."""
+class TokenizerChecks(threading.Thread):
+    """What needs the policy's tokenizer, checked in a thread while Ray starts (`check` raises
+    what it found): every prompt within `data.max_prompt_tokens`, and leaving the engine room
+    for a response (a longer one would fail its generation call mid-run, and again after
+    every resume); and a critic made from the reward model, which reads the policy's token
+    ids, sharing the policy's vocabulary."""
 
     def __init__(self, cfg: TameConfig):
-        super().__init__(daemon=True, name="prompt-lengths")
+        super().__init__(daemon=True, name="tokenizer-checks")
         self.cfg, self.error = cfg, None
         self.start()
 
@@ -794,6 +796,11 @@ class PromptLengths(threading.Thread):
             else:
                 limit, key = cfg.data.max_prompt_tokens, "data.max_prompt_tokens"
             check_prompt_lengths(cfg.data.prompts, tokenizer, cfg.data.chat_template, limit, key)
+            if cfg.ppo.advantage == "gae" and cfg.learner.critic == "reward" and cfg.model.reward is not None \
+                    and AutoTokenizer.from_pretrained(cfg.model.reward).get_vocab() != tokenizer.get_vocab():
+                raise ConfigError(f"learner.critic: 'reward' makes the critic from model.reward ({cfg.model.reward}), "
+                                  "which would read the policy's token ids, but its tokenizer has another "
+                                  "vocabulary than model.policy's: use learner.critic policy")
         except Exception as e:  # raised in the caller's thread by check()
             self.error = e
 
@@ -824,10 +831,10 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
         _check_resumable(cfg)
     if starts_local(cfg.cluster.address):
         check_local(cfg)  # the Ray about to start here: its CPUs are known without starting it
-    lengths = PromptLengths(cfg)  # tokenises the prompts while Ray starts
+    tokenizers = TokenizerChecks(cfg)  # tokenises the prompts while Ray starts
     connect(cfg, log)
     check_cluster(cfg)  # a run that can never be placed fails here, before it writes anything
-    lengths.check()
+    tokenizers.check()
     log(f"run {cfg.run.name} in {run_dir} (tame's code from {Path(__file__).resolve().parents[1]})")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -78,7 +78,7 @@ def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_start
     against rollout.max_model_len when that leaves no room for a response."""
     from transformers import AutoTokenizer
 
-    from cluster.controller import PromptLengths
+    from cluster.controller import TokenizerChecks
     from cluster.shared.config import load_config
     from cluster.shared.tokens import prompt_token_ids
 
@@ -89,7 +89,7 @@ def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_start
 
     def check(*overrides):
         cfg = load_config(None, [f"model.policy={tiny_assets.policy}", f"data.prompts={data}", *overrides])
-        PromptLengths(cfg).check()
+        TokenizerChecks(cfg).check()
 
     check(f"data.max_prompt_tokens={n}")
     with pytest.raises(DataError, match=rf"prompts.jsonl:2: the prompt is {n} tokens long as the policy sees it, "
@@ -97,3 +97,32 @@ def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_start
         check(f"data.max_prompt_tokens={n - 1}")
     with pytest.raises(DataError, match=rf"prompts.jsonl:2: .* over rollout.max_model_len - 1 \({n - 1}\)"):
         check(f"rollout.max_model_len={n}", f"data.max_prompt_tokens={n}")
+
+
+def test_a_critic_made_from_a_reward_model_with_another_vocabulary_is_refused_before_the_run(tiny_assets, tmp_path):
+    """The critic reads the policy's token ids: a reward model with another tokenizer would
+    read them as other words. (Scoring is not concerned: the reward service tokenises text.)"""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from cluster.controller import TokenizerChecks
+    from cluster.shared.config import load_config
+    from cluster.shared.errors import ConfigError
+
+    other = tmp_path / "reward"
+    shutil.copytree(tiny_assets.reward, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<an-extra-word>"])
+    tokenizer.save_pretrained(other)
+
+    def check(reward, *overrides):
+        TokenizerChecks(load_config(None, [f"model.policy={tiny_assets.policy}", f"model.reward={reward}",
+                                           f"data.prompts={tiny_assets.data / 'prompts.jsonl'}", *overrides])).check()
+
+    check(tiny_assets.reward)
+    check(other, "learner.critic=policy")
+    with pytest.raises(ConfigError, match=r"learner.critic: 'reward' makes the critic from model.reward .* another "
+                                          r"vocabulary than model.policy's: use learner.critic policy"):
+        check(other)
+
