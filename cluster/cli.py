@@ -92,6 +92,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_serve_reward(args) -> int:
+    from reward_service.rewards import check_reward_config
     from reward_service.service import serve_forever
 
     overrides = list(args.set or [])
@@ -103,6 +104,7 @@ def cmd_serve_reward(args) -> int:
         overrides.append(f"reward.replicas={args.replicas}")
     cfg = load_config(args.config, overrides, command="serve-reward")
     check_model_folder("--model", args.model, "reward model")
+    check_reward_config(cfg)  # before Ray starts, which takes seconds
     serve_forever(cfg)
     return EXIT_OK
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cluster.shared.config import RewardFunctionConfig, TameConfig
 from cluster.shared.errors import ConfigError
+from cluster.shared.tokens import has_chat_template
 from reward_service.model import RewardModel
 
 RuleFunction = Callable[[str, str], float]
@@ -55,10 +56,15 @@ def load_functions(functions: list[RewardFunctionConfig]) -> list[WeightedFuncti
 
 def check_reward_config(cfg: TameConfig) -> None:
     """Fail at start-up, with the config key, on what would otherwise fail inside a replica:
-    a model folder that is not there, a function that does not import. (That there is
+    a model folder that is not there, a tokenizer without the chat template the config asks
+    for (every request would fail), a function that does not import. (That there is
     something to score with is the config's own check.)"""
     if cfg.model.reward is not None and not (Path(cfg.model.reward) / "config.json").is_file():
         raise ConfigError(f"model.reward: {cfg.model.reward} is not a Hugging Face model folder (no config.json)")
+    if cfg.model.reward is not None and cfg.data.chat_template and not has_chat_template(cfg.model.reward):
+        raise ConfigError(f"data.chat_template is true, but the tokenizer of model.reward ({cfg.model.reward}) "
+                          "has no chat template: set data.chat_template false, or give the tokenizer one "
+                          "(chat_template.jinja in its folder)")
     load_functions(cfg.reward.functions)
 
 

@@ -14,10 +14,14 @@ import math
 import os
 import pickle
 import re
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPResponse
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.demo.world import gold_reward
-from cluster.shared.config import TameConfig
+from cluster.shared.config import DataConfig, TameConfig
 from cluster.shared.errors import ConfigError
 from cluster.shared.tokens import prompt_token_ids, response_token_ids
 from reward_service.api import Limits
@@ -420,6 +424,62 @@ def test_a_missing_reward_model_is_a_config_error_at_start_up(tmp_path):
 
     with pytest.raises(ConfigError, match="model.reward: .*missing is not a Hugging Face model folder"):
         deploy(_cfg(tmp_path / "missing", 8000), http=False)
+
+
+def _without_chat_template(tiny_assets, tmp_path) -> Path:
+    folder = tmp_path / "reward"
+    shutil.copytree(tiny_assets.reward, folder)
+    (folder / "chat_template.jinja").unlink()
+    assert "chat_template" not in json.loads((folder / "tokenizer_config.json").read_text())
+    return folder
+
+
+def test_a_reward_tokenizer_without_the_chat_template_asked_for_is_a_config_error_at_start_up(tiny_assets, tmp_path):
+    """Else every POST /v1/score answers 500 (apply_chat_template raises) while /healthz says ok."""
+    from reward_service.rewards import check_reward_config
+    from reward_service.service import deploy
+
+    folder = _without_chat_template(tiny_assets, tmp_path)
+    message = (f"data.chat_template is true, but the tokenizer of model.reward ({folder}) has no chat template: "
+               "set data.chat_template false, or give the tokenizer one (chat_template.jinja in its folder)")
+    with pytest.raises(ConfigError) as err:
+        deploy(_cfg(folder, 8000), http=False)
+    assert str(err.value) == message
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve-reward", "--model", str(folder),
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"tame serve-reward: error: {message}\n" in out.stderr
+    assert "local Ray" not in out.stderr  # said before Ray starts
+    raw_text = _cfg(folder, 8000).model_copy(update={"data": DataConfig(chat_template=False)})
+    check_reward_config(raw_text)  # the raw text needs no template
+
+
+TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+@pytest.mark.parametrize("template, has_one", [
+    (None, False),
+    (TEMPLATE, True),
+    ([{"name": "default", "template": TEMPLATE}], True),
+    ([{"name": "tool_use", "template": TEMPLATE}], False),  # named templates, none the default
+])
+def test_has_chat_template_agrees_with_transformers(tiny_assets, tmp_path, template, has_one):
+    from transformers import AutoTokenizer
+
+    from cluster.shared.tokens import has_chat_template
+
+    folder = _without_chat_template(tiny_assets, tmp_path)
+    if template is not None:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        prompt_token_ids(tokenizer, "Where does Anna live?")
+        templated = True
+    except ValueError:
+        templated = False
+    assert has_chat_template(folder) == templated == has_one
+    assert has_chat_template(tiny_assets.reward)  # chat_template.jinja
 
 
 def test_replicas_resources_and_autoscaling_come_from_the_config(tiny_assets):

@@ -4,6 +4,8 @@ pair as the same ids."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -18,6 +20,21 @@ def prompt_token_ids(tokenizer: Any, messages: Any, chat_template: bool = True) 
             ids = ids["input_ids"]
         return list(ids)
     return tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"]
+
+
+def has_chat_template(folder: str | Path) -> bool:
+    """Whether the tokenizer saved in `folder` has a default chat template, read from the
+    files transformers takes it from (no tokenizer is loaded, so a start-up check stays cheap):
+    `chat_template.jinja`, `additional_chat_templates/default.jinja`, or the `chat_template`
+    of `tokenizer_config.json` (a string, or a list of named templates with a "default")."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file() or (folder / "additional_chat_templates/default.jinja").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    if isinstance(template, list):
+        return any(isinstance(t, dict) and t.get("name") == "default" for t in template)
+    return bool(template)
 
 
 def response_token_ids(tokenizer: Any, response: str, add_eos: bool = True) -> list[int]:
