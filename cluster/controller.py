@@ -34,6 +34,7 @@ from cluster.shared.ray_cluster import connect_ray, started_here, starts_local
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
 from cluster.shared.resources import ask, check_cluster, check_local, free_on_cluster, roles
 from cluster.shared.startup import Pending, ref_done, wait_until_up
+from cluster.shared.tokens import has_chat_template
 from cluster.shared.transport import WeightsHandle
 from cluster.state import Counters, DriverState
 
@@ -761,6 +762,10 @@ def _truncate_jsonl(path: Path, key: str, last: int) -> None:
 def check_inputs(cfg: TameConfig) -> None:
     """Fail with exit code 2 on missing or wrong-kind inputs before anything starts."""
     check_model_folder("model.policy", cfg.model.policy, "causal LM")
+    if cfg.data.chat_template and not has_chat_template(cfg.model.policy):
+        raise ConfigError(f"data.chat_template is true, but the tokenizer of model.policy ({cfg.model.policy}) "
+                          "has no chat template: set data.chat_template false, or give the tokenizer one "
+                          "(chat_template.jinja in its folder)")
     if cfg.model.reward is not None:
         check_model_folder("model.reward", cfg.model.reward, "reward model")
     load_prompts(cfg.data.prompts)  # names the file and line of a bad record

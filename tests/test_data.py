@@ -126,3 +126,24 @@ def test_a_critic_made_from_a_reward_model_with_another_vocabulary_is_refused_be
                                           r"vocabulary than model.policy's: use learner.critic policy"):
         check(other)
 
+
+
+def test_a_policy_without_a_chat_template_is_refused_before_the_run_unless_told_to_send_raw_text(tiny_assets, tmp_path):
+    import shutil
+
+    from cluster.controller import check_inputs
+    from cluster.shared.config import load_config
+    from cluster.shared.errors import ConfigError
+
+    plain = tmp_path / "policy"
+    shutil.copytree(tiny_assets.policy, plain)
+    (plain / "chat_template.jinja").unlink()
+
+    def check(*overrides):
+        check_inputs(load_config(None, [f"model.policy={plain}", f"model.reward={tiny_assets.reward}",
+                                        f"data.prompts={tiny_assets.data / 'prompts.jsonl'}", *overrides]))
+
+    with pytest.raises(ConfigError, match=rf"data.chat_template is true, but the tokenizer of model.policy "
+                                          rf"\({plain}\) has no chat template: set data.chat_template false"):
+        check()
+    check("data.chat_template=false")
