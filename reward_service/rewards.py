@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cluster.shared.config import RewardFunctionConfig, TameConfig
 from cluster.shared.errors import ConfigError
-from cluster.shared.tokens import has_chat_template
+from cluster.shared.tokens import require_chat_template
 from reward_service.model import RewardModel
 
 RuleFunction = Callable[[str, str], float]
@@ -61,10 +61,8 @@ def check_reward_config(cfg: TameConfig) -> None:
     something to score with is the config's own check.)"""
     if cfg.model.reward is not None and not (Path(cfg.model.reward) / "config.json").is_file():
         raise ConfigError(f"model.reward: {cfg.model.reward} is not a Hugging Face model folder (no config.json)")
-    if cfg.model.reward is not None and cfg.data.chat_template and not has_chat_template(cfg.model.reward):
-        raise ConfigError(f"data.chat_template is true, but the tokenizer of model.reward ({cfg.model.reward}) "
-                          "has no chat template: set data.chat_template false, or give the tokenizer one "
-                          "(chat_template.jinja in its folder)")
+    if cfg.model.reward is not None and cfg.data.chat_template:
+        require_chat_template(cfg.model.reward, "model.reward")
     load_functions(cfg.reward.functions)
 
 

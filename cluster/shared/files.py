@@ -35,9 +35,14 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write `data` as indented JSON to `path` through a temporary file and a rename."""
+def write_text(path: str | Path, text: str) -> None:
+    """Replace the file at `path` whole, through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write `data` as indented JSON to `path`, whole (`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")

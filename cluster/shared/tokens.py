@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cluster.shared.errors import ConfigError
+
 
 def prompt_token_ids(tokenizer: Any, messages: Any, chat_template: bool = True) -> list[int]:
     """Token ids of a prompt as the policy sees it: the chat template with the assistant
@@ -35,6 +37,15 @@ def has_chat_template(folder: str | Path) -> bool:
     if isinstance(template, list):
         return any(isinstance(t, dict) and t.get("name") == "default" for t in template)
     return bool(template)
+
+
+def require_chat_template(folder: str | Path, key: str) -> None:
+    """A ConfigError naming `key` (the model's config key) when `data.chat_template` is on but
+    the tokenizer in `folder` has none: every prompt it formats would raise."""
+    if not has_chat_template(folder):
+        raise ConfigError(f"data.chat_template is true, but the tokenizer of {key} ({folder}) has no chat "
+                          "template: set data.chat_template false, or give the tokenizer one (chat_template.jinja "
+                          "in its folder)")
 
 
 def response_token_ids(tokenizer: Any, response: str, add_eos: bool = True) -> list[int]:
