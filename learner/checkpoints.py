@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cluster.shared.files import atomic_directory
+from cluster.shared.score_head import SCORE_BIAS_KEY
 from learner.sharding import Shards
 
 NAME = re.compile(r"^version-(\d{6,})$")
@@ -112,10 +113,14 @@ def load(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, t
     # A GAE checkpoint may be resumed by a critic-free estimator: its critic is not loaded.
     stepped = {name: optimizers[name] for name in state["optimizers"] if name in optimizers}
     loaded = _sharded_state({name: model for name, (model, _) in models.items()}, stepped)
-    with _single_process_is_meant():
-        dcp.load(loaded, checkpoint_id=path / SHARDED, no_dist=not shards.sharded)
+    saved = dcp.FileSystemReader(path / SHARDED).read_metadata().state_dict_metadata
+    unbiased = [name for name in models if SCORE_BIAS_KEY in loaded[name] and f"{name}.{SCORE_BIAS_KEY}" not in saved]
+    with _single_process_is_meant():  # a bias the checkpoint lacks (and its optimizer state) is not loaded
+        dcp.load(loaded, checkpoint_id=path / SHARDED, no_dist=not shards.sharded,
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=bool(unbiased)))
     for name, (model, _) in models.items():
         set_model_state_dict(model, loaded[name])
+    _zero_missing_score_bias([models[name][0] for name in unbiased])
     for name, (model, optimizer) in stepped.items():
         set_optimizer_state_dict(model, optimizer, loaded[name])
     return state
@@ -128,12 +133,37 @@ def _load_whole(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict
     if shards.sharded:
         raise ValueError(f"{path} was written by a tame without sharded checkpoints: "
                          "resume it with learner.num_workers 1")
+    unbiased = []
     for name, (model, auto_class) in models.items():
-        model.load_state_dict(auto_class.from_pretrained(path / name, dtype=torch.float32).state_dict())
-    for name, (_, optimizer) in optimizers.items():
-        if name in state:
+        missing, unexpected = model.load_state_dict(
+            auto_class.from_pretrained(path / name, dtype=torch.float32).state_dict(), strict=False)
+        if unexpected or set(missing) - {SCORE_BIAS_KEY}:
+            raise ValueError(f"{path / name}: the weights do not fit the {name} "
+                             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+        if missing:
+            unbiased.append(model)
+    _zero_missing_score_bias(unbiased)
+    for name, (model, optimizer) in optimizers.items():
+        if name not in state:
+            continue
+        if not any(model is m for m in unbiased):
             optimizer.load_state_dict(state[name])
+            continue
+        # Its saved state knows every parameter but the bias, the critic's last: load without it.
+        params = optimizer.param_groups[-1]["params"]
+        bias = params.pop()
+        assert bias is model.score.bias, "the score bias is the critic's last parameter"
+        optimizer.load_state_dict(state[name])
+        optimizer.param_groups[-1]["params"].append(bias)
     return state
+
+
+def _zero_missing_score_bias(models: list[Any]) -> None:
+    """A critic saved before critics kept the reward model's score bias computed without one:
+    it resumes with a bias of 0, as it was trained."""
+    with torch.no_grad():
+        for model in models:
+            model.score.bias.zero_()
 
 
 def rng_states(generator: torch.Generator, device: torch.device) -> dict:

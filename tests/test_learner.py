@@ -497,6 +497,39 @@ def test_a_checkpoint_from_before_sharded_checkpoints_still_resumes(tiny_assets,
         assert all(torch.equal(a[n], b[n]) for n in a), model
 
 
+@pytest.mark.parametrize("layout", ["sharded", "whole"])
+def test_a_critic_saved_before_critics_kept_the_score_bias_resumes_without_one(tiny_assets, tmp_path, layout):
+    """A checkpoint whose critic, made from a reward model with a score bias, lost that bias
+    (as before critics kept it) computed without one: it resumes so, bias 0, from either
+    checkpoint layout."""
+    import shutil
+
+    from cluster.shared.score_head import set_score_bias
+    from reward_service.model import load_reward_model, save_reward_model
+
+    reward, tokenizer = load_reward_model(tiny_assets.reward)
+    set_score_bias(reward, 1.5)
+    save_reward_model(reward, tokenizer, tmp_path / "biased")
+    old = Learner(make_cfg(tiny_assets), str(tmp_path / "run"))  # the tiny reward model has no bias
+    old.update(sample(old, prompts(tiny_assets, 16), seed=5))
+    path = Path(old.save_checkpoint({"cursor": 1}))
+    if layout == "whole":  # as in test_a_checkpoint_from_before_sharded_checkpoints_still_resumes
+        shutil.rmtree(path / "sharded")
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        del state["optimizers"]
+        state.update(policy_optimizer=old.policy_optimizer.state_dict(),
+                     critic_optimizer=old.critic_optimizer.state_dict())
+        torch.save(state, path / "trainer_state.pt")
+
+    resumed = Learner(make_cfg(tiny_assets, f"model.reward={tmp_path / 'biased'}"), str(tmp_path / "run"))
+    assert resumed.critic.score.bias.item() == 1.5
+    assert resumed.load_checkpoint() == {"cursor": 1}
+    assert resumed.critic.score.bias.item() == 0.0
+    before, after = params(old.critic), params(resumed.critic)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not resumed.update(sample(old, prompts(tiny_assets, 16, start=16), seed=6)).skipped
+
+
 def test_a_critic_free_learner_resumes_a_gae_checkpoint_without_its_critic(tiny_assets, tmp_path):
     gae = Learner(make_cfg(tiny_assets), str(tmp_path))
     gae.update(sample(gae, prompts(tiny_assets, 16), seed=5))
