@@ -29,12 +29,12 @@ from cluster.prompts import PromptSource
 from cluster.shared.config import TameConfig, check_model_folder, gpu_env
 from cluster.shared.data import load_prompts
 from cluster.shared.errors import ConfigError, RunError, UserError
-from cluster.shared.files import write_json
+from cluster.shared.files import write_json, write_text
 from cluster.shared.ray_cluster import connect_ray, started_here, starts_local
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
 from cluster.shared.resources import ask, check_cluster, check_local, free_on_cluster, roles
 from cluster.shared.startup import Pending, ref_done, wait_until_up
-from cluster.shared.tokens import has_chat_template
+from cluster.shared.tokens import require_chat_template
 from cluster.shared.transport import WeightsHandle
 from cluster.state import Counters, DriverState
 
@@ -126,11 +126,12 @@ def scale(num_actors: int, run: str | None = None, address: str | None = None) -
     import ray
 
     # "auto": the running cluster of this machine; `tame scale` never starts one.
-    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    given = address or os.environ.get("RAY_ADDRESS")
     try:
-        connect_ray(address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
-    except ConnectionError as e:
-        raise UserError(f"--address {address}: no running Ray cluster to scale a job on ({e})") from None
+        connect_ray(given or "auto", namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError:
+        where = f"at {given}" if given else "on this machine (give one with --address or RAY_ADDRESS)"
+        raise UserError(f"--address: no running Ray cluster {where} to scale a job on") from None
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == NAMESPACE and a["name"].startswith(CONTROL_PREFIX)]
     runs = [n.removeprefix(CONTROL_PREFIX) for n in names]
@@ -189,7 +190,7 @@ class Loop:
         log(f"starting the learner and {self.pool.target} rollout actor(s)")
         self.learner, self.learner_group = start_learner(cfg)
         early: list = []
-        self.control = None
+        self.control, self.metrics = None, None
         try:
             early.extend(self.pool.create(scorer=None) for _ in range(self.pool.target))
 
@@ -235,6 +236,8 @@ class Loop:
                 ray.kill(handle)
             if self.control is not None:
                 ray.kill(self.control)
+            if self.metrics is not None:
+                self.metrics.finish({"error": "the run did not start"})
             self.stop_learner()  # and free its placement group, which outlives handles
             raise
 
@@ -249,7 +252,7 @@ class Loop:
         self.last_scale_poll = 0.0
         self.last_loads: dict[int, LoadResult] = {}  # each actor's last load
         self.deaths_in_a_row = 0  # actor deaths since the last batch an actor produced
-        self.scoring_failing_since: float | None = None  # since when no call came back scored
+        self.scoring_failed_seconds = 0.0  # of the calls that came back unscored since one was scored
         self.stop_requested = False
         self.started = time.monotonic()
         self.stop = stop or StopSignal()  # set by a signal handler; checked between loop passes
@@ -387,23 +390,23 @@ class Loop:
             raise RunError("the last rollout actor died and rollout.replace_failed is false; "
                            "resume with `tame train --resume` once the cluster has room")
 
-    def check_scoring(self, batch: RolloutBatch) -> None:
-        """End the run once every generation call for `reward.failing_timeout_s` came back
-        with nothing scored: retrying cannot help a reward service that stays down or a rule
-        function that fails on the same prompts each time they are handed out."""
+    def check_scoring(self, batch: RolloutBatch, call_seconds: float) -> None:
+        """End the run once generation calls that came back with nothing scored took
+        `reward.failing_timeout_s` in all, with none scored in between: retrying cannot help a
+        reward service that stays down or a rule function that fails on the same prompts each
+        time they are handed out. (Their own time: waiting for an update does not count.)"""
         if batch.rollouts or not batch.failed_prompt_ids:
-            self.scoring_failing_since = None
+            self.scoring_failed_seconds = 0.0
             return
-        now = time.monotonic()
-        if self.scoring_failing_since is None:
-            self.scoring_failing_since = now
+        self.scoring_failed_seconds += call_seconds
         limit = self.cfg.reward.failing_timeout_s
-        if now - self.scoring_failing_since > limit:
-            raise RunError(f"no generation call could be scored for {now - self.scoring_failing_since:.0f} s "
+        if self.scoring_failed_seconds > limit:
+            raise RunError(f"no generation call could be scored for {self.scoring_failed_seconds:.0f} s of calls "
                            f"(reward.failing_timeout_s {limit:g}); the last failure: "
                            f"{batch.score_error or 'scores that are not finite numbers'}")
 
     def on_generated(self, slot: Slot, batch: RolloutBatch) -> None:
+        call_seconds = time.monotonic() - slot.call_started
         self.deaths_in_a_row = 0
         slot.tokens += batch.generated_tokens
         slot.generate_seconds += batch.generate_seconds
@@ -421,7 +424,7 @@ class Loop:
         slot.prompt_ids = []
         if not self.pool.returned(slot):
             self.retire(slot)
-        self.check_scoring(batch)
+        self.check_scoring(batch, call_seconds)
 
     def to_next_deadline(self) -> float:
         """Seconds until a load or the update in flight is overdue (`check_deadlines`)."""
@@ -638,7 +641,7 @@ class Loop:
                 continue
             ready, _ = ray.wait(refs, num_returns=1, timeout=min(1.0, self.to_next_deadline()))
             if ready:  # every call done by now, so that none of them is judged overdue below
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
             for ref in ready:
                 if ref is self.update_ref:
                     self.on_updated(self.update_result())
@@ -717,7 +720,10 @@ class Loop:
         if started_here():
             return  # this process's own Ray: Serve stops with it when the process exits
         try:
-            serve.shutdown() if self.owns_serve else serve.delete(reward_app(self.cfg))
+            serve.delete(reward_app(self.cfg))
+            # Serve this run started goes with it, unless another run or service deploys on it now.
+            if self.owns_serve and not serve.status().applications:
+                serve.shutdown()
         except Exception:  # Serve may already be gone with a dying cluster
             pass
 
@@ -743,8 +749,7 @@ def _node_of(actor) -> dict:
 
 def _truncate_jsonl(path: Path, key: str, last: int) -> None:
     """Drop the lines of updates after `last`: a resumed run redoes them. A line a killed
-    driver left half-written is one of them (each line goes out before its checkpoint). The
-    file is replaced whole, through a temporary file."""
+    driver left half-written is one of them (each line goes out before its checkpoint)."""
     if not path.exists():
         return
     keep = []
@@ -754,20 +759,19 @@ def _truncate_jsonl(path: Path, key: str, last: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def check_inputs(cfg: TameConfig) -> None:
     """Fail with exit code 2 on missing or wrong-kind inputs before anything starts."""
+    from reward_service.rewards import check_reward_config
+
     check_model_folder("model.policy", cfg.model.policy, "causal LM")
-    if cfg.data.chat_template and not has_chat_template(cfg.model.policy):
-        raise ConfigError(f"data.chat_template is true, but the tokenizer of model.policy ({cfg.model.policy}) "
-                          "has no chat template: set data.chat_template false, or give the tokenizer one "
-                          "(chat_template.jinja in its folder)")
+    if cfg.data.chat_template:
+        require_chat_template(cfg.model.policy, "model.policy")
     if cfg.model.reward is not None:
         check_model_folder("model.reward", cfg.model.reward, "reward model")
+    check_reward_config(cfg)  # the reward model's folder and template, the rule functions
     load_prompts(cfg.data.prompts)  # names the file and line of a bad record
     if cfg.ppo.ptx_data is not None:
         from learner.data import read_demonstrations
@@ -780,7 +784,7 @@ class TokenizerChecks(threading.Thread):
     what it found): every prompt within `data.max_prompt_tokens`, and leaving the engine room
     for a response (a longer one would fail its generation call mid-run, and again after
     every resume); and a critic made from the reward model, which reads the policy's token
-    ids, sharing the policy's vocabulary."""
+    ids, giving each of them to the same token."""
 
     def __init__(self, cfg: TameConfig):
         super().__init__(daemon=True, name="tokenizer-checks")
@@ -801,11 +805,13 @@ class TokenizerChecks(threading.Thread):
             else:
                 limit, key = cfg.data.max_prompt_tokens, "data.max_prompt_tokens"
             check_prompt_lengths(cfg.data.prompts, tokenizer, cfg.data.chat_template, limit, key)
-            if cfg.ppo.advantage == "gae" and cfg.learner.critic == "reward" and cfg.model.reward is not None \
-                    and AutoTokenizer.from_pretrained(cfg.model.reward).get_vocab() != tokenizer.get_vocab():
-                raise ConfigError(f"learner.critic: 'reward' makes the critic from model.reward ({cfg.model.reward}), "
-                                  "which would read the policy's token ids, but its tokenizer has another "
-                                  "vocabulary than model.policy's: use learner.critic policy")
+            if cfg.ppo.advantage == "gae" and cfg.learner.critic == "reward" and cfg.model.reward is not None:
+                reward = AutoTokenizer.from_pretrained(cfg.model.reward).get_vocab()
+                if any(reward.get(token) != i for token, i in tokenizer.get_vocab().items()):
+                    raise ConfigError(
+                        f"learner.critic: 'reward' makes the critic from model.reward ({cfg.model.reward}), which "
+                        "would read the policy's token ids, but its tokenizer gives some of them to other tokens "
+                        "than model.policy's does: use learner.critic policy")
         except Exception as e:  # raised in the caller's thread by check()
             self.error = e
 

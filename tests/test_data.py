@@ -100,8 +100,9 @@ def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_start
 
 
 def test_a_critic_made_from_a_reward_model_with_another_vocabulary_is_refused_before_the_run(tiny_assets, tmp_path):
-    """The critic reads the policy's token ids: a reward model with another tokenizer would
-    read them as other words. (Scoring is not concerned: the reward service tokenises text.)"""
+    """The critic reads the policy's token ids: a reward tokenizer that gives one of them to
+    another token is refused; one that only adds tokens (a PAD, say) is not. (Scoring is not
+    concerned: the reward service tokenises text.)"""
     import shutil
 
     from transformers import AutoTokenizer
@@ -110,22 +111,27 @@ def test_a_critic_made_from_a_reward_model_with_another_vocabulary_is_refused_be
     from cluster.shared.config import load_config
     from cluster.shared.errors import ConfigError
 
-    other = tmp_path / "reward"
-    shutil.copytree(tiny_assets.reward, other)
-    tokenizer = AutoTokenizer.from_pretrained(other)
+    added, swapped = tmp_path / "added", tmp_path / "swapped"
+    for folder in (added, swapped):
+        shutil.copytree(tiny_assets.reward, folder)
+    tokenizer = AutoTokenizer.from_pretrained(added)
     tokenizer.add_tokens(["<an-extra-word>"])
-    tokenizer.save_pretrained(other)
+    tokenizer.save_pretrained(added)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["&"], vocab["'"] = vocab["'"], vocab["&"]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
 
     def check(reward, *overrides):
         TokenizerChecks(load_config(None, [f"model.policy={tiny_assets.policy}", f"model.reward={reward}",
                                            f"data.prompts={tiny_assets.data / 'prompts.jsonl'}", *overrides])).check()
 
     check(tiny_assets.reward)
-    check(other, "learner.critic=policy")
-    with pytest.raises(ConfigError, match=r"learner.critic: 'reward' makes the critic from model.reward .* another "
-                                          r"vocabulary than model.policy's: use learner.critic policy"):
-        check(other)
-
+    check(added)
+    check(swapped, "learner.critic=policy")
+    with pytest.raises(ConfigError, match=r"learner.critic: 'reward' makes the critic from model.reward .* gives some "
+                                          r"of them to other tokens than model.policy's does: use learner.critic policy"):
+        check(swapped)
 
 
 def test_a_policy_without_a_chat_template_is_refused_before_the_run_unless_told_to_send_raw_text(tiny_assets, tmp_path):

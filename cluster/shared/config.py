@@ -219,9 +219,9 @@ class RewardConfig(Section):
     retries: int = Field(3, ge=0, le=100)
     """Retries of a failed scoring call within the time budget."""
     failing_timeout_s: float = Field(600.0, gt=0.0)
-    """How long every generation call may come back with nothing scored (a reward service that
-    stays down, a rule function that fails on the same prompts each time) before the run ends,
-    exit 1, its prompts kept for `tame train --resume`."""
+    """How long generation calls may come back with nothing scored, their times added up, with
+    none scored in between (a reward service that stays down, a rule function that fails on
+    the same prompts each time), before the run ends: exit 1, its prompts kept for `--resume`."""
     host: str = "127.0.0.1"
     """HTTP bind address of the reward service."""
     port: int = Field(8000, ge=1, le=65535)
