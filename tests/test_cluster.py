@@ -376,7 +376,7 @@ def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_ever
     other = smoke(tiny_assets, tmp_path, "model.reward=null", "learner.critic=policy", "reward.num_cpus=0.25",
                   "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]")
     serve.shutdown()  # the run starts Serve, as on a cluster where nothing serves yet
-    run = Run(smoke(tiny_assets, tmp_path, "run.name=unscorable", "reward.failing_timeout_s=10",
+    run = Run(smoke(tiny_assets, tmp_path, "run.name=unscorable", "reward.failing_timeout_s=4",
                     "reward.functions=[{function: 'tests.faults:unscorable', weight: 1.0}]", *SMALL_BATCHES))
     run.wait_for("the run to start", lambda status, entries: True)
     handle = deploy(other, http=False, name="tame-reward", wait=False)
@@ -384,7 +384,7 @@ def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_ever
     run.join(timeout=300)
     assert isinstance(run.error, RunError), (run.error, run.logs[-10:])
     assert str(run.error).startswith("no generation call could be scored for "), run.error
-    assert str(run.error).endswith(" s of calls (reward.failing_timeout_s 10); the last failure: RewardError: the reward "
+    assert str(run.error).endswith(" s of calls (reward.failing_timeout_s 4); the last failure: RewardError: the reward "
                                    "service cannot score these items: items.0: reward function "
                                    "tests.faults:unscorable failed: ValueError: no reward for this item"), run.error
     summary = json.loads((run.cfg.run_dir / "summary.json").read_text())

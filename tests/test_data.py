@@ -88,7 +88,8 @@ def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_start
     n = len(prompt_token_ids(tokenizer, "Hi " * 40))
 
     def check(*overrides):
-        cfg = load_config(None, [f"model.policy={tiny_assets.policy}", f"data.prompts={data}", *overrides])
+        cfg = load_config(None, [f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}",
+                                 f"data.prompts={data}", *overrides])
         TokenizerChecks(cfg).check()
 
     check(f"data.max_prompt_tokens={n}")
