@@ -719,9 +719,8 @@ class Loop:
         ray.kill(self.control)
         if started_here():
             return  # this process's own Ray: Serve stops with it when the process exits
-        try:
-            serve.delete(reward_app(self.cfg))
-            # Serve this run started goes with it, unless another run or service deploys on it now.
+        _delete_reward_app(self.cfg)
+        try:  # Serve this run started goes with it, unless another run or service deploys on it now
             if self.owns_serve and not serve.status().applications:
                 serve.shutdown()
         except Exception:  # Serve may already be gone with a dying cluster
@@ -926,7 +925,8 @@ def reward_app(cfg: TameConfig) -> str:
 
 
 def _delete_reward_app(cfg: TameConfig) -> None:
-    """After a failed start: the reward app is the one part that would outlive the driver."""
+    """The run's reward app, the one part that would outlive the driver (at the end of a run,
+    and after a failed start)."""
     from ray import serve
 
     try:
