@@ -27,7 +27,6 @@ Per-token tensors have shape (B, L-1): position t is the prediction of input_ids
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -42,19 +41,15 @@ from cluster.shared.config import TameConfig
 from cluster.shared.logprobs import response_logprobs
 from cluster.shared.precision import compute_context, float32_head, torch_dtype
 from cluster.shared.records import Rollout, UpdateResult
-from cluster.shared.score_head import restore_score_bias
 from cluster.shared.startup import heavy_imports
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport
 from learner import checkpoints, ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
 from learner.experience import Batch, Experience, tokenize
+from learner.loading import load_models, value_head
+from learner.rollback import HostSnapshot
 from learner.sharding import Group, Shards, full
-from learner.training import (
-    demonstration_nll,
-    disable_dropout,
-    make_scheduler,
-    set_torch_threads,
-)
+from learner.training import demonstration_nll, make_scheduler, set_torch_threads
 
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -78,7 +73,7 @@ class Learner:
 
     def __init__(self, cfg: TameConfig, run_dir: str, group: Group | None = None):
         with heavy_imports():
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -86,9 +81,6 @@ class Learner:
         self.device = torch.device(cfg.learner.device)
         # One of learner.num_workers processes (learner/sharding.py); alone without a group.
         self.shards = Shards(group, self.device)
-        # Float32 weights and optimizer states always; learner.compute_dtype sets the
-        # arithmetic of the forward passes (training.compute_context).
-        self.dtype = torch.float32
         self.temperature = cfg.rollout.sampling.temperature
         torch.manual_seed(cfg.run.seed)
 
@@ -97,40 +89,20 @@ class Learner:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_id
 
-        # The policy we train and the frozen reference (the SFT model) it is held close to;
-        # none when the actors compute the reference log-probs (rollout.reference_logprobs).
-        self.policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
-        self.reference = None
-        if not cfg.rollout.reference_logprobs:
-            self.reference = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=self.dtype)
-            self.reference.requires_grad_(False)
-        # A critic only for GAE: the other estimators take their baseline from the group or
-        # the batch, and the learner then holds, passes and saves no value model at all.
+        # The policy we train, the frozen reference (the SFT model) it is held close to, and
+        # the critic (GAE only), each built where it lives: sharded ones are never whole.
         p = cfg.ppo
-        self.critic = self._load_critic() if p.advantage == "gae" else None
-        for model in (self.policy, self.reference, self.critic):
-            if model is not None:
-                disable_dropout(model)
-                model.to(self.device)
-        self.value_head = _value_head(self.critic) if self.critic is not None else None
+        models = load_models(cfg, self.shards, self.device)
+        self.policy, self.reference, self.critic = models.policy, models.reference, models.critic
+        self.value_head = value_head(self.critic) if self.critic is not None else None
         if self.critic is not None:
             # Body and value head in one call, so a sharded critic gathers its root (which
             # holds the head) for it as for a forward pass.
             self.critic.token_values = types.MethodType(_token_values, self.critic)
-        if cfg.learner.gradient_checkpointing:
-            for model in (self.policy, self.critic):
-                if model is not None:
-                    # Transformers recomputes layers only in train mode; dropout stays off
-                    # (disable_dropout zeroed every probability).
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                    model.train()
-        for model in (self.policy, self.reference, self.critic):
-            if model is not None:
-                self.shards.shard(model, cfg.learner.param_dtype, cfg.learner.reduce_dtype)
-        if self.critic is not None and self.shards.sharded:
-            from torch.distributed.fsdp import register_fsdp_forward_method
+            if self.shards.sharded:
+                from torch.distributed.fsdp import register_fsdp_forward_method
 
-            register_fsdp_forward_method(self.critic, "token_values")
+                register_fsdp_forward_method(self.critic, "token_values")
 
         minibatches = math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
         total_steps = cfg.train.total_updates * p.epochs * minibatches
@@ -163,34 +135,7 @@ class Learner:
         self.transport: WeightTransport = ObjectStoreTransport()
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
-
-    def _load_critic(self) -> torch.nn.Module:
-        """A sequence-classification model used per token: its body's hidden state at every
-        position through its score head is the value of that state. From the reward model
-        (InstructGPT) or from the policy's body with a fresh zero value head."""
-        from transformers import AutoModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
-
-        # Loading a causal LM as seq-cls reports the missing head and the unused LM head, and
-        # a reward model its score bias (put back below): expected here, so keep them out of
-        # the logs.
-        from_reward = self.cfg.learner.critic == "reward"  # the config checked that model.reward is set
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            critic = AutoModelForSequenceClassification.from_pretrained(
-                self.cfg.model.reward if from_reward else self.cfg.model.policy, num_labels=1, dtype=self.dtype)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        if from_reward:
-            restore_score_bias(critic, self.cfg.model.reward)  # the values start at the scores
-            return critic
-        head = _value_head(critic)
-        with torch.no_grad():
-            head.weight.zero_()
-            if head.bias is not None:
-                head.bias.zero_()
-        return critic
+        self.snapshot = HostSnapshot()
 
     # ------------------------------------------------------------------ versions and weights
 
@@ -391,7 +336,11 @@ class Learner:
             mb = exp.select(micro)
             if first is not None:
                 assert len(micro) == len(rows), "a fused forward covers exactly one micro-batch"
-            logp, entropy, values = first if first is not None else self._forward(mb.batch)
+            # The policy's terms, then the critic's, each with its own backward: their
+            # parameters are apart, so the gradients are the summed loss's, and the critic's
+            # activations are never held beside the policy's.
+            logp, entropy = ((first.logprobs, first.entropy) if first is not None
+                             else self._token_logprobs(self.policy, mb.batch, with_entropy=True))
             weights = ppo.token_weights(mb.mask, p.loss_aggregation, len(rows), n_tokens,
                                         self.cfg.rollout.sampling.max_new_tokens)
             pg = ppo.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask, p.clip_ratio,
@@ -399,21 +348,27 @@ class Learner:
             if p.entropy_coef == 0:
                 entropy = entropy.detach()
             ent = ppo.entropy_bonus(entropy, mb.mask, normaliser=n_tokens)
-            loss = pg.loss - p.entropy_coef * ent
+            policy_loss = loss = pg.loss - p.entropy_coef * ent
             terms = [("policy", pg.loss), ("clipfrac", pg.clipfrac), ("approxkl", pg.approxkl),
                      ("ratio", pg.ratio), ("entropy", ent)]
-            if values is not None:
-                vf = ppo.clipped_value_loss(values, mb.old_values, mb.returns, mb.mask,
-                                            p.value_clip, normaliser=n_tokens)
-                loss = loss + p.vf_coef * vf.loss
-                terms += [("value", vf.loss), ("vf_clipfrac", vf.clipfrac)]
+            kl = None
             if kl_coef > 0:  # GRPO's placement: k3 toward the reference, in the loss
                 kl = (ppo.kl_k3(logp, mb.ref_logprobs) * weights).sum()
-                loss = loss + kl_coef * kl
-                terms.append(("kl", kl))
+                policy_loss = policy_loss + kl_coef * kl
             # A stand-in pass is there for the gathers only: no gradient, and zero statistics
             # under the same keys as every worker's.
-            (0.0 * loss if stand_in else loss).backward()
+            (0.0 * policy_loss if stand_in else policy_loss).backward()
+            if self.critic is not None:
+                values = first.values if first is not None else self._values(mb.batch)
+                vf = ppo.clipped_value_loss(values, mb.old_values, mb.returns, mb.mask,
+                                            p.value_clip, normaliser=n_tokens)
+                value_loss = p.vf_coef * vf.loss
+                (0.0 * value_loss if stand_in else value_loss).backward()
+                loss = loss + value_loss
+                terms += [("value", vf.loss), ("vf_clipfrac", vf.clipfrac)]
+            if kl is not None:
+                loss = loss + kl_coef * kl
+                terms.append(("kl", kl))
             for key, value in [("loss", loss), *terms]:
                 totals[key] += torch.zeros_like(value) if stand_in else value.detach()
         if p.ptx_coef > 0:
@@ -471,7 +426,8 @@ class Learner:
 
         # 4. PPO epochs over shuffled minibatches
         steps = p.epochs * math.ceil(len(exp) / p.minibatch_size)
-        snapshot = self._snapshot() if steps > 1 else None
+        if steps > 1:  # a later minibatch may turn non-finite after earlier ones stepped
+            self.snapshot.take(self._models(), self._optimizers())
         ptx_cursor = self.ptx_cursor
         stats: dict[str, list[float]] = defaultdict(list)
         grad_norms: dict[str, list[float]] = defaultdict(list)
@@ -484,8 +440,8 @@ class Learner:
                          for name, model in self._models().items()}
                 if not all(math.isfinite(x) for x in (mb_stats["loss"], *norms.values())):
                     self._zero_grad()
-                    if snapshot is not None:
-                        self._restore(snapshot)
+                    if steps > 1:
+                        self.snapshot.restore(self._models(), self._optimizers())
                     self.ptx_cursor = ptx_cursor
                     return self._skip(metrics, started)
                 for optimizer, scheduler in self._optimizers().values():
@@ -574,20 +530,6 @@ class Learner:
         for optimizer, _ in self._optimizers().values():
             optimizer.zero_grad(set_to_none=True)
 
-    def _trainable(self) -> dict[str, object]:
-        """Everything an update changes, by name (no critic's without a critic)."""
-        return {f"{name}{part}": getattr(self, f"{name}{part}")
-                for name in self._models() for part in ("", "_optimizer", "_scheduler")}
-
-    def _snapshot(self) -> dict[str, dict]:
-        """Copies of everything an update changes, to undo an update that goes non-finite
-        after some of its optimizer steps (the version must match the weights)."""
-        return {name: copy.deepcopy(obj.state_dict()) for name, obj in self._trainable().items()}
-
-    def _restore(self, snapshot: dict[str, dict]) -> None:
-        for name, obj in self._trainable().items():
-            obj.load_state_dict(snapshot[name])
-
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
@@ -659,14 +601,5 @@ def _token_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         hidden = critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                    use_cache=False).last_hidden_state  # (B, L, H)
     window = hidden[:, offset: input_ids.shape[1] - 1]  # (B, W, H)
-    return float32_head(_value_head(critic), window)  # (B, W, 1): no view, for FSDP's backward hook
+    return float32_head(value_head(critic), window)  # (B, W, 1): no view, for FSDP's backward hook
 
-
-def _value_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The scalar head of a sequence-classification model (`score` in most HF models)."""
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Linear) and head.out_features == 1:
-            return head
-    raise ValueError(f"{type(model).__name__}: no scalar head (score/classifier) to use as "
-                     "the critic's value head")

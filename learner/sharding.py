@@ -96,7 +96,10 @@ class Shards:
 
     def shard(self, model: torch.nn.Module, param_dtype: str | None, reduce_dtype: str | None) -> None:
         """FSDP2 over the group: each decoder layer is one unit (gathered for its pass, freed
-        after), the root holds the rest (embeddings, final norm, heads)."""
+        after), and so are the input embeddings and an untied LM head, which with a large
+        vocabulary are the largest tensors of the model; the root holds the rest (final norm,
+        a score head, a tied LM head). The root stays gathered from the forward to the end
+        of the backward: it is kept small."""
         if not self.sharded:
             return
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -105,8 +108,8 @@ class Shards:
 
         policy = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype) if param_dtype else None,
                                       reduce_dtype=torch_dtype(reduce_dtype) if reduce_dtype else None)
-        for layer in decoder_layers(model):
-            fully_shard(layer, mesh=self.mesh, mp_policy=policy)
+        for unit in sharding_units(model):
+            fully_shard(unit, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
         for module in model.modules():
             if isinstance(module, FSDPModule):
@@ -160,6 +163,16 @@ def full(tensor: Any) -> Any:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def sharding_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP2 gathers one at a time: each decoder layer, the input embeddings and
+    an LM head that is not the embeddings' own weight (a tied one must stay with them, in
+    the root)."""
+    embeddings = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight is embeddings.weight
+    return [*decoder_layers(model), *([] if tied else [embeddings]), *([head] if head is not None and not tied else [])]
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

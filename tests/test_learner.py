@@ -6,6 +6,7 @@ published-weights check."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -279,6 +280,22 @@ def test_bfloat16_compute_trains_float32_weights_that_learn_at_small_learning_ra
     assert full["val/logp_gap_fresh_mean"] < 1e-5 < mixed["val/logp_gap_fresh_mean"] < 0.05
 
 
+
+
+def test_a_bfloat16_reference_costs_half_and_gives_the_float32_weights_log_probs(tiny_assets, tmp_path):
+    """Under bfloat16 autocast the frozen reference stores its linear layers in bfloat16, the
+    dtype autocast computes them in, and keeps embeddings and norms in float32: its log-probs
+    are the float32 policy's bit for bit at version 0 (the KL starts at exactly 0)."""
+    learner = Learner(make_cfg(tiny_assets, "learner.compute_dtype=bfloat16"), str(tmp_path))
+    linear = {f"{name}.weight" for name, m in learner.reference.named_modules() if isinstance(m, torch.nn.Linear)}
+    dtypes = {name: p.dtype for name, p in learner.reference.named_parameters()}
+    assert linear and {dtypes[n] for n in linear} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if n not in linear} == {torch.float32}
+    assert not any(p.requires_grad for p in learner.reference.parameters())
+    batch = learner.tokens(sample(learner, prompts(tiny_assets, 8), seed=2))
+    ref, old, _ = learner._no_grad_passes(batch)
+    assert torch.equal(ref, old)
+    assert learner.update(sample(learner, prompts(tiny_assets, 16), seed=3)).metrics["objective/kl"] == 0.0
 # --------------------------------------------------------------------------- learning
 
 
@@ -417,6 +434,23 @@ def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, ra
     good = learner.update(rollouts)
     assert not good.skipped and good.version == learner.version() == 1
     assert good.metrics["learner/nonfinite_total"] == 2.0 and learner.nonfinite_in_row == 0
+
+    # Undone once AdamW has moments: they come back from the host snapshot bit for bit, as do
+    # the weights, the learning rates and the schedules.
+    weights, moments = params(learner.policy), copy.deepcopy(learner.policy_optimizer.state_dict())
+    schedule = learner.critic_scheduler.state_dict()
+    steps, step = [], learner.policy_optimizer.step
+    learner.policy_optimizer.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+    assert learner.update(bad_logp).skipped
+    assert steps, "the NaN row came in the first minibatch: nothing was undone"
+    learner.nonfinite_in_row = 0
+    for name, p in learner.policy.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    after = learner.policy_optimizer.state_dict()
+    assert after["param_groups"] == moments["param_groups"]
+    for index, state in moments["state"].items():
+        assert all(torch.equal(after["state"][index][k], v) for k, v in state.items()), index
+    assert learner.critic_scheduler.state_dict() == schedule
     learner.update(bad_score)
     with pytest.raises(NonFiniteUpdatesError, match="max_nonfinite_updates = 2"):
         learner.update(bad_score)

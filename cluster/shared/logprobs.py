@@ -9,6 +9,14 @@ import torch
 from cluster.shared.tokens import pad
 
 
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 log softmax(logits / temperature). At temperature 1 the cast happens inside the
+    log-softmax: one vocabulary-sized float32 tensor fewer, the same numbers."""
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
                          temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) of the given tokens.
@@ -17,14 +25,13 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
     The division by the sampling temperature makes these the log-probs of the distribution
     the tokens were sampled from.
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = _log_softmax(logits, temperature)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) at every position. (..., V) -> (...)."""
-    logits = logits.float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = _log_softmax(logits, temperature)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -32,7 +39,7 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_from_logits` and `entropy_from_logits` from one log-softmax: what the
     learner trains with when the loss has an entropy term. (..., V), (...) -> (...), (...)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = _log_softmax(logits, temperature)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
