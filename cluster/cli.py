@@ -50,7 +50,7 @@ def cmd_config(args) -> int:
 def cmd_assets(args) -> int:
     from cluster.demo.assets import build_assets
 
-    build_assets(args.out, args.size, args.seed, log=log)
+    build_assets(args.out, args.size, args.seed, log=log, family=args.family)
     return EXIT_OK
 
 
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--size", default="tiny", choices=["tiny", "small", "base"],
                    help="tiny for tests, small (~5M parameters) for the demo, base (~90M) for benchmarks")
+    s.add_argument("--family", default="llama", choices=["llama", "qwen2"],
+                   help="model architecture and tokenizer: llama (the demo's), or qwen2 (q/k/v biases, "
+                        "grouped-query attention, untied LM head, Qwen2's tokenizer)")
     s.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     s.set_defaults(func=cmd_assets)
 
