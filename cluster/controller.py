@@ -199,7 +199,7 @@ class Loop:
             self.owns_serve = not _serve_running()
             log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
             self.scorer = RewardClient(deploy(cfg, http=False, name=reward_app(cfg), wait=False),
-                                       cfg.reward.timeout_s, cfg.reward.retries)
+                                       cfg.reward.timeout_s, cfg.reward.retries, cfg.reward.call_items_per_s)
             learner_role, rollout_role = roles(cfg, only=("learner", "rollout"))
             roles_up = [
                 Pending("the learner", ask(learner_role), ref_done(self.learner.__ray_ready__.remote()),

@@ -43,13 +43,17 @@ def ray_local(tmp_path_factory):
     """A local Ray with more logical CPUs than cores, so every role can be placed at once."""
     import ray
 
-    # The switch of tests.faults:gold_unless_poisoned, seen by every process of the cluster.
-    os.environ["TAME_TEST_POISON"] = str(tmp_path_factory.mktemp("faults") / "poison")
+    # The switches of tests.faults:gold_unless_poisoned and held_gold, seen by every process
+    # of the cluster.
+    switches = tmp_path_factory.mktemp("faults")
+    os.environ["TAME_TEST_POISON"] = str(switches / "poison")
+    os.environ["TAME_TEST_HOLD"] = str(switches / "hold")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False,
                  runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                            "VLLM_CPU_KVCACHE_SPACE": "1",
                                            "TOKENIZERS_PARALLELISM": "false",
-                                           "TAME_TEST_POISON": os.environ["TAME_TEST_POISON"]}})
+                                           "TAME_TEST_POISON": os.environ["TAME_TEST_POISON"],
+                                           "TAME_TEST_HOLD": os.environ["TAME_TEST_HOLD"]}})
     yield ray
     ray.shutdown()

@@ -3,7 +3,9 @@
 While the file named by TAME_TEST_POISON exists, every reward is 1e300: a finite Python
 float that passes the reward service's checks and overflows to Inf in the learner's float32,
 as an exploding reward model would. `slow_gold` takes a second per item: a request that is
-still in flight when its replica is told to stop.
+still in flight when its replica is told to stop. `held_gold` scores at a known pace, and not
+at all while the file named by TAME_TEST_HOLD exists: a replica that holds its calls without
+an answer, as one on a dead node does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ def gold_unless_poisoned(prompt: str, response: str) -> float:
 
 def slow_gold(prompt: str, response: str) -> float:
     time.sleep(1.0)
+    return gold_reward(prompt, response)
+
+
+HELD_PACE_S = 0.5
+"""Seconds `held_gold` takes per item."""
+
+
+def held_gold(prompt: str, response: str) -> float:
+    hold = Path(os.environ["TAME_TEST_HOLD"])
+    while hold.exists():
+        time.sleep(0.05)
+    time.sleep(HELD_PACE_S)
     return gold_reward(prompt, response)
 
 

@@ -1,9 +1,11 @@
 """The reward service against a real Ray Serve deployment on CPU.
 
-Three applications share one Serve instance, deployed once for the module:
+Five applications share one Serve instance, deployed once for the module:
 - `main`  (HTTP at /):     the tiny reward model, 2 replicas, no token;
 - `mix`   (HTTP at /mix):  0.5 * reward model + 2.0 * cluster.demo.world:gold_reward, bearer token set;
-- `rules` (handle only):   gold_reward alone, no model (a verifiable task).
+- `rules` (handle only):   gold_reward alone, no model (a verifiable task);
+- `slow`  (handle only):   gold_reward at a second an item, deleted by the test of a stopping replica;
+- `held`  (handle only):   gold_reward at a known pace, holding its calls while a test says so.
 Scores are checked against transformers' own forward pass on the same token ids.
 """
 
@@ -81,7 +83,7 @@ def service(tiny_assets, ray_local):
     port = free_port()
     pending = []
 
-    def start(cfg, name, **options):  # the replicas of all four applications start together
+    def start(cfg, name, **options):  # the replicas of all the applications start together
         pending.append(coming_up(cfg, name))
         return deploy(cfg, name=name, wait=False, **options)
 
@@ -97,9 +99,10 @@ def service(tiny_assets, ray_local):
     rules = start(_cfg(None, port, functions=[{"function": "cluster.demo.world:gold_reward"}]),
                   "test-reward-rules", http=False)
     slow = start(_cfg(None, port, functions=[{"function": "tests.faults:slow_gold"}]), "test-reward-slow", http=False)
+    held = start(_cfg(None, port, functions=[{"function": "tests.faults:held_gold"}]), "test-reward-held", http=False)
     wait_until_up(pending, 120, lambda _: None)  # on time out it names the applications still starting
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-        yield {"main": main, "mix": mix, "rules": rules, "slow": slow, "http": http}
+        yield {"main": main, "mix": mix, "rules": rules, "slow": slow, "held": held, "http": http}
     serve.shutdown()  # every application at once
 
 
@@ -366,8 +369,9 @@ def test_reward_client_is_picklable_and_works_inside_a_ray_task(service, direct)
 
     from reward_service.client import RewardClient
 
-    client = RewardClient(service["main"], timeout_s=60, retries=2)
-    assert pickle.loads(pickle.dumps(client)).retries == 2
+    client = RewardClient(service["main"], timeout_s=60, retries=2, call_items_per_s=50.0)
+    copy = pickle.loads(pickle.dumps(client))
+    assert (copy.timeout_s, copy.retries, copy.call_items_per_s) == (60, 2, 50.0)
 
     @ray.remote(num_cpus=0.1)
     def score_in_task(scorer, prompts, responses):
@@ -387,6 +391,75 @@ def test_reward_client_raises_reward_error_when_the_time_budget_is_spent(service
     client = RewardClient(service["main"], timeout_s=0.001, retries=2)
     with pytest.raises(RewardError, match="no reward after"):
         client([p for p, _ in ITEMS], [r for _, r in ITEMS])
+
+
+def test_time_budget_of_a_scoring_call_by_hand():
+    from reward_service.client import RewardClient, attempt_timeout_s, time_budget_s
+
+    # Without call_items_per_s: timeout_s whatever the batch, 60 / 4 = 15 s for the first of 4 attempts.
+    assert time_budget_s(60, 3, 896, None) == 60
+    assert attempt_timeout_s(60, 0, 3) == 15
+    # 128 items at 4 items/s add 128 / 4 = 32 s per attempt: 60 + 4 * 32 = 188 s in all, and
+    # the first attempt waits 188 / 4 = 47 = 15 + 32 s.
+    assert time_budget_s(60, 3, 128, 4.0) == 188
+    assert attempt_timeout_s(188, 0, 3) == 47
+    # It hung and gave up after 47 s, then backed off 0.1 s: (188 - 47.1) / 3 = 46.9667 for the next.
+    assert attempt_timeout_s(188 - 47.1, 1, 3) == pytest.approx(46.9667, abs=1e-4)
+    # Three that failed at once (a replica that died) leave the last attempt all that is left.
+    assert attempt_timeout_s(185.0, 3, 3) == 185.0
+    # No retries: one attempt with the whole budget, 10 + 1 * 20 / 2 = 20 s.
+    assert time_budget_s(10, 0, 20, 2.0) == 20 and attempt_timeout_s(20, 0, 0) == 20
+    # Every attempt gets at least its batch's time when none failed early: share 7.5 + 128 / 4.
+    assert all(attempt_timeout_s(time_budget_s(30, r, 128, 4.0), 0, r) >= 32 for r in range(10))
+    with pytest.raises(ValueError, match="call_items_per_s"):
+        RewardClient(None, timeout_s=60, retries=3, call_items_per_s=0)
+
+
+def test_a_batch_slower_than_timeout_s_alone_allows_is_scored_by_its_first_attempt(service):
+    """A call waits for its whole batch when call_items_per_s says a healthy service may be
+    that slow, where timeout_s's share alone would cancel it and send it again."""
+    from reward_service.client import RewardClient, attempt_timeout_s, time_budget_s
+    from tests.faults import HELD_PACE_S
+
+    handle = service["held"]
+    prompts, responses = [p for p, _ in WORLD_ITEMS], [r for _, r in WORLD_ITEMS]
+    client = RewardClient(handle, timeout_s=2, retries=1, call_items_per_s=1.0)  # 2 + 2 * 4 / 1 = 10 s
+    share_of_timeout_s = attempt_timeout_s(time_budget_s(2, 1, len(prompts), None), 0, 1)  # 1 s
+    assert share_of_timeout_s < len(prompts) * HELD_PACE_S  # 2 s: past it without the batch's part
+    items_before = handle.stats.remote().result(timeout_s=30)["items"]
+    start = time.monotonic()
+    scores = client(prompts, responses)
+    took = time.monotonic() - start
+    assert scores == [gold_reward(p, r) for p, r in WORLD_ITEMS]
+    assert took > share_of_timeout_s
+    # One attempt: a second one would have been scored too before the call returned.
+    assert handle.stats.remote().result(timeout_s=30)["items"] - items_before == len(prompts)
+
+
+def test_a_call_a_replica_holds_without_an_answer_is_retried_and_given_up_within_its_budget(service):
+    """Each attempt waits its share and no longer, so a replica that never answers (on a dead
+    node) costs the call one share, not its whole budget; when none answers, RewardError comes
+    at the end of the budget, grown for the batch, and not later."""
+    from reward_service.client import RewardClient, RewardError, time_budget_s
+
+    handle, hold = service["held"], Path(os.environ["TAME_TEST_HOLD"])
+    prompts, responses = [p for p, _ in WORLD_ITEMS[:2]], [r for _, r in WORLD_ITEMS[:2]]
+    client = RewardClient(handle, timeout_s=1, retries=2, call_items_per_s=4.0)
+    budget = time_budget_s(1, 2, len(prompts), 4.0)
+    assert budget == 2.5  # 1 + 3 * 2 / 4
+    hold.touch()
+    try:
+        start = time.monotonic()
+        with pytest.raises(RewardError, match=r"no reward after 3 attempt\(s\) within 2\.5s") as err:
+            client(prompts, responses)
+        took = time.monotonic() - start
+    finally:
+        hold.unlink()
+    assert len(re.findall(r"attempt \d: \w*TimeoutError", str(err.value))) == 3, err.value  # each gave up waiting
+    assert budget - 0.05 < took < budget + 5  # slack for the cancels on a busy machine
+    # Released, the replica answers again (after the held batch: calls on one replica queue).
+    golds = [gold_reward(p, r) for p, r in WORLD_ITEMS[:2]]
+    assert handle.score.remote(prompts, responses).result(timeout_s=60) == golds
 
 
 def test_a_stopping_replica_answers_the_requests_it_holds(service):

@@ -213,11 +213,23 @@ class RewardConfig(Section):
     max_length: int = Field(512, ge=8)
     """Tokens fed to the reward model per item; longer inputs keep their last tokens."""
     timeout_s: float = Field(60.0, gt=0.0)
-    """Time budget of one scoring call from a rollout actor, retries included. Each attempt gets
-    an equal share of what is left, so one stuck on a dead replica leaves time to retry: keep
-    it above (retries + 1) x the slowest healthy call."""
+    """Time budget of one scoring call from a rollout actor, retries included, before
+    call_items_per_s adds the part that grows with its batch. Each attempt gets an equal share
+    of what is left, so one stuck on a dead replica leaves time to retry: keep timeout_s /
+    (retries + 1) above what a healthy call takes whatever its size (routing, a replica's
+    queue, the batch wait)."""
     retries: int = Field(3, ge=0, le=100)
     """Retries of a failed scoring call within the time budget."""
+    call_items_per_s: float | None = Field(None, gt=0.0)
+    """Slowest rate, in items a second, at which a healthy reward service gets through one
+    scoring call when every rollout actor calls at once (right after each new policy version):
+    its items a second under load over rollout.num_actors (the most `tame scale` will set),
+    since a call waits for the others' items too. A call of n items then gets a budget of
+    timeout_s + (retries + 1) x n / call_items_per_s, each attempt an equal share of what is
+    left: the first waits n / call_items_per_s beyond its share of timeout_s, so a call slowed
+    by the burst is not cancelled and sent again, while one stuck on a dead replica still gives
+    up with time left to retry. Null: timeout_s whatever the batch. The grown budget counts
+    toward rollout.generate_timeout_s."""
     failing_timeout_s: float = Field(600.0, gt=0.0)
     """How long generation calls may come back with nothing scored, their times added up, with
     none scored in between (a reward service that stays down, a rule function that fails on
