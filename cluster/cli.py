@@ -91,6 +91,18 @@ def cmd_train(args) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args) -> int:
+    cfg = _config(args)
+    from cluster.controller import host_memory
+    from cluster.plan import check
+
+    check_model_folder("model.policy", cfg.model.policy, "causal LM")
+    if cfg.model.reward is not None:
+        check_model_folder("model.reward", cfg.model.reward, "reward model")
+    print(check(cfg, host_memory(cfg)).render())
+    return EXIT_OK
+
+
 def cmd_serve_reward(args) -> int:
     from reward_service.rewards import check_reward_config
     from reward_service.service import serve_forever
@@ -176,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     training("sft", "stage 1: supervised fine-tuning on demonstrations").set_defaults(func=cmd_sft)
     training("train-rm", "stage 2: train a reward model on preference pairs").set_defaults(func=cmd_train_rm)
     training("train", "stage 3: PPO with the actor-learner loop on Ray").set_defaults(func=cmd_train)
+
+    s = sub.add_parser("plan", help="the memory each process of a run would hold, checked against its device",
+                       description="Print what every learner worker, rollout actor and reward replica of a "
+                       "`tame train` run would hold, from the config and each model's config.json alone; exit 2 "
+                       "when one would not fit (cluster.gpu_memory_gib, or this machine's memory on a CPU).")
+    s.add_argument("--config", required=True, help="YAML config file (see `tame config schema`)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("serve-reward", help="serve a reward model over HTTP (POST /v1/score) until interrupted")
     s.add_argument("--model", required=True, help="Hugging Face sequence-classification folder")

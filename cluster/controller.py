@@ -55,14 +55,25 @@ def rollout_actor_class(cfg: TameConfig):
 
 
 def learner_env(cfg: TameConfig) -> dict[str, str]:
-    """The learner process's environment. A learner running more threads than it reserved
-    while the actors generate beside it (max_staleness >= 1) lets its OpenMP threads sleep at
-    barriers instead of spinning: it then borrows only the core time the actors leave idle.
-    Measured on 2 cores (benchmarks/README.md): spinning, both roles ran at half speed; when
-    the roles take turns (max_staleness 0), spinning is faster."""
+    """The learner process's environment.
+
+    A learner running more threads than it reserved while the actors generate beside it
+    (max_staleness >= 1) lets its OpenMP threads sleep at barriers instead of spinning: it
+    then borrows only the core time the actors leave idle (benchmarks/README.md); when the
+    roles take turns (max_staleness 0), spinning is faster.
+
+    A sharded learner on a CPU is there to save memory: its workers' glibc hands freed
+    blocks of 256 KiB and more back to the system at once. Otherwise the heap keeps the
+    buffers FSDP2 gathers and frees for every unit, and each worker ends up holding about
+    what one unsharded learner does; the price is a page fault per fresh page, which makes
+    an update slower (benchmarks/README.md)."""
+    env = {}
     threads = cfg.learner.threads or cfg.learner.num_cpus
-    overlapped = cfg.train.max_staleness >= 1 and threads > cfg.learner.num_cpus
-    return {"OMP_WAIT_POLICY": "PASSIVE"} if overlapped else {}
+    if cfg.train.max_staleness >= 1 and threads > cfg.learner.num_cpus:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if cfg.learner.num_workers > 1 and cfg.learner.device == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(256 * 1024)
+    return env
 
 
 def start_learner(cfg: TameConfig):
@@ -761,15 +772,31 @@ def _truncate_jsonl(path: Path, key: str, last: int) -> None:
     write_text(path, "".join(line + "\n" for line in keep))
 
 
-def check_inputs(cfg: TameConfig) -> None:
-    """Fail with exit code 2 on missing or wrong-kind inputs before anything starts."""
+def host_memory(cfg: TameConfig) -> int | None:
+    """This machine's memory when every process of the run lives on it: a CPU run on a Ray
+    that `tame train` starts here. None otherwise."""
+    import psutil
+
+    from cluster.shared.ray_cluster import starts_local
+
+    on_cpu = cfg.learner.device == "cpu" and cfg.rollout.num_gpus == 0 and cfg.reward.num_gpus == 0
+    return psutil.virtual_memory().total if on_cpu and starts_local(cfg.cluster.address) else None
+
+
+def check_inputs(cfg: TameConfig, log: Callable[[str], None] = lambda _: None) -> None:
+    """Fail with exit code 2 on missing or wrong-kind inputs, or a run that would not fit
+    its memory, before anything starts."""
+    from cluster.plan import check
     from reward_service.rewards import check_reward_config
 
     check_model_folder("model.policy", cfg.model.policy, "causal LM")
-    if cfg.data.chat_template:
-        require_chat_template(cfg.model.policy, "model.policy")
     if cfg.model.reward is not None:
         check_model_folder("model.reward", cfg.model.reward, "reward model")
+    worker = check(cfg, host_memory(cfg)).learner
+    log(f"memory plan: a learner worker holds {worker.update_bytes / 2**30:.1f} GiB at its update peak "
+        f"({worker.budget.source}; `tame plan` has the whole plan)")
+    if cfg.data.chat_template:
+        require_chat_template(cfg.model.policy, "model.policy")
     check_reward_config(cfg)  # the reward model's folder and template, the rule functions
     load_prompts(cfg.data.prompts)  # names the file and line of a bad record
     if cfg.ppo.ptx_data is not None:
@@ -836,7 +863,7 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"run.name: {run_dir} already holds checkpoints: pass --resume to continue "
                         f"it, or choose another run.name")
-    check_inputs(cfg)
+    check_inputs(cfg, log)
     if resume:
         _check_resumable(cfg)
     if starts_local(cfg.cluster.address):

@@ -50,3 +50,39 @@ def lm_head_outputs(model) -> Iterator[list[torch.Tensor]]:
         yield captured
     finally:
         handle.remove()
+
+
+def peak_rss(_self=None) -> int:
+    """This process's peak resident bytes (the kernel's high-water mark, VmHWM); `_self` lets
+    an actor's `__ray_call__` run it."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def peak_rss_of_a_learner_process() -> int:
+    """`peak_rss` of a process that imported what a learner imports and holds no model."""
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
+
+    import learner.learner  # noqa: F401
+
+    return peak_rss()
+
+
+def worker_peaks(learner) -> list[int]:
+    """`peak_rss` of each worker of a learner actor, rank 0 first."""
+    import ray
+
+    return ray.get(learner.__ray_call__.remote(
+        lambda self: [peak_rss(), *ray.get([w.__ray_call__.remote(peak_rss) for w in getattr(self, "workers", [])])]))
+
+
+def local_weight_bytes(learner) -> int:
+    """The bytes of weights a learner actor (rank 0) holds itself: its shards when sharded."""
+    import ray
+
+    return ray.get(learner.__ray_call__.remote(
+        lambda self: sum(p.to_local().numel() * p.element_size() for m in (self.policy, self.reference, self.critic)
+                         if m is not None for p in m.parameters())))

@@ -450,6 +450,10 @@ class ClusterConfig(Section):
     """How long the learner, the first rollout actors and the reward replicas may take to come
     up (placed by Ray, models built). Every 10 s the start says what is still pending; past
     this, the run fails saying the same."""
+    gpu_memory_gib: float | None = Field(None, gt=0.0)
+    """Memory of each GPU of the cluster, in GiB (80 for an H100). `tame plan` and `tame train`
+    check every GPU role's memory plan against it before anything starts; null: not known
+    before the start (a learner worker then checks its own GPU as it starts)."""
 
 
 # --------------------------------------------------------------------------- stage 1 and 2
