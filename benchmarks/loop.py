@@ -112,7 +112,7 @@ def one_process(assets: Path, updates: int, out: Path, compute_dtype: str) -> di
     import torch
 
     from cluster.prompts import PromptSource
-    from cluster.shared.config import load_config
+    from cluster.shared.config_file import load_config
     from cluster.shared.data import load_prompts
     from learner.learner import Learner
     from reward_service.model import RewardModel
@@ -232,7 +232,7 @@ class CpuWatch(threading.Thread):
 def tame(assets: Path, updates: int, out: Path, compute_dtype: str, reference: str, k: int, learner_threads: int,
          actor_threads: int, reward_threads: int) -> dict:
     from cluster.controller import train
-    from cluster.shared.config import load_config
+    from cluster.shared.config_file import load_config
 
     name = f"k{k}-l{learner_threads}-a{actor_threads}-r{reward_threads}-{time.monotonic_ns()}"
     cfg = load_config(REPO / "configs/smoke.yaml", [

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.controller import start_learner  # noqa: E402
 from cluster.demo.assets import ensure_assets  # noqa: E402
-from cluster.shared.config import load_config  # noqa: E402
+from cluster.shared.config_file import load_config  # noqa: E402
 from cluster.shared.records import Rollout  # noqa: E402
 from cluster.shared.tokens import prompt_token_ids  # noqa: E402
 from learner.training import available_cores  # noqa: E402

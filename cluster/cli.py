@@ -12,7 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from cluster.shared.config import MAX_ACTORS, TameConfig, check_model_folder, load_config, schema_json
+from cluster.shared.config import MAX_ACTORS, TameConfig, check_model_folder, schema_json
+from cluster.shared.config_file import load_config
 from cluster.shared.errors import RunError, UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

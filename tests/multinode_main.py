@@ -9,7 +9,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.controller import NAMESPACE, train
-from cluster.shared.config import load_config
+from cluster.shared.config_file import load_config
 
 config, out, *overrides = sys.argv[1:]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_node": 2}})

@@ -7,7 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.shared.config import TameConfig, load_config
+from cluster.shared.config import TameConfig
+from cluster.shared.config_file import load_config
 from tests.conftest import REPO
 
 

@@ -130,7 +130,7 @@ def test_bad_inputs_exit_2_before_ray(tiny_assets, tmp_path, bad, needle):
 
 
 def test_what_a_run_needs_is_summed_and_compared_with_the_cluster():
-    from cluster.shared.config import load_config
+    from cluster.shared.config_file import load_config
     from cluster.shared.errors import UserError
     from cluster.shared.resources import check_fits
 

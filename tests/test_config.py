@@ -9,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from cluster.shared.config import TameConfig, load_config
+from cluster.shared.config import TameConfig
+from cluster.shared.config_file import load_config
 from cluster.shared.errors import ConfigError
 
 REPO_CONFIGS = ["configs/demo.yaml", "configs/smoke.yaml", "configs/gpu.yaml", "configs/gpu-2node.yaml"]

@@ -79,7 +79,7 @@ def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_start
     from transformers import AutoTokenizer
 
     from cluster.controller import TokenizerChecks
-    from cluster.shared.config import load_config
+    from cluster.shared.config_file import load_config
     from cluster.shared.tokens import prompt_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets.policy)
@@ -109,7 +109,7 @@ def test_a_critic_made_from_a_reward_model_with_another_vocabulary_is_refused_be
     from transformers import AutoTokenizer
 
     from cluster.controller import TokenizerChecks
-    from cluster.shared.config import load_config
+    from cluster.shared.config_file import load_config
     from cluster.shared.errors import ConfigError
 
     added, swapped = tmp_path / "added", tmp_path / "swapped"
@@ -139,7 +139,7 @@ def test_a_policy_without_a_chat_template_is_refused_before_the_run_unless_told_
     import shutil
 
     from cluster.controller import check_inputs
-    from cluster.shared.config import load_config
+    from cluster.shared.config_file import load_config
     from cluster.shared.errors import ConfigError
 
     plain = tmp_path / "policy"

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.shared.config import load_config
+from cluster.shared.config_file import load_config
 from cluster.shared.records import Prompt
 from cluster.shared.tokens import prompt_token_ids, response_token_ids
 from cluster.shared.transport import ObjectStoreTransport, compare_probes, probes_of

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from actors.weights import engine_probes, load_into_engine, loads_directly
-from cluster.shared.config import load_config
+from cluster.shared.config_file import load_config
 from cluster.shared.records import Rollout
 from cluster.shared.transport import ObjectStoreTransport, compare_probes, probes_of
 from learner.learner import Learner, NonFiniteUpdatesError

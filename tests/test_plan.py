@@ -12,7 +12,7 @@ import torch
 
 from cluster.cli import main
 from cluster.plan import check, plan
-from cluster.shared.config import load_config
+from cluster.shared.config_file import load_config
 from cluster.shared.errors import UserError
 from learner.memory import GIB, learner_worker, shape
 from tests.support import local_weight_bytes, peak_rss_of_a_learner_process, worker_peaks

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.shared.config import load_config
+from cluster.shared.config_file import load_config
 from cluster.shared.errors import UserError
 from cluster.shared.tokens import prompt_token_ids, response_token_ids
 from learner.data import (

@@ -40,7 +40,7 @@ def test_sampling_params_and_outputs_have_the_fields_tame_reads():
     from vllm.outputs import CompletionOutput, RequestOutput
 
     from actors.engine import sampling_params
-    from cluster.shared.config import load_config
+    from cluster.shared.config_file import load_config
 
     # As the actors build them: vLLM detokenizes only for stop strings, which need it.
     plain = sampling_params(load_config(None, ["rollout.sampling.samples_per_prompt=2"]))

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cluster.shared.config import TameConfig, load_config
+from cluster.shared.config import TameConfig
+from cluster.shared.config_file import load_config
 from cluster.shared.errors import UserError
 from cluster.shared.records import Prompt, Rollout
 
