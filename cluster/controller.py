@@ -616,10 +616,23 @@ class Loop:
         return ids
 
     def checkpoint(self) -> str:
+        """Save this version's checkpoint. With learner.async_checkpoints the learner returns
+        once it is staged and writes it while training goes on; its next save, or
+        `wait_for_checkpoint`, raises if that writing failed."""
         state = DriverState(self.source.state(self.in_flight()), self.counters, self.first)
         path = self.learner_get(self.learner.save_checkpoint.remote(state.to_dict()))
-        self.checkpointed = self.version  # only once written: a failed one is tried again at the end
+        self.checkpointed = self.version  # only once saved: a failed one is tried again at the end
         return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait until the checkpoint the learner writes in the background is complete. If its
+        writing failed, the version counts as not checkpointed, so that the end of the run
+        tries again."""
+        try:
+            self.learner_get(self.learner.wait_for_checkpoint.remote())
+        except Exception:
+            self.checkpointed = -1
+            raise
 
     # ----------------------------------------------------------------- the loop
 
@@ -688,6 +701,7 @@ class Loop:
                 self.on_updated(self.update_result())
             if self.checkpointed != self.version:
                 self.checkpoint()
+            self.wait_for_checkpoint()  # the summary names a complete checkpoint or none
             if self.version > 0:
                 path = str(self.run_dir / "checkpoints" / f"version-{self.version:06d}")
         except Exception as e:  # the failure that brought us here may have taken the learner

@@ -1,34 +1,47 @@
 """Checkpoints of a run: `<run_dir>/checkpoints/version-NNNNNN/` holds
 - `policy/` and (with GAE) `critic/` in Hugging Face format, loadable with `from_pretrained`
-  and by vLLM (the export for users: whole tensors, float32);
+  and by vLLM (the export for users: whole tensors, in the dtype of the checkpoint each model
+  started from, which its config.json names; the learner's float32 master weights are in
+  `sharded/`);
 - `sharded/`: the weights and optimizer states as the learner holds them, written by every
   worker in parallel with `torch.distributed.checkpoint`, which reshards on load: a run saved
   with N learner workers resumes with any number;
 - `trainer_state.pt`, written last: schedulers, KL controller, RNG states, the driver's state.
 Each is written to a hidden temporary folder and renamed into place, so a reader never
-sees half of one, and an interrupted save is never picked up."""
+sees half of one, and an interrupted save is never picked up.
+
+A save has two halves (`Writer`). Staging, while the learner waits: the weights and optimizer
+states are copied to host memory, the export is gathered to rank 0's host in its dtype, the
+trainer state is serialised. Writing: the files, then the rename and the pruning of older
+checkpoints. In the background (`learner.async_checkpoints`) the learner trains on while a
+thread writes; the next save, a load and the end of the run wait for it (`Writer.wait`)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cluster.shared.files import atomic_directory
+from cluster.shared.files import move_into_place, remove_directory, temporary_sibling
 from cluster.shared.score_head import SCORE_BIAS_KEY
-from learner.sharding import Shards
+from learner.sharding import Shards, full
 
 NAME = re.compile(r"^version-(\d{6,})$")
 STATE_FILE = "trainer_state.pt"
 SHARDED = "sharded"
+SINGLE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+"""What torch.distributed.checkpoint warns when it saves or loads without a process group."""
 
 
 def path_of(run_dir: Path, version: int) -> Path:
@@ -59,42 +72,171 @@ def _single_process_is_meant() -> Iterator[None]:
     """One learner worker saves and loads without a process group, on purpose: torch's
     warning that it assumes so would be noise in the log of every checkpoint."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS)
         yield
 
 
-def save(final: Path, models: dict[str, Any], optimizers: dict[str, tuple[Any, Any]], tokenizer: Any,
-         state: dict, keep: int, shards: Shards) -> str:
-    """Write a checkpoint atomically and keep the newest `keep`. Every worker of the learner
-    calls it: each writes its shards; rank 0 writes the export and the trainer state and
-    renames the folder into place. Optimizers that have not stepped yet have no state to save."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+class SaveFailedElsewhereError(RuntimeError):
+    """Another worker of the learner failed to write its part of a checkpoint."""
 
-    lead = shards.rank == 0
-    stepped = {name: pair for name, pair in optimizers.items() if pair[1].state}
-    with atomic_directory(final) if lead else contextlib.nullcontext() as tmp:
-        tmp = Path(shards.broadcast(str(tmp) if lead else None))
-        for name, model in models.items():
-            # Sharded, the export is gathered (to rank 0's host); one worker exports its own tensors.
-            whole = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-                     if shards.sharded else None)
-            if lead:
-                model.save_pretrained(tmp / name, state_dict=whole)
-                tokenizer.save_pretrained(tmp / name)
-                generation_config = getattr(model, "generation_config", None)
-                if generation_config is not None and name == "policy":
-                    generation_config.save_pretrained(tmp / name)
-            del whole
-        with _single_process_is_meant():
-            dcp.save(_sharded_state(models, stepped), checkpoint_id=tmp / SHARDED, no_dist=not shards.sharded)
-        if lead:
-            torch.save({**state, "optimizers": sorted(stepped)}, tmp / STATE_FILE)
-    shards.barrier()  # the folder is in place before any worker returns
-    if lead:
-        for old in complete(final.parent.parent)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return str(final)
+
+class Writer:
+    """Writes one learner worker's checkpoints: every worker of the learner has one and calls
+    it together with the others. With `background`, `save` returns once the checkpoint is
+    staged, and a thread writes it; otherwise it returns once it is in place."""
+
+    def __init__(self, shards: Shards, background: bool):
+        self.shards = shards
+        self.background = background
+        self.lead = shards.rank == 0
+        self.pending: Future | None = None  # the save being written in the background
+        self.written: str | None = None  # the newest checkpoint saved, once in place
+        self._skeletons: dict[str, torch.nn.Module] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
+        if background and not shards.sharded:
+            # The background save warns from a thread, where no catch_warnings of ours reaches.
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS)
+
+    def save(self, final: Path, models: dict[str, Any], optimizers: dict[str, tuple[Any, Any]],
+             tokenizer: Any, state: dict, keep: int, dtypes: dict[str, torch.dtype]) -> str:
+        """Save a checkpoint to `final` and keep the newest `keep`: {name: model} exported in
+        `dtypes[name]`, their optimizers ({name: (model, optimizer)}; those that have not
+        stepped yet have no state to save), and the trainer `state`. The previous save is
+        waited for first (`wait`). Returns `final`, where the checkpoint is (background: will
+        be) once complete."""
+        self.wait()
+        stepped = {name: pair for name, pair in optimizers.items() if pair[1].state}
+        tmp = Path(self.shards.broadcast(str(temporary_sibling(final)) if self.lead else None))
+        try:
+            # Staging, in the calling thread: the export's gathers are collectives of the
+            # training's group, which a background thread must not make.
+            exports = {name: self._whole(model, dtypes[name]) for name, model in models.items()}
+            skeletons = {name: self._skeleton(name, model, dtypes[name]) for name, model in models.items()} \
+                if self.lead else {}
+            trainer_state = io.BytesIO()
+            if self.lead:
+                torch.save({**state, "optimizers": sorted(stepped)}, trainer_state)
+            shards_written = self._start_shards(_sharded_state(models, stepped), tmp / SHARDED)
+        except BaseException:
+            if self.lead:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        def write() -> str:
+            return self._write(tmp, final, exports, skeletons, tokenizer, shards_written,
+                               trainer_state.getvalue(), keep)
+
+        if self.background:
+            self.pending = self._thread.submit(write)
+        else:
+            write()
+            self.shards.barrier()  # the folder is in place before any worker returns
+        return str(final)
+
+    def wait(self) -> str | None:
+        """Wait until the save in progress is written; raise on every worker if it failed on
+        any (so they stay in step). Returns the newest checkpoint saved, None before any."""
+        if not self.background:
+            return self.written
+        error = None
+        if self.pending is not None:
+            try:
+                self.pending.result()
+            except Exception as e:
+                error = e
+            finally:
+                self.pending = None
+        if self.shards.any(error is not None):
+            if error is not None:
+                raise error
+            raise SaveFailedElsewhereError("another worker of the learner failed to write its part of the "
+                                           "checkpoint saved last (its error is in that worker's log)")
+        return self.written
+
+    # ------------------------------------------------------------------ staging
+
+    def _whole(self, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """The model's tensors, whole and in `dtype`, in rank 0's host memory (None on the other
+        workers): gathered one at a time and cast as each arrives, so rank 0 holds the export
+        in its dtype and nothing more. Tied names share one tensor (written once)."""
+        out: dict[str, torch.Tensor] = {}
+        seen: dict[int, torch.Tensor | None] = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                whole = full(tensor.detach())
+                seen[id(tensor)] = None if not self.lead else whole.to(
+                    "cpu", dtype if whole.is_floating_point() else whole.dtype,
+                    # One worker's tensors are the model's own: a background write needs a copy.
+                    copy=self.background and not self.shards.sharded)
+                del whole
+            if self.lead:
+                out[name] = seen[id(tensor)]
+        return out if self.lead else None
+
+    def _start_shards(self, state: dict[str, Any], folder: Path) -> Callable[[], Any]:
+        """Begin writing this worker's shards of `state` to `folder`; returns a function that
+        returns once they are on disk (on rank 0: once every worker's are). In the background,
+        async_save copies the state to host memory now and writes the copy from a thread of its
+        own, with its collectives on a group that is not the training's; otherwise the function
+        writes them."""
+        import torch.distributed.checkpoint as dcp
+
+        no_dist = not self.shards.sharded
+        if self.background:
+            return dcp.async_save(state, checkpoint_id=folder, process_group=self.shards.checkpoint_group,
+                                  no_dist=no_dist).result
+
+        def write() -> None:
+            with _single_process_is_meant():
+                dcp.save(state, checkpoint_id=folder, no_dist=no_dist)
+        return write
+
+    def _skeleton(self, name: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+        """`model`'s class and config, in `dtype`, on the meta device (built once): what the
+        export is saved with. transformers writes the config, the generation config, the dtype
+        and the tied weights from the model it saves, and this one holds no memory and is not
+        the model that trains on while a background thread writes."""
+        held = self._skeletons.get(name)
+        if held is None:
+            from torch.distributed.fsdp import FSDPModule
+            from transformers import PreTrainedModel
+
+            cls = next(c for c in type(model).__mro__
+                       if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+            with torch.device("meta"):
+                held = cls._from_config(copy.deepcopy(model.config), dtype=dtype)
+            if getattr(model, "generation_config", None) is not None:
+                held.generation_config = copy.deepcopy(model.generation_config)
+            self._skeletons[name] = held
+        return held
+
+    # ------------------------------------------------------------------ writing
+
+    def _write(self, tmp: Path, final: Path, exports: dict[str, dict | None], skeletons: dict[str, Any],
+               tokenizer: Any, shards_written: Callable[[], Any], trainer_state: bytes, keep: int) -> str:
+        """Write the staged checkpoint and put it in place: rank 0 writes the export while every
+        worker's shards are written (`_start_shards`), then, once they are all on disk, the
+        trainer state, last, and renames the folder into place."""
+        try:
+            try:
+                if self.lead:
+                    for name in list(exports):
+                        skeletons[name].save_pretrained(tmp / name, state_dict=exports.pop(name))
+                        tokenizer.save_pretrained(tmp / name)
+            finally:
+                # Even after a failed export: the workers' collectives stay paired, and nothing
+                # writes into the folder once it is removed.
+                shards_written()
+            if self.lead:
+                (tmp / STATE_FILE).write_bytes(trainer_state)
+                move_into_place(tmp, final)
+                for old in complete(final.parent.parent)[:-keep]:
+                    remove_directory(old)
+        finally:
+            if self.lead and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.written = str(final)
+        return self.written
 
 
 def load(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, tuple[Any, Any]],

@@ -46,7 +46,8 @@ from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, Weight
 from learner import checkpoints, ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
 from learner.experience import Batch, Experience, tokenize
-from learner.loading import load_models, value_head
+from learner.loading import export_dtypes, load_models, value_head
+from learner.memory import check_device
 from learner.rollback import HostSnapshot
 from learner.sharding import Group, Shards, full
 from learner.training import demonstration_nll, make_scheduler, set_torch_threads
@@ -92,6 +93,8 @@ class Learner:
         # The policy we train, the frozen reference (the SFT model) it is held close to, and
         # the critic (GAE only), each built where it lives: sharded ones are never whole.
         p = cfg.ppo
+        if self.device.type == "cuda":  # before anything is loaded: a plan that cannot fit fails now
+            check_device(cfg, self.device)
         models = load_models(cfg, self.shards, self.device)
         self.policy, self.reference, self.critic = models.policy, models.reference, models.critic
         self.value_head = value_head(self.critic) if self.critic is not None else None
@@ -136,6 +139,10 @@ class Learner:
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.snapshot = HostSnapshot()
+        background = cfg.learner.async_checkpoints
+        self.checkpoint_writer = checkpoints.Writer(
+            self.shards, background=self.device.type == "cuda" if background is None else background)
+        self.export_dtypes = export_dtypes(cfg)
 
     # ------------------------------------------------------------------ versions and weights
 
@@ -551,7 +558,8 @@ class Learner:
 
     def save_checkpoint(self, driver_state: dict) -> str:
         """Write this version's checkpoint (`learner/checkpoints.py`) with the driver's state,
-        then keep only the newest `learner.keep_checkpoints`."""
+        then keep only the newest `learner.keep_checkpoints`. Returns its path; with
+        `learner.async_checkpoints` it is complete there once `wait_for_checkpoint` returns."""
         state = {
             "version": self._version,
             **{f"{name}_scheduler": scheduler.state_dict() for name, (_, scheduler) in self._optimizers().items()},
@@ -561,9 +569,14 @@ class Learner:
             "rng": checkpoints.rng_states(self.shuffle, self.device),
             "extra": driver_state,
         }
-        return checkpoints.save(checkpoints.path_of(self.run_dir, self._version), self._models(),
-                                self._model_optimizers(), self.tokenizer, state,
-                                self.cfg.learner.keep_checkpoints, self.shards)
+        return self.checkpoint_writer.save(checkpoints.path_of(self.run_dir, self._version), self._models(),
+                                           self._model_optimizers(), self.tokenizer, state,
+                                           self.cfg.learner.keep_checkpoints, self.export_dtypes)
+
+    def wait_for_checkpoint(self) -> str | None:
+        """Wait until the checkpoint being written in the background is complete; raise if its
+        writing failed. Returns the newest checkpoint this learner saved (None before any)."""
+        return self.checkpoint_writer.wait()
 
     def load_checkpoint(self, path: str | None = None) -> dict | None:
         """Restore weights, optimizers, schedulers, KL controller, version and RNG states
@@ -571,6 +584,7 @@ class Learner:
         the driver's state saved with it, or None when there is no checkpoint."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        self.checkpoint_writer.wait()  # the save in flight may be the newest checkpoint: complete first
         if path is None:  # rank 0 picks it, so that every worker loads the same one
             found = checkpoints.complete(self.run_dir) if self.shards.rank == 0 else []
             path = self.shards.broadcast(str(found[-1]) if found else None)

@@ -218,6 +218,37 @@ def tensor_names(path: str | Path) -> set[str]:
     return names
 
 
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+"""The floating-point dtypes of the safetensors format, by the names its headers use."""
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype the Hugging Face checkpoint at `path` was saved in: what its config.json says
+    (`dtype`, or `torch_dtype` as transformers before 5 wrote it), else the dtype of its first
+    floating-point tensor (headers only); float32 when neither says."""
+    root = Path(path)
+    config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
+    for key in ("dtype", "torch_dtype"):
+        named = getattr(torch, str(config.get(key)), None)
+        if isinstance(named, torch.dtype) and named.is_floating_point:
+            return named
+    from safetensors import safe_open
+
+    for file in sorted(root.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if (dtype := SAFETENSORS_FLOATS.get(f.get_slice(name).get_dtype())) is not None:
+                    return dtype
+    return torch.float32
+
+
+def export_dtypes(cfg: TameConfig) -> dict[str, torch.dtype]:
+    """The dtype each trained model is exported in (`learner/checkpoints.py`): that of the
+    checkpoint it started from, so an export of a bfloat16 model is bfloat16, as users and the
+    engines load it, while the learner trains float32 master weights."""
+    return {role: checkpoint_dtype(path) for role, path in roles(cfg).items() if role != "reference"}
+
+
 def value_head(model: torch.nn.Module) -> torch.nn.Module:
     """The scalar head of a sequence-classification model (`score` in most HF models)."""
     for name in ("score", "classifier", "v_head"):

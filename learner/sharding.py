@@ -59,7 +59,11 @@ class Shards:
 
     def __init__(self, group: Group | None, device: torch.device):
         self.rank, self.world = (group.rank, group.world) if group else (0, 1)
+        self.device = device
         self.mesh = None
+        # The collectives of a checkpoint written in the background go over a gloo group of
+        # their own: on the training's group they could interleave with the training's.
+        self.checkpoint_group = None
         if group is not None and group.world > 1:
             import torch.distributed as dist
             from torch.distributed.device_mesh import init_device_mesh
@@ -67,6 +71,7 @@ class Shards:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=group.address,
                                     rank=group.rank, world_size=group.world, timeout=TIMEOUT)
             self.mesh = init_device_mesh(device.type, (group.world,))
+            self.checkpoint_group = dist.new_group(backend="gloo", timeout=TIMEOUT)
 
     @property
     def sharded(self) -> bool:
@@ -129,6 +134,14 @@ class Shards:
         a second copy of the whole model. Every worker must run through it."""
         for name, param in model.named_parameters():
             yield name, full(param.detach())
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any worker (a collective)."""
+        if not self.sharded:
+            return flag
+        count = torch.tensor([float(flag)], device=self.device)
+        self.sum_(count)
+        return bool(count.item() > 0)
 
     def barrier(self) -> None:
         if self.sharded:

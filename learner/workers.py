@@ -96,6 +96,9 @@ class LeadLearner(Learner):
     def save_checkpoint(self, driver_state):
         return self._on_all("save_checkpoint", driver_state)
 
+    def wait_for_checkpoint(self):
+        return self._on_all("wait_for_checkpoint")
+
     def load_checkpoint(self, path=None):
         return self._on_all("load_checkpoint", path)
 

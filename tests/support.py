@@ -86,3 +86,13 @@ def local_weight_bytes(learner) -> int:
     return ray.get(learner.__ray_call__.remote(
         lambda self: sum(p.to_local().numel() * p.element_size() for m in (self.policy, self.reference, self.critic)
                          if m is not None for p in m.parameters())))
+
+
+def bfloat16_copy(source, out):
+    """The Hugging Face model at `source` saved again in bfloat16 at `out`, with its tokenizer:
+    a model that, like most released ones, is published in bfloat16. Returns `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out

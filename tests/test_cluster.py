@@ -31,14 +31,17 @@ from tests.support import process
 def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tiny_assets, ray_local, tmp_path):
     """Two actors with rollout.replace_failed false: one killed (the run carries on with the
     other), `tame scale` up and down (the removed actor drains), then the last one killed:
-    the run stops with a clear error, a final checkpoint and summary, and no process left."""
+    the run stops with a clear error, a final checkpoint and summary, and no process left.
+    Its checkpoints are written in the background (learner.async_checkpoints): the summary is
+    written once the final one is complete, and nothing half-written is left."""
     import ray
 
     from cluster.controller import CONTROL_PREFIX, NAMESPACE, RunError
+    from learner.checkpoints import STATE_FILE, complete
 
     run = Run(smoke(tiny_assets, tmp_path, "run.name=pool", "rollout.num_actors=2", "rollout.replace_failed=false",
-                    "train.max_staleness=1", "train.total_updates=10000", *SMALL_BATCHES,
-                    prompts=few_prompts(tiny_assets, tmp_path)))
+                    "train.max_staleness=1", "train.total_updates=10000", "learner.async_checkpoints=true",
+                    *SMALL_BATCHES, prompts=few_prompts(tiny_assets, tmp_path)))
     address = ray.get_runtime_context().gcs_address
 
     def tame_scale(n):
@@ -81,6 +84,11 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
     assert summary["steps"] == entries[-1]["version"]
     assert summary["checkpoint"].endswith(f"version-{summary['steps']:06d}")
     assert (Path(summary["checkpoint"]) / "trainer_state.pt").is_file()
+    written = (Path(summary["checkpoint"]) / STATE_FILE).stat().st_mtime_ns
+    assert written <= (run.cfg.run_dir / "summary.json").stat().st_mtime_ns
+    kept = complete(run.cfg.run_dir)
+    assert kept[-1] == Path(summary["checkpoint"]) and len(kept) == 2
+    assert sorted(p.name for p in (run.cfg.run_dir / "checkpoints").iterdir()) == [p.name for p in kept]
     assert all(e["version"] - 1 - v <= 1 for e in entries for v in e["record_versions"])
     assert_each_prompt_once(entries, summary, 24)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from cluster.shared.records import Rollout
 from cluster.shared.transport import ObjectStoreTransport, compare_probes, probes_of
 from learner.learner import Learner, NonFiniteUpdatesError
 from learner.sampling import sample_rollouts
-from tests.support import lm_head_outputs
+from tests.support import bfloat16_copy, lm_head_outputs
 
 REWARDED = range(10, 512)
 """Token ids the fixed test reward likes: roughly half of the tiny vocabulary."""
@@ -576,6 +577,105 @@ def test_a_critic_free_learner_resumes_a_gae_checkpoint_without_its_critic(tiny_
     moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(gae.policy_optimizer.state.values(),
                                                             grpo.policy_optimizer.state.values(), strict=True)]
     assert moments and all(torch.equal(x, y) for x, y in moments)
+
+
+def test_the_export_is_in_the_dtype_of_the_model_the_run_started_from(tiny_assets, tmp_path):
+    """A bfloat16 policy trains float32 master weights and is exported in bfloat16, its
+    config.json saying so: `from_pretrained(dtype="auto")` gives the learner's weights rounded
+    to bfloat16. The critic, from the float32 reward model, is exported in float32; both resume
+    from `sharded/` as float32, exactly."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = make_cfg(tiny_assets, f"model.policy={bfloat16_copy(tiny_assets.policy, tmp_path / 'bf16')}")
+    learner = Learner(cfg, str(tmp_path / "run"))
+    assert learner.policy.dtype == torch.float32
+    learner.update(sample(learner, prompts(tiny_assets, 16), seed=5))
+    path = Path(learner.save_checkpoint({"cursor": 1}))
+
+    assert json.loads((path / "policy" / "config.json").read_text())["dtype"] == "bfloat16"
+    policy = AutoModelForCausalLM.from_pretrained(path / "policy", dtype="auto")
+    assert policy.dtype == torch.bfloat16
+    got, trained = params(policy), params(learner.policy)
+    assert got.keys() == trained.keys() and all(torch.equal(got[n], trained[n].to(torch.bfloat16)) for n in got)
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in trained.values())  # rounded indeed
+    critic = AutoModelForSequenceClassification.from_pretrained(path / "critic", dtype="auto")
+    assert critic.dtype == torch.float32
+    got, trained = params(critic), params(learner.critic)
+    assert got.keys() == trained.keys() and all(torch.equal(got[n], trained[n]) for n in got)
+
+    resumed = Learner(cfg, str(tmp_path / "run"))
+    assert resumed.load_checkpoint() == {"cursor": 1}
+    for model in ("policy", "critic"):
+        a, b = params(getattr(learner, model)), params(getattr(resumed, model))
+        assert all(torch.equal(a[n], b[n]) for n in a), model
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_staged_state_and_resumes_bit_for_bit(tiny_assets, tmp_path):
+    """learner.async_checkpoints: `save_checkpoint` returns once the state is staged and the
+    learner trains on while a thread writes it. Until it is in place no reader sees it, only a
+    hidden folder; what lands is the version saved, not the weights trained since; a learner
+    resumed from it trains the next batch to the same bits; the next save waits for it and then
+    prunes it (keep 1)."""
+    from transformers import AutoModelForCausalLM
+
+    from learner.checkpoints import complete
+
+    cfg = make_cfg(tiny_assets, "learner.async_checkpoints=true", "learner.keep_checkpoints=1",
+                   "ppo.kl.adaptive=true", "ppo.lr_schedule=linear", "train.total_updates=3")
+    sampler = Learner(cfg, str(tmp_path / "sampler"))
+    batches = [sample(sampler, prompts(tiny_assets, 16, start=16 * i), seed=40 + i) for i in range(2)]
+    run = tmp_path / "run"
+
+    first = Learner(cfg, str(run))
+    first.update(batches[0])
+    saved = params(first.policy)
+    # The writing thread is held until the learner has trained on, so that the update below
+    # changes the weights while the checkpoint of version 1 is still being written.
+    hold = threading.Event()
+    first.checkpoint_writer._thread.submit(hold.wait)
+    path = Path(first.save_checkpoint({"cursor": 1}))
+    first.update(batches[1])
+    assert complete(run) == [] and [p.name[:len(".tmp-version-000001-")] for p in path.parent.iterdir()] \
+        == [".tmp-version-000001-"]
+    hold.set()
+    assert first.wait_for_checkpoint() == str(path) and complete(run) == [path]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+    exported = params(AutoModelForCausalLM.from_pretrained(path / "policy"))
+    assert all(torch.equal(exported[n], saved[n]) for n in saved)
+    resumed = Learner(cfg, str(run))
+    assert resumed.load_checkpoint() == {"cursor": 1} and resumed.version() == 1
+    resumed.update(batches[1])
+    for model in ("policy", "critic"):
+        a, b = params(getattr(first, model)), params(getattr(resumed, model))
+        assert all(torch.equal(a[n], b[n]) for n in a), model
+    assert resumed.kl_controller.value == first.kl_controller.value
+
+    newer = Path(first.save_checkpoint({"cursor": 2}))
+    assert first.wait_for_checkpoint() == str(newer) and complete(run) == [newer]
+    assert [p.name for p in path.parent.iterdir()] == [newer.name]
+
+
+def test_a_checkpoint_that_fails_in_the_background_raises_at_the_next_save_and_leaves_nothing(
+        tiny_assets, tmp_path, monkeypatch):
+    """A background write that fails (here its final rename, as on a full disk) is raised by
+    the next save, which stages nothing; no folder, hidden or not, is left; the save after
+    that writes the checkpoint again."""
+    from learner import checkpoints
+
+    learner = Learner(make_cfg(tiny_assets, "learner.async_checkpoints=true"), str(tmp_path))
+
+    def full_disk(tmp, final):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "move_into_place", full_disk)
+    path = Path(learner.save_checkpoint({"cursor": 0}))
+    with pytest.raises(OSError, match="No space left on device"):
+        learner.save_checkpoint({"cursor": 0})
+    assert list(path.parent.iterdir()) == []
+    monkeypatch.undo()
+    assert learner.save_checkpoint({"cursor": 0}) == str(path) and learner.wait_for_checkpoint() == str(path)
+    assert checkpoints.complete(tmp_path) == [path] and list(path.parent.iterdir()) == [path]
 
 
 # --------------------------------------------------------------------------- vLLM

@@ -20,7 +20,7 @@ from cluster.shared.transport import ObjectStoreTransport
 from learner.learner import Learner
 from learner.sharding import share_rows
 from tests.runs import SMALL_BATCHES, Run, smoke
-from tests.support import process
+from tests.support import bfloat16_copy, process
 from tests.test_learner import make_cfg, prompts, sample
 
 
@@ -129,6 +129,42 @@ def test_two_workers_train_checkpoint_and_resume_as_one(tiny_assets, tmp_path, r
     single = Learner(one_cfg, str(tmp_path / "single"))
     assert single.load_checkpoint(path_two) == {"cursor": 1}
     assert max_gap(weights(single.publish()), published_v1) < 1e-6
+
+
+def test_two_workers_write_checkpoints_in_the_background_and_resume_bit_for_bit(tiny_assets, tmp_path, ray_local):
+    """learner.async_checkpoints with 2 workers, from a bfloat16 policy: each worker writes its
+    shards from a thread (collectives on a group of their own) while the learner trains on;
+    rank 0 writes the export, gathered in bfloat16. Loaded back, the checkpoint is the version
+    saved, not the one trained since, and the next batch trains to the same bits. (A fresh
+    learner resuming a 2-worker checkpoint: test_two_workers_train_checkpoint_and_resume_as_one.)"""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    policy = bfloat16_copy(tiny_assets.policy, tmp_path / "bf16")
+    cfg = make_cfg(tiny_assets, f"model.policy={policy}", "learner.num_cpus=1", "learner.num_workers=2",
+                   "learner.async_checkpoints=true", "ppo.kl.adaptive=true", "ppo.lr_schedule=linear",
+                   f"run.output_dir={tmp_path}", "run.name=two")
+    sampler = Learner(make_cfg(tiny_assets), str(tmp_path / "sampler"))
+    batches = [sample(sampler, prompts(tiny_assets, 16, start=16 * i), seed=50 + i) for i in range(2)]
+    del sampler
+
+    two, group = start_learner(cfg)
+    ray.get(two.update.remote(batches[0]))
+    saved = weights(ray.get(two.publish.remote()))
+    path = Path(ray.get(two.save_checkpoint.remote({"cursor": 1})))
+    ray.get(two.update.remote(batches[1]))  # while the checkpoint is written
+    uninterrupted = weights(ray.get(two.publish.remote()))
+    assert ray.get(two.wait_for_checkpoint.remote()) == str(path)
+
+    assert ray.get(two.load_checkpoint.remote()) == {"cursor": 1}
+    assert max_gap(weights(ray.get(two.publish.remote())), saved) == 0
+    ray.get(two.update.remote(batches[1]))
+    assert max_gap(weights(ray.get(two.publish.remote())), uninterrupted) == 0
+    stop(two, group)
+
+    exported = AutoModelForCausalLM.from_pretrained(path / "policy", dtype="auto").state_dict()
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+    assert max_gap(exported, {k: v.to(torch.bfloat16) for k, v in saved.items()}) == 0
 
 
 def test_a_run_whose_learner_worker_dies_ends_naming_its_checkpoint(tiny_assets, ray_local, tmp_path):

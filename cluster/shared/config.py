@@ -359,6 +359,11 @@ class LearnerConfig(Section):
     """Write a checkpoint every this many updates (and at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Keep the newest K checkpoints."""
+    async_checkpoints: bool | None = None
+    """Write checkpoints in the background: training waits only while the weights and optimizer
+    states are copied to host memory and the export is gathered, not for the files. Null: on
+    with learner.device cuda; off on cpu, where the copy takes the host memory the learner
+    trains in and the writing takes the cores it trains on."""
     max_nonfinite_updates: int = Field(3, ge=1)
     """Stop the run after this many consecutive updates skipped for NaN or Inf."""
     update_timeout_s: float | None = Field(None, gt=0.0)

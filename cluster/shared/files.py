@@ -18,21 +18,47 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     is renamed to `final` (replacing an older one), so a reader never sees a half-written
     folder under that name. On error the temporary folder is removed."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = temporary_sibling(final)
     try:
         yield tmp
-        if final.exists():
-            # rename() cannot replace a non-empty folder: move the old one aside first.
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
-            final.rename(trash / final.name)
-            tmp.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        move_into_place(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def temporary_sibling(final: str | Path) -> Path:
+    """A fresh hidden folder next to `final` (`.tmp-<name>-*`), to be filled and then moved
+    into place with `move_into_place`: for a folder filled in several steps, or by another
+    thread than the one that made it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+
+
+def move_into_place(tmp: Path, final: str | Path) -> None:
+    """Rename the complete folder `tmp` to `final`, replacing an older one."""
+    final = Path(final)
+    if final.exists():
+        # rename() cannot replace a non-empty folder: move the old one aside first.
+        trash = _aside(final)
+        tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def remove_directory(folder: str | Path) -> None:
+    """Remove a folder so that no reader sees it half removed: it is moved to a hidden name
+    first, and only then deleted."""
+    shutil.rmtree(_aside(Path(folder)), ignore_errors=True)
+
+
+def _aside(folder: Path) -> Path:
+    """Move `folder` into a fresh hidden folder next to it (`.old-<name>-*`), which is returned."""
+    trash = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=folder.parent))
+    folder.rename(trash / folder.name)
+    return trash
 
 
 def write_text(path: str | Path, text: str) -> None:
