@@ -84,7 +84,8 @@ def sampling_params(cfg: TameConfig, max_new_tokens: int | None = None) -> Any:
         logprobs=0,  # only the sampled token's log-prob
         flat_logprobs=True,  # a few flat lists per sequence instead of one dict per token
         # Stop strings are matched on text, so only they need vLLM's per-token detokenizing;
-        # otherwise each response is decoded once at the end (10-20% faster on CPU).
+        # otherwise each response is decoded once at the end, which is cheaper on CPU
+        # (benchmarks/README.md, "Measured by hand").
         detokenize=bool(s.stop),
         skip_special_tokens=True,
     )

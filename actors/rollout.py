@@ -31,6 +31,7 @@ from actors.weights import checkpoint_layout, engine_probes, load_into_engine, l
 from cluster.shared.config import TameConfig
 from cluster.shared.records import LoadResult, Prompt, Rollout, RolloutBatch
 from cluster.shared.startup import heavy_imports
+from cluster.shared.tokens import pad_token_id
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport, compare_probes
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,7 @@ class RolloutActor:
         self._transport: WeightTransport = ObjectStoreTransport()
         self._reference = None
         if cfg.rollout.reference_logprobs:
-            pad_id = self._tokenizer.pad_token_id
-            self._reference = Reference(cfg, self._tokenizer.eos_token_id if pad_id is None else pad_id)
+            self._reference = Reference(cfg, pad_token_id(self._tokenizer))
             # Scoring waits on the reward service in this thread while the reference computes.
             self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self._warm_up()

@@ -9,13 +9,13 @@ from the handle, and compared with the published ones: that proves the load happ
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.shared.hf_folder import safetensors_files, tensor_headers
 from cluster.shared.transport import TensorSpec, checkpoint_names
 
 # Identity rows fed through a packed linear layer at once when reading its weights back.
@@ -28,31 +28,13 @@ class WeightsMismatchError(ValueError):
 
 
 def checkpoint_layout(model_path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in the safetensors checkpoint at `model_path`.
-
-    Reads only the file headers. This is the layout the engine was loaded from, and the
-    layout a published state dict must have.
-    """
-    from safetensors import safe_open
-
-    layout = {}
-    for path in _checkpoint_files(model_path):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                layout[key] = tuple(f.get_slice(key).get_shape())
+    """Name -> shape of every tensor in the safetensors checkpoint at `model_path` (headers
+    only). This is the layout the engine was loaded from, and the layout a published state
+    dict must have."""
+    layout = {name: header.shape for name, header in tensor_headers(model_path).items()}
+    if not layout:
+        raise FileNotFoundError(f"{model_path}: no safetensors checkpoint to take the weight layout from")
     return layout
-
-
-def _checkpoint_files(model_path: str | Path) -> list[Path]:
-    root = Path(model_path)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        files = [root / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    else:
-        files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{root}: no safetensors checkpoint to take the weight layout from")
-    return files
 
 
 def validate_specs(specs: Iterable[TensorSpec], layout: dict[str, tuple[int, ...]]) -> None:
@@ -90,8 +72,8 @@ def load_into_engine(llm: Any, tensors: Mapping[str, Any], direct: bool) -> str:
     tensors (`_direct_plan`): one repack per weight, plus one copy where parts are joined
     (q/k/v, gate/up) or cast to the engine's dtype. Otherwise vLLM's in-place reload does
     it: it maps checkpoint names onto its fused parameters, stages every layer's weights in
-    fresh memory and re-runs the layer's processing: on CPU a load takes a third longer
-    (benchmarks/README.md). Either way the probes check the result.
+    fresh memory and re-runs the layer's processing, which makes a load on CPU slower
+    (docs/performance.md, "Rollout: weight sync"). Either way the probes check the result.
     """
     (path,) = llm.collective_rpc(lambda worker: _load(worker, tensors, direct))
     # Cached prefixes hold keys and values computed by the old weights.
@@ -105,8 +87,8 @@ def loads_directly(llm: Any, model_path: str | Path) -> bool:
     checkpoint at `model_path`, holds exactly the checkpoint's tensors where the plan would
     put them (one read of the checkpoint, a tensor at a time). A model whose vLLM loader
     changes tensors on the way in (BLOOM's and Falcon's q/k/v reordering, offsets added to
-    norms) fails this and keeps vLLM's reload; its loads then fail verification, as they
-    would have before: tame cannot check such a model's weights."""
+    norms) fails this and keeps vLLM's reload; its loads then fail verification: tame
+    cannot check such a model's weights."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -126,8 +108,8 @@ def _holds_checkpoint(worker: Any, model_path: str | Path) -> bool:
     if _direct_plan(model, shapes) is None:
         return False
     expected = {}
-    for path in _checkpoint_files(model_path):
-        with safe_open(path, framework="pt") as f:  # a tensor at a time, cast as vLLM's loader casts it
+    for path in safetensors_files(model_path):
+        with safe_open(str(path), framework="pt") as f:  # a tensor at a time, cast as vLLM's loader casts it
             expected.update(probes_of(((name, f.get_tensor(name)) for name in f.keys()), worker.model_config.dtype))
     measured, fused = _model_probes(model)
     return compare_probes(measured, expected, fused).ok

@@ -3,7 +3,8 @@
 In one run, on the same sampled tokens (the `small` assets by default):
 
 - `update`: one `Learner.update` (tokens, no-grad passes, rewards, GAE, PPO epochs over
-  minibatches and micro-batches, clipping, AdamW, metrics);
+  minibatches and micro-batches, clipping, AdamW, metrics; and publishing the new version
+  into the object store, its last step);
 - `fwd+bwd`: the bare training passes a plain loop would make over the same micro-batches
   and epochs: policy forward (full logits) + token cross-entropy + backward, and critic
   forward + value MSE + backward, nothing else;
@@ -50,6 +51,8 @@ def best_seconds(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
+    import ray
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assets", default="runs/assets/small", help="assets folder (built if missing)")
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base"])
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=available_cores())
     args = parser.parse_args()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the update publishes into its object store
 
     assets = ensure_assets(args.assets, args.size, seed=0, log=lambda *_: None)
     overrides = [

@@ -323,7 +323,7 @@ def main() -> None:
 
     import ray
 
-    from cluster.controller import ENGINE_ENV
+    from cluster.launch import ENGINE_ENV
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ENGINE_ENV})
     results = [bench_size(size, args.assets, args.updates, args.repeats, args.sweep_threads, args.compute_dtype,

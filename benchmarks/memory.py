@@ -7,7 +7,8 @@ between phases through /proc/PID/clear_refs):
 - start-up: from the process's start to the learner built (models loaded, sharded);
 - update: one PPO update after a first one (AdamW's states exist from the first step on,
   so the second is what every later update costs);
-- publish: putting the policy into the object store after it (rank 0 gathers it).
+  The update ends by publishing the new version (rank 0 gathers the policy into the object
+  store), so its peak includes the publication.
 Beside each, the plan's prediction for the same config (`cluster.plan`), and their ratio.
 
 Models: a Qwen2-architecture policy of about 0.3B parameters (Qwen's vocabulary, untied
@@ -29,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.controller import start_learner  # noqa: E402
 from cluster.demo.assets import ensure_assets  # noqa: E402
+from cluster.launch import start_learner  # noqa: E402
 from cluster.shared.config_file import load_config  # noqa: E402
 from cluster.shared.records import Rollout  # noqa: E402
 
@@ -118,13 +119,11 @@ def measure(name: str, workers: int) -> dict:
     peaks(learner)
     ray.get(learner.update.remote(batch))
     update = peaks(learner)
-    ray.get(learner.publish.remote())
-    publish = peaks(learner)
     ray.kill(learner)
     if group is not None:
         remove_placement_group(group)
     plan = learner_worker(cfg)
-    return {"startup": startup, "update": update, "publish": publish,
+    return {"startup": startup, "update": update,
             "plan_startup": plan.startup_bytes, "plan_update": plan.update_bytes, "plan": plan}
 
 
@@ -141,13 +140,12 @@ def main() -> None:
         results = {w: measure(name, w) for w in (1, 2)}
         print(f"\n{name}: peak resident memory of each learner worker, GiB (plan's prediction; measured / plan)")
         print(results[1]["plan"].render())
-        print(f"{'workers':<9}{'rank':>5}{'start-up':>22}{'update':>22}{'publish':>10}")
+        print(f"{'workers':<9}{'rank':>5}{'start-up':>22}{'update':>22}")
         for w, r in results.items():
             for rank in range(w):
                 print(f"{w:<9}{rank:>5}"
                       f"{r['startup'][rank] / gib:>9.2f} ({r['plan_startup'] / gib:.2f}; {r['startup'][rank] / r['plan_startup']:.2f})"
-                      f"{r['update'][rank] / gib:>9.2f} ({r['plan_update'] / gib:.2f}; {r['update'][rank] / r['plan_update']:.2f})"
-                      f"{r['publish'][rank] / gib:>10.2f}")
+                      f"{r['update'][rank] / gib:>9.2f} ({r['plan_update'] / gib:.2f}; {r['update'][rank] / r['plan_update']:.2f})")
         one, two = results[1], results[2]
         startup_ratio = max(two["startup"]) / one["startup"][0]
         update_ratio = max(two["update"]) / one["update"][0]
@@ -156,7 +154,7 @@ def main() -> None:
                   for rank in range(len(r[phase]))]
         out[name] = {
             **{f"w{w}_{phase}_gib": [round(b / gib, 3) for b in r[phase]] for w, r in results.items()
-               for phase in ("startup", "update", "publish")},
+               for phase in ("startup", "update")},
             **{f"w{w}_plan_{phase}_gib": round(r[f"plan_{phase}"] / gib, 3) for w, r in results.items()
                for phase in ("startup", "update")},
             "startup_w2_over_w1": round(startup_ratio, 3), "update_w2_over_w1": round(update_ratio, 3),

@@ -4,7 +4,8 @@ In one run, on the same tokens, for N = 1 and N = 2 learner workers (each a Ray 
 is FSDP2 over gloo, each worker with cores / N threads, so both settings use the same cores):
 
 - `update`: one PPO update (`learner.update`), GAE with a critic;
-- `publish`: putting the policy into the object store after it, with its probes. Sharded,
+- `publish`: putting the policy into the object store, with its probes, the update's last
+  step (`perf/publish_seconds`; `update` is the rest of the call). Sharded,
   every tensor is first gathered from the workers, one at a time;
 - the baseline: a memory copy of the same bytes in this process.
 
@@ -28,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.controller import start_learner  # noqa: E402
 from cluster.demo.assets import ensure_assets  # noqa: E402
+from cluster.launch import start_learner  # noqa: E402
 from cluster.shared.config_file import load_config  # noqa: E402
 from cluster.shared.records import Rollout  # noqa: E402
 from cluster.shared.tokens import prompt_token_ids  # noqa: E402
@@ -92,13 +93,12 @@ def main() -> None:
         nbytes = 0
         for i in range(args.repeats + 1):  # the first is the warm-up
             started = time.perf_counter()
-            ray.get(learner.update.remote(batch))
-            updated = time.perf_counter()
-            handle = ray.get(learner.publish.remote())
-            published = time.perf_counter()
-            nbytes = handle.nbytes
+            result = ray.get(learner.update.remote(batch))  # an update ends by publishing its version
+            seconds = time.perf_counter() - started
+            nbytes = result.weights.nbytes
             if i:
-                update, publish = min(update, updated - started), min(publish, published - updated)
+                published = result.metrics["perf/publish_seconds"]
+                update, publish = min(update, seconds - published), min(publish, published)
         results[workers] = {"update_s": update, "publish_s": publish}
         ray.kill(learner)
         if group is not None:

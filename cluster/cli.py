@@ -12,9 +12,10 @@ import signal
 import sys
 from pathlib import Path
 
-from cluster.shared.config import MAX_ACTORS, TameConfig, check_model_folder, schema_json
+from cluster.shared.config import MAX_ACTORS, TameConfig, schema_json
 from cluster.shared.config_file import load_config
 from cluster.shared.errors import RunError, UserError
+from cluster.shared.hf_folder import check_model_folder
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -94,7 +95,7 @@ def cmd_train(args) -> int:
 
 def cmd_plan(args) -> int:
     cfg = _config(args)
-    from cluster.controller import host_memory
+    from cluster.checks import host_memory
     from cluster.plan import check
 
     check_model_folder("model.policy", cfg.model.policy, "causal LM")
@@ -123,7 +124,7 @@ def cmd_serve_reward(args) -> int:
 
 
 def cmd_scale(args) -> int:
-    from cluster.controller import scale
+    from cluster.control import scale
 
     if not 0 <= args.actors <= MAX_ACTORS:
         raise UserError(f"--actors {args.actors}: the pool size must be between 0 and {MAX_ACTORS}")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("assets", help="build the offline tokenizer, policy, reward model and demo data")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--size", default="tiny", choices=["tiny", "small", "base"],
-                   help="tiny for tests, small (~5M parameters) for the demo, base (~90M) for benchmarks")
+                   help="tiny for tests, small (3.6M parameters) for the demo, base (86M) for benchmarks")
     s.add_argument("--family", default="llama", choices=["llama", "qwen2"],
                    help="model architecture and tokenizer: llama (the demo's), or qwen2 (q/k/v biases, "
                         "grouped-query attention, untied LM head, Qwen2's tokenizer)")

@@ -1,16 +1,20 @@
 """Where a run's figures go: wandb (online, offline or disabled), `metrics.jsonl` in the run
-directory, and one console line per update."""
+directory, and one console line per update; and the throughput figures the loop keeps."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from cluster.shared.config import TameConfig
+from cluster.shared.records import LoadResult, RolloutBatch
 
 CONSOLE_KEYS = [
     ("objective/scores", "reward", "{:+.3f}"),
@@ -92,3 +96,84 @@ class Metrics:
         except Exception as e:
             self.run = None
             self.log(f"wandb stopped working ({type(e).__name__}: {e}); metrics go on to {self.history}")
+
+
+def load_figures(loads: Iterable[LoadResult]) -> dict[str, float]:
+    """The slowest and least exact of the actors' last weight loads."""
+    loads = list(loads)
+    return {"sync/load_seconds_max": max((r.seconds for r in loads), default=0.0),
+            "sync/verify_seconds_max": max((r.verify_seconds for r in loads), default=0.0),
+            "sync/probe_rms_error_max": max((r.probe_rms_error for r in loads), default=0.0)}
+
+
+@dataclass
+class Generated:
+    """What the actors' generation calls of one interval between updates cost."""
+
+    samples: int = 0
+    generate_seconds: float = 0.0
+    score_seconds: float = 0.0
+    reference_seconds: float = 0.0
+
+    def add(self, batch: RolloutBatch) -> None:
+        self.samples += len(batch.rollouts)
+        self.generate_seconds += batch.generate_seconds
+        self.score_seconds += batch.score_seconds
+        self.reference_seconds += batch.reference_seconds
+
+
+class Throughput:
+    """The run's speed: its start-up (from `tame train` to the first generation call: roles
+    up, weights loaded), samples per second from the end of the first update (after the
+    engines warmed up and the pipeline filled), and per interval between updates how much of
+    it the learner sat idle and what a sample cost the actors."""
+
+    def __init__(self, created: float):
+        self.created = created
+        """When `tame train` began: start-up and the whole wall time count from here."""
+        self.started = time.monotonic()
+        """When the loop began: the rate until the first update ends counts from here."""
+        self.startup_seconds: float | None = None
+        self.rate_from: tuple[float, int] | None = None
+        """(time, samples) at the first update's end."""
+        self.generated = Generated()
+        """Within the interval."""
+
+    def generation_starts(self) -> None:
+        if self.startup_seconds is None:
+            self.startup_seconds = time.monotonic() - self.created
+
+    def samples_per_s(self, now: float, samples: int) -> float:
+        """Training throughput from the end of the first update; until then, from the loop's start."""
+        if self.rate_from is None or samples == self.rate_from[1]:
+            return samples / max(now - self.started, 1e-9)
+        return (samples - self.rate_from[1]) / max(now - self.rate_from[0], 1e-9)
+
+    def summary(self, now: float, samples: int) -> dict[str, float | None]:
+        """The summary's figures of speed, at the end of the run."""
+        wall = now - self.created
+        return {"wall_seconds": wall, "startup_seconds": self.startup_seconds,
+                "samples_per_second": self.samples_per_s(now, samples),
+                "samples_per_second_overall": samples / max(wall, 1e-9)}
+
+    def update_ended(self, now: float, samples: int, interval_start: float, update_started: float,
+                     actor_idle_share: float) -> dict[str, float]:
+        """The perf/* figures of the interval that the update just ended closes. The learner's
+        idle share is the time before this update started."""
+        interval = max(now - interval_start, 1e-9)
+        generated, self.generated = self.generated, Generated()
+        if self.rate_from is None:
+            self.rate_from = (now, samples)
+        per_sample = max(generated.samples, 1)
+        return {
+            "perf/step_seconds": interval,
+            "perf/update_seconds_wall": now - update_started,
+            "perf/samples": samples,
+            "perf/samples_per_s": self.samples_per_s(now, samples),
+            "perf/learner_idle_share": max(0.0, update_started - interval_start) / interval,
+            "perf/actor_idle_share": actor_idle_share,
+            # What one sample cost the actors in this interval: the pipeline's other side.
+            "perf/generate_seconds_per_sample": generated.generate_seconds / per_sample,
+            "perf/score_seconds_per_sample": generated.score_seconds / per_sample,
+            "perf/reference_seconds_per_sample": generated.reference_seconds / per_sample,
+        }

@@ -31,7 +31,7 @@ from cluster.shared.records import Rollout
 
 
 @dataclass
-class Group:
+class PromptGroup:
     """The completions of one prompt, kept together through the queue and trained in one update."""
 
     prompt_id: str
@@ -57,8 +57,8 @@ class Pipeline:
     never fewer than a batch: the learner waits for a whole one."""
     version: int = 0
     """V: the learner's newest version, which the next (or the current) update trains from."""
-    queue: list[Group] = field(default_factory=list)
-    training: list[Group] | None = None
+    queue: list[PromptGroup] = field(default_factory=list)
+    training: list[PromptGroup] | None = None
     """The batch of the update in flight."""
     generating: dict[int, int] = field(default_factory=dict)
     """Samples each actor was asked for and has not returned yet."""
@@ -93,7 +93,7 @@ class Pipeline:
         assert actor_id not in self.generating, f"actor {actor_id} already has a call in flight"
         self.generating[actor_id] = n_prompts * self.samples_per_prompt
 
-    def finished(self, actor_id: int, groups: Iterable[Group]) -> None:
+    def finished(self, actor_id: int, groups: Iterable[PromptGroup]) -> None:
         """An actor's call returned these groups (prompts that failed are simply absent)."""
         self.generating.pop(actor_id, None)
         self.queue.extend(groups)
@@ -104,7 +104,7 @@ class Pipeline:
 
     # ----------------------------------------------------------------- learner
 
-    def next_batch(self) -> tuple[list[Group] | None, list[Group]]:
+    def next_batch(self) -> tuple[list[PromptGroup] | None, list[PromptGroup]]:
         """(the batch to train now or None, the groups dropped as too stale).
 
         Oldest records first, so a late group is trained before fresher ones overtake it.
@@ -124,7 +124,7 @@ class Pipeline:
         self.training = batch
         return batch, dropped
 
-    def update_done(self, trained: bool) -> list[Group]:
+    def update_done(self, trained: bool) -> list[PromptGroup]:
         """The update in flight ended; `trained` is false when it was skipped (its prompts must
         be handed out again by the caller). Returns its batch."""
         batch, self.training = self.training or [], None

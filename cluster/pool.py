@@ -68,9 +68,10 @@ class ActorPool:
         self.next_actor_id += 1
         return actor_id, self.make_actor(actor_id, scorer)
 
-    def add(self, actor_id: int, handle: Any, weights_ref: Any) -> Slot:
-        """Put an actor in the pool; it loads the newest weights before anything else."""
-        slot = Slot(actor_id, handle, pending=handle.load_weights.remote(weights_ref), call_started=time.monotonic())
+    def add(self, actor_id: int, handle: Any, weights: Any) -> Slot:
+        """Put an actor in the pool; it loads `weights` (the newest version's handle) before
+        anything else."""
+        slot = Slot(actor_id, handle, pending=handle.load_weights.remote(weights), call_started=time.monotonic())
         self.slots[actor_id] = slot
         return slot
 
@@ -128,6 +129,13 @@ class ActorPool:
         """Actors that are up and have not confirmed a load started more than `timeout_s` ago."""
         return [s for s in self.reloading() if now - s.call_started > timeout_s]
 
+    def to_next_deadline(self, now: float, load_timeout_s: float, generate_timeout_s: float | None) -> float:
+        """Seconds until a load or a generation call is overdue (1e9 when none can be)."""
+        ahead = [s.call_started + load_timeout_s - now for s in self.reloading()]
+        if generate_timeout_s is not None:
+            ahead += [s.call_started + generate_timeout_s - now for s in self.generating()]
+        return min(ahead, default=1e9)
+
     def returned(self, slot: Slot) -> bool:
         """A call of this slot finished: the slot goes idle. False when it is draining and
         must be removed instead."""
@@ -136,6 +144,15 @@ class ActorPool:
             return False
         slot.state, slot.idle_since = SlotState.IDLE, time.monotonic()
         return True
+
+    def held_prompts(self) -> list[str]:
+        """The prompts of the generation calls in flight."""
+        return [p for s in self.slots.values() for p in s.prompt_ids]
+
+    def tokens_per_s(self) -> dict[str, float]:
+        """Each actor's generation speed over its calls so far, by W&B name."""
+        return {f"rollout/actor_{s.actor_id}/tokens_per_s": s.tokens / s.generate_seconds
+                for s in self.slots.values() if s.generate_seconds > 0}
 
     # ------------------------------------------------------------------ idle accounting
 

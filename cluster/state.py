@@ -31,6 +31,13 @@ class Counters:
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    def metrics(self) -> dict[str, int]:
+        """The counters logged with every update, by W&B name."""
+        return {"rollout/dropped_stale": self.dropped_stale, "rollout/failed_prompts": self.failed_prompts,
+                "rollout/actor_failures": self.actor_failures,
+                "sync/fingerprint_mismatches": self.fingerprint_mismatches,
+                "learner/skipped_updates": self.skipped_updates}
+
 
 @dataclass
 class DriverState:
@@ -40,14 +47,15 @@ class DriverState:
     """The prompt source's cursor, with the prompts handed out but not trained on
     (`PromptSource.state`)."""
     counters: Counters = field(default_factory=Counters)
-    first: dict[str, float] = field(default_factory=dict)
+    first_update_metrics: dict[str, float] = field(default_factory=dict)
     """The first update's metrics: the summary's reward and KL at the start."""
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "counters": self.counters.as_dict(), "first": self.first}
+        # "first": the key checkpoints have always been written with.
+        return {"source": self.source, "counters": self.counters.as_dict(), "first": self.first_update_metrics}
 
     @classmethod
     def from_dict(cls, data: dict) -> DriverState:
         known = {f.name for f in fields(Counters)}
         counters = Counters(**{k: v for k, v in data["counters"].items() if k in known})
-        return cls(source=data["source"], counters=counters, first=data.get("first", {}))
+        return cls(source=data["source"], counters=counters, first_update_metrics=data.get("first", {}))

@@ -3,8 +3,9 @@
 1. `tokenize`: scored rollouts -> `Batch` (token ids, masks, behaviour log-probs, scores,
    and the reference log-probs when the actors computed them);
 2. the learner's no-grad passes -> reference (unless given) and proximal log-probs, old values;
-3. `Experience`: the batch with those and the shaped rewards, advantages, returns and
-   importance weights: what the PPO epochs train on.
+3. `make_experience`: the batch with those and the shaped rewards, advantages, returns and
+   importance weights (`Experience`: what the PPO epochs train on), and the batch's metrics
+   (`experience_metrics`). A pure function of tensors and the `ppo` settings.
 
 Token tensors are (B, L), per-token tensors (B, W) over the prediction positions
 `offset .. offset + W - 1` (position t predicts input_ids[:, t + 1]). `select` cuts rows to
@@ -16,12 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from cluster.shared.logprobs import response_positions
 from cluster.shared.records import Rollout
 from learner import ppo
+
+if TYPE_CHECKING:
+    from cluster.shared.config import PPOConfig
 
 
 @dataclass(frozen=True)
@@ -151,3 +156,72 @@ def tokenize(rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, 
     return Batch(input_ids.to(device), attention_mask.to(device), mask.to(device), behaviour.to(device),
                  scores.to(device), has_eos.to(device), fresh.to(device), groups.to(device),
                  reference_logprobs=None if reference is None else (reference * mask).to(device))
+
+
+def make_experience(batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                    old_values: torch.Tensor | None, p: PPOConfig, kl_coef: float, eos_id: int
+                    ) -> tuple[Experience, dict[str, float]]:
+    """Step 3: the rewards (the score at the last token, KL-shaped unless the KL goes into the
+    loss: `p.kl.placement`), the advantages and returns of `p.advantage`
+    (`ppo.ADVANTAGE_ESTIMATORS`) and the truncated IS weights, over the whole batch.
+
+    ref_logprobs, old_logprobs, old_values: (B, W), from the no-grad passes; old_values is None
+    without a critic. `kl_coef` is the KL controller's beta now. Returns the experience and the
+    batch's metrics (`experience_metrics`)."""
+    mask = batch.mask
+    scores = batch.scores
+    if p.missing_eos_penalty is not None:
+        scores = ppo.apply_missing_eos_penalty(scores, batch.has_eos, p.missing_eos_penalty)
+    if p.whiten_rewards and len(batch) > 1:
+        scores = ppo.masked_whiten(scores[:, None], torch.ones_like(scores[:, None]), shift_mean=False)[:, 0]
+    # With the KL in the loss, the rewards carry the score alone.
+    shaping = kl_coef if p.kl.placement == "reward" else 0.0
+    rewards, kl = ppo.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, shaping, p.kl.estimator)
+    values = torch.zeros_like(rewards) if old_values is None else old_values
+    settings = ppo.AdvantageSettings(p.gamma, p.gae_lambda, p.whiten_advantages, p.grpo_scale_by_std)
+    advantages, returns = ppo.ADVANTAGE_ESTIMATORS[p.advantage](rewards, values, mask, batch.groups, settings)
+    is_weights = ppo.truncated_importance_weight(old_logprobs, batch.behaviour_logprobs, p.is_cap) * mask
+    exp = Experience(batch, ref_logprobs, old_logprobs, values, rewards, advantages, returns, is_weights)
+    non_score = (-shaping * kl).sum(1)  # the penalty in the rewards (none when it is in the loss)
+    return exp, experience_metrics(exp, scores, kl, non_score, kl_coef, eos_id, with_critic=old_values is not None)
+
+
+def experience_metrics(exp: Experience, scores: torch.Tensor, kl: torch.Tensor, non_score: torch.Tensor,
+                       kl_coef: float, eos_id: int, with_critic: bool) -> dict[str, float]:
+    """The rollout and objective metrics of a batch (TRL's names): `scores` (B,) as shaped
+    (after the missing-EOS penalty and whitening), `kl` (B, W) the penalty's per-token
+    estimate, `non_score` (B,) each sequence's KL penalty in its rewards."""
+    batch, mask, old_logprobs = exp.batch, exp.mask, exp.old_logprobs
+    # Behaviour vs proximal: the same weights should give the same log-probs; a large
+    # gap means stale rollouts or a weight sync that did not happen.
+    delta = (old_logprobs - batch.behaviour_logprobs) * mask
+    behaviour_kl = ppo.masked_mean(ppo.kl_k3(batch.behaviour_logprobs, old_logprobs), mask)
+    targets = batch.input_ids[:, 1:]
+    sequence_kl = kl.sum(1)
+    sequence_k3 = (ppo.kl_k3(old_logprobs, exp.ref_logprobs) * mask).sum(1)
+    metrics = {
+        "objective/kl": sequence_kl.mean(),
+        # k3 beside the penalty's estimate (k1 by default), and the largest sequence of
+        # each: a mean moved by one sequence is variance, not drift.
+        "objective/kl_k3": sequence_k3.mean(),
+        "objective/kl_max": sequence_kl.max(),
+        "objective/kl_k3_max": sequence_k3.max(),
+        "objective/entropy": (-old_logprobs * mask).sum(1).mean(),
+        "objective/scores": batch.scores.mean(),
+        "objective/non_score_reward": non_score.mean(),
+        "objective/rlhf_reward": (scores + non_score).mean(),
+        "val/num_eos_tokens": ((targets == eos_id) * mask.bool()).sum(),
+        "rollout/behaviour_kl": behaviour_kl,
+        "rollout/max_abs_logp_delta": delta.abs().max(),
+        # The engine against the learner's own arithmetic (learner.compute_dtype): on
+        # records of the weights it holds, all of the gap is numerics.
+        "val/logp_gap_mean": ppo.masked_mean(delta.abs(), mask),
+        "rollout/is_weight_mean": ppo.masked_mean(exp.is_weights, mask),
+        "rollout/response_tokens_mean": mask.sum(1).mean(),
+        "learner/kl_coef": kl_coef,
+    }
+    if with_critic:
+        metrics["val/mean"] = ppo.masked_mean(exp.old_values, mask)
+    if batch.fresh.any():
+        metrics["val/logp_gap_fresh_mean"] = ppo.masked_mean(delta.abs(), mask * batch.fresh[:, None])
+    return {k: float(v) for k, v in metrics.items()}

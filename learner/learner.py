@@ -3,8 +3,8 @@
 `cluster/` runs `Learner` as a Ray actor (`ray.remote(num_cpus=..., num_gpus=...)`); the
 class itself does not need Ray except for the object store in `publish`.
 
-One update, top to bottom (`update`; the records of each step are in `learner/experience.py`,
-checkpoints in `learner/checkpoints.py`, the math in `learner/ppo.py`):
+One update, top to bottom (`update`; the records and the experience step are in
+`learner/experience.py`, checkpoints in `learner/checkpoints.py`, the math in `learner/ppo.py`):
 1. tokens: prompt + response ids of each scored rollout, right-padded; a mask marks the
    response tokens (cut after the first EOS when `ppo.truncate_at_stop`).
 2. no-grad passes: the reference log-probs (unless the actors computed them:
@@ -14,13 +14,15 @@ checkpoints in `learner/checkpoints.py`, the math in `learner/ppo.py`):
    so only the reference pass runs without gradient, or none with the actors' reference.
 3. rewards: the score at the last response token minus `kl_coef * KL` per token (or the
    score alone, with the KL in the loss: `ppo.kl.placement`); the advantages of
-   `ppo.advantage` (GAE with whitening, or the critic-free GRPO, RLOO, REINFORCE++); the
-   truncated importance weight min(pi_prox / pi_behaviour, C).
+   `ppo.advantage` (`ppo.ADVANTAGE_ESTIMATORS`: GAE with whitening, or the critic-free GRPO,
+   RLOO, REINFORCE++); the truncated importance weight min(pi_prox / pi_behaviour, C).
 4. PPO epochs over shuffled minibatches, each accumulated over micro-batches: clipped
    surrogate (ratio against the proximal policy, times the IS weight), clipped value loss,
    entropy bonus, PPO-ptx; gradient clipping; AdamW; learning-rate schedule.
-5. version += 1 and the KL controller adapts. A NaN or Inf anywhere skips the update:
-   the weights and optimizer states are restored and nothing new is published.
+5. version += 1 and the KL controller adapts.
+6. the new version is published; its handle comes back in the `UpdateResult`, so one call
+   both trains and publishes. A NaN or Inf anywhere skips the update: the weights and
+   optimizer states are restored and nothing new is published.
 
 Per-token tensors have shape (B, L-1): position t is the prediction of input_ids[:, t+1].
 """
@@ -38,23 +40,21 @@ from typing import NamedTuple
 import torch
 
 from cluster.shared.config import TameConfig
+from cluster.shared.errors import NonFiniteUpdatesError
 from cluster.shared.logprobs import response_logprobs
 from cluster.shared.precision import compute_context, float32_head, torch_dtype
 from cluster.shared.records import Rollout, UpdateResult
 from cluster.shared.startup import heavy_imports
+from cluster.shared.tokens import pad_token_id
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport
 from learner import checkpoints, ppo
 from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
-from learner.experience import Batch, Experience, tokenize
+from learner.experience import Batch, Experience, make_experience, tokenize
 from learner.loading import export_dtypes, load_models, value_head
 from learner.memory import check_device
 from learner.rollback import HostSnapshot
-from learner.sharding import Group, Shards, full
+from learner.sharding import Rank, Shards, full
 from learner.training import demonstration_nll, make_scheduler, set_torch_threads
-
-
-class NonFiniteUpdatesError(RuntimeError):
-    """Too many consecutive updates had NaN or Inf in their rewards, losses or gradients."""
 
 
 class Forward(NamedTuple):
@@ -65,6 +65,16 @@ class Forward(NamedTuple):
     values: torch.Tensor | None  # None without a critic
 
 
+class Trained(NamedTuple):
+    """What an update that was not skipped did, for its metrics."""
+
+    stats: dict[str, list[float]]
+    """Per optimizer step: `accumulate_gradients`' statistics and "grad_norm/<model>"."""
+    fused: bool
+    """The first epoch's forward pass was the proximal pass."""
+    publish_seconds: float
+
+
 # --------------------------------------------------------------------------- the learner
 
 
@@ -72,7 +82,7 @@ class Learner:
     """Policy, frozen reference, critic and their optimizers; PPO updates, weight
     publication and checkpoints. See the module docstring for the shape of one update."""
 
-    def __init__(self, cfg: TameConfig, run_dir: str, group: Group | None = None):
+    def __init__(self, cfg: TameConfig, run_dir: str, rank: Rank | None = None):
         with heavy_imports():
             from transformers import AutoTokenizer
 
@@ -80,15 +90,14 @@ class Learner:
         self.run_dir = Path(run_dir)
         self.threads = set_torch_threads(cfg.learner.threads or cfg.learner.num_cpus)
         self.device = torch.device(cfg.learner.device)
-        # One of learner.num_workers processes (learner/sharding.py); alone without a group.
-        self.shards = Shards(group, self.device)
+        # One of learner.num_workers processes (learner/sharding.py); alone without a rank.
+        self.shards = Shards(rank, self.device)
         self.temperature = cfg.rollout.sampling.temperature
         torch.manual_seed(cfg.run.seed)
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
         self.eos_id = self.tokenizer.eos_token_id
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else self.eos_id
+        self.pad_id = pad_token_id(self.tokenizer)
 
         # The policy we train, the frozen reference (the SFT model) it is held close to, and
         # the critic (GAE only), each built where it lives: sharded ones are never whole.
@@ -107,18 +116,17 @@ class Learner:
 
                 register_fsdp_forward_method(self.critic, "token_values")
 
-        minibatches = math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
-        total_steps = cfg.train.total_updates * p.epochs * minibatches
-        self.policy_optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
-        self.policy_scheduler = make_scheduler(self.policy_optimizer, p.lr_schedule,
-                                               p.warmup_steps, total_steps)
-        self.critic_optimizer = self.critic_scheduler = None
-        if self.critic is not None:
-            self.critic_optimizer = torch.optim.AdamW(
-                self.critic.parameters(), lr=p.critic_learning_rate, weight_decay=p.weight_decay)
-            self.critic_scheduler = make_scheduler(self.critic_optimizer, p.lr_schedule,
-                                                   p.warmup_steps, total_steps)
+        # The trained models by name (the policy, and the critic with GAE), each with its AdamW
+        # and learning-rate schedule under the same name; checkpoints key them "<name>_optimizer"
+        # and "<name>_scheduler".
+        self.models = {name: model for name, model in (("policy", self.policy), ("critic", self.critic))
+                       if model is not None}
+        rates = {"policy": p.learning_rate, "critic": p.critic_learning_rate}
+        total_steps = cfg.train.total_updates * p.epochs * math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
+        self.optimizers = {name: torch.optim.AdamW(model.parameters(), lr=rates[name], weight_decay=p.weight_decay)
+                           for name, model in self.models.items()}
+        self.schedulers = {name: make_scheduler(optimizer, p.lr_schedule, p.warmup_steps, total_steps)
+                           for name, optimizer in self.optimizers.items()}
         self.kl_controller = (
             ppo.AdaptiveKLController(p.kl.coef, p.kl.target, p.kl.horizon) if p.kl.adaptive
             else ppo.FixedKLController(p.kl.coef))
@@ -160,9 +168,10 @@ class Learner:
         return [self.place()]
 
     def publish(self) -> WeightsHandle | None:
-        """Publish the current policy weights with their probes (once per version: later
-        calls return the cached handle). Sharded, every worker gathers each tensor in turn and
-        rank 0 publishes them; the others return None."""
+        """Publish the current policy weights with their probes, once per version (later calls
+        return the cached handle): `update` does as its last step; the loop calls it for the
+        version it starts from. Sharded, every worker gathers each tensor in turn and rank 0
+        publishes them; the others return None."""
         if self._published != self._version:
             named = self.shards.full_parameters(self.policy)
             if self.shards.rank == 0:
@@ -231,100 +240,22 @@ class Learner:
         self.shards.sum_(None if given is not None else ref, old_logprobs, old_values)
         if given is None:
             self.shards.release(self.reference)
-        if proximal and old_values is None:
-            old_values = torch.zeros_like(ref)
         return ref, old_logprobs, old_values
-
-    def _proximal_from(self, batch: Batch, rows: torch.Tensor, first: Forward) -> tuple[torch.Tensor, torch.Tensor]:
-        """The proximal log-probs and old values from the first forward pass of the update
-        (`first`, made on batch.select(rows) before any optimizer step): the same numbers the
-        no-grad pass would compute, without a second pass."""
-        cols = batch.window(rows).columns()
-        old_logprobs = torch.zeros(batch.mask.shape, device=self.device)
-        old_values = torch.zeros_like(old_logprobs)
-        old_logprobs[rows, cols] = first.logprobs.detach()
-        if first.values is not None:
-            old_values[rows, cols] = first.values.detach()
-        return old_logprobs, old_values
 
     # ------------------------------------------------------------------ experience
 
     def prepare(self, rollouts: list[Rollout]) -> tuple[Experience, dict[str, float]]:
         """Steps 1-3 of an update with every no-grad pass: tokens, reference and proximal
-        log-probs, old values, shaped rewards, GAE and IS weights. Returns the experience
-        and the rollout/objective metrics."""
-        batch = self.tokens(rollouts)
-        return self._advantages(batch, *self._no_grad_passes(batch))
-
-    def _advantages(self, batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                    old_values: torch.Tensor) -> tuple[Experience, dict[str, float]]:
-        """Step 3: rewards (KL-shaped unless the KL goes into the loss), the advantages of
-        `ppo.advantage` and the truncated IS weights; returns the experience and the
+        log-probs, old values, then `make_experience`. Returns the experience and the
         rollout/objective metrics."""
-        p = self.cfg.ppo
-        mask = batch.mask
+        batch = self.tokens(rollouts)
+        return self._experience(batch, *self._no_grad_passes(batch))
 
-        scores = batch.scores
-        if p.missing_eos_penalty is not None:
-            scores = ppo.apply_missing_eos_penalty(scores, batch.has_eos, p.missing_eos_penalty)
-        if p.whiten_rewards and len(batch) > 1:
-            scores = ppo.masked_whiten(scores[:, None], torch.ones_like(scores[:, None]),
-                                       shift_mean=False)[:, 0]
-        kl_coef = self.kl_controller.value
-        # With the KL in the loss, the rewards carry the score alone.
-        shaping = kl_coef if p.kl.placement == "reward" else 0.0
-        rewards, kl = ppo.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask,
-                                            shaping, p.kl.estimator)
-        returns = torch.zeros_like(rewards)
-        if p.advantage == "gae":
-            advantages, returns = ppo.gae(rewards, old_values, mask, p.gamma, p.gae_lambda)
-            if p.whiten_advantages and mask.sum() > 1:
-                advantages = ppo.masked_whiten(advantages, mask)
-        elif p.advantage == "reinforce_pp":
-            advantages = (ppo.reinforce_pp_advantages(rewards, mask, p.gamma) if mask.sum() > 1
-                          else ppo.discounted_returns(rewards, mask, p.gamma))  # one token: nothing to whiten
-        else:  # sequence-level, over the samples of each prompt
-            sequence_rewards = rewards.sum(1)  # the score, minus the shaped KL when it is in the reward
-            per_sequence = (ppo.grpo_advantages(sequence_rewards, batch.groups, p.grpo_scale_by_std)
-                            if p.advantage == "grpo" else ppo.rloo_advantages(sequence_rewards, batch.groups))
-            advantages = per_sequence[:, None] * mask
-        is_weights = ppo.truncated_importance_weight(old_logprobs, batch.behaviour_logprobs, p.is_cap) * mask
-        exp = Experience(batch, ref_logprobs, old_logprobs, old_values, rewards, advantages, returns, is_weights)
-
-        # Behaviour vs proximal: the same weights should give the same log-probs; a large
-        # gap means stale rollouts or a weight sync that did not happen.
-        delta = (old_logprobs - batch.behaviour_logprobs) * mask
-        behaviour_kl = ppo.masked_mean(ppo.kl_k3(batch.behaviour_logprobs, old_logprobs), mask)
-        non_score = (-shaping * kl).sum(1)  # the penalty in the rewards (none when it is in the loss)
-        targets = batch.input_ids[:, 1:]
-        sequence_kl = kl.sum(1)
-        sequence_k3 = (ppo.kl_k3(old_logprobs, ref_logprobs) * mask).sum(1)
-        metrics = {
-            "objective/kl": sequence_kl.mean(),
-            # k3 beside the penalty's estimate (k1 by default), and the largest sequence of
-            # each: a mean moved by one sequence is variance, not drift.
-            "objective/kl_k3": sequence_k3.mean(),
-            "objective/kl_max": sequence_kl.max(),
-            "objective/kl_k3_max": sequence_k3.max(),
-            "objective/entropy": (-old_logprobs * mask).sum(1).mean(),
-            "objective/scores": batch.scores.mean(),
-            "objective/non_score_reward": non_score.mean(),
-            "objective/rlhf_reward": (scores + non_score).mean(),
-            "val/num_eos_tokens": ((targets == self.eos_id) * mask.bool()).sum(),
-            "rollout/behaviour_kl": behaviour_kl,
-            "rollout/max_abs_logp_delta": delta.abs().max(),
-            # The engine against the learner's own arithmetic (learner.compute_dtype): on
-            # records of the weights it holds, all of the gap is numerics.
-            "val/logp_gap_mean": ppo.masked_mean(delta.abs(), mask),
-            "rollout/is_weight_mean": ppo.masked_mean(is_weights, mask),
-            "rollout/response_tokens_mean": mask.sum(1).mean(),
-            "learner/kl_coef": torch.tensor(kl_coef),
-        }
-        if self.critic is not None:
-            metrics["val/mean"] = ppo.masked_mean(old_values, mask)
-        if batch.fresh.any():
-            metrics["val/logp_gap_fresh_mean"] = ppo.masked_mean(delta.abs(), mask * batch.fresh[:, None])
-        return exp, {k: float(v) for k, v in metrics.items()}
+    def _experience(self, batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                    old_values: torch.Tensor | None) -> tuple[Experience, dict[str, float]]:
+        """Step 3 (`experience.make_experience`) at the KL controller's coefficient now."""
+        return make_experience(batch, ref_logprobs, old_logprobs, old_values, self.cfg.ppo,
+                               self.kl_controller.value, self.eos_id)
 
     # ------------------------------------------------------------------ gradients
 
@@ -406,8 +337,9 @@ class Learner:
     # ------------------------------------------------------------------ the update
 
     def update(self, rollouts: list[Rollout]) -> UpdateResult:
-        """One PPO update on scored rollouts. The version goes up by one unless a NaN or Inf
-        made the update be skipped."""
+        """One PPO update on scored rollouts; its last step publishes the new version, whose
+        handle the result carries. A NaN or Inf anywhere skips the update: the version does not
+        move and nothing is published."""
         started = time.perf_counter()
         p = self.cfg.ppo
 
@@ -420,85 +352,64 @@ class Learner:
         # before this update's first step), so its no-grad twin is skipped.
         fused = (self.fuse_first_pass and not self.shards.sharded
                  and len(batch) <= min(p.minibatch_size, p.micro_batch_size))
-        first = None
         ref_logprobs, old_logprobs, old_values = self._no_grad_passes(batch, proximal=not fused)
-        if fused:
-            first = self._forward(batch.select(first_order))
-            old_logprobs, old_values = self._proximal_from(batch, first_order, first)
+        first = self._forward(batch.select(first_order)) if fused else None
+        if first is not None:
+            old_logprobs, old_values = proximal_from(batch, first_order, first)
 
         # 3. rewards and advantages
-        exp, metrics = self._advantages(batch, ref_logprobs, old_logprobs, old_values)
+        exp, metrics = self._experience(batch, ref_logprobs, old_logprobs, old_values)
         if ppo.any_nonfinite(exp.rewards, exp.advantages, exp.returns):
             return self._skip(metrics, started)
 
         # 4. PPO epochs over shuffled minibatches
-        steps = p.epochs * math.ceil(len(exp) / p.minibatch_size)
-        if steps > 1:  # a later minibatch may turn non-finite after earlier ones stepped
-            self.snapshot.take(self._models(), self._optimizers())
-        ptx_cursor = self.ptx_cursor
-        stats: dict[str, list[float]] = defaultdict(list)
-        grad_norms: dict[str, list[float]] = defaultdict(list)
-        for epoch in range(p.epochs):
-            order = first_order if epoch == 0 else torch.randperm(len(exp), generator=self.shuffle).to(self.device)
-            for rows in order.split(p.minibatch_size):
-                mb_stats = self.accumulate_gradients(exp, rows, p.micro_batch_size,
-                                                     first=first if epoch == 0 else None)
-                norms = {name: float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)))
-                         for name, model in self._models().items()}
-                if not all(math.isfinite(x) for x in (mb_stats["loss"], *norms.values())):
-                    self._zero_grad()
-                    if steps > 1:
-                        self.snapshot.restore(self._models(), self._optimizers())
-                    self.ptx_cursor = ptx_cursor
-                    return self._skip(metrics, started)
-                for optimizer, scheduler in self._optimizers().values():
-                    optimizer.step()
-                    scheduler.step()
-                self._zero_grad()
-                for key, value in mb_stats.items():
-                    stats[key].append(value)
-                for name, norm in norms.items():
-                    grad_norms[name].append(norm)
+        stats = self._epochs(exp, first_order, first)
+        if stats is None:
+            return self._skip(metrics, started)
 
         # 5. a new version; the KL controller sees this batch's KL per sequence
         self._version += 1
         self.nonfinite_in_row = 0
         self.kl_controller.update(metrics["objective/kl"], len(exp))
-        avg = {k: sum(v) / len(v) for k, v in stats.items()}
-        metrics.update({
-            "policy/approxkl_avg": avg["approxkl"],
-            "policy/clipfrac_avg": avg["clipfrac"],
-            "policy/entropy_avg": avg["entropy"],
-            "policy/grad_norm_avg": sum(grad_norms["policy"]) / len(grad_norms["policy"]),
-            "loss/policy_avg": avg["policy"],
-            "loss/total_avg": avg["loss"],
-            "val/ratio": avg["ratio"],
-            # 1 up to rounding: before the first step pi is the proximal policy.
-            "val/ratio_first": stats["ratio"][0],
-            "learner/version": float(self._version),
-            "learner/lr": self.policy_scheduler.get_last_lr()[0],
-            "learner/optimizer_steps": float(steps),
-            # Policy and critic (none without GAE): what the learner holds and trains.
-            "learner/trained_parameters": float(sum(
-                p.numel() for model in self._models().values() for p in model.parameters())),
-            "learner/workers": float(self.shards.world),
-            "learner/fused_first_pass": float(fused),
-            "learner/skipped_nonfinite": 0.0,
-            "learner/nonfinite_total": float(self.nonfinite_total),
-            "perf/update_seconds": time.perf_counter() - started,
-        })
-        if self.critic is not None:
-            metrics.update({
-                "loss/value_avg": avg["value"],
-                "val/clipfrac_avg": avg["vf_clipfrac"],
-                "val/grad_norm_avg": sum(grad_norms["critic"]) / len(grad_norms["critic"]),
-                "learner/critic_lr": self.critic_scheduler.get_last_lr()[0],
-            })
-        if "kl" in avg:
-            metrics["loss/kl_avg"] = avg["kl"]
-        if p.ptx_coef > 0:
-            metrics["loss/ptx_avg"] = avg["ptx"]
-        return UpdateResult(self._version, skipped=False, metrics=metrics)
+
+        # 6. publish it: the handle goes back with the result, for the actors to load
+        publishing = time.perf_counter()
+        weights = self.publish()
+        trained = Trained(stats, fused, time.perf_counter() - publishing)
+        return UpdateResult(self._version, skipped=False, metrics=self._metrics(metrics, started, trained),
+                            weights=weights)
+
+    def _epochs(self, exp: Experience, first_order: torch.Tensor, first: Forward | None
+                ) -> dict[str, list[float]] | None:
+        """Step 4: `ppo.epochs` passes over shuffled minibatches (the first epoch in
+        `first_order`, over `first` when the first pass was fused), one clipped optimizer step
+        each. Returns each step's statistics (`Trained.stats`), or None when a minibatch's loss
+        or gradient norm was not finite: then no step of this update is left applied."""
+        p = self.cfg.ppo
+        steps = p.epochs * math.ceil(len(exp) / p.minibatch_size)
+        if steps > 1:  # a later minibatch may turn non-finite after earlier ones stepped
+            self.snapshot.take(self.models, self.optimizers, self.schedulers)
+        ptx_cursor = self.ptx_cursor
+        stats: dict[str, list[float]] = defaultdict(list)
+        for epoch in range(p.epochs):
+            order = first_order if epoch == 0 else torch.randperm(len(exp), generator=self.shuffle).to(self.device)
+            for rows in order.split(p.minibatch_size):
+                step = self.accumulate_gradients(exp, rows, p.micro_batch_size, first=first if epoch == 0 else None)
+                norms = {name: float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)))
+                         for name, model in self.models.items()}
+                if not all(math.isfinite(x) for x in (step["loss"], *norms.values())):
+                    self._zero_grad()
+                    if steps > 1:
+                        self.snapshot.restore(self.models, self.optimizers, self.schedulers)
+                    self.ptx_cursor = ptx_cursor
+                    return None
+                for name, optimizer in self.optimizers.items():
+                    optimizer.step()
+                    self.schedulers[name].step()
+                self._zero_grad()
+                for key, value in [*step.items(), *((f"grad_norm/{n}", v) for n, v in norms.items())]:
+                    stats[key].append(value)
+        return stats
 
     def _skip(self, metrics: dict[str, float], started: float) -> UpdateResult:
         """Account for an update skipped for NaN or Inf; raise after too many in a row."""
@@ -511,31 +422,39 @@ class Learner:
                 f"advantages, losses or gradients (learner.max_nonfinite_updates = {limit}); "
                 f"the last good policy version is {self._version}. Check the reward function "
                 "and lower ppo.learning_rate.")
-        metrics.update({"learner/skipped_nonfinite": 1.0,
-                        "learner/nonfinite_total": float(self.nonfinite_total),
-                        "learner/version": float(self._version),
-                        "learner/lr": self.policy_scheduler.get_last_lr()[0],
-                        "perf/update_seconds": time.perf_counter() - started})
-        return UpdateResult(self._version, skipped=True, metrics=metrics)
+        return UpdateResult(self._version, skipped=True, metrics=self._metrics(metrics, started))
 
-    def _models(self) -> dict[str, torch.nn.Module]:
-        """The trained models by name: the policy, and the critic with GAE."""
-        return {name: model for name, model in (("policy", self.policy), ("critic", self.critic))
-                if model is not None}
-
-    def _optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
-        """{model name: (its optimizer, its scheduler)}."""
-        return {name: (getattr(self, f"{name}_optimizer"), getattr(self, f"{name}_scheduler"))
-                for name in self._models()}
-
-    def _model_optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
-        """{"<model>_optimizer": (model, its optimizer)}, as the checkpoints key them."""
-        return {f"{name}_optimizer": (model, getattr(self, f"{name}_optimizer"))
-                for name, model in self._models().items()}
+    def _metrics(self, experience: dict[str, float], started: float, trained: Trained | None = None
+                 ) -> dict[str, float]:
+        """An update's metrics: the batch's (`experience_metrics`), the learner's counters, and
+        with `trained` (None for a skipped update) the training's (`training_metrics`)."""
+        metrics = {**experience,
+                   "learner/version": float(self._version),
+                   "learner/lr": self.schedulers["policy"].get_last_lr()[0],
+                   "learner/skipped_nonfinite": float(trained is None),
+                   "learner/nonfinite_total": float(self.nonfinite_total)}
+        if trained is not None:
+            metrics.update(training_metrics(trained.stats))
+            metrics.update({
+                # Policy and critic (none without GAE): what the learner holds and trains.
+                "learner/trained_parameters": float(sum(
+                    p.numel() for model in self.models.values() for p in model.parameters())),
+                "learner/workers": float(self.shards.world),
+                "learner/fused_first_pass": float(trained.fused),
+                "perf/publish_seconds": trained.publish_seconds,
+            })
+            if "critic" in self.schedulers:
+                metrics["learner/critic_lr"] = self.schedulers["critic"].get_last_lr()[0]
+        metrics["perf/update_seconds"] = time.perf_counter() - started  # publication included
+        return metrics
 
     def _zero_grad(self) -> None:
-        for optimizer, _ in self._optimizers().values():
+        for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
+
+    def _checkpointed_optimizers(self) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """{"<model>_optimizer": (model, its optimizer)}, as the checkpoints key them."""
+        return {f"{name}_optimizer": (self.models[name], optimizer) for name, optimizer in self.optimizers.items()}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -562,15 +481,15 @@ class Learner:
         `learner.async_checkpoints` it is complete there once `wait_for_checkpoint` returns."""
         state = {
             "version": self._version,
-            **{f"{name}_scheduler": scheduler.state_dict() for name, (_, scheduler) in self._optimizers().items()},
+            **{f"{name}_scheduler": scheduler.state_dict() for name, scheduler in self.schedulers.items()},
             "kl_controller": self.kl_controller.state_dict(),
             "ptx_cursor": self.ptx_cursor,
             "nonfinite": {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total},
             "rng": checkpoints.rng_states(self.shuffle, self.device),
             "extra": driver_state,
         }
-        return self.checkpoint_writer.save(checkpoints.path_of(self.run_dir, self._version), self._models(),
-                                           self._model_optimizers(), self.tokenizer, state,
+        return self.checkpoint_writer.save(checkpoints.path_of(self.run_dir, self._version), self.models,
+                                           self._checkpointed_optimizers(), self.tokenizer, state,
                                            self.cfg.learner.keep_checkpoints, self.export_dtypes)
 
     def wait_for_checkpoint(self) -> str | None:
@@ -591,10 +510,10 @@ class Learner:
             if path is None:
                 return None
         auto = {"policy": AutoModelForCausalLM, "critic": AutoModelForSequenceClassification}
-        models = {name: (model, auto[name]) for name, model in self._models().items()}
-        state = checkpoints.load(Path(path), models, self._model_optimizers(), self.shards)
+        models = {name: (model, auto[name]) for name, model in self.models.items()}
+        state = checkpoints.load(Path(path), models, self._checkpointed_optimizers(), self.shards)
         self._version = state["version"]
-        for name, (_, scheduler) in self._optimizers().items():
+        for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state[f"{name}_scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.ptx_cursor = state["ptx_cursor"]
@@ -603,6 +522,44 @@ class Learner:
         checkpoints.restore_rng_states(state["rng"], self.shuffle, self.device)
         self._handle, self._published = None, -1
         return state["extra"]
+
+
+
+def proximal_from(batch: Batch, rows: torch.Tensor, first: Forward) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The proximal log-probs and old values (None without a critic), (B, W) each, from the
+    first forward pass of an update (`first`, made on batch.select(rows) before any optimizer
+    step): the numbers the no-grad pass would compute, without a second pass."""
+    cols = batch.window(rows).columns()
+    old_logprobs = torch.zeros(batch.mask.shape, device=first.logprobs.device)
+    old_logprobs[rows, cols] = first.logprobs.detach()
+    old_values = None
+    if first.values is not None:
+        old_values = torch.zeros_like(old_logprobs)
+        old_values[rows, cols] = first.values.detach()
+    return old_logprobs, old_values
+
+
+def training_metrics(stats: dict[str, list[float]]) -> dict[str, float]:
+    """The PPO epochs' metrics (TRL's names) from each optimizer step's statistics
+    (`Trained.stats`): their means, and the first step's ratio."""
+    avg = {key: sum(values) / len(values) for key, values in stats.items()}
+    metrics = {
+        "policy/approxkl_avg": avg["approxkl"],
+        "policy/clipfrac_avg": avg["clipfrac"],
+        "policy/entropy_avg": avg["entropy"],
+        "policy/grad_norm_avg": avg["grad_norm/policy"],
+        "loss/policy_avg": avg["policy"],
+        "loss/total_avg": avg["loss"],
+        "val/ratio": avg["ratio"],
+        # 1 up to rounding: before the first step pi is the proximal policy.
+        "val/ratio_first": stats["ratio"][0],
+        "learner/optimizer_steps": float(len(stats["loss"])),
+    }
+    # The critic's terms (GAE), the KL in the loss and PPO-ptx, where the update has them.
+    optional = {"value": "loss/value_avg", "vf_clipfrac": "val/clipfrac_avg", "grad_norm/critic": "val/grad_norm_avg",
+                "kl": "loss/kl_avg", "ptx": "loss/ptx_avg"}
+    metrics.update({name: avg[key] for key, name in optional.items() if key in avg})
+    return metrics
 
 
 def _token_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, offset: int,

@@ -22,7 +22,6 @@ parameters from it, so it counts what the learner builds.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ from typing import Literal
 import torch
 
 from cluster.shared.config import TameConfig
-from cluster.shared.precision import torch_dtype
+from cluster.shared.hf_folder import checkpoint_dtype, tensor_headers
+from cluster.shared.precision import disable_dropout, torch_dtype
 from cluster.shared.score_head import SCORE_BIAS_KEY, restore_score_bias, set_score_bias
 from learner.sharding import Shards
-from learner.training import disable_dropout
 
 Role = Literal["policy", "reference", "critic"]
 
@@ -83,7 +82,7 @@ def skeleton(cfg: TameConfig, role: Role, path: str | Path) -> torch.nn.Module:
         model = _auto_class(role).from_config(config, dtype=torch.float32)
     if role == "reference":
         _store_linears_in(model, reference_dtype(cfg))
-    if role == "critic" and cfg.learner.critic == "reward" and SCORE_BIAS_KEY in tensor_names(path):
+    if role == "critic" and cfg.learner.critic == "reward" and SCORE_BIAS_KEY in tensor_headers(path):
         set_score_bias(model, 0.0)  # the values come from it: loaded below with the rest
     return model
 
@@ -180,7 +179,7 @@ def _read_shards(model: torch.nn.Module, path: str | Path, fresh: set[str]) -> N
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model)  # views of the shards: loaded in place
-    available = tensor_names(path)
+    available = tensor_headers(path)
     tied = _tied_names(model)
     missing = [name for name in state if name not in available and name not in fresh and name not in tied]
     if missing:
@@ -201,45 +200,6 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
             tied.add(name)
         seen.setdefault(id(param), name)
     return tied
-
-
-def tensor_names(path: str | Path) -> set[str]:
-    """The names of the tensors in the safetensors checkpoint at `path` (headers only)."""
-    from safetensors import safe_open
-
-    root = Path(path)
-    index = root / "model.safetensors.index.json"
-    files = ([root / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-             if index.is_file() else sorted(root.glob("*.safetensors")))
-    names: set[str] = set()
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            names.update(f.keys())
-    return names
-
-
-SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-"""The floating-point dtypes of the safetensors format, by the names its headers use."""
-
-
-def checkpoint_dtype(path: str | Path) -> torch.dtype:
-    """The dtype the Hugging Face checkpoint at `path` was saved in: what its config.json says
-    (`dtype`, or `torch_dtype` as transformers before 5 wrote it), else the dtype of its first
-    floating-point tensor (headers only); float32 when neither says."""
-    root = Path(path)
-    config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
-    for key in ("dtype", "torch_dtype"):
-        named = getattr(torch, str(config.get(key)), None)
-        if isinstance(named, torch.dtype) and named.is_floating_point:
-            return named
-    from safetensors import safe_open
-
-    for file in sorted(root.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if (dtype := SAFETENSORS_FLOATS.get(f.get_slice(name).get_dtype())) is not None:
-                    return dtype
-    return torch.float32
 
 
 def export_dtypes(cfg: TameConfig) -> dict[str, torch.dtype]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.shared.config import TameConfig
+from cluster.shared.hf_folder import file_headers, safetensors_files
 from learner.loading import reference_dtype, roles, skeleton
 from learner.sharding import sharding_units
 
@@ -157,21 +158,15 @@ def shape(cfg: TameConfig, role: str, path: str | Path) -> Shape:
     c = getattr(c, "text_config", c)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = safetensors_files(path)
+    float32 = bool(files) and all(h.dtype == "F32" for h in file_headers(files[0]).values())
     return Shape(parameters=sum(p.numel() for p in params),
                  weight_bytes=sum(p.numel() * p.element_size() for p in params),
                  largest_unit=max(units), root=sum(p.numel() for p in params) - sum(units),
                  hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
                  kv_width=kv_heads * head_dim, vocab=c.vocab_size,
                  checkpoint_bytes=max((f.stat().st_size for f in files), default=0),
-                 checkpoint_float32=bool(files) and _holds_float32(files[0]))
-
-
-def _holds_float32(file: Path) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        return all(f.get_slice(k).get_dtype() == "F32" for k in f.keys())
+                 checkpoint_float32=float32)
 
 
 # --------------------------------------------------------------------------- the learner

@@ -222,6 +222,65 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
 
 
+# --------------------------------------------------------------------------- the estimators, one signature
+# `ppo.advantage` picks one by name. Each takes the per-token rewards (B, T), the critic's
+# values (B, T; zeros without a critic), the response mask (B, T), each row's group (B,) and
+# the settings below, and returns (advantages, returns), both (B, T); the returns (the critic's
+# targets) are zeros for the critic-free estimators.
+
+
+class AdvantageSettings(NamedTuple):
+    gamma: float = 1.0
+    """Discount of GAE and of REINFORCE++'s returns."""
+    gae_lambda: float = 0.95
+    whiten: bool = True
+    """Whiten GAE's advantages over the batch's response tokens."""
+    scale_by_std: bool = True
+    """GRPO divides by the group's std; False is Dr. GRPO."""
+
+
+def estimate_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
+                 s: AdvantageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gae`, whitened over the batch (when asked, and there are two tokens to whiten)."""
+    advantages, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
+    if s.whiten and mask.sum() > 1:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
+def estimate_reinforce_pp(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
+                          s: AdvantageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reinforce_pp_advantages`; a batch of one token has nothing to whiten: its return."""
+    advantages = (reinforce_pp_advantages(rewards, mask, s.gamma) if mask.sum() > 1
+                  else discounted_returns(rewards, mask, s.gamma))
+    return advantages, torch.zeros_like(rewards)
+
+
+def estimate_grpo(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
+                  s: AdvantageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grpo_advantages` of each sequence's summed reward (the score, minus the shaped KL when
+    it is in the reward), on every one of its tokens."""
+    per_sequence = grpo_advantages(rewards.sum(1), groups, s.scale_by_std)
+    return per_sequence[:, None] * mask, torch.zeros_like(rewards)
+
+
+def estimate_rloo(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
+                  s: AdvantageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rloo_advantages` of each sequence's summed reward, on every one of its tokens."""
+    return rloo_advantages(rewards.sum(1), groups)[:, None] * mask, torch.zeros_like(rewards)
+
+
+AdvantageEstimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdvantageSettings],
+                              tuple[torch.Tensor, torch.Tensor]]
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "gae": estimate_gae,
+    "grpo": estimate_grpo,
+    "rloo": estimate_rloo,
+    "reinforce_pp": estimate_reinforce_pp,
+}
+
+
 # --------------------------------------------------------------------------- loss aggregation
 
 

@@ -28,15 +28,17 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 class HostSnapshot:
     """Weights, optimizer states and schedules of the trained models, copied to host buffers
-    on `take` and back on `restore`."""
+    on `take` and back on `restore`. Each takes {model name: model}, {model name: its
+    optimizer} and {model name: its scheduler}."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._missing: set[tuple] = set()  # optimizer states that did not exist yet
         self._small: dict[str, Any] = {}  # param groups (learning rates) and schedulers
 
-    def take(self, models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, tuple[Any, Any]]) -> None:
-        """Copy everything `models` and their (optimizer, scheduler) pairs hold that an update changes."""
+    def take(self, models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+             schedulers: Mapping[str, torch.optim.lr_scheduler.LRScheduler]) -> None:
+        """Copy everything the models, their optimizers and schedulers hold that an update changes."""
         self._missing.clear()
         copies = []
         for key, tensor in self._tensors(models, optimizers):
@@ -52,10 +54,11 @@ class HostSnapshot:
         if any(copies):
             torch.cuda.synchronize()
         self._small = {name: ([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-                              copy.deepcopy(scheduler.state_dict()))
-                       for name, (optimizer, scheduler) in optimizers.items()}
+                              copy.deepcopy(schedulers[name].state_dict()))
+                       for name, optimizer in optimizers.items()}
 
-    def restore(self, models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, tuple[Any, Any]]) -> None:
+    def restore(self, models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+                schedulers: Mapping[str, torch.optim.lr_scheduler.LRScheduler]) -> None:
         """Put back what `take` copied: the same values, bit for bit."""
         cuda = False
         with torch.no_grad():
@@ -66,16 +69,16 @@ class HostSnapshot:
         if cuda:
             torch.cuda.synchronize()
         for name, index, _ in self._missing:  # states the undone steps created
-            optimizer = optimizers[name][0]
+            optimizer = optimizers[name]
             optimizer.state.pop(_params(optimizer)[index], None)
-        for name, (optimizer, scheduler) in optimizers.items():
+        for name, optimizer in optimizers.items():
             groups, schedule = self._small[name]
             for group, saved in zip(optimizer.param_groups, groups, strict=True):
                 group.update(copy.deepcopy(saved))
-            scheduler.load_state_dict(schedule)
+            schedulers[name].load_state_dict(schedule)
 
     @staticmethod
-    def _tensors(models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, tuple[Any, Any]],
+    def _tensors(models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
                  without: set[tuple] = frozenset()) -> Iterator[tuple[tuple, torch.Tensor | None]]:
         """(key, tensor) of every weight, and of every AdamW state tensor (None where a
         parameter has no state yet: AdamW makes it at its first step); parameters whose
@@ -83,7 +86,7 @@ class HostSnapshot:
         for name, model in models.items():
             for param_name, param in model.named_parameters():
                 yield (name, param_name), param.data
-        for name, (optimizer, _) in optimizers.items():
+        for name, optimizer in optimizers.items():
             for index, param in enumerate(_params(optimizer)):
                 if (name, index, None) in without:
                     continue

@@ -11,7 +11,7 @@ import torch
 
 from cluster.shared.records import Rollout
 from cluster.shared.tokens import pad as pad_batch
-from cluster.shared.tokens import prompt_token_ids
+from cluster.shared.tokens import pad_token_id, prompt_token_ids
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def sample_rollouts(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     generator = torch.Generator(device="cpu").manual_seed(seed)
     started = time.perf_counter()
     prompt_ids = [prompt_token_ids(tokenizer, p, chat_template) for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     eos = tokenizer.eos_token_id
     batch = len(prompts)
     input_ids, attention = pad_batch(prompt_ids, pad_id, side="left")

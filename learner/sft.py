@@ -18,7 +18,8 @@ import torch
 
 from cluster.shared.config import TameConfig
 from cluster.shared.files import atomic_directory
-from cluster.shared.precision import compute_context
+from cluster.shared.precision import compute_context, disable_dropout
+from cluster.shared.tokens import pad_token_id
 from learner.data import (
     DataError,
     collate_demonstrations,
@@ -28,7 +29,6 @@ from learner.data import (
 from learner.training import (
     available_cores,
     demonstration_nll,
-    disable_dropout,
     make_scheduler,
     set_torch_threads,
 )
@@ -61,9 +61,7 @@ def run_sft(cfg: TameConfig, log: Callable[[str], None] = print) -> Path:
     examples = encode_demonstrations(tokenizer, rows, s.max_length, cfg.data.chat_template)
     if not examples:
         raise DataError(f"{s.data}: every prompt fills sft.max_length ({s.max_length}) tokens")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
 
     # model and optimizer: float32 weights, forward passes in learner.compute_dtype
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)

@@ -34,8 +34,8 @@ instead of stalling it (a dead one is seen at once: its connections close)."""
 
 
 @dataclass(frozen=True)
-class Group:
-    """A worker's place in a sharded learner."""
+class Rank:
+    """A worker's place in the process group of a sharded learner."""
 
     rank: int
     world: int
@@ -57,20 +57,20 @@ class Shards:
     """This worker's part of the learner: which rows it passes, and the sums over workers.
     With one worker (no group) every method is the identity, so the learner has one code path."""
 
-    def __init__(self, group: Group | None, device: torch.device):
-        self.rank, self.world = (group.rank, group.world) if group else (0, 1)
+    def __init__(self, place: Rank | None, device: torch.device):
+        self.rank, self.world = (place.rank, place.world) if place else (0, 1)
         self.device = device
         self.mesh = None
         # The collectives of a checkpoint written in the background go over a gloo group of
         # their own: on the training's group they could interleave with the training's.
         self.checkpoint_group = None
-        if group is not None and group.world > 1:
+        if place is not None and place.world > 1:
             import torch.distributed as dist
             from torch.distributed.device_mesh import init_device_mesh
 
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=group.address,
-                                    rank=group.rank, world_size=group.world, timeout=TIMEOUT)
-            self.mesh = init_device_mesh(device.type, (group.world,))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=place.address,
+                                    rank=place.rank, world_size=place.world, timeout=TIMEOUT)
+            self.mesh = init_device_mesh(device.type, (place.world,))
             self.checkpoint_group = dist.new_group(backend="gloo", timeout=TIMEOUT)
 
     @property

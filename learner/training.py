@@ -1,5 +1,5 @@
-"""Small pieces shared by the PPO learner and the SFT stage: threads, dropout,
-learning-rate schedules and the demonstration loss."""
+"""Small pieces shared by the PPO learner and the SFT stage: threads, learning-rate
+schedules and the demonstration loss."""
 
 from __future__ import annotations
 
@@ -29,23 +29,6 @@ def set_torch_threads(n: float | int) -> int:
     threads = max(1, min(int(n), available_cores()))
     torch.set_num_threads(threads)
     return threads
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Turn off every dropout of a model we train (N+ paper): with dropout, the log-probs of
-    the same tokens differ between the rollout, the proximal pass and the update, so the
-    PPO ratio and the KL would measure noise.
-
-    eval() covers nn.Dropout and the attention dropout that HF models gate on
-    `self.training`; zeroing the probabilities keeps it off if someone calls train().
-    """
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout", "hidden_dropout"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:

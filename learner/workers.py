@@ -13,12 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.shared.config import TameConfig
+from cluster.shared.errors import WorkerDiedError
 from learner.learner import Learner
-from learner.sharding import Group, rendezvous_address
-
-
-class WorkerDiedError(RuntimeError):
-    """A worker of a sharded learner died: the learner cannot go on."""
+from learner.sharding import Rank, rendezvous_address
 
 
 class LeadLearner(Learner):
@@ -28,10 +25,10 @@ class LeadLearner(Learner):
 
         world = len(worker_options) + 1
         address = rendezvous_address()
-        self.workers = [ray.remote(Learner).options(**options).remote(cfg, run_dir, Group(rank, world, address))
+        self.workers = [ray.remote(Learner).options(**options).remote(cfg, run_dir, Rank(rank, world, address))
                         for rank, options in enumerate(worker_options, start=1)]
         self.broken: str | None = None  # why the workers were stopped, if they were
-        super().__init__(cfg, run_dir, Group(0, world, address))  # returns once every worker joined
+        super().__init__(cfg, run_dir, Rank(0, world, address))  # returns once every worker joined
 
     def _on_all(self, method: str, *args: Any) -> Any:
         """Call `method` on every worker and on this one; rank 0's result (all agree). A

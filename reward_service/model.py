@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from cluster.shared.errors import UserError
-from cluster.shared.precision import float32_head
-from cluster.shared.score_head import SCORE_BIAS_KEY, checkpoint_tensor, set_score_bias
+from cluster.shared.hf_folder import read_tensor
+from cluster.shared.precision import disable_dropout, float32_head, zero_dropout_rates
+from cluster.shared.score_head import SCORE_BIAS_KEY, set_score_bias
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import pad, prompt_token_ids, response_token_ids
 
@@ -42,25 +43,6 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 # ------------------------------------------------------------------------- load / save
-
-
-def _zero_dropout_fields(obj: Any) -> None:
-    for name, value in list(vars(obj).items()):
-        if name.endswith("dropout") and isinstance(value, float):
-            setattr(obj, name, 0.0)
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout probability: reward scores must be deterministic in training too.
-
-    Covers `nn.Dropout` modules and the float rates that attention layers copy from the
-    config at construction (Llama's `attention_dropout`).
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        _zero_dropout_fields(module)
-    _zero_dropout_fields(model.config)
 
 
 def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
@@ -94,8 +76,8 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
         raise UserError(f"{path}: a reward model has one output, this one has {config.num_labels}")
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
-    _zero_dropout_fields(config)
-    bias = checkpoint_tensor(path, SCORE_BIAS_KEY) if is_seq_cls else None
+    zero_dropout_rates(config)
+    bias = read_tensor(path, SCORE_BIAS_KEY) if is_seq_cls else None
     # Transformers reports our own score.bias (put back below) as UNEXPECTED, and a causal
     # LM's lm_head and missing score head likewise: both are intended, so keep that load
     # report out of the logs.

@@ -27,10 +27,10 @@ from ray import serve
 from ray.serve import api as serve_api
 from ray.serve.handle import DeploymentHandle
 
-from cluster.shared.config import TameConfig, gpu_env
+from cluster.shared.config import TameConfig
 from cluster.shared.errors import RunError
 from cluster.shared.ray_cluster import connect_ray, started_here
-from cluster.shared.resources import ask, check_cluster, roles
+from cluster.shared.resources import ask, check_cluster, gpu_env, roles
 from cluster.shared.startup import Pending, wait_until_up
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
 from reward_service.rewards import RewardSum, UnscorableItemError, check_reward_config
@@ -56,7 +56,9 @@ def _count_items(chunks: list[list[tuple[str, str]]]) -> int:
     return sum(len(chunk) for chunk in chunks)
 
 
-@serve.deployment(name="RewardModel")
+# Serve's status, logs and replica names show this name: the class's, since a deployment may
+# hold no model at all (rule functions only).
+@serve.deployment(name="RewardDeployment")
 @serve.ingress(app)
 class RewardDeployment:
     """One replica: a `RewardSum` (model and/or rule functions) behind a dynamic batcher."""
@@ -181,8 +183,8 @@ def deployment_options(cfg: TameConfig) -> dict:
                               "runtime_env": {"env_vars": gpu_env(r.num_gpus)}},
         # Enough requests in flight per replica to fill a batch from single-item callers.
         "max_ongoing_requests": max(r.max_batch_size, 8),
-        # Serve's default poll, 2 s, was the least every replica's stop took, idle or not;
-        # requests in flight still get Serve's graceful timeout (20 s) to finish.
+        # Serve's default poll (2 s) makes every replica's stop wait at least that long, idle
+        # or not; requests in flight still get Serve's graceful timeout (20 s) to finish.
         "graceful_shutdown_wait_loop_s": SHUTDOWN_POLL_S,
     }
     if r.autoscaling is not None:

@@ -8,7 +8,8 @@ import sys
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.controller import NAMESPACE, train
+from cluster.control import NAMESPACE
+from cluster.controller import train
 from cluster.shared.config_file import load_config
 
 config, out, *overrides = sys.argv[1:]

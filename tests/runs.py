@@ -100,7 +100,7 @@ class Run(threading.Thread):
         """The run's control actor, or None before it started and after the run ended."""
         import ray
 
-        from cluster.controller import CONTROL_PREFIX, NAMESPACE
+        from cluster.control import CONTROL_PREFIX, NAMESPACE
 
         try:
             return ray.get_actor(CONTROL_PREFIX + self.cfg.run.name, namespace=NAMESPACE)

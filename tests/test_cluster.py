@@ -36,7 +36,8 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
     written once the final one is complete, and nothing half-written is left."""
     import ray
 
-    from cluster.controller import CONTROL_PREFIX, NAMESPACE, RunError
+    from cluster.control import CONTROL_PREFIX, NAMESPACE
+    from cluster.shared.errors import RunError
     from learner.checkpoints import STATE_FILE, complete
 
     run = Run(smoke(tiny_assets, tmp_path, "run.name=pool", "rollout.num_actors=2", "rollout.replace_failed=false",
@@ -223,12 +224,12 @@ def test_a_run_on_a_ray_of_its_own_leaves_no_process_behind(tiny_assets, tmp_pat
 
 
 def test_a_resume_drops_the_redone_updates_and_a_line_a_killed_driver_left_half_written(tmp_path):
-    from cluster.controller import _truncate_jsonl
+    from cluster.launch import truncate_jsonl
 
     ledger_file = tmp_path / "ledger.jsonl"
     lines = [json.dumps({"version": v, "prompts": [f"p{v}"]}) for v in (1, 2, 3)]
     ledger_file.write_text("".join(line + "\n" for line in lines) + '{"version": 4, "pro')
-    _truncate_jsonl(ledger_file, "version", 2)
+    truncate_jsonl(ledger_file, "version", 2)
     assert ledger_file.read_text() == lines[0] + "\n" + lines[1] + "\n"
     assert [p.name for p in tmp_path.iterdir()] == ["ledger.jsonl"]  # no temporary file left
 
@@ -238,7 +239,7 @@ def test_signals_ask_the_loop_to_stop_at_its_next_safe_point():
     a signal stops it at once; once it trains, the first only flags the loop (which finishes
     its update and checkpoints: the job test sends SIGTERM to a real driver), a second stops
     at once."""
-    from cluster.controller import Interrupted, StopSignal, _stop_on_signals
+    from cluster.control import Interrupted, StopSignal, stop_on_signals
 
     def deliver(signum: int) -> None:
         os.kill(os.getpid(), signum)
@@ -246,7 +247,7 @@ def test_signals_ask_the_loop_to_stop_at_its_next_safe_point():
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         stop = StopSignal()
-        previous = _stop_on_signals(stop)
+        previous = stop_on_signals(stop)
         try:
             with pytest.raises(Interrupted) as err:
                 deliver(signum)
@@ -408,7 +409,7 @@ def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_ever
 
 
 def test_a_run_does_not_resume_from_a_checkpoint_it_cannot_load(tiny_assets, tmp_path):
-    from cluster.controller import _check_resumable
+    from cluster.checks import check_resumable
     from cluster.shared.errors import UserError
     from tests.runs import smoke
 
@@ -417,16 +418,16 @@ def test_a_run_does_not_resume_from_a_checkpoint_it_cannot_load(tiny_assets, tmp
     (checkpoint / "policy").mkdir(parents=True)
     (checkpoint / "trainer_state.pt").write_bytes(b"")
     with pytest.raises(UserError, match="ppo.advantage: .*version-000002 was trained without a critic"):
-        _check_resumable(cfg)
-    _check_resumable(smoke(tiny_assets, tmp_path, "run.name=switch", "ppo.advantage=reinforce_pp"))
+        check_resumable(cfg)
+    check_resumable(smoke(tiny_assets, tmp_path, "run.name=switch", "ppo.advantage=reinforce_pp"))
     (checkpoint / "critic").mkdir()
-    _check_resumable(cfg)
+    check_resumable(cfg)
     # A checkpoint from before sharded checkpoints resumes with one learner worker only.
     sharded = smoke(tiny_assets, tmp_path, "run.name=switch", "learner.num_workers=2")
     with pytest.raises(UserError, match="learner.num_workers: .*version-000002 was written by a tame without sharded"):
-        _check_resumable(sharded)
+        check_resumable(sharded)
     (checkpoint / "sharded").mkdir()
-    _check_resumable(sharded)
+    check_resumable(sharded)
 
 
 def test_serve_reward_checks_its_replicas_fit_before_deploying(tiny_assets):

@@ -78,7 +78,7 @@ def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_start
     against rollout.max_model_len when that leaves no room for a response."""
     from transformers import AutoTokenizer
 
-    from cluster.controller import TokenizerChecks
+    from cluster.checks import TokenizerChecks
     from cluster.shared.config_file import load_config
     from cluster.shared.tokens import prompt_token_ids
 
@@ -108,7 +108,7 @@ def test_a_critic_made_from_a_reward_model_with_another_vocabulary_is_refused_be
 
     from transformers import AutoTokenizer
 
-    from cluster.controller import TokenizerChecks
+    from cluster.checks import TokenizerChecks
     from cluster.shared.config_file import load_config
     from cluster.shared.errors import ConfigError
 
@@ -138,7 +138,7 @@ def test_a_critic_made_from_a_reward_model_with_another_vocabulary_is_refused_be
 def test_a_policy_without_a_chat_template_is_refused_before_the_run_unless_told_to_send_raw_text(tiny_assets, tmp_path):
     import shutil
 
-    from cluster.controller import check_inputs
+    from cluster.checks import check_inputs
     from cluster.shared.config_file import load_config
     from cluster.shared.errors import ConfigError
 

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from cluster.demo.run import DEMO_CONFIG, demo_device_overrides, installed_vllm
-from cluster.shared.config import gpu_env
 from cluster.shared.config_file import load_config
 from cluster.shared.errors import UserError
+from cluster.shared.resources import gpu_env
 
 
 @pytest.mark.parametrize("vllm, torch_cuda, gpus, rollout_gpus", [

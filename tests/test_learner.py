@@ -17,11 +17,15 @@ import torch
 
 from actors.weights import engine_probes, load_into_engine, loads_directly
 from cluster.shared.config_file import load_config
+from cluster.shared.errors import NonFiniteUpdatesError
 from cluster.shared.records import Rollout
 from cluster.shared.transport import ObjectStoreTransport, compare_probes, probes_of
-from learner.learner import Learner, NonFiniteUpdatesError
+from learner.learner import Learner
 from learner.sampling import sample_rollouts
 from tests.support import bfloat16_copy, lm_head_outputs
+
+# Every update publishes the version it makes into the object store: a local Ray for all.
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 REWARDED = range(10, 512)
 """Token ids the fixed test reward likes: roughly half of the tiny vocabulary."""
@@ -263,7 +267,7 @@ def test_bfloat16_compute_trains_float32_weights_that_learn_at_small_learning_ra
         before = params(learner.policy)
         metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1)).metrics
         after = params(learner.policy)
-        states = [s for s in learner.policy_optimizer.state.values()]
+        states = [s for s in learner.optimizers["policy"].state.values()]
         assert {p.dtype for p in after.values()} == {torch.float32}
         assert {s["exp_avg"].dtype for s in states} == {torch.float32}
         runs[dtype] = metrics, {n: after[n] != before[n] for n in after}
@@ -403,6 +407,35 @@ def test_the_ptx_term_is_the_demonstrations_nll_at_temperature_1_whatever_the_sa
     assert learner.update(rollouts).metrics["loss/ptx_avg"] == pytest.approx(want, rel=1e-5)
 
 
+# --------------------------------------------------------------------------- publication
+
+
+def test_an_update_publishes_its_version_and_a_skipped_one_publishes_nothing(tiny_assets, tmp_path):
+    """One call trains and publishes: the result carries the new version's handle, holding the
+    trained weights, and `publish` afterwards hands back that same handle. A skipped update
+    carries none, and the published version stays the last good one."""
+    learner = Learner(make_cfg(tiny_assets), str(tmp_path))
+    initial = learner.publish()
+    assert initial.version == 0 and learner.publish() is initial
+    rollouts = sample(learner, prompts(tiny_assets, 16), seed=5)
+
+    result = learner.update(rollouts)
+    assert not result.skipped and result.weights is not None
+    assert result.weights.version == result.version == learner.version() == 1
+    assert learner.publish() is result.weights  # once per version: the update's own
+    assert result.metrics["perf/publish_seconds"] > 0
+    published, trained = ObjectStoreTransport.fetch(result.weights), params(learner.policy)
+    assert published.keys() == trained.keys() and all(torch.equal(published[n], trained[n]) for n in trained)
+    before = ObjectStoreTransport.fetch(initial)
+    assert any(not torch.equal(before[n], published[n]) for n in published)
+
+    bad = [Rollout(**{**r.__dict__}) for r in rollouts]
+    bad[0].score = float("nan")
+    skipped = learner.update(bad)
+    assert skipped.skipped and skipped.weights is None and skipped.version == 1
+    assert learner.publish() is result.weights
+
+
 # --------------------------------------------------------------------------- non-finite updates
 
 
@@ -425,12 +458,12 @@ def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, ra
     learner.nonfinite_in_row = 0
     bad_logp = [Rollout(**{**r.__dict__}) for r in rollouts]
     bad_logp[6].behaviour_logprobs = [float("nan")] * len(bad_logp[6].response_token_ids)
-    optimizer_state = learner.policy_optimizer.state_dict()["state"]
+    optimizer_state = learner.optimizers["policy"].state_dict()["state"]
     result = learner.update(bad_logp)
     assert result.skipped and result.version == learner.version() == 0
     for name, p in learner.policy.named_parameters():
         assert torch.equal(p, weights[name]), name
-    assert learner.policy_optimizer.state_dict()["state"] == optimizer_state == {}
+    assert learner.optimizers["policy"].state_dict()["state"] == optimizer_state == {}
 
     good = learner.update(rollouts)
     assert not good.skipped and good.version == learner.version() == 1
@@ -438,20 +471,20 @@ def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, ra
 
     # Undone once AdamW has moments: they come back from the host snapshot bit for bit, as do
     # the weights, the learning rates and the schedules.
-    weights, moments = params(learner.policy), copy.deepcopy(learner.policy_optimizer.state_dict())
-    schedule = learner.critic_scheduler.state_dict()
-    steps, step = [], learner.policy_optimizer.step
-    learner.policy_optimizer.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+    weights, moments = params(learner.policy), copy.deepcopy(learner.optimizers["policy"].state_dict())
+    schedule = learner.schedulers["critic"].state_dict()
+    steps, step = [], learner.optimizers["policy"].step
+    learner.optimizers["policy"].step = lambda *a, **k: steps.append(1) or step(*a, **k)
     assert learner.update(bad_logp).skipped
     assert steps, "the NaN row came in the first minibatch: nothing was undone"
     learner.nonfinite_in_row = 0
     for name, p in learner.policy.named_parameters():
         assert torch.equal(p, weights[name]), name
-    after = learner.policy_optimizer.state_dict()
+    after = learner.optimizers["policy"].state_dict()
     assert after["param_groups"] == moments["param_groups"]
     for index, state in moments["state"].items():
         assert all(torch.equal(after["state"][index][k], v) for k, v in state.items()), index
-    assert learner.critic_scheduler.state_dict() == schedule
+    assert learner.schedulers["critic"].state_dict() == schedule
     learner.update(bad_score)
     with pytest.raises(NonFiniteUpdatesError, match="max_nonfinite_updates = 2"):
         learner.update(bad_score)
@@ -492,7 +525,7 @@ def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
         for name in a:
             assert torch.equal(a[name], b[name]), (model, name)
     assert resumed.kl_controller.value == straight.kl_controller.value != cfg.ppo.kl.coef
-    assert resumed.policy_scheduler.get_last_lr() == straight.policy_scheduler.get_last_lr()
+    assert resumed.schedulers["policy"].get_last_lr() == straight.schedulers["policy"].get_last_lr()
 
     # Layout, pruning (keep 2), and HF loadability of what was written.
     names = sorted(p.name for p in path.parent.iterdir() if not p.name.startswith("."))
@@ -519,7 +552,8 @@ def test_a_checkpoint_from_before_sharded_checkpoints_still_resumes(tiny_assets,
     shutil.rmtree(path / "sharded")
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     del state["optimizers"]
-    state.update(policy_optimizer=first.policy_optimizer.state_dict(), critic_optimizer=first.critic_optimizer.state_dict())
+    state.update(policy_optimizer=first.optimizers["policy"].state_dict(),
+                 critic_optimizer=first.optimizers["critic"].state_dict())
     torch.save(state, path / "trainer_state.pt")
 
     resumed = Learner(cfg, str(tmp_path / "old"))
@@ -552,8 +586,8 @@ def test_a_critic_saved_before_critics_kept_the_score_bias_resumes_without_one(t
         shutil.rmtree(path / "sharded")
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         del state["optimizers"]
-        state.update(policy_optimizer=old.policy_optimizer.state_dict(),
-                     critic_optimizer=old.critic_optimizer.state_dict())
+        state.update(policy_optimizer=old.optimizers["policy"].state_dict(),
+                     critic_optimizer=old.optimizers["critic"].state_dict())
         torch.save(state, path / "trainer_state.pt")
 
     resumed = Learner(make_cfg(tiny_assets, f"model.reward={tmp_path / 'biased'}"), str(tmp_path / "run"))
@@ -574,8 +608,8 @@ def test_a_critic_free_learner_resumes_a_gae_checkpoint_without_its_critic(tiny_
     assert grpo.critic is None and grpo.load_checkpoint() == {"cursor": 1}
     a, b = params(gae.policy), params(grpo.policy)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(gae.policy_optimizer.state.values(),
-                                                            grpo.policy_optimizer.state.values(), strict=True)]
+    moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(gae.optimizers["policy"].state.values(),
+                                                            grpo.optimizers["policy"].state.values(), strict=True)]
     assert moments and all(torch.equal(x, y) for x, y in moments)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cluster.pipeline import Group, Pipeline
+from cluster.pipeline import Pipeline, PromptGroup
 
 
 @dataclass
@@ -80,7 +80,7 @@ def simulate(k: int, generate_s: list[float], update_s: float, load_s: float = 0
                 actors[i]["version"] = args[1]
             else:
                 version, n = args[1], args[2]
-                pipeline.finished(i, [Group(str(next(prompt_ids)), version, [None] * per_prompt)
+                pipeline.finished(i, [PromptGroup(str(next(prompt_ids)), version, [None] * per_prompt)
                                       for _ in range(n)])
             actors[i].update(state="idle", idle_since=now)
     trace.actor_time = len(actors) * (now - trace.updates[0][1])

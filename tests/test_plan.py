@@ -93,8 +93,8 @@ def test_a_sharded_learner_never_holds_a_whole_model(tmp_path, ray_local):
     from ray.util.placement_group import remove_placement_group
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cluster.controller import start_learner
     from cluster.demo.assets import build_tokenizer, save_tokenizer
+    from cluster.launch import start_learner
 
     folder = tmp_path / "policy"
     tokenizer = build_tokenizer(1024, seed=0)

@@ -307,6 +307,48 @@ def test_reinforce_pp_sums_rewards_into_returns_and_whitens_over_the_batch():
     assert float(adv[~mask.bool()].abs().sum()) == 0.0
 
 
+def test_the_estimator_table_covers_every_setting_and_gives_each_estimator_by_hand():
+    """`ppo.ADVANTAGE_ESTIMATORS`, one signature: (rewards, values, mask, groups, settings) ->
+    (advantages, returns). Two prompts of two samples; rewards at the last response token."""
+    from typing import get_args
+
+    from cluster.shared.config import PPOConfig
+
+    assert set(ppo.ADVANTAGE_ESTIMATORS) == set(get_args(PPOConfig.model_fields["advantage"].annotation))
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 3.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 2.0]])
+    values = torch.tensor([[0.0, 0.5, 0.5], [0.25, 0.25, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    plain = ppo.AdvantageSettings(gamma=1.0, gae_lambda=1.0, whiten=False)
+
+    # GAE at gamma = lambda = 1: A_t = (sum of the rewards from t) - V_t; returns = A + V.
+    advantages, returns = ppo.ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, groups, plain)
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.5, 0.5], [2.75, 2.75, 0.0],
+                                                         [0.0, 0.0, 1.0], [2.0, 2.0, 2.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.0, 1.0, 1.0], [3.0, 3.0, 0.0],
+                                                      [0.0, 0.0, 2.0], [2.0, 2.0, 2.0]]))
+    whitened, _ = ppo.ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, groups, plain._replace(whiten=True))
+    torch.testing.assert_close(whitened, ppo.masked_whiten(advantages, mask))
+
+    # GRPO: sequence rewards 1, 3 | 2, 2 -> group means 2 | 2; stds sqrt(2) | 0. RLOO: r minus
+    # the other sample's. Each on every response token; no returns without a critic.
+    grpo, no_returns = ppo.ADVANTAGE_ESTIMATORS["grpo"](rewards, values, mask, groups, plain)
+    torch.testing.assert_close(grpo, torch.tensor([-1.0, 1.0, 0.0, 0.0])[:, None] / (math.sqrt(2) + 1e-6) * mask)
+    assert float(no_returns.abs().sum()) == 0.0
+    dr_grpo, _ = ppo.ADVANTAGE_ESTIMATORS["grpo"](rewards, values, mask, groups, plain._replace(scale_by_std=False))
+    torch.testing.assert_close(dr_grpo, torch.tensor([-1.0, 1.0, 0.0, 0.0])[:, None] * mask)
+    rloo, _ = ppo.ADVANTAGE_ESTIMATORS["rloo"](rewards, values, mask, groups, plain)
+    torch.testing.assert_close(rloo, torch.tensor([-2.0, 2.0, 0.0, 0.0])[:, None] * mask)
+
+    # REINFORCE++: the returns whitened over the batch's tokens; a single token is left as it is.
+    reinforce, _ = ppo.ADVANTAGE_ESTIMATORS["reinforce_pp"](rewards, values, mask, groups, plain)
+    torch.testing.assert_close(reinforce, ppo.masked_whiten(ppo.discounted_returns(rewards, mask, 1.0), mask))
+    one = torch.tensor([[0.0, 1.0, 0.0]])
+    alone, _ = ppo.ADVANTAGE_ESTIMATORS["reinforce_pp"](torch.tensor([[0.0, 0.7, 0.0]]), torch.zeros(1, 3), one,
+                                                        torch.tensor([0]), plain)
+    torch.testing.assert_close(alone, torch.tensor([[0.0, 0.7, 0.0]]))
+
+
 def test_loss_aggregations_weigh_tokens_as_their_papers_say():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # 3 tokens and 1 token
     per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])

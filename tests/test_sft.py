@@ -139,3 +139,30 @@ def test_a_dataset_folder_reads_its_train_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no \\*.jsonl files"):
         read_demonstrations(tmp_path / "empty")
+
+
+def test_dropout_stays_off_in_train_mode(tiny_assets, tmp_path):
+    """`disable_dropout` (SFT, the learner's models, reward models): eval mode, and every rate
+    zeroed, so that train mode (gradient checkpointing, reward-model training) keeps it off:
+    `nn.Dropout`, the float rates layers copy from the config, and the config's own."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from cluster.shared.precision import disable_dropout
+
+    folder = tmp_path / "policy"
+    shutil.copytree(tiny_assets.policy, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_dropout"] = 0.5
+    (folder / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.model.layers[0].extra = torch.nn.Dropout(0.5)  # a layer's own dropout module
+    model.model.layers[0].resid_dropout = 0.25  # and a rate under another name
+    disable_dropout(model)
+    assert not model.training and model.config.attention_dropout == 0.0
+    assert model.model.layers[0].extra.p == 0.0 and model.model.layers[0].resid_dropout == 0.0
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+    model.train()
+    x = torch.tensor([[5, 6, 7, 8, 9, 1]])
+    assert torch.equal(model(x).logits, model(x).logits)

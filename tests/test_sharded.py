@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from cluster.controller import start_learner
+from cluster.launch import start_learner
 from cluster.shared.records import Rollout
 from cluster.shared.transport import ObjectStoreTransport
 from learner.learner import Learner
@@ -93,6 +93,9 @@ def test_two_workers_train_checkpoint_and_resume_as_one(tiny_assets, tmp_path, r
         assert math.isclose(first_one.metrics[key], first_two.metrics[key], rel_tol=1e-4, abs_tol=1e-6), key
     handle_one, handle_two = one.publish(), ray.get(two.publish.remote())
     published_v1 = weights(handle_two)
+    # Each update published its version as its last step (rank 0's gathers, from both workers).
+    assert handle_one is first_one.weights and first_two.weights.version == 1
+    assert max_gap(weights(first_two.weights), published_v1) == 0
     assert max_gap(weights(handle_one), published_v1) < 1e-5
     # The critic too, through the Hugging Face exports of both checkpoints.
     path_one, path_two = one.save_checkpoint({}), ray.get(two.save_checkpoint.remote({"cursor": 1}))
@@ -108,7 +111,7 @@ def test_two_workers_train_checkpoint_and_resume_as_one(tiny_assets, tmp_path, r
     bad = [Rollout(**{**r.__dict__}) for r in batches[0]]
     bad[3].score = float("nan")
     skipped = ray.get(two.update.remote(bad))
-    assert skipped.skipped and skipped.version == 2
+    assert skipped.skipped and skipped.version == 2 and skipped.weights is None
     assert ray.get(two.__ray_call__.remote(lambda self: ray.get([w.version.remote() for w in self.workers]))) == [2]
     assert max_gap(weights(ray.get(two.publish.remote())), uninterrupted) == 0
     stop(two, group)

@@ -73,7 +73,7 @@ def evaluate(cfg: TameConfig, policy: str, prompts: list[str], world) -> dict[st
     """Sample the policy on the held-out prompts in a rollout actor and judge every answer."""
     import ray
 
-    from cluster.controller import rollout_actor_class
+    from cluster.launch import rollout_actor_class
 
     sampling = cfg.rollout.sampling.model_copy(update={"samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0})
     eval_cfg = cfg.model_copy(update={
@@ -135,9 +135,10 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
     import torch
     from rich.console import Console
 
-    from cluster.controller import connect, train
+    from cluster.controller import train
     from cluster.demo import world as world_module
     from cluster.demo.assets import ensure_assets
+    from cluster.launch import connect
     from learner.sft import run_sft
     from reward_service.train import train_reward_model
 

@@ -2,8 +2,8 @@
 
 The demo has to show, on a laptop CPU in minutes, what RLHF is for: a tiny language model
 that is sometimes untruthful, toxic and unhelpful becomes truthful, harmless and helpful
-through preference feedback. For a ~5M-parameter model to learn this from scratch the task
-is deliberately small and templated:
+through preference feedback. For a 3.6M-parameter policy (the small assets) to learn this
+from scratch the task is deliberately small and templated:
 
 - Facts: `N_ENTITIES` people, each with one value for each of four attributes
   (favourite colour, home city, favourite food, job), every value drawn from a pool of
@@ -46,7 +46,7 @@ from typing import Any
 
 N_ENTITIES = 24
 """People in the world: 24 x 4 attributes = 96 facts, enough to need memorising, few
-enough for a ~5M-parameter model (and the reward model built from it) to memorise in a
+enough for the 3.6M-parameter policy (and the 3.4M-parameter reward model) to memorise in a
 couple of minutes of SFT. With 40 people the SFT model stated a wrong fact or none in
 about a quarter of its answers, and PPO could not recover what was never memorised."""
 

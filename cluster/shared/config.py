@@ -9,38 +9,11 @@ overrides. The roles (actors, learner, reward service) share it without importin
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-
-from cluster.shared.errors import ConfigError, UserError
-
-# What a model folder's config.json `architectures` must end with, by kind.
-MODEL_KINDS = {"causal LM": "ForCausalLM", "reward model": "ForSequenceClassification"}
-
-
-def check_model_folder(name: str, path: str | Path, kind: str) -> None:
-    """A model path the user gave must be a Hugging Face folder of the expected kind."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise UserError(f"{name}: {path} is not a Hugging Face {kind} folder (no config.json)")
-    try:
-        architectures = json.loads(config.read_text()).get("architectures") or []
-    except (ValueError, AttributeError) as e:
-        raise UserError(f"{name}: {config} is not a Hugging Face config ({e})") from None
-    suffix = MODEL_KINDS[kind]
-    if architectures and not any(a.endswith(suffix) for a in architectures):
-        raise UserError(f"{name}: {path} holds a {', '.join(architectures)}, not a {kind} (*{suffix})")
-
-
-def gpu_env(num_gpus: float) -> dict[str, str]:
-    """Environment of a role's process: one that asks Ray for no GPU sees none. Ray 2.60 no
-    longer hides the GPUs from such a process, so it would land on GPU 0, outside Ray's
-    accounting and beside an engine that counts on having that GPU to itself."""
-    return {"CUDA_VISIBLE_DEVICES": ""} if num_gpus == 0 else {}
 
 
 class Section(BaseModel):
@@ -116,7 +89,7 @@ class RolloutConfig(Section):
     threads: int | None = Field(None, ge=1, le=1024)
     """Threads each engine computes with; null: as many as it reserved (num_cpus, at least 1).
     More than reserved suits max_staleness 0 on a small machine, where actors and learner take
-    turns (see the README's performance section)."""
+    turns (docs/performance.md, "Threads")."""
     num_gpus: float = Field(0.0, ge=0.0)
     """Ray GPUs per actor: 1 on a GPU cluster, so each engine gets its own device, or a share
     of one (0.5: two engines per GPU). One engine spans at most one GPU: tame has no tensor
@@ -344,7 +317,7 @@ class LearnerConfig(Section):
     threads: int | None = Field(None, ge=1, le=1024)
     """Torch threads of the learner; null: as many as it reserved (num_cpus, at least 1). Its
     threads wait passively at barriers, so more threads than reserved borrow the cores the
-    actors leave idle without slowing them (see the README's performance section)."""
+    actors leave idle without slowing them (docs/performance.md, "Threads")."""
     num_gpus: float = Field(0.0, ge=0.0)
     """Ray GPUs of the learner actor."""
     resources: dict[str, float] = Field(default_factory=dict)

@@ -1,6 +1,7 @@
 """The errors the CLI maps to exit codes: a `UserError` (bad config, data, path or argument)
 to 2, with its message naming the field, file and line; a `RunError` (a run that cannot go
-on) to 1, with its message naming the newest checkpoint."""
+on) to 1, with its message naming the newest checkpoint. And the errors the learner raises
+to the loop, which turns them into a `RunError` naming the checkpoint."""
 
 
 class UserError(ValueError):
@@ -23,3 +24,11 @@ class RunError(RuntimeError):
     or hung, too many NaN updates): exit code 1.
 
     Its message says what happened and where the newest checkpoint is."""
+
+
+class NonFiniteUpdatesError(RuntimeError):
+    """Too many consecutive updates had NaN or Inf in their rewards, losses or gradients."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker of a sharded learner died: the learner cannot go on."""

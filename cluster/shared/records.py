@@ -8,6 +8,10 @@ cheaply.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transport imports numpy: the records stay cheap to load
+    from cluster.shared.transport import WeightsHandle
 
 
 @dataclass(frozen=True)
@@ -113,3 +117,5 @@ class UpdateResult:
     and the batch's prompts must be handed out again."""
     metrics: dict[str, float]
     """The update's metrics, by W&B name."""
+    weights: WeightsHandle | None = None
+    """The new version's handle, published as the update's last step; None when skipped."""

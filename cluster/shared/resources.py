@@ -114,3 +114,10 @@ def free_on_cluster(also: tuple[str, ...] = ()) -> str:
     total, free = ray.cluster_resources(), ray.available_resources()
     keys = list(dict.fromkeys(["CPU", *(["GPU"] if "GPU" in total else []), *also]))
     return "free on the cluster: " + ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}" for k in keys)
+
+
+def gpu_env(num_gpus: float) -> dict[str, str]:
+    """Environment of a role's process: one that asks Ray for no GPU sees none. Ray 2.60 no
+    longer hides the GPUs from such a process, so it would land on GPU 0, outside Ray's
+    accounting and beside an engine that counts on having that GPU to itself."""
+    return {"CUDA_VISIBLE_DEVICES": ""} if num_gpus == 0 else {}

@@ -9,30 +9,14 @@ key" warning. These put it back.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cluster.shared.hf_folder import read_tensor
+
 SCORE_BIAS_KEY = "score.bias"
-
-
-def checkpoint_tensor(path: Path, key: str) -> torch.Tensor | None:
-    """One tensor from a safetensors checkpoint (single file or sharded), or None if absent."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shard = json.loads(index.read_text())["weight_map"].get(key)
-        files = [path / shard] if shard else []
-    else:
-        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            if key in f.keys():
-                return f.get_tensor(key)
-    return None
 
 
 def set_score_bias(model: nn.Module, bias: float | torch.Tensor) -> None:
@@ -53,7 +37,7 @@ def set_score_bias(model: nn.Module, bias: float | torch.Tensor) -> None:
 def restore_score_bias(model: nn.Module, path: str | Path) -> bool:
     """Give a model loaded with `from_pretrained(path)` the score bias its checkpoint holds
     but its class dropped. True if there was one."""
-    bias = checkpoint_tensor(Path(path), SCORE_BIAS_KEY)
+    bias = read_tensor(path, SCORE_BIAS_KEY)
     if bias is not None:
         set_score_bias(model, bias)
     return bias is not None

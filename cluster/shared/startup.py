@@ -47,13 +47,14 @@ def heavy_imports() -> Iterator[None]:
     """Import torch, transformers or vLLM inside this: Python's cyclic garbage collector is
     off meanwhile, and what the imports made is frozen afterwards (`gc.freeze`).
 
-    Importing transformers and vLLM makes about a million objects, and the collector scans
-    every one of them each time the heap has grown by a quarter; vLLM's engine start then
-    collects five times more. On this 2-core machine that is 1.8 s of a 7.8 s import and
-    1.3 s of a 2.4 s engine start. Frozen objects are never scanned again (nor freed:
-    modules and classes live as long as the process anyway). A block that imports nothing
-    new (the libraries were loaded before) freezes nothing, so a process that loads models
-    again and again does not keep its garbage."""
+    The imports make a great many objects that live as long as the process (modules,
+    classes, functions), and the collector scans every tracked object each time the heap has
+    grown by a quarter, so it scans them again and again during the imports and the engine
+    start that follows, and frees none of them: a large share of a role's start (figures in
+    benchmarks/README.md, "Measured by hand"). Frozen objects are never scanned again (nor
+    freed, which costs nothing for objects that live as long as the process). A block that
+    imports nothing new (the libraries were loaded before) freezes nothing, so a process that
+    loads models again and again does not keep its garbage."""
     enabled, modules = gc.isenabled(), len(sys.modules)
     gc.disable()
     try:

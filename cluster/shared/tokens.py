@@ -54,6 +54,13 @@ def response_token_ids(tokenizer: Any, response: str, add_eos: bool = True) -> l
     return ids + [tokenizer.eos_token_id] if add_eos else ids
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills a batch's padding: the tokenizer's PAD, else its EOS (many causal LMs
+    ship without a PAD). Padding is masked out of attention and of every loss, so any real id
+    does; the reward model alone needs a PAD distinct from EOS, and checks it where it loads."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pad(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[Any, Any]:
     """Token id lists padded into a batch: `input_ids` (B, T) and `attention_mask` (B, T),
     T the longest length. Right padding keeps row b's tokens at [0, len_b), so causal
