@@ -34,6 +34,7 @@ from pathlib import Path
 
 from cluster.shared.config import TameConfig
 from cluster.shared.hf_folder import file_headers, safetensors_files
+from cluster.shared.transport import BUCKET_BYTES
 from learner.loading import reference_dtype, roles, skeleton
 from learner.sharding import sharding_units
 
@@ -227,6 +228,17 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
     if cuda:  # foreach AdamW: a temporary the size of the largest optimizer's parameters
         step.append(Line("AdamW step temporaries", 4 * max(s.parameters for s in trained.values()) // n))
     phases["optimizer step"] = step
+    # The update's last step publishes the policy (`cluster.shared.transport`): rank 0 gathers
+    # it a bucket at a time when sharded, and writes the object store's copy, shared memory
+    # that Ray holds once per node whatever the number of workers (host memory here, counted
+    # apart); a cast for the transport is staged in buffers kept from one version to the next.
+    sent_dtype = cfg.learner.transport_dtype or cfg.model.dtype
+    sent = policy.parameters * (4 if sent_dtype == "float32" else 2)
+    host.append(Line(f"the object store's copy of the policy, {sent_dtype} (Ray's, once per node)", sent))
+    if n > 1:
+        phases["publication"] = [Line("publication: one bucket of gathered tensors", min(BUCKET_BYTES, sent))]
+    if sent_dtype != "float32" or cuda:
+        (host if cuda else states).append(Line(f"the policy staged in {sent_dtype} for publication", sent))
     # One worker on a CPU maps a float32 checkpoint into float32 weights without copying it:
     # they are in memory once first used (the reference's linear layers are copies when
     # they compute in another dtype).

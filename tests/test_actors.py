@@ -414,14 +414,14 @@ def test_a_corrupted_tensor_of_any_layer_fails_verification(actors, hf_policy, c
             bad[name] = clean[name] + 1e-6 * signs
         arrays, specs = export_tensors(bad.items())
         version += 1
-        handle = WeightsHandle(version, ray.put(tuple(arrays)), specs, probes, 0)
+        handle = WeightsHandle(version, (ray.put(tuple(arrays)),), specs, probes, 0)
         result = ray.get(warm.load_weights.remote(handle))
         assert result.loaded is True and result.verified is False, name
         # vLLM fuses q/k/v and gate/up: the problem names the fused tensor.
         fused = re.sub(r"\.(gate|up)_proj\.", ".gate_up_proj.", re.sub(r"\.[qkv]_proj\.", ".qkv_proj.", name))
         assert f"engine tensor {fused!r}" in result.problem, (name, result.problem)
     arrays, specs = export_tensors(clean.items())
-    result = ray.get(warm.load_weights.remote(WeightsHandle(version + 1, ray.put(tuple(arrays)), specs, probes, 0)))
+    result = ray.get(warm.load_weights.remote(WeightsHandle(version + 1, (ray.put(tuple(arrays)),), specs, probes, 0)))
     assert result.verified is True and result.probe_rms_error < 1e-6
 
 
@@ -440,7 +440,7 @@ def test_a_kernel_beside_a_readable_weight_that_kept_other_weights_fails_verific
     probes = ray.put(probes_of(clean.items()))
     version = ray.get(warm.policy_version.remote()) + 1
     arrays, specs = export_tensors(clean.items())
-    handle = WeightsHandle(version, ray.put(tuple(arrays)), specs, probes, 0)
+    handle = WeightsHandle(version, (ray.put(tuple(arrays)),), specs, probes, 0)
     assert ray.get(warm.load_weights.remote(handle)).verified is True
     measured, _ = ray.get(warm.probes.remote())
     kernel = kernel_probe_name(f"{module}.weight", module)

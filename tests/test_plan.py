@@ -38,7 +38,9 @@ def test_the_plan_counts_a_7b_model_from_its_config_json_alone():
     # The reference's linear layers in bfloat16; its embeddings and 57 norms in float32.
     kept = embeddings + 57 * 3584
     assert lines["reference weights"] == (2 * (policy.parameters - kept) + 4 * kept) // 8
-    assert [line.nbytes for line in worker.host] == [12 * (policy.parameters + critic.parameters) // 8]
+    # Host memory: the snapshot; the object store's copy of the policy and its staging, in bfloat16.
+    assert [line.nbytes for line in worker.host] == [12 * (policy.parameters + critic.parameters) // 8,
+                                                     2 * policy.parameters, 2 * policy.parameters]
 
 
 @pytest.mark.parametrize("name", ["gpu.yaml", "gpu-2node.yaml"])

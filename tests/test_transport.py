@@ -37,6 +37,20 @@ def test_published_probes_are_those_of_the_tensors_as_sent(tiny_assets, ray_loca
         assert not compare_probes(probes_of(state.items()), ObjectStoreTransport.probes(handle)).ok
 
 
+def test_a_version_larger_than_a_bucket_travels_in_several_objects(tiny_assets, ray_local, monkeypatch):
+    """Each bucket is put as soon as it is full (a sharded learner's rank 0 then holds one
+    bucket of gathered tensors at a time): the objects together hold every tensor, in order."""
+    state = checkpoint(tiny_assets)
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    monkeypatch.setattr(transport, "BUCKET_BYTES", largest)
+    handle = ObjectStoreTransport().publish(state.items(), version=1)
+    assert 2 < len(handle.tensors) <= len(state)
+    assert [s.name for s in handle.specs] == list(state)
+    sent = ObjectStoreTransport.fetch(handle)
+    assert all(torch.equal(sent[name], t) for name, t in state.items())
+    assert handle.nbytes == sum(t.numel() * t.element_size() for t in state.values())
+
+
 @pytest.mark.parametrize("size", ["tiny", "small"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_chunked_float32_probe_equals_the_exact_projection(tiny_assets, small_assets, monkeypatch, size, dtype):

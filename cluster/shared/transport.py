@@ -37,6 +37,10 @@ PROBE_RMS_TOL = 1e-5
 """Largest RMS of (measured - expected) / RMS(expected) over one tensor's projection."""
 PROBE_MAX_TOL = 1e-4
 """Largest single |measured - expected| / max|expected| of one tensor's projection."""
+BUCKET_BYTES = 256 * 2**20
+"""Tensors go into the object store in objects of about this size, each as soon as it is full,
+so a sharded learner's rank 0 holds one bucket of gathered tensors at a time, never the whole
+policy beside the store's copy; an actor maps every bucket without copying."""
 _ROWS_PER_CHUNK = 8192  # rows cast to float32 at a time: no full-size copy of a large weight
 _KERNEL = " (kernel"
 
@@ -63,8 +67,9 @@ class WeightsHandle:
     """A published policy version: its tensors and probes in the Ray object store."""
 
     version: int
-    tensors: Any
-    """ray.ObjectRef of a tuple of numpy arrays, in the order of `specs` (bfloat16 as int16)."""
+    tensors: tuple
+    """ray.ObjectRefs of tuples of numpy arrays (bfloat16 as int16), in the order of `specs`:
+    one object per bucket of about `BUCKET_BYTES`."""
     specs: tuple[TensorSpec, ...]
     probes: Any
     """ray.ObjectRef of {name: float32 projection} (see the module docstring)."""
@@ -257,28 +262,43 @@ class ObjectStoreTransport:
         self._staging: dict[str, Any] = {}
 
     def publish(self, named: Iterable[tuple[str, Any]], version: int, dtype: Any = None) -> WeightsHandle:
-        """Put the named tensors (cast to `dtype` when given) and their probes into the store."""
+        """Put the named tensors (cast to `dtype` when given) and their probes into the store,
+        in objects of about `BUCKET_BYTES`, each put as soon as it is full."""
         import ray
 
         probes: dict[str, np.ndarray] = {}
+        buckets, specs, nbytes = [], [], 0
+        pending: list[tuple[str, Any]] = []
+        pending_bytes = 0
 
-        def probed():
-            # One tensor at a time (a sharded learner gathers each as it comes), probed where
-            # it lives (on the GPU, say), as sent: after the cast.
-            for name, tensor in named:
-                probes[name] = probe(tensor, dtype).cpu().numpy()
-                yield name, tensor
+        def put() -> None:
+            nonlocal pending_bytes, nbytes
+            arrays, bucket_specs = export_tensors(pending, dtype, self._staging)
+            buckets.append(ray.put(tuple(arrays)))
+            specs.extend(bucket_specs)
+            nbytes += sum(int(a.nbytes) for a in arrays)
+            pending.clear()
+            pending_bytes = 0
 
-        arrays, specs = export_tensors(probed(), dtype, self._staging)
-        return WeightsHandle(version=version, tensors=ray.put(tuple(arrays)), specs=specs,
-                             probes=ray.put(probes), nbytes=sum(int(a.nbytes) for a in arrays))
+        # One tensor at a time (a sharded learner gathers each as it comes), probed where it
+        # lives (on the GPU, say), as sent: after the cast.
+        for name, tensor in named:
+            probes[name] = probe(tensor, dtype).cpu().numpy()
+            pending.append((name, tensor))
+            pending_bytes += tensor.numel() * (dtype or tensor.dtype).itemsize
+            if pending_bytes >= BUCKET_BYTES:
+                put()
+        if pending or not buckets:
+            put()
+        return WeightsHandle(version=version, tensors=tuple(buckets), specs=tuple(specs),
+                             probes=ray.put(probes), nbytes=nbytes)
 
     @staticmethod
     def fetch(handle: WeightsHandle) -> dict[str, Any]:
         """The handle's tensors as read-only torch views of the object store's memory."""
         import ray
 
-        arrays = handle.tensors if isinstance(handle.tensors, tuple) else ray.get(handle.tensors)
+        arrays = [array for bucket in ray.get(list(handle.tensors)) for array in bucket]
         return import_tensors(arrays, handle.specs)
 
     @staticmethod
