@@ -6,7 +6,7 @@ roles took minutes to start."""
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from cluster.shared.config import TameConfig
 from cluster.shared.data import load_prompts

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cluster.checks import check_start
 from cluster.control import Interrupted, StopSignal, restore_signals, status, stop_on_signals

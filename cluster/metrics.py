@@ -8,10 +8,9 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cluster.shared.config import TameConfig
 from cluster.shared.records import LoadResult, RolloutBatch

@@ -15,7 +15,20 @@ from dataclasses import dataclass
 
 from cluster.shared.config import TameConfig
 from cluster.shared.errors import UserError
-from learner.memory import CPU_PROCESS, GIB, GPU_PROCESS, Budget, Line, Shape, WorkerPlan, describe, learner_worker, row, shape, verdict
+from learner.memory import (
+    CPU_PROCESS,
+    GIB,
+    GPU_PROCESS,
+    Budget,
+    Line,
+    Shape,
+    WorkerPlan,
+    describe,
+    learner_worker,
+    row,
+    shape,
+    verdict,
+)
 
 ENGINE_PROCESS = int(1.0 * GIB)
 """A vLLM engine on a CPU beside its weights and KV cache."""
@@ -103,7 +116,7 @@ def rollout_actor(cfg: TameConfig, policy: Shape, gpu: int | None) -> RolePlan:
             lines.append(Line("the process (CUDA context)", GPU_PROCESS))
     else:
         budget = Budget(None, "host memory")
-        lines += [Line(f"KV cache (rollout.kv_cache_gib)", int(r.kv_cache_gib * GIB)),
+        lines += [Line("KV cache (rollout.kv_cache_gib)", int(r.kv_cache_gib * GIB)),
                   Line("the engine's process", ENGINE_PROCESS)]
     if r.reference_logprobs:
         lines.append(Line("the reference beside the engine, float32 (rollout.reference_logprobs)",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cluster.cli import main
-from cluster.plan import check, plan
+from cluster.plan import check
 from cluster.shared.config_file import load_config
 from cluster.shared.errors import UserError
 from learner.memory import GIB, learner_worker, shape

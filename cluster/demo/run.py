@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cluster.shared.config import TameConfig
 from cluster.shared.config_file import load_config

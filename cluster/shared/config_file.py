@@ -4,14 +4,13 @@ the line."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from pathlib import Path
 import json
 import re
+from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import yaml
-
 from pydantic import ValidationError
 
 from cluster.shared.config import TameConfig
