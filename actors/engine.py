@@ -91,8 +91,9 @@ def sampling_params(cfg: TameConfig, max_new_tokens: int | None = None) -> Any:
     )
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat_template: bool,
-                   max_model_len: int) -> list[list[int]]:
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[Prompt], chat_template: bool, max_model_len: int
+) -> list[list[int]]:
     """Prompt token ids as the policy sees them (`cluster.shared.tokens.prompt_token_ids`).
 
     Raises ValueError naming the prompt when one leaves no room for a response: the data
@@ -104,7 +105,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat_template: boo
         if len(ids) >= max_model_len:
             raise ValueError(
                 f"prompt {prompt.prompt_id!r} has {len(ids)} tokens, which leaves no room for a "
-                f"response within rollout.max_model_len={max_model_len}")
+                f"response within rollout.max_model_len={max_model_len}"
+            )
         encoded.append(ids)
     return encoded
 
@@ -113,8 +115,7 @@ def run_generate(llm: Any, prompt_ids: Sequence[list[int]], params: Any) -> list
     """vLLM `RequestOutput`s for already tokenised prompts, in prompt order."""
     from vllm.inputs import TokensPrompt
 
-    return llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                        use_tqdm=False)
+    return llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
 
 
 def sampled_logprobs(completion: Any) -> list[float]:
@@ -129,9 +130,15 @@ def sampled_logprobs(completion: Any) -> list[float]:
     return [position[token].logprob for position, token in zip(logprobs, token_ids)]
 
 
-def build_rollouts(prompts: Sequence[Prompt], prompt_ids: Sequence[list[int]],
-                   outputs: Sequence[Any], policy_version: int, actor_id: int,
-                   generate_seconds: float, tokenizer: Any = None) -> list[Rollout]:
+def build_rollouts(
+    prompts: Sequence[Prompt],
+    prompt_ids: Sequence[list[int]],
+    outputs: Sequence[Any],
+    policy_version: int,
+    actor_id: int,
+    generate_seconds: float,
+    tokenizer: Any = None,
+) -> list[Rollout]:
     """One `Rollout` per completion, in prompt order then sample order. With `tokenizer`,
     the response text is decoded from the tokens (for outputs vLLM did not detokenize)."""
     rollouts = []
@@ -139,22 +146,26 @@ def build_rollouts(prompts: Sequence[Prompt], prompt_ids: Sequence[list[int]],
         for sample_index, completion in enumerate(output.outputs):
             finish = _FINISH_REASONS.get(completion.finish_reason)
             if finish is None:
-                raise RuntimeError(f"vLLM ended prompt {prompt.prompt_id!r} with finish reason "
-                                   f"{completion.finish_reason!r}")
-            rollouts.append(Rollout(
-                prompt_id=prompt.prompt_id,
-                sample_index=sample_index,
-                prompt_text=prompt.text,
-                prompt_token_ids=list(ids),
-                response_token_ids=list(completion.token_ids),
-                response_text=completion.text if tokenizer is None
-                else tokenizer.decode(completion.token_ids, skip_special_tokens=True),
-                behaviour_logprobs=sampled_logprobs(completion),
-                finish_reason=finish,
-                policy_version=policy_version,
-                actor_id=actor_id,
-                generate_seconds=generate_seconds,
-            ))
+                raise RuntimeError(
+                    f"vLLM ended prompt {prompt.prompt_id!r} with finish reason {completion.finish_reason!r}"
+                )
+            rollouts.append(
+                Rollout(
+                    prompt_id=prompt.prompt_id,
+                    sample_index=sample_index,
+                    prompt_text=prompt.text,
+                    prompt_token_ids=list(ids),
+                    response_token_ids=list(completion.token_ids),
+                    response_text=completion.text
+                    if tokenizer is None
+                    else tokenizer.decode(completion.token_ids, skip_special_tokens=True),
+                    behaviour_logprobs=sampled_logprobs(completion),
+                    finish_reason=finish,
+                    policy_version=policy_version,
+                    actor_id=actor_id,
+                    generate_seconds=generate_seconds,
+                )
+            )
     return rollouts
 
 

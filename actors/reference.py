@@ -42,15 +42,22 @@ class Reference:
         """Write `reference_logprobs` into every rollout; returns the seconds it took."""
         start = time.perf_counter()
         for first in range(0, len(rollouts), self.micro_batch_size):
-            chunk = rollouts[first: first + self.micro_batch_size]
+            chunk = rollouts[first : first + self.micro_batch_size]
             input_ids, attention_mask, mask, starts = response_positions(
-                [r.prompt_token_ids for r in chunk], [r.response_token_ids for r in chunk], self.pad_id)
+                [r.prompt_token_ids for r in chunk], [r.response_token_ids for r in chunk], self.pad_id
+            )
             offset = min(starts)  # no position before the earliest response reaches the LM head
             mask = mask[:, offset:]
             with compute_context(self.device, self.compute_dtype):
-                logp, _ = response_logprobs(self.model, input_ids.to(self.device), attention_mask.to(self.device),
-                                            mask.to(self.device), offset, self.temperature)
+                logp, _ = response_logprobs(
+                    self.model,
+                    input_ids.to(self.device),
+                    attention_mask.to(self.device),
+                    mask.to(self.device),
+                    offset,
+                    self.temperature,
+                )
             logp = logp.cpu()
             for row, (r, s) in enumerate(zip(chunk, starts)):
-                r.reference_logprobs = logp[row, s - offset: s - offset + len(r.response_token_ids)].tolist()
+                r.reference_logprobs = logp[row, s - offset : s - offset + len(r.response_token_ids)].tolist()
         return time.perf_counter() - start

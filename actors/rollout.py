@@ -58,8 +58,11 @@ class RolloutActor:
         self._params = sampling_params(cfg)
         self._layout = checkpoint_layout(cfg.model.policy)
         self._direct = loads_directly(self._llm, cfg.model.policy)
-        log.info("actor %d: weight loads %s", actor_id, "rebuild the CPU kernels directly" if self._direct
-                 else "go through vLLM's reload")
+        log.info(
+            "actor %d: weight loads %s",
+            actor_id,
+            "rebuild the CPU kernels directly" if self._direct else "go through vLLM's reload",
+        )
         self._version = 0  # the weights on disk at cfg.model.policy
         self._transport: WeightTransport = ObjectStoreTransport()
         self._reference = None
@@ -73,13 +76,13 @@ class RolloutActor:
         # The first generate on CPU spends seconds preparing kernels; pay it before the
         # actor reports ready, so the first real batch is timed fairly.
         prompt = Prompt("warm-up", (("user", "Hello"),))
-        ids = encode_prompts(self._tokenizer, [prompt], self.cfg.data.chat_template,
-                             self.cfg.rollout.max_model_len)
+        ids = encode_prompts(self._tokenizer, [prompt], self.cfg.data.chat_template, self.cfg.rollout.max_model_len)
         run_generate(self._llm, ids, sampling_params(self.cfg, max_new_tokens=4))
         if self._reference is not None:
             eos = self._tokenizer.eos_token_id
-            self._reference.annotate([Rollout("warm-up", 0, "", ids[0], [eos], "", [0.0], "stop", 0,
-                                              self.actor_id, 0.0)])
+            self._reference.annotate(
+                [Rollout("warm-up", 0, "", ids[0], [eos], "", [0.0], "stop", 0, self.actor_id, 0.0)]
+            )
 
     def set_scorer(self, scorer: Scorer | None) -> None:
         """Attach the scorer of an actor started before the reward service was up."""
@@ -103,15 +106,23 @@ class RolloutActor:
         and their rollouts left out: they are handed out again, never scored as 0.
         """
         # Tokenise exactly as every other role does (chat template or raw text).
-        prompt_ids = encode_prompts(self._tokenizer, prompts, self.cfg.data.chat_template,
-                                    self.cfg.rollout.max_model_len)
+        prompt_ids = encode_prompts(
+            self._tokenizer, prompts, self.cfg.data.chat_template, self.cfg.rollout.max_model_len
+        )
 
         # Generate with the current weights and tag every record with their version.
         start = time.perf_counter()
         outputs = run_generate(self._llm, prompt_ids, self._params)
         generate_seconds = time.perf_counter() - start
-        rollouts = build_rollouts(prompts, prompt_ids, outputs, self._version, self.actor_id, generate_seconds,
-                                  tokenizer=None if self._params.detokenize else self._tokenizer)
+        rollouts = build_rollouts(
+            prompts,
+            prompt_ids,
+            outputs,
+            self._version,
+            self.actor_id,
+            generate_seconds,
+            tokenizer=None if self._params.detokenize else self._tokenizer,
+        )
         batch = RolloutBatch(
             actor_id=self.actor_id,
             policy_version=self._version,
@@ -137,14 +148,12 @@ class RolloutActor:
     def _score(self, batch: RolloutBatch) -> None:
         start = time.perf_counter()
         try:
-            scores = self._scorer([r.prompt_text for r in batch.rollouts],
-                                  [r.response_text for r in batch.rollouts])
+            scores = self._scorer([r.prompt_text for r in batch.rollouts], [r.response_text for r in batch.rollouts])
             batch.score_seconds = time.perf_counter() - start
             failed = apply_scores(batch.rollouts, scores, batch.score_seconds)
         except Exception as e:  # the reward service's failure must not stop generation
             batch.score_seconds = time.perf_counter() - start
-            log.warning("actor %d: scoring %d responses failed: %r",
-                        self.actor_id, len(batch.rollouts), e)
+            log.warning("actor %d: scoring %d responses failed: %r", self.actor_id, len(batch.rollouts), e)
             batch.score_error = f"{type(e).__name__}: {e}"[:1000]
             failed = {r.prompt_id for r in batch.rollouts}
         if failed:
@@ -170,14 +179,25 @@ class RolloutActor:
             fetched = time.perf_counter()
             path = load_into_engine(self._llm, tensors, self._direct)
             self._version = handle.version
-            loaded = {"loaded": True, "bytes": handle.nbytes, "fetch_seconds": fetched - start,
-                      "reload_seconds": time.perf_counter() - fetched, "direct": path == "direct"}
+            loaded = {
+                "loaded": True,
+                "bytes": handle.nbytes,
+                "fetch_seconds": fetched - start,
+                "reload_seconds": time.perf_counter() - fetched,
+                "direct": path == "direct",
+            }
 
         verifying = time.perf_counter()
         measured, fused = engine_probes(self._llm)
         copies = {spec.name for spec in handle.specs if len(spec.shape) <= 1}
         check = compare_probes(measured, self._transport.probes(handle), fused, exact=copies)
         done = time.perf_counter()
-        return LoadResult(**{"loaded": False, **loaded}, policy_version=self._version, verified=check.ok,
-                          problem=check.problem, probe_rms_error=check.rms_error,
-                          verify_seconds=done - verifying, seconds=done - start)
+        return LoadResult(
+            **{"loaded": False, **loaded},
+            policy_version=self._version,
+            verified=check.ok,
+            problem=check.problem,
+            probe_rms_error=check.rms_error,
+            verify_seconds=done - verifying,
+            seconds=done - start,
+        )

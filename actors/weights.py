@@ -47,20 +47,20 @@ def validate_specs(specs: Iterable[TensorSpec], layout: dict[str, tuple[int, ...
             raise WeightsMismatchError(f"weights handle: tensor {spec.name!r} appears twice")
         seen.add(spec.name)
         if spec.name not in layout:
-            raise WeightsMismatchError(
-                f"weights handle: tensor {spec.name!r} is not a weight of the engine's model")
+            raise WeightsMismatchError(f"weights handle: tensor {spec.name!r} is not a weight of the engine's model")
         if tuple(spec.shape) != tuple(layout[spec.name]):
             raise WeightsMismatchError(
                 f"weights handle: tensor {spec.name!r} has shape {tuple(spec.shape)}, "
-                f"the engine's model expects {tuple(layout[spec.name])}")
+                f"the engine's model expects {tuple(layout[spec.name])}"
+            )
         if spec.dtype not in _FLOAT_DTYPES:
             raise WeightsMismatchError(
-                f"weights handle: tensor {spec.name!r} has dtype {spec.dtype}, expected a float dtype")
+                f"weights handle: tensor {spec.name!r} has dtype {spec.dtype}, expected a float dtype"
+            )
     missing = [name for name in layout if name not in seen]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise WeightsMismatchError(
-            f"weights handle: tensor {missing[0]!r}{more} of the engine's model is missing")
+        raise WeightsMismatchError(f"weights handle: tensor {missing[0]!r}{more} of the engine's model is missing")
 
 
 def load_into_engine(llm: Any, tensors: Mapping[str, Any], direct: bool) -> str:
@@ -183,8 +183,9 @@ def _rows_in_place(parts: list[Any]) -> Any:
     import torch
 
     first = parts[0]
-    if any(p.dim() != 2 or not p.is_contiguous() or p.dtype != first.dtype or p.shape[1] != first.shape[1]
-           for p in parts):
+    if any(
+        p.dim() != 2 or not p.is_contiguous() or p.dtype != first.dtype or p.shape[1] != first.shape[1] for p in parts
+    ):
         return None
     if any(a.data_ptr() + a.numel() * a.element_size() != b.data_ptr() for a, b in zip(parts, parts[1:])):
         return None
@@ -202,7 +203,7 @@ def _rows_in_place(parts: list[Any]) -> Any:
 def _copy_rows(out: Any, parts: list[Any]) -> None:
     row = 0
     for part in parts:
-        out[row:row + part.shape[0]].copy_(part)
+        out[row : row + part.shape[0]].copy_(part)
         row += part.shape[0]
 
 
@@ -218,9 +219,12 @@ def _direct_plan(model: Any, tensors: Mapping[str, Any]) -> list[_Step] | None:
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
     from vllm.platforms import current_platform
 
-    if (not current_platform.is_cpu() or current_platform.is_zen_cpu()
-            or get_tensor_model_parallel_world_size() != 1
-            or hasattr(model, "process_weights_after_loading")):  # a model-level step after loading
+    if (
+        not current_platform.is_cpu()
+        or current_platform.is_zen_cpu()
+        or get_tensor_model_parallel_world_size() != 1
+        or hasattr(model, "process_weights_after_loading")
+    ):  # a model-level step after loading
         return None
     fused = _fusion_map(model)
     steps, seen, covered = [], set(), set()
@@ -240,8 +244,10 @@ def _direct_plan(model: Any, tensors: Mapping[str, Any]) -> list[_Step] | None:
             if name == "weight" and isinstance(method, UnquantizedLinearMethod):
                 if param.numel() > 0:
                     return None  # vLLM left the weight readable: no kernel of its own to rebuild
-                out, width = (getattr(module, "output_size_per_partition", None),
-                              getattr(module, "input_size_per_partition", None))
+                out, width = (
+                    getattr(module, "output_size_per_partition", None),
+                    getattr(module, "input_size_per_partition", None),
+                )
                 if rows != out or any(shape[1:] != (width,) for shape in shapes):
                     return None
                 steps.append(_Step(module, name, sources, kernel=True))
@@ -316,6 +322,6 @@ def _read_kernel_weight(module: Any, in_features: int) -> Any:
     for start in range(0, in_features, _PROBE_ROWS):
         rows = min(_PROBE_ROWS, in_features - start)
         eye = torch.zeros(rows, in_features, dtype=module.weight.dtype)
-        eye[:, start:start + rows] = torch.eye(rows, dtype=module.weight.dtype)
+        eye[:, start : start + rows] = torch.eye(rows, dtype=module.weight.dtype)
         columns.append(module.cpu_linear(eye, module.weight, None))  # (rows, N) = W[:, cols].T
     return torch.cat(columns).T

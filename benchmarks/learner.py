@@ -68,14 +68,20 @@ def main() -> None:
 
     assets = ensure_assets(args.assets, args.size, seed=0, log=lambda *_: None)
     overrides = [
-        f"model.policy={assets.policy}", f"model.reward={assets.reward}",
-        f"learner.num_cpus={args.threads}", f"train.rollout_batch_size={args.batch}",
-        f"ppo.minibatch_size={args.minibatch}", f"ppo.micro_batch_size={args.micro}",
-        f"ppo.epochs={args.epochs}", f"rollout.sampling.max_new_tokens={args.new_tokens}"]
+        f"model.policy={assets.policy}",
+        f"model.reward={assets.reward}",
+        f"learner.num_cpus={args.threads}",
+        f"train.rollout_batch_size={args.batch}",
+        f"ppo.minibatch_size={args.minibatch}",
+        f"ppo.micro_batch_size={args.micro}",
+        f"ppo.epochs={args.epochs}",
+        f"rollout.sampling.max_new_tokens={args.new_tokens}",
+    ]
     cfg = load_config(None, overrides)
     learner = Learner(cfg, "/tmp/tame-benchmark-learner")
-    prompts = [json.loads(line)["prompt"]
-               for line in (assets.data / "prompts.jsonl").read_text().splitlines()[: args.batch]]
+    prompts = [
+        json.loads(line)["prompt"] for line in (assets.data / "prompts.jsonl").read_text().splitlines()[: args.batch]
+    ]
     rollouts = sample_rollouts(learner.policy, learner.tokenizer, prompts, args.new_tokens)
     for r in rollouts:
         r.score = len(r.response_token_ids) / args.new_tokens
@@ -95,11 +101,11 @@ def main() -> None:
         for i in range(steps * micro_per_step):
             ids, attention = micro_batches[i % len(micro_batches)]
             logits = learner.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
             loss.backward()
-            hidden = learner.critic.base_model(input_ids=ids, attention_mask=attention,
-                                               use_cache=False).last_hidden_state
+            hidden = learner.critic.base_model(
+                input_ids=ids, attention_mask=attention, use_cache=False
+            ).last_hidden_state
             learner.value_head(hidden).pow(2).mean().backward()
         learner._zero_grad()
 
@@ -112,38 +118,64 @@ def main() -> None:
 
     # GRPO on the same tokens: consecutive rollouts of 4 form a group (for timing only; the
     # tokens are what costs), and the learner holds no critic.
-    grpo = Learner(load_config(None, [*overrides, "ppo.advantage=grpo", "rollout.sampling.samples_per_prompt=4"]),
-                   "/tmp/tame-benchmark-learner-grpo")
+    grpo = Learner(
+        load_config(None, [*overrides, "ppo.advantage=grpo", "rollout.sampling.samples_per_prompt=4"]),
+        "/tmp/tame-benchmark-learner-grpo",
+    )
     grouped = [dataclasses.replace(r, prompt_id=f"0:{i // 4}") for i, r in enumerate(rollouts)]
 
     fwd_bwd(), no_grad_fwd(), learner.update(rollouts), grpo.update(grouped)  # warm-up
-    best = best_seconds({"update": lambda: learner.update(rollouts), "fwd_bwd": fwd_bwd,
-                         "no_grad": no_grad_fwd, "grpo": lambda: grpo.update(grouped)}, args.repeats)
+    best = best_seconds(
+        {
+            "update": lambda: learner.update(rollouts),
+            "fwd_bwd": fwd_bwd,
+            "no_grad": no_grad_fwd,
+            "grpo": lambda: grpo.update(grouped),
+        },
+        args.repeats,
+    )
     t_update, t_fwd_bwd, t_no_grad = best["update"], best["fwd_bwd"], best["no_grad"]
     t_passes = t_fwd_bwd + t_no_grad
 
-    print(f"learner benchmark: {args.size} assets, {args.batch} rollouts x {args.epochs} epoch(s), "
-          f"minibatch {args.minibatch}, micro-batch {args.micro}, {n_tokens} tokens "
-          f"({n_response} response), {learner.threads} threads, best of {args.repeats}")
+    print(
+        f"learner benchmark: {args.size} assets, {args.batch} rollouts x {args.epochs} epoch(s), "
+        f"minibatch {args.minibatch}, micro-batch {args.micro}, {n_tokens} tokens "
+        f"({n_response} response), {learner.threads} threads, best of {args.repeats}"
+    )
     print(f"{'what':<44}{'seconds':>10}{'x passes':>10}")
-    rows = [("PPO update (Learner.update)", t_update),
-            ("GRPO update (no critic)", best["grpo"]),
-            ("bare fwd+bwd, policy and critic", t_fwd_bwd),
-            ("bare no-grad fwd, policy + reference + critic", t_no_grad),
-            ("all bare passes", t_passes)]
+    rows = [
+        ("PPO update (Learner.update)", t_update),
+        ("GRPO update (no critic)", best["grpo"]),
+        ("bare fwd+bwd, policy and critic", t_fwd_bwd),
+        ("bare no-grad fwd, policy + reference + critic", t_no_grad),
+        ("all bare passes", t_passes),
+    ]
     for name, seconds in rows:
         print(f"{name:<44}{seconds:>10.3f}{seconds / t_passes:>10.2f}")
-    print(f"bookkeeping: update / all bare passes = {t_update / t_passes:.2f} (target <= 1.20); "
-          f"update / fwd+bwd = {t_update / t_fwd_bwd:.2f}; GRPO / GAE update = {best['grpo'] / t_update:.2f}")
-    print(json.dumps({
-        "benchmark": "learner", "size": args.size, "rollouts": args.batch, "epochs": args.epochs,
-        "tokens": n_tokens, "response_tokens": n_response, "threads": learner.threads,
-        "update_s": round(t_update, 4), "fwd_bwd_s": round(t_fwd_bwd, 4),
-        "no_grad_fwd_s": round(t_no_grad, 4),
-        "update_over_all_passes": round(t_update / t_passes, 3),
-        "update_over_fwd_bwd": round(t_update / t_fwd_bwd, 3),
-        "grpo_update_s": round(best["grpo"], 4), "grpo_over_gae": round(best["grpo"] / t_update, 3),
-    }))
+    print(
+        f"bookkeeping: update / all bare passes = {t_update / t_passes:.2f} (target <= 1.20); "
+        f"update / fwd+bwd = {t_update / t_fwd_bwd:.2f}; GRPO / GAE update = {best['grpo'] / t_update:.2f}"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "learner",
+                "size": args.size,
+                "rollouts": args.batch,
+                "epochs": args.epochs,
+                "tokens": n_tokens,
+                "response_tokens": n_response,
+                "threads": learner.threads,
+                "update_s": round(t_update, 4),
+                "fwd_bwd_s": round(t_fwd_bwd, 4),
+                "no_grad_fwd_s": round(t_no_grad, 4),
+                "update_over_all_passes": round(t_update / t_passes, 3),
+                "update_over_fwd_bwd": round(t_update / t_fwd_bwd, 3),
+                "grpo_update_s": round(best["grpo"], 4),
+                "grpo_over_gae": round(best["grpo"] / t_update, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

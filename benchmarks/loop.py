@@ -62,13 +62,23 @@ def overrides(assets: Path, updates: int, compute_dtype: str) -> list[str]:
     """The run both sides share: model-only reward, B prompts per update, one epoch, one
     micro-batch (so the first epoch's forward pass is the proximal one, in both), the
     learner's arithmetic."""
-    return [f"model.policy={assets / 'policy'}", f"model.reward={assets / 'reward'}", "model.build_assets=null",
-            f"learner.compute_dtype={compute_dtype}",
-            f"data.prompts={assets / 'data/prompts.jsonl'}", f"train.total_updates={updates}",
-            f"train.rollout_batch_size={BATCH}", f"rollout.prompts_per_batch={BATCH}", "ppo.epochs=1",
-            f"ppo.minibatch_size={BATCH}", f"ppo.micro_batch_size={BATCH}",
-            f"rollout.sampling.max_new_tokens={NEW_TOKENS}", "reward.functions=[]",
-            "logging.wandb.mode=disabled", "learner.checkpoint_every=1000"]
+    return [
+        f"model.policy={assets / 'policy'}",
+        f"model.reward={assets / 'reward'}",
+        "model.build_assets=null",
+        f"learner.compute_dtype={compute_dtype}",
+        f"data.prompts={assets / 'data/prompts.jsonl'}",
+        f"train.total_updates={updates}",
+        f"train.rollout_batch_size={BATCH}",
+        f"rollout.prompts_per_batch={BATCH}",
+        "ppo.epochs=1",
+        f"ppo.minibatch_size={BATCH}",
+        f"ppo.micro_batch_size={BATCH}",
+        f"rollout.sampling.max_new_tokens={NEW_TOKENS}",
+        "reward.functions=[]",
+        "logging.wandb.mode=disabled",
+        "learner.checkpoint_every=1000",
+    ]
 
 
 # --------------------------------------------------------------------------- one process
@@ -86,13 +96,22 @@ def hf_rollouts(model, tokenizer, prompts, temperature: float):
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
     attention = torch.zeros((len(ids), width), dtype=torch.long)
     for row, i in enumerate(ids):  # left-padded, as generate wants
-        input_ids[row, width - len(i):] = torch.tensor(i)
-        attention[row, width - len(i):] = 1
+        input_ids[row, width - len(i) :] = torch.tensor(i)
+        attention[row, width - len(i) :] = 1
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS,
-                             output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=NEW_TOKENS,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     new = out.sequences[:, width:]  # (B, T)
     logits = torch.stack(out.logits, dim=1).float() / temperature  # (B, T, V)
     logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
@@ -100,10 +119,21 @@ def hf_rollouts(model, tokenizer, prompts, temperature: float):
     for row, prompt in enumerate(prompts):
         tokens = new[row].tolist()
         end = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
-        rollouts.append(Rollout(prompt.prompt_id, 0, prompt.text, ids[row], tokens[:end],
-                                tokenizer.decode(tokens[:end], skip_special_tokens=True), logp[row, :end].tolist(),
-                                "stop" if tokens[end - 1] == tokenizer.eos_token_id else "length",
-                                0, -1, 0.0))
+        rollouts.append(
+            Rollout(
+                prompt.prompt_id,
+                0,
+                prompt.text,
+                ids[row],
+                tokens[:end],
+                tokenizer.decode(tokens[:end], skip_special_tokens=True),
+                logp[row, :end].tolist(),
+                "stop" if tokens[end - 1] == tokenizer.eos_token_id else "length",
+                0,
+                -1,
+                0.0,
+            )
+        )
     return rollouts
 
 
@@ -117,10 +147,16 @@ def one_process(assets: Path, updates: int, out: Path, compute_dtype: str) -> di
     from learner.learner import Learner
     from reward_service.model import RewardModel
 
-    cfg = load_config(REPO / "configs/smoke.yaml", [*overrides(assets, updates, compute_dtype),
-                                                    f"run.output_dir={out}",
-                                                    f"run.name=one-process-{time.monotonic_ns()}",
-                                                    f"learner.threads={CORES}", "rollout.reference_logprobs=false"])
+    cfg = load_config(
+        REPO / "configs/smoke.yaml",
+        [
+            *overrides(assets, updates, compute_dtype),
+            f"run.output_dir={out}",
+            f"run.name=one-process-{time.monotonic_ns()}",
+            f"learner.threads={CORES}",
+            "rollout.reference_logprobs=false",
+        ],
+    )
     learner = Learner(cfg, str(cfg.run_dir))  # sets torch's thread count to CORES
     reward = RewardModel.load(cfg.model.reward, max_length=cfg.reward.max_length)
     source = PromptSource(load_prompts(cfg.data.prompts), cfg.run.seed, cfg.data.shuffle)
@@ -148,9 +184,14 @@ def one_process(assets: Path, updates: int, out: Path, compute_dtype: str) -> di
 
     steady = steps[1:]  # as for tame: from the end of the first update
     gen, score, update = (statistics.mean(s[i] for s in steady) for i in range(3))
-    return {"samples_per_s": BATCH / (gen + score + update), "generate_s": gen, "score_s": score,
-            "update_s": update, "score_core_s_per_sample": score_1t / BATCH,
-            "update_core_s_per_sample": update_1t / BATCH}
+    return {
+        "samples_per_s": BATCH / (gen + score + update),
+        "generate_s": gen,
+        "score_s": score,
+        "update_s": update,
+        "score_core_s_per_sample": score_1t / BATCH,
+        "update_core_s_per_sample": update_1t / BATCH,
+    }
 
 
 def timed(fn) -> float:
@@ -185,7 +226,7 @@ def cpu_snapshot() -> dict[str, float]:
             continue
         role = next((r for r, t in ROLE_TITLES.items() if title.startswith(t)), None)
         if role is not None:
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             out[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     cpu = [int(x) for x in (proc / "stat").read_text().split("\n", 1)[0].split()[1:]]
     # user nice system idle iowait irq softirq steal guest guest_nice; guest time is in user
@@ -229,17 +270,37 @@ class CpuWatch(threading.Thread):
         return out
 
 
-def tame(assets: Path, updates: int, out: Path, compute_dtype: str, reference: str, k: int, learner_threads: int,
-         actor_threads: int, reward_threads: int) -> dict:
+def tame(
+    assets: Path,
+    updates: int,
+    out: Path,
+    compute_dtype: str,
+    reference: str,
+    k: int,
+    learner_threads: int,
+    actor_threads: int,
+    reward_threads: int,
+) -> dict:
     from cluster.controller import train
     from cluster.shared.config_file import load_config
 
     name = f"k{k}-l{learner_threads}-a{actor_threads}-r{reward_threads}-{time.monotonic_ns()}"
-    cfg = load_config(REPO / "configs/smoke.yaml", [
-        *overrides(assets, updates, compute_dtype), f"run.output_dir={out}", f"run.name={name}",
-        f"train.max_staleness={k}", "rollout.num_actors=1", "rollout.num_cpus=1", "learner.num_cpus=1",
-        f"learner.threads={learner_threads}", f"rollout.threads={actor_threads}", f"reward.threads={reward_threads}",
-        f"rollout.reference_logprobs={reference == 'actors'}"])
+    cfg = load_config(
+        REPO / "configs/smoke.yaml",
+        [
+            *overrides(assets, updates, compute_dtype),
+            f"run.output_dir={out}",
+            f"run.name={name}",
+            f"train.max_staleness={k}",
+            "rollout.num_actors=1",
+            "rollout.num_cpus=1",
+            "learner.num_cpus=1",
+            f"learner.threads={learner_threads}",
+            f"rollout.threads={actor_threads}",
+            f"reward.threads={reward_threads}",
+            f"rollout.reference_logprobs={reference == 'actors'}",
+        ],
+    )
     watch = CpuWatch(cfg.run_dir / "metrics.jsonl", updates)
     watch.start()
     summary = train(cfg, log=lambda *_: None)
@@ -253,13 +314,24 @@ def tame(assets: Path, updates: int, out: Path, compute_dtype: str, reference: s
     t_actor = t_generate + max(t_score, t_reference)  # the reference runs while the reward service scores
     rate = summary["samples_per_second"]
     return {
-        "max_staleness": k, "learner_threads": learner_threads, "actor_threads": actor_threads,
-        "reward_threads": reward_threads, "reference": reference,
-        "samples_per_s": rate, "startup_s": summary["startup_seconds"], "wall_s": summary["wall_seconds"],
-        "dropped_stale": summary["dropped_stale"], "samples": summary["samples"],
-        "learner_idle_share": mean("perf/learner_idle_share"), "actor_idle_share": mean("perf/actor_idle_share"),
-        "update_s": t_update, "generate_s": t_generate, "score_s": t_score, "reference_s": t_reference,
-        "actor_s": t_actor, "pipeline_efficiency": rate * max(t_actor, t_update) / BATCH,
+        "max_staleness": k,
+        "learner_threads": learner_threads,
+        "actor_threads": actor_threads,
+        "reward_threads": reward_threads,
+        "reference": reference,
+        "samples_per_s": rate,
+        "startup_s": summary["startup_seconds"],
+        "wall_s": summary["wall_seconds"],
+        "dropped_stale": summary["dropped_stale"],
+        "samples": summary["samples"],
+        "learner_idle_share": mean("perf/learner_idle_share"),
+        "actor_idle_share": mean("perf/actor_idle_share"),
+        "update_s": t_update,
+        "generate_s": t_generate,
+        "score_s": t_score,
+        "reference_s": t_reference,
+        "actor_s": t_actor,
+        "pipeline_efficiency": rate * max(t_actor, t_update) / BATCH,
         "staleness_mean": mean("rollout/staleness_mean"),
         "generate_core_s_per_sample": mean("perf/generate_seconds_per_sample") * actor_threads,
         "in_run_core_ms_per_sample": cores,
@@ -272,23 +344,29 @@ def median_run(runs: list[dict]) -> dict:
     return {**ranked[len(ranked) // 2], "samples_per_s_all": [round(r["samples_per_s"], 2) for r in runs]}
 
 
-def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, compute_dtype: str, reference: str,
-               log) -> dict:
+def bench_size(
+    size: str, root: Path, updates: int, repeats: int, sweep: bool, compute_dtype: str, reference: str, log
+) -> dict:
     """Every configuration `repeats` times, in turns, so that load from other processes on a
     shared machine hits all of them alike; each reported by its median run."""
     from cluster.demo.assets import ensure_assets
 
     assets = ensure_assets(root / size, size, 0, log=lambda *_: None).root
     out = Path(tempfile.mkdtemp(prefix=f"tame-loop-{size}-"))
-    settings = [(k, lt, at, rt) for k in (0, 1) for lt in (1, 2) for at in (1, 2) for rt in (1, 2)] if sweep \
+    settings = (
+        [(k, lt, at, rt) for k in (0, 1) for lt in (1, 2) for at in (1, 2) for rt in (1, 2)]
+        if sweep
         else [(k, *THREADS[k]) for k in (0, 1)]
+    )
     bases, runs = [], {s: [] for s in settings}
     for round_ in range(repeats):
         log(f"{size} round {round_ + 1}/{repeats}: one-process baseline")
         bases.append(one_process(assets, updates, out, compute_dtype))
         for k, lt, at, rt in settings:
-            log(f"{size} round {round_ + 1}/{repeats}: tame max_staleness {k}, threads: learner {lt}, "
-                f"actor {at}, reward {rt}")
+            log(
+                f"{size} round {round_ + 1}/{repeats}: tame max_staleness {k}, threads: learner {lt}, "
+                f"actor {at}, reward {rt}"
+            )
             runs[(k, lt, at, rt)].append(tame(assets, updates, out, compute_dtype, reference, k, lt, at, rt))
     base = median_run(bases)
     tames = [median_run(r) for r in runs.values()]
@@ -302,10 +380,16 @@ def bench_size(size: str, root: Path, updates: int, repeats: int, sweep: bool, c
     for r in tames:
         r["over_one_process"] = r["samples_per_s"] / base["samples_per_s"]
         r["of_limit"] = r["samples_per_s"] / limit
-    return {"size": size, "compute_dtype": compute_dtype, "reference": reference, "one_process": base, "tame": tames,
-            "limit_samples_per_s": limit,
-            "limit_over_one_process": limit / base["samples_per_s"],
-            "core_s_per_sample": {"generate": generate, "score": score, "update": update}}
+    return {
+        "size": size,
+        "compute_dtype": compute_dtype,
+        "reference": reference,
+        "one_process": base,
+        "tame": tames,
+        "limit_samples_per_s": limit,
+        "limit_over_one_process": limit / base["samples_per_s"],
+        "core_s_per_sample": {"generate": generate, "score": score, "update": update},
+    }
 
 
 def main() -> None:
@@ -315,10 +399,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each configuration, in turns (median reported)")
     p.add_argument("--assets", type=Path, default=REPO / "runs/assets", help="folder of the <size>/ assets")
     p.add_argument("--sweep-threads", action="store_true", help="every learner/actor thread count, both staleness")
-    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="the learner's arithmetic (learner.compute_dtype), in the baseline and in tame alike")
-    p.add_argument("--reference", default="learner", choices=["actors", "learner"],
-                   help="who computes tame's reference log-probs (rollout.reference_logprobs)")
+    p.add_argument(
+        "--compute-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the learner's arithmetic (learner.compute_dtype), in the baseline and in tame alike",
+    )
+    p.add_argument(
+        "--reference",
+        default="learner",
+        choices=["actors", "learner"],
+        help="who computes tame's reference log-probs (rollout.reference_logprobs)",
+    )
     args = p.parse_args()
 
     import ray
@@ -326,39 +418,71 @@ def main() -> None:
     from cluster.launch import ENGINE_ENV
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": ENGINE_ENV})
-    results = [bench_size(size, args.assets, args.updates, args.repeats, args.sweep_threads, args.compute_dtype,
-                          args.reference, lambda m: print(m, file=sys.stderr, flush=True)) for size in args.sizes]
+    results = [
+        bench_size(
+            size,
+            args.assets,
+            args.updates,
+            args.repeats,
+            args.sweep_threads,
+            args.compute_dtype,
+            args.reference,
+            lambda m: print(m, file=sys.stderr, flush=True),
+        )
+        for size in args.sizes
+    ]
     ray.shutdown()
 
     for res in results:
         base = res["one_process"]
-        print(f"\n{res['size']} assets: {BATCH} prompts x {NEW_TOKENS} new tokens per update, {args.updates} updates, "
-              f"{CORES} cores, learner in {args.compute_dtype}, tame's reference pass on the {args.reference}")
-        print(f"{'run':<34}{'samples/s':>10}{'x 1-proc':>9}{'of limit':>9}{'eff.':>6}{'dropped':>8}"
-              f"{'learner idle':>13}{'actor idle':>11}{'actor s':>12}{'update s':>9}{'start-up s':>11}")
-        print(f"{'one process (HF generate)':<34}{base['samples_per_s']:>10.1f}{1.0:>9.2f}"
-              f"{base['samples_per_s'] / res['limit_samples_per_s']:>9.2f}{'':>6}{0:>8}{'':>13}{'':>11}"
-              f"{base['generate_s'] + base['score_s']:>12.2f}{base['update_s']:>9.2f}{'':>11}")
+        print(
+            f"\n{res['size']} assets: {BATCH} prompts x {NEW_TOKENS} new tokens per update, {args.updates} updates, "
+            f"{CORES} cores, learner in {args.compute_dtype}, tame's reference pass on the {args.reference}"
+        )
+        print(
+            f"{'run':<34}{'samples/s':>10}{'x 1-proc':>9}{'of limit':>9}{'eff.':>6}{'dropped':>8}"
+            f"{'learner idle':>13}{'actor idle':>11}{'actor s':>12}{'update s':>9}{'start-up s':>11}"
+        )
+        print(
+            f"{'one process (HF generate)':<34}{base['samples_per_s']:>10.1f}{1.0:>9.2f}"
+            f"{base['samples_per_s'] / res['limit_samples_per_s']:>9.2f}{'':>6}{0:>8}{'':>13}{'':>11}"
+            f"{base['generate_s'] + base['score_s']:>12.2f}{base['update_s']:>9.2f}{'':>11}"
+        )
         for r in res["tame"]:
-            label = (f"tame k={r['max_staleness']} (threads {r['learner_threads']}/{r['actor_threads']}/"
-                     f"{r['reward_threads']})")
-            print(f"{label:<34}{r['samples_per_s']:>10.1f}{r['over_one_process']:>9.2f}{r['of_limit']:>9.2f}"
-                  f"{r['pipeline_efficiency']:>6.2f}{r['dropped_stale']:>8}{r['learner_idle_share']:>13.2f}"
-                  f"{r['actor_idle_share']:>11.2f}{r['actor_s']:>12.2f}{r['update_s']:>9.2f}"
-                  f"{r['startup_s']:>11.1f}")
+            label = (
+                f"tame k={r['max_staleness']} (threads {r['learner_threads']}/{r['actor_threads']}/"
+                f"{r['reward_threads']})"
+            )
+            print(
+                f"{label:<34}{r['samples_per_s']:>10.1f}{r['over_one_process']:>9.2f}{r['of_limit']:>9.2f}"
+                f"{r['pipeline_efficiency']:>6.2f}{r['dropped_stale']:>8}{r['learner_idle_share']:>13.2f}"
+                f"{r['actor_idle_share']:>11.2f}{r['actor_s']:>12.2f}{r['update_s']:>9.2f}"
+                f"{r['startup_s']:>11.1f}"
+            )
         cost = res["core_s_per_sample"]
-        print(f"limit: {CORES} cores / ({cost['generate'] * 1e3:.1f} generate + {cost['score'] * 1e3:.1f} score + "
-              f"{cost['update'] * 1e3:.1f} update core-ms per sample) = {res['limit_samples_per_s']:.1f} samples/s "
-              f"({res['limit_over_one_process']:.2f}x one process)")
+        print(
+            f"limit: {CORES} cores / ({cost['generate'] * 1e3:.1f} generate + {cost['score'] * 1e3:.1f} score + "
+            f"{cost['update'] * 1e3:.1f} update core-ms per sample) = {res['limit_samples_per_s']:.1f} samples/s "
+            f"({res['limit_over_one_process']:.2f}x one process)"
+        )
         for r in res["tame"]:
             c = r["in_run_core_ms_per_sample"]
             if c:
-                print(f"k={r['max_staleness']} (its median run), core-ms per sample: learner {c['learner']:.1f}, "
-                      f"actor {c['actor']:.1f}, reward {c['reward']:.1f}, everything else {c['other']:.1f}; "
-                      f"machine busy {c['machine_busy_share']:.0%}, stolen by the host {c['machine_steal_share']:.1%}")
-        print("samples/s of every round: " + "; ".join(
-            f"{r['label']}: {r['samples_per_s_all']}" for r in [{"label": "one process", **base}, *[
-                {"label": f"k={t['max_staleness']}", **t} for t in res["tame"]]]))
+                print(
+                    f"k={r['max_staleness']} (its median run), core-ms per sample: learner {c['learner']:.1f}, "
+                    f"actor {c['actor']:.1f}, reward {c['reward']:.1f}, everything else {c['other']:.1f}; "
+                    f"machine busy {c['machine_busy_share']:.0%}, stolen by the host {c['machine_steal_share']:.1%}"
+                )
+        print(
+            "samples/s of every round: "
+            + "; ".join(
+                f"{r['label']}: {r['samples_per_s_all']}"
+                for r in [
+                    {"label": "one process", **base},
+                    *[{"label": f"k={t['max_staleness']}", **t} for t in res["tame"]],
+                ]
+            )
+        )
     print(json.dumps(results))
 
 

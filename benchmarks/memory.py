@@ -39,9 +39,18 @@ from cluster.shared.records import Rollout  # noqa: E402
 
 ROOT = Path("runs/benchmark-memory")
 PROMPT_TOKENS, RESPONSE_TOKENS, ROWS, MICRO = 16, 112, 4, 2
-QWEN2_03B = dict(vocab_size=151936, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
-                 tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6)
+QWEN2_03B = dict(
+    vocab_size=151936,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
 """Qwen2.5's shape (grouped-query attention, q/k/v biases, untied head, its vocabulary), narrowed."""
 
 
@@ -57,8 +66,9 @@ def qwen2_policy() -> Path:
         return folder
     tokenizer = build_qwen2_tokenizer(4096, seed=0)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**QWEN2_03B, pad_token_id=tokenizer.pad_token_id,
-                                         eos_token_id=tokenizer.eos_token_id))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(**QWEN2_03B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    )
     model.to(torch.bfloat16).save_pretrained(folder)
     save_tokenizer(tokenizer, folder)
     return folder
@@ -66,14 +76,26 @@ def qwen2_policy() -> Path:
 
 def overrides(name: str) -> list[str]:
     """The config of each model's learner: GAE, one optimizer step per update."""
-    common = [f"train.rollout_batch_size={ROWS}", f"ppo.minibatch_size={ROWS}", f"ppo.micro_batch_size={MICRO}",
-              f"rollout.sampling.max_new_tokens={RESPONSE_TOKENS}", f"data.max_prompt_tokens={PROMPT_TOKENS}",
-              "learner.num_cpus=1", "learner.threads=2", f"run.output_dir={ROOT / 'runs'}"]
+    common = [
+        f"train.rollout_batch_size={ROWS}",
+        f"ppo.minibatch_size={ROWS}",
+        f"ppo.micro_batch_size={MICRO}",
+        f"rollout.sampling.max_new_tokens={RESPONSE_TOKENS}",
+        f"data.max_prompt_tokens={PROMPT_TOKENS}",
+        "learner.num_cpus=1",
+        "learner.threads=2",
+        f"run.output_dir={ROOT / 'runs'}",
+    ]
     if name == "base":
         assets = ensure_assets("runs/assets/base", "base", seed=0, log=lambda *_: None)
         return [f"model.policy={assets.policy}", f"model.reward={assets.reward}", *common]
-    return [f"model.policy={qwen2_policy()}", "model.reward=null", "learner.critic=policy",
-            "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]", *common]
+    return [
+        f"model.policy={qwen2_policy()}",
+        "model.reward=null",
+        "learner.critic=policy",
+        "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
+        *common,
+    ]
 
 
 def rollouts(vocab: int) -> list[Rollout]:
@@ -82,8 +104,11 @@ def rollouts(vocab: int) -> list[Rollout]:
     for i in range(ROWS):
         prompt = [rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)]
         response = [rng.randrange(10, vocab) for _ in range(RESPONSE_TOKENS)]
-        out.append(Rollout(f"0:{i}", 0, "", prompt, response, "", [-5.0] * RESPONSE_TOKENS, "length", 0, 0, 0.0,
-                           score=rng.random()))
+        out.append(
+            Rollout(
+                f"0:{i}", 0, "", prompt, response, "", [-5.0] * RESPONSE_TOKENS, "length", 0, 0, 0.0, score=rng.random()
+            )
+        )
     return out
 
 
@@ -101,7 +126,8 @@ def peaks(learner) -> list[int]:
 
     mine = learner.__ray_call__.remote(_peak_and_reset)
     others = learner.__ray_call__.remote(
-        lambda self: ray.get([w.__ray_call__.remote(_peak_and_reset) for w in getattr(self, "workers", [])]))
+        lambda self: ray.get([w.__ray_call__.remote(_peak_and_reset) for w in getattr(self, "workers", [])])
+    )
     return [ray.get(mine), *ray.get(others)]
 
 
@@ -127,8 +153,14 @@ def measure(name: str, workers: int) -> dict:
     plan = learner_worker(cfg)
     # Rank 0 writes the object store's copy of the version it publishes: shared memory in its
     # resident set, which Ray holds once per node whatever the number of workers.
-    return {"startup": startup, "update": [update[0] - published, *update[1:]], "update_raw": update,
-            "plan_startup": plan.startup_bytes, "plan_update": plan.update_bytes, "plan": plan}
+    return {
+        "startup": startup,
+        "update": [update[0] - published, *update[1:]],
+        "update_raw": update,
+        "plan_startup": plan.startup_bytes,
+        "plan_update": plan.update_bytes,
+        "plan": plan,
+    }
 
 
 def main() -> None:
@@ -139,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     out: dict = {"benchmark": "memory"}
-    gib = 2 ** 30
+    gib = 2**30
     for name in args.models.split(","):
         results = {w: measure(name, w) for w in (1, 2)}
         print(f"\n{name}: peak resident memory of each learner worker, GiB (plan's prediction; measured / plan)")
@@ -147,26 +179,42 @@ def main() -> None:
         print(f"{'workers':<9}{'rank':>5}{'start-up':>22}{'update':>22}{'update with the store copy':>28}")
         for w, r in results.items():
             for rank in range(w):
-                print(f"{w:<9}{rank:>5}"
-                      f"{r['startup'][rank] / gib:>9.2f} ({r['plan_startup'] / gib:.2f}; {r['startup'][rank] / r['plan_startup']:.2f})"
-                      f"{r['update'][rank] / gib:>9.2f} ({r['plan_update'] / gib:.2f}; {r['update'][rank] / r['plan_update']:.2f})"
-                      f"{r['update_raw'][rank] / gib:>28.2f}")
+                print(
+                    f"{w:<9}{rank:>5}"
+                    f"{r['startup'][rank] / gib:>9.2f} ({r['plan_startup'] / gib:.2f}; {r['startup'][rank] / r['plan_startup']:.2f})"
+                    f"{r['update'][rank] / gib:>9.2f} ({r['plan_update'] / gib:.2f}; {r['update'][rank] / r['plan_update']:.2f})"
+                    f"{r['update_raw'][rank] / gib:>28.2f}"
+                )
         one, two = results[1], results[2]
         startup_ratio = max(two["startup"]) / one["startup"][0]
         update_ratio = max(two["update"]) / one["update"][0]
         raw_ratio = max(two["update_raw"]) / one["update_raw"][0]
-        print(f"2 workers / 1 worker (the larger worker): start-up {startup_ratio:.2f}x, update {update_ratio:.2f}x "
-              f"({raw_ratio:.2f}x with the store's copy)")
-        errors = [r[phase][rank] / r[f"plan_{phase}"] - 1 for r in results.values() for phase in ("startup", "update")
-                  for rank in range(len(r[phase]))]
+        print(
+            f"2 workers / 1 worker (the larger worker): start-up {startup_ratio:.2f}x, update {update_ratio:.2f}x "
+            f"({raw_ratio:.2f}x with the store's copy)"
+        )
+        errors = [
+            r[phase][rank] / r[f"plan_{phase}"] - 1
+            for r in results.values()
+            for phase in ("startup", "update")
+            for rank in range(len(r[phase]))
+        ]
         out[name] = {
-            **{f"w{w}_{phase}_gib": [round(b / gib, 3) for b in r[phase]] for w, r in results.items()
-               for phase in ("startup", "update", "update_raw")},
-            **{f"w{w}_plan_{phase}_gib": round(r[f"plan_{phase}"] / gib, 3) for w, r in results.items()
-               for phase in ("startup", "update")},
-            "startup_w2_over_w1": round(startup_ratio, 3), "update_w2_over_w1": round(update_ratio, 3),
+            **{
+                f"w{w}_{phase}_gib": [round(b / gib, 3) for b in r[phase]]
+                for w, r in results.items()
+                for phase in ("startup", "update", "update_raw")
+            },
+            **{
+                f"w{w}_plan_{phase}_gib": round(r[f"plan_{phase}"] / gib, 3)
+                for w, r in results.items()
+                for phase in ("startup", "update")
+            },
+            "startup_w2_over_w1": round(startup_ratio, 3),
+            "update_w2_over_w1": round(update_ratio, 3),
             "update_with_store_copy_w2_over_w1": round(raw_ratio, 3),
-            "plan_error_max": round(max(errors, key=abs), 3)}
+            "plan_error_max": round(max(errors, key=abs), 3),
+        }
     ray.shutdown()
     print(json.dumps(out))
 

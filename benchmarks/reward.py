@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 
 def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _best_rate(run, n_items: int, rounds: int) -> tuple[float, list[float]]:
@@ -93,19 +93,30 @@ def main() -> None:
     raw_rate, raw_scores = _best_rate(run_raw, len(ids), args.rounds)
 
     def run_local() -> list[float]:
-        return [s for chunk in _chunks(list(zip(prompts, responses)), args.max_batch_size)
-                for s in local.score([p for p, _ in chunk], [r for _, r in chunk])]
+        return [
+            s
+            for chunk in _chunks(list(zip(prompts, responses)), args.max_batch_size)
+            for s in local.score([p for p, _ in chunk], [r for _, r in chunk])
+        ]
 
     local_rate, local_scores = _best_rate(run_local, len(ids), args.rounds)
 
     # -- the service: one replica with one CPU, handle and HTTP ------------------------------
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
-    cfg = TameConfig.model_validate({
-        "model": {"reward": str(assets.reward)},
-        "reward": {"port": port, "replicas": 1, "num_cpus": 1, "max_batch_size": args.max_batch_size,
-                   "max_items": max(args.request_items, 1), "batch_wait_timeout_s": 0.005},
-    })
+    cfg = TameConfig.model_validate(
+        {
+            "model": {"reward": str(assets.reward)},
+            "reward": {
+                "port": port,
+                "replicas": 1,
+                "num_cpus": 1,
+                "max_batch_size": args.max_batch_size,
+                "max_items": max(args.request_items, 1),
+                "batch_wait_timeout_s": 0.005,
+            },
+        }
+    )
     handle = deploy(cfg, name="bench-reward")
 
     def run_handle() -> list[float]:
@@ -115,8 +126,10 @@ def main() -> None:
 
     handle_rate, handle_scores = _best_rate(run_handle, len(ids), args.rounds)
 
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300,
-                      limits=httpx.Limits(max_connections=args.concurrency)) as http:
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=300, limits=httpx.Limits(max_connections=args.concurrency)
+    ) as http:
+
         def post(pr) -> list[float]:
             body = {"items": [{"prompt": p, "response": r} for p, r in zip(*pr)]}
             answer = http.post("/v1/score", json=body)
@@ -132,26 +145,44 @@ def main() -> None:
     ray.shutdown()
 
     # Every path scored the same items: the figures compare like with like.
-    worst = max(max(abs(a - b) for a, b in zip(raw_scores, other))
-                for other in (local_scores, handle_scores, http_scores))
+    worst = max(
+        max(abs(a - b) for a, b in zip(raw_scores, other)) for other in (local_scores, handle_scores, http_scores)
+    )
 
-    rows = [("raw transformers forward (pre-tokenised)", raw_rate), ("RewardModel.score in process", local_rate),
-            ("Serve handle", handle_rate), ("HTTP POST /v1/score", http_rate)]
-    print(f"\n{args.items} items, {args.request_items} per request, {args.concurrency} in flight, "
-          f"{args.size} reward model, serve.batch {args.max_batch_size}, 1 replica x 1 CPU\n")
+    rows = [
+        ("raw transformers forward (pre-tokenised)", raw_rate),
+        ("RewardModel.score in process", local_rate),
+        ("Serve handle", handle_rate),
+        ("HTTP POST /v1/score", http_rate),
+    ]
+    print(
+        f"\n{args.items} items, {args.request_items} per request, {args.concurrency} in flight, "
+        f"{args.size} reward model, serve.batch {args.max_batch_size}, 1 replica x 1 CPU\n"
+    )
     print(f"| {'path':<42} | {'items/s':>9} | {'/ raw':>6} |")
     print(f"|{'-' * 44}|{'-' * 11}|{'-' * 8}|")
     for name, rate in rows:
         print(f"| {name:<42} | {rate:>9.0f} | {rate / raw_rate:>6.2f} |")
     print(f"\nlargest score difference from the raw forward: {worst:.2e}")
-    print(json.dumps({
-        "benchmark": "reward", "size": args.size, "items": args.items, "request_items": args.request_items,
-        "concurrency": args.concurrency, "max_batch_size": args.max_batch_size,
-        "raw_items_per_s": round(raw_rate, 1), "local_items_per_s": round(local_rate, 1),
-        "handle_items_per_s": round(handle_rate, 1), "http_items_per_s": round(http_rate, 1),
-        "handle_over_raw": round(handle_rate / raw_rate, 3), "http_over_raw": round(http_rate / raw_rate, 3),
-        "max_abs_score_diff": worst,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "reward",
+                "size": args.size,
+                "items": args.items,
+                "request_items": args.request_items,
+                "concurrency": args.concurrency,
+                "max_batch_size": args.max_batch_size,
+                "raw_items_per_s": round(raw_rate, 1),
+                "local_items_per_s": round(local_rate, 1),
+                "handle_items_per_s": round(handle_rate, 1),
+                "http_items_per_s": round(http_rate, 1),
+                "handle_over_raw": round(handle_rate / raw_rate, 3),
+                "http_over_raw": round(http_rate / raw_rate, 3),
+                "max_abs_score_diff": worst,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,13 +41,20 @@ from cluster.shared.transport import ObjectStoreTransport  # noqa: E402
 
 
 def make_config(policy: Path, max_new_tokens: int) -> TameConfig:
-    return TameConfig.model_validate({
-        # Nothing is scored here; the config still needs something to score with.
-        "model": {"policy": str(policy), "reward": None}, "learner": {"critic": "policy"},
-        "reward": {"functions": [{"function": "cluster.demo.world:gold_reward"}]},
-        "rollout": {"num_cpus": 1, "max_model_len": 512, "kv_cache_gib": 1.0,
-                    "sampling": {"max_new_tokens": max_new_tokens}},
-    })
+    return TameConfig.model_validate(
+        {
+            # Nothing is scored here; the config still needs something to score with.
+            "model": {"policy": str(policy), "reward": None},
+            "learner": {"critic": "policy"},
+            "reward": {"functions": [{"function": "cluster.demo.world:gold_reward"}]},
+            "rollout": {
+                "num_cpus": 1,
+                "max_model_len": 512,
+                "kv_cache_gib": 1.0,
+                "sampling": {"max_new_tokens": max_new_tokens},
+            },
+        }
+    )
 
 
 def load_prompts(path: Path, n: int) -> list[Prompt]:
@@ -57,8 +64,11 @@ def load_prompts(path: Path, n: int) -> list[Prompt]:
             if i == n:
                 break
             row = json.loads(line)
-            messages = tuple((m["role"], m["content"]) for m in row["messages"]) if "messages" in row \
+            messages = (
+                tuple((m["role"], m["content"]) for m in row["messages"])
+                if "messages" in row
                 else (("user", row["prompt"]),)
+            )
             prompts.append(Prompt(f"0:{i}", messages))
     return prompts
 
@@ -111,10 +121,16 @@ def throughput(args, assets_root: Path, ray) -> dict:
         wrapped.append(batch.generated_tokens / seconds)
     ray.kill(actor)
     del llm
-    return {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-            "raw_tokens_per_s": statistics.median(raw), "actor_tokens_per_s": statistics.median(wrapped),
-            "ratio": statistics.median(wrapped) / statistics.median(raw),
-            "raw_rounds": raw, "actor_rounds": wrapped}
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "rounds": args.rounds,
+        "raw_tokens_per_s": statistics.median(raw),
+        "actor_tokens_per_s": statistics.median(wrapped),
+        "ratio": statistics.median(wrapped) / statistics.median(raw),
+        "raw_rounds": raw,
+        "actor_rounds": wrapped,
+    }
 
 
 def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
@@ -148,23 +164,34 @@ def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
     # The first versions pay one-off costs: the engine's first reload allocates, and the object
     # store hands out fresh (not yet faulted-in) memory until it has cycled through its size.
     # The steady state, the second half of the loads, is what a long run sees.
-    steady = results[loads // 2:]
+    steady = results[loads // 2 :]
     pick = lambda key: statistics.median(getattr(r, key) for r in steady)  # noqa: E731
-    publish_s = statistics.median(publish[loads // 2:])
+    publish_s = statistics.median(publish[loads // 2 :])
     load_s = pick("seconds") - pick("verify_seconds")
     sync_s = publish_s + pick("seconds")
-    return {"size": size, "bytes": nbytes, "loads": loads,
-            "publish_seconds": publish_s, "load_seconds": load_s,
-            "first_sync_seconds": publish[0] + results[0].seconds,
-            "fetch_seconds": pick("fetch_seconds"), "reload_seconds": pick("reload_seconds"),
-            "verify_seconds": pick("verify_seconds"), "probe_rms_error": max(r.probe_rms_error for r in results),
-            "direct_loads": sum(r.direct for r in results),
-            "sync_seconds": sync_s, "memcpy_seconds": copy, "ratio_to_memcpy": sync_s / copy}
+    return {
+        "size": size,
+        "bytes": nbytes,
+        "loads": loads,
+        "publish_seconds": publish_s,
+        "load_seconds": load_s,
+        "first_sync_seconds": publish[0] + results[0].seconds,
+        "fetch_seconds": pick("fetch_seconds"),
+        "reload_seconds": pick("reload_seconds"),
+        "verify_seconds": pick("verify_seconds"),
+        "probe_rms_error": max(r.probe_rms_error for r in results),
+        "direct_loads": sum(r.direct for r in results),
+        "sync_seconds": sync_s,
+        "memcpy_seconds": copy,
+        "ratio_to_memcpy": sync_s / copy,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--assets", default="runs/assets", help="folder holding the <size>/ assets (built when missing)")
+    parser.add_argument(
+        "--assets", default="runs/assets", help="folder holding the <size>/ assets (built when missing)"
+    )
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
@@ -177,29 +204,39 @@ def main() -> None:
     # A 2 GB object store cycles through its memory within the benchmark's syncs (see
     # weight_load); a run with the default store gets there after store size / version size
     # versions.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=2 * 10**9,
-             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=2 * 10**9,
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     root = Path(args.assets)
     gen = throughput(args, root, ray)
     loads = [weight_load(size, root, args.loads, ray) for size in args.load_sizes]
     ray.shutdown()
 
     print()
-    print(f"generation, small assets, {gen['prompts']} prompts x {gen['max_new_tokens']} new tokens, "
-          f"median of {gen['rounds']} rounds")
+    print(
+        f"generation, small assets, {gen['prompts']} prompts x {gen['max_new_tokens']} new tokens, "
+        f"median of {gen['rounds']} rounds"
+    )
     print(f"  {'path':<28}{'tokens/s':>12}")
     print(f"  {'raw vLLM LLM.generate':<28}{gen['raw_tokens_per_s']:>12.0f}")
     print(f"  {'RolloutActor.generate':<28}{gen['actor_tokens_per_s']:>12.0f}")
     print(f"  {'actor / raw':<28}{gen['ratio']:>12.3f}   (target >= 0.95)")
     print()
     print("one weight sync as the actor pays it (median of the warm ones) vs one memcpy of the same bytes")
-    print(f"  {'size':<6}{'MB':>8}{'publish s':>10}{'load s':>9}{'verify s':>9}{'sync s':>9}{'memcpy s':>10}"
-          f"{'sync/memcpy':>12}{'reload s':>10}{'probe err':>11}")
+    print(
+        f"  {'size':<6}{'MB':>8}{'publish s':>10}{'load s':>9}{'verify s':>9}{'sync s':>9}{'memcpy s':>10}"
+        f"{'sync/memcpy':>12}{'reload s':>10}{'probe err':>11}"
+    )
     for r in loads:
-        print(f"  {r['size']:<6}{r['bytes'] / 1e6:>8.1f}{r['publish_seconds']:>10.4f}{r['load_seconds']:>9.4f}"
-              f"{r['verify_seconds']:>9.4f}{r['sync_seconds']:>9.4f}{r['memcpy_seconds']:>10.4f}"
-              f"{r['ratio_to_memcpy']:>12.1f}{r['reload_seconds']:>10.4f}{r['probe_rms_error']:>11.1e}")
+        print(
+            f"  {r['size']:<6}{r['bytes'] / 1e6:>8.1f}{r['publish_seconds']:>10.4f}{r['load_seconds']:>9.4f}"
+            f"{r['verify_seconds']:>9.4f}{r['sync_seconds']:>9.4f}{r['memcpy_seconds']:>10.4f}"
+            f"{r['ratio_to_memcpy']:>12.1f}{r['reload_seconds']:>10.4f}{r['probe_rms_error']:>11.1e}"
+        )
     print(json.dumps({"generation": gen, "weight_load": loads}))
 
 

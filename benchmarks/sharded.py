@@ -48,8 +48,22 @@ def rollouts(assets, n: int, new_tokens: int) -> list[Rollout]:
     for i, line in enumerate(lines):
         text = json.loads(line)["prompt"]
         response = [rng.randrange(3, tokenizer.vocab_size) for _ in range(new_tokens)]
-        out.append(Rollout(f"0:{i}", 0, text, prompt_token_ids(tokenizer, text), response, "",
-                           [-1.0] * new_tokens, "length", 0, 0, 0.0, score=rng.random()))
+        out.append(
+            Rollout(
+                f"0:{i}",
+                0,
+                text,
+                prompt_token_ids(tokenizer, text),
+                response,
+                "",
+                [-1.0] * new_tokens,
+                "length",
+                0,
+                0,
+                0.0,
+                score=rng.random(),
+            )
+        )
     return out
 
 
@@ -82,12 +96,22 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     results: dict[int, dict[str, float]] = {}
     for workers in (1, 2):
-        cfg = load_config(None, [
-            f"model.policy={assets.policy}", f"model.reward={assets.reward}", "learner.num_cpus=1",
-            f"learner.threads={max(1, cores // workers)}", f"learner.num_workers={workers}",
-            f"train.rollout_batch_size={args.batch}", f"ppo.minibatch_size={args.batch}",
-            f"ppo.micro_batch_size={args.micro}", f"rollout.sampling.max_new_tokens={args.new_tokens}",
-            "run.output_dir=/tmp/tame-benchmark-sharded", f"run.name=w{workers}"])
+        cfg = load_config(
+            None,
+            [
+                f"model.policy={assets.policy}",
+                f"model.reward={assets.reward}",
+                "learner.num_cpus=1",
+                f"learner.threads={max(1, cores // workers)}",
+                f"learner.num_workers={workers}",
+                f"train.rollout_batch_size={args.batch}",
+                f"ppo.minibatch_size={args.batch}",
+                f"ppo.micro_batch_size={args.micro}",
+                f"rollout.sampling.max_new_tokens={args.new_tokens}",
+                "run.output_dir=/tmp/tame-benchmark-sharded",
+                f"run.name=w{workers}",
+            ],
+        )
         learner, group = start_learner(cfg)
         update, publish = float("inf"), float("inf")
         nbytes = 0
@@ -105,21 +129,32 @@ def main() -> None:
             remove_placement_group(group)
     memcpy = memcpy_seconds(nbytes, args.repeats)
 
-    print(f"sharded learner benchmark: {args.size} assets ({nbytes / 1e6:.1f} MB of policy), {args.batch} rollouts "
-          f"x {args.new_tokens} tokens, micro-batch {args.micro}, {cores} cores shared by the workers, "
-          f"best of {args.repeats}")
+    print(
+        f"sharded learner benchmark: {args.size} assets ({nbytes / 1e6:.1f} MB of policy), {args.batch} rollouts "
+        f"x {args.new_tokens} tokens, micro-batch {args.micro}, {cores} cores shared by the workers, "
+        f"best of {args.repeats}"
+    )
     print(f"{'workers':<10}{'update s':>10}{'x 1 worker':>12}{'publish s':>12}{'x memcpy':>10}")
     for workers, r in results.items():
-        print(f"{workers:<10}{r['update_s']:>10.3f}{r['update_s'] / results[1]['update_s']:>12.2f}"
-              f"{r['publish_s']:>12.3f}{r['publish_s'] / memcpy:>10.1f}")
+        print(
+            f"{workers:<10}{r['update_s']:>10.3f}{r['update_s'] / results[1]['update_s']:>12.2f}"
+            f"{r['publish_s']:>12.3f}{r['publish_s'] / memcpy:>10.1f}"
+        )
     print(f"memcpy of the same bytes: {memcpy:.4f} s")
-    print(json.dumps({
-        "benchmark": "sharded", "size": args.size, "policy_bytes": nbytes, "cores": cores,
-        "memcpy_s": round(memcpy, 5),
-        **{f"w{w}_{k}": round(v, 4) for w, r in results.items() for k, v in r.items()},
-        "update_w2_over_w1": round(results[2]["update_s"] / results[1]["update_s"], 3),
-        "publish_w2_over_w1": round(results[2]["publish_s"] / results[1]["publish_s"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sharded",
+                "size": args.size,
+                "policy_bytes": nbytes,
+                "cores": cores,
+                "memcpy_s": round(memcpy, 5),
+                **{f"w{w}_{k}": round(v, 4) for w, r in results.items() for k, v in r.items()},
+                "update_w2_over_w1": round(results[2]["update_s"] / results[1]["update_s"], 3),
+                "publish_w2_over_w1": round(results[2]["publish_s"] / results[1]["publish_s"], 3),
+            }
+        )
+    )
     ray.shutdown()
 
 

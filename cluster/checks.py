@@ -34,8 +34,10 @@ def check_start(cfg: TameConfig, resume: bool, log: Callable[[str], None]) -> To
 
     checkpoints = cfg.run_dir / "checkpoints"
     if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise UserError(f"run.name: {cfg.run_dir} already holds checkpoints: pass --resume to continue "
-                        f"it, or choose another run.name")
+        raise UserError(
+            f"run.name: {cfg.run_dir} already holds checkpoints: pass --resume to continue "
+            f"it, or choose another run.name"
+        )
     check_inputs(cfg, log)
     if resume:
         check_resumable(cfg)
@@ -56,11 +58,15 @@ def check_resumable(cfg: TameConfig) -> None:
     newest = found[-1]
     # "critic": the folder of the model the learner names so (`Learner.models`).
     if cfg.ppo.advantage == "gae" and not (newest / "critic").is_dir():
-        raise UserError(f"ppo.advantage: {newest} was trained without a critic (another ppo.advantage "
-                        "than gae); resume it with the ppo.advantage it was trained with")
+        raise UserError(
+            f"ppo.advantage: {newest} was trained without a critic (another ppo.advantage "
+            "than gae); resume it with the ppo.advantage it was trained with"
+        )
     if cfg.learner.num_workers > 1 and not (newest / SHARDED).is_dir():
-        raise UserError(f"learner.num_workers: {newest} was written by a tame without sharded checkpoints; "
-                        "resume it with learner.num_workers 1 (its next checkpoint can be resumed with any number)")
+        raise UserError(
+            f"learner.num_workers: {newest} was written by a tame without sharded checkpoints; "
+            "resume it with learner.num_workers 1 (its next checkpoint can be resumed with any number)"
+        )
 
 
 def check_inputs(cfg: TameConfig, log: Callable[[str], None] = lambda _: None) -> None:
@@ -73,8 +79,10 @@ def check_inputs(cfg: TameConfig, log: Callable[[str], None] = lambda _: None) -
     if cfg.model.reward is not None:
         check_model_folder("model.reward", cfg.model.reward, "reward model")
     worker = check(cfg, host_memory(cfg)).learner
-    log(f"memory plan: a learner worker holds {worker.update_bytes / 2**30:.1f} GiB at its update peak "
-        f"({worker.budget.source}; `tame plan` has the whole plan)")
+    log(
+        f"memory plan: a learner worker holds {worker.update_bytes / 2**30:.1f} GiB at its update peak "
+        f"({worker.budget.source}; `tame plan` has the whole plan)"
+    )
     if cfg.data.chat_template:
         require_chat_template(cfg.model.policy, "model.policy")
     check_reward_config(cfg)  # the reward model's folder and template, the rule functions
@@ -117,7 +125,8 @@ class TokenizerChecks(threading.Thread):
                     raise ConfigError(
                         f"learner.critic: 'reward' makes the critic from model.reward ({cfg.model.reward}), which "
                         "would read the policy's token ids, but its tokenizer gives some of them to other tokens "
-                        "than model.policy's does: use learner.critic policy")
+                        "than model.policy's does: use learner.critic policy"
+                    )
         except Exception as e:  # raised in the caller's thread by check()
             self.error = e
 

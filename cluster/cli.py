@@ -58,8 +58,10 @@ def cmd_assets(args) -> int:
 
 def _no_resume(args) -> None:
     if args.resume:
-        raise UserError(f"--resume: `tame {args.command}` is short and restarts from its init model; "
-                        f"only `tame train` resumes from checkpoints")
+        raise UserError(
+            f"--resume: `tame {args.command}` is short and restarts from its init model; "
+            f"only `tame train` resumes from checkpoints"
+        )
 
 
 def cmd_sft(args) -> int:
@@ -129,8 +131,10 @@ def cmd_scale(args) -> int:
     if not 0 <= args.actors <= MAX_ACTORS:
         raise UserError(f"--actors {args.actors}: the pool size must be between 0 and {MAX_ACTORS}")
     now = scale(args.actors, run=args.run, address=args.address)
-    log(f"run {now['run']}: rollout pool resized to {now['num_actors']} actors" +
-        (f"; {now['pending']}. The run goes on with the actors that are up" if now.get("pending") else ""))
+    log(
+        f"run {now['run']}: rollout pool resized to {now['num_actors']} actors"
+        + (f"; {now['pending']}. The run goes on with the actors that are up" if now.get("pending") else "")
+    )
     return EXIT_OK
 
 
@@ -165,10 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     def training(name: str, help: str):
         s = sub.add_parser(name, help=help, description=help)
         s.add_argument("--config", required=True, help="YAML config file (see `tame config schema`)")
-        s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override one config value, e.g. --set ppo.kl.coef=0.1 (repeatable)")
-        s.add_argument("--resume", action="store_true",
-                       help="continue from the newest complete checkpoint of the run")
+        s.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override one config value, e.g. --set ppo.kl.coef=0.1 (repeatable)",
+        )
+        s.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of the run")
         return s
 
     s = sub.add_parser("demo", help="the whole pipeline (SFT, reward model, PPO) on the synthetic task")
@@ -179,11 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("assets", help="build the offline tokenizer, policy, reward model and demo data")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--size", default="tiny", choices=["tiny", "small", "base"],
-                   help="tiny for tests, small (3.6M parameters) for the demo, base (86M) for benchmarks")
-    s.add_argument("--family", default="llama", choices=["llama", "qwen2"],
-                   help="model architecture and tokenizer: llama (the demo's), or qwen2 (q/k/v biases, "
-                        "grouped-query attention, untied LM head, Qwen2's tokenizer)")
+    s.add_argument(
+        "--size",
+        default="tiny",
+        choices=["tiny", "small", "base"],
+        help="tiny for tests, small (3.6M parameters) for the demo, base (86M) for benchmarks",
+    )
+    s.add_argument(
+        "--family",
+        default="llama",
+        choices=["llama", "qwen2"],
+        help="model architecture and tokenizer: llama (the demo's), or qwen2 (q/k/v biases, "
+        "grouped-query attention, untied LM head, Qwen2's tokenizer)",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     s.set_defaults(func=cmd_assets)
 
@@ -191,10 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     training("train-rm", "stage 2: train a reward model on preference pairs").set_defaults(func=cmd_train_rm)
     training("train", "stage 3: PPO with the actor-learner loop on Ray").set_defaults(func=cmd_train)
 
-    s = sub.add_parser("plan", help="the memory each process of a run would hold, checked against its device",
-                       description="Print what every learner worker, rollout actor and reward replica of a "
-                       "`tame train` run would hold, from the config and each model's config.json alone; exit 2 "
-                       "when one would not fit (cluster.gpu_memory_gib, or this machine's memory on a CPU).")
+    s = sub.add_parser(
+        "plan",
+        help="the memory each process of a run would hold, checked against its device",
+        description="Print what every learner worker, rollout actor and reward replica of a "
+        "`tame train` run would hold, from the config and each model's config.json alone; exit 2 "
+        "when one would not fit (cluster.gpu_memory_gib, or this machine's memory on a CPU).",
+    )
     s.add_argument("--config", required=True, help="YAML config file (see `tame config schema`)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     s.set_defaults(func=cmd_plan)

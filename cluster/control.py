@@ -55,9 +55,15 @@ def start_control(cfg: TameConfig) -> Any:
     """The run's control actor, named after the run, asking for `rollout.num_actors`."""
     import ray
 
-    control = ray.remote(num_cpus=0)(Control).options(
-        name=CONTROL_PREFIX + cfg.run.name, namespace=NAMESPACE, get_if_exists=True,
-    ).remote(cfg.run.name, cfg.rollout.num_actors)
+    control = (
+        ray.remote(num_cpus=0)(Control)
+        .options(
+            name=CONTROL_PREFIX + cfg.run.name,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+        )
+        .remote(cfg.run.name, cfg.rollout.num_actors)
+    )
     ray.get(control.request.remote(cfg.rollout.num_actors))
     return control
 
@@ -65,12 +71,19 @@ def start_control(cfg: TameConfig) -> Any:
 def status(cfg: TameConfig, pool: ActorPool, placement: dict, version: int, counters: Counters) -> dict:
     """What the loop reports to the control actor each second: `tame scale` and the tests read it."""
     return {
-        "run": cfg.run.name, "num_actors": pool.target, "live_actors": len(pool),
-        "policy_version": version, "counters": counters.as_dict(),
-        "actors": {i: {**(placement["actors"].get(i) or {}), "version": s.version, "state": s.state.value}
-                   for i, s in pool.slots.items()},
+        "run": cfg.run.name,
+        "num_actors": pool.target,
+        "live_actors": len(pool),
+        "policy_version": version,
+        "counters": counters.as_dict(),
+        "actors": {
+            i: {**(placement["actors"].get(i) or {}), "version": s.version, "state": s.state.value}
+            for i, s in pool.slots.items()
+        },
         "pending": _pending_actors(cfg, pool),
-        "learner": placement["learner"], "driver": placement["driver"]}
+        "learner": placement["learner"],
+        "driver": placement["driver"],
+    }
 
 
 def _pending_actors(cfg: TameConfig, pool: ActorPool) -> str | None:
@@ -81,8 +94,10 @@ def _pending_actors(cfg: TameConfig, pool: ActorPool) -> str | None:
         return None
     role = roles(cfg, only=("rollout",))[0]
     ids = ", ".join(str(s.actor_id) for s in waiting)
-    return (f"{len(waiting)} rollout actor(s) not up yet ({ids}): each asks for {ask(role)}, and Ray places "
-            f"it when a node has that free, then it builds its engine; {free_on_cluster(tuple(role.each))}")
+    return (
+        f"{len(waiting)} rollout actor(s) not up yet ({ids}): each asks for {ask(role)}, and Ray places "
+        f"it when a node has that free, then it builds its engine; {free_on_cluster(tuple(role.each))}"
+    )
 
 
 def scale(num_actors: int, run: str | None = None, address: str | None = None) -> dict:
@@ -96,8 +111,11 @@ def scale(num_actors: int, run: str | None = None, address: str | None = None) -
     except ConnectionError:
         where = f"at {given}" if given else "on this machine (give one with --address or RAY_ADDRESS)"
         raise UserError(f"--address: no running Ray cluster {where} to scale a job on") from None
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == NAMESPACE and a["name"].startswith(CONTROL_PREFIX)]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE and a["name"].startswith(CONTROL_PREFIX)
+    ]
     runs = [n.removeprefix(CONTROL_PREFIX) for n in names]
     if run is None:
         if len(runs) != 1:

@@ -33,8 +33,12 @@ from cluster.shared.resources import check_cluster
 from cluster.state import DriverState
 
 
-def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = print,
-          judge: Callable[[list[Rollout]], dict] | None = None) -> dict:
+def train(
+    cfg: TameConfig,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    judge: Callable[[list[Rollout]], dict] | None = None,
+) -> dict:
     """Run PPO with the actor-learner loop until the configured number of updates.
 
     Ctrl-C or SIGTERM stops at the next safe point and raises KeyboardInterrupt after the
@@ -83,9 +87,11 @@ def train(cfg: TameConfig, resume: bool = False, log: Callable[[str], None] = pr
     if summary["error"]:
         log(f"{summary['error']}; " + _where_saved(summary, run_dir))
         raise Interrupted(stop.signum)
-    log(f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s, "
+    log(
+        f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s, "
         f"{summary['startup_seconds'] or 0:.0f}s of it starting up; {summary['samples_per_second']:.1f} samples/s "
-        f"after the first update; summary in {run_dir / 'summary.json'}")
+        f"after the first update; summary in {run_dir / 'summary.json'}"
+    )
     return summary
 
 
@@ -108,9 +114,15 @@ class Loop:
     and summary.json.
     """
 
-    def __init__(self, cfg: TameConfig, roles: Launched, log: Callable[[str], None],
-                 judge: Callable[[list[Rollout]], dict] | None = None, stop: StopSignal | None = None,
-                 created: float | None = None):
+    def __init__(
+        self,
+        cfg: TameConfig,
+        roles: Launched,
+        log: Callable[[str], None],
+        judge: Callable[[list[Rollout]], dict] | None = None,
+        stop: StopSignal | None = None,
+        created: float | None = None,
+    ):
         self.cfg, self.roles, self.log, self.judge = cfg, roles, log, judge
         self.run_dir, self.learner, self.pool = cfg.run_dir, roles.learner, roles.pool
         self.stop = stop or StopSignal()  # set by a signal handler; checked between turns
@@ -122,10 +134,13 @@ class Loop:
         self.last_update_metrics: dict[str, float] = {}
         per_prompt = cfg.rollout.sampling.samples_per_prompt
         self.pipeline = Pipeline(
-            batch_size=cfg.train.rollout_batch_size, max_staleness=cfg.train.max_staleness,
-            samples_per_prompt=per_prompt, max_prompts_per_call=cfg.rollout.prompts_per_batch,
+            batch_size=cfg.train.rollout_batch_size,
+            max_staleness=cfg.train.max_staleness,
+            samples_per_prompt=per_prompt,
+            max_prompts_per_call=cfg.rollout.prompts_per_batch,
             max_waiting=cfg.train.queue_size * cfg.rollout.prompts_per_batch * per_prompt,
-            version=roles.weights.version)
+            version=roles.weights.version,
+        )
         self.weights = roles.weights  # the newest version, which every actor loads
         self.checkpointed = self.version  # on disk already: the init model or the resumed checkpoint
         self.update_ref, self.update_started = None, 0.0
@@ -142,16 +157,22 @@ class Loop:
 
     def done(self) -> bool:
         total = self.cfg.train.total_samples
-        return (self.stop_requested or self.stop.name is not None or self.version >= self.cfg.train.total_updates
-                or (total is not None and self.counters.samples >= total))
+        return (
+            self.stop_requested
+            or self.stop.name is not None
+            or self.version >= self.cfg.train.total_updates
+            or (total is not None and self.counters.samples >= total)
+        )
 
     def run(self) -> dict:
         import ray
 
         self.throughput.started = self.pool.interval_start = time.monotonic()  # the first interval starts now
         self.stop.started = True  # from here a signal finishes the update in flight and checkpoints
-        self.log(f"training to version {self.cfg.train.total_updates} with {self.pool.target} rollout actor(s), "
-                 f"max_staleness {self.cfg.train.max_staleness}")
+        self.log(
+            f"training to version {self.cfg.train.total_updates} with {self.pool.target} rollout actor(s), "
+            f"max_staleness {self.cfg.train.max_staleness}"
+        )
         while not self.done():
             # 1. follow `tame scale`
             self.apply_scaling()
@@ -190,8 +211,9 @@ class Loop:
             self.check_deadlines()
         if self.stop.name is None:
             return self.finish()
-        self.log(f"{self.stop.name}: finishing the update in flight and writing a checkpoint "
-                 "(send it again to stop at once)")
+        self.log(
+            f"{self.stop.name}: finishing the update in flight and writing a checkpoint (send it again to stop at once)"
+        )
         return self.finish(error=f"interrupted ({self.stop.name})")
 
     # ----------------------------------------------------------------- 1. scaling
@@ -322,9 +344,17 @@ class Loop:
         self.counters.samples += len(rollouts)
         staleness = [self.version - 1 - g.policy_version for g in batch]
         with (self.run_dir / "ledger.jsonl").open("a") as f:
-            f.write(json.dumps({"version": self.version, "prompts": [g.prompt_id for g in batch],
-                                "record_versions": [g.policy_version for g in batch],
-                                "actors": sorted({r.actor_id for r in rollouts})}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "version": self.version,
+                        "prompts": [g.prompt_id for g in batch],
+                        "record_versions": [g.policy_version for g in batch],
+                        "actors": sorted({r.actor_id for r in rollouts}),
+                    }
+                )
+                + "\n"
+            )
         metrics = {**result.metrics, **self.loop_metrics(staleness, result.metrics.get("perf/publish_seconds"))}
         if self.judge is not None:
             metrics.update(self.judge(rollouts))
@@ -332,9 +362,18 @@ class Loop:
         self.last_update_metrics = metrics
         self.roles.metrics.step(self.version, metrics, self.cfg.train.total_updates)
         if self.version % self.cfg.logging.sample_every == 0:
-            self.roles.metrics.samples(self.version, [
-                {"prompt": r.prompt_text, "response": r.response_text, "reward": r.score,
-                 "policy_version": r.policy_version} for r in rollouts[: self.cfg.logging.samples_in_table]])
+            self.roles.metrics.samples(
+                self.version,
+                [
+                    {
+                        "prompt": r.prompt_text,
+                        "response": r.response_text,
+                        "reward": r.score,
+                        "policy_version": r.policy_version,
+                    }
+                    for r in rollouts[: self.cfg.logging.samples_in_table]
+                ],
+            )
         if self.version % self.cfg.learner.checkpoint_every == 0:
             self.checkpoint()
 
@@ -390,13 +429,17 @@ class Loop:
         config says not to."""
         self.counters.actor_failures += 1
         draining = slot.state is SlotState.DRAINING
-        self.retire(slot, f"{why or f'actor died ({type(error).__name__})'}; its {len(slot.prompt_ids)} prompt(s) "
-                          "are handed out again")
+        self.retire(
+            slot,
+            f"{why or f'actor died ({type(error).__name__})'}; its {len(slot.prompt_ids)} prompt(s) "
+            "are handed out again",
+        )
         # A prompt that crashes the engine would kill every replacement: stop instead.
         self.deaths_in_a_row += 1
         if self.deaths_in_a_row >= 3:
-            raise RunError(f"rollout actors died 3 times in a row without producing a batch; the last: "
-                           f"{why or error}") from error
+            raise RunError(
+                f"rollout actors died 3 times in a row without producing a batch; the last: {why or error}"
+            ) from error
         if draining:
             return  # it was on its way out
         if self.cfg.rollout.replace_failed:
@@ -405,8 +448,10 @@ class Loop:
         self.roles.control.request.remote(self.pool.target)  # `tame scale` sees the smaller pool
         self.log(f"rollout.replace_failed is false: carrying on with {self.pool.target} actor(s)")
         if self.pool.target == 0:
-            raise RunError("the last rollout actor died and rollout.replace_failed is false; "
-                           "resume with `tame train --resume` once the cluster has room")
+            raise RunError(
+                "the last rollout actor died and rollout.replace_failed is false; "
+                "resume with `tame train --resume` once the cluster has room"
+            )
 
     def check_scoring(self, batch: RolloutBatch, call_seconds: float) -> None:
         """End the run once generation calls that came back with nothing scored took
@@ -419,9 +464,11 @@ class Loop:
         self.scoring_failed_seconds += call_seconds
         limit = self.cfg.reward.failing_timeout_s
         if self.scoring_failed_seconds > limit:
-            raise RunError(f"no generation call could be scored for {self.scoring_failed_seconds:.0f} s of calls "
-                           f"(reward.failing_timeout_s {limit:g}); the last failure: "
-                           f"{batch.score_error or 'scores that are not finite numbers'}")
+            raise RunError(
+                f"no generation call could be scored for {self.scoring_failed_seconds:.0f} s of calls "
+                f"(reward.failing_timeout_s {limit:g}); the last failure: "
+                f"{batch.score_error or 'scores that are not finite numbers'}"
+            )
 
     def to_next_deadline(self) -> float:
         """Seconds until a load or the update in flight is overdue (`check_deadlines`)."""
@@ -446,14 +493,19 @@ class Loop:
         limit = self.cfg.rollout.load_timeout_s
         for slot in self.pool.overdue_loads(now, limit):
             self.counters.load_timeouts += 1
-            self.retire(slot, f"it did not confirm a weight load within rollout.load_timeout_s {limit:g} s; "
-                              "taken as hung and replaced")  # apply_scaling starts the replacement
+            self.retire(
+                slot,
+                f"it did not confirm a weight load within rollout.load_timeout_s {limit:g} s; "
+                "taken as hung and replaced",
+            )  # apply_scaling starts the replacement
         limit = self.cfg.learner.update_timeout_s
         if self.update_ref is not None and limit is not None and now - self.update_started > limit:
             self.learner.stop()  # what a hung learner would still do cannot be trusted
             self.update_ref = None
-            raise RunError(f"an update took longer than learner.update_timeout_s {limit:g} s, so the learner was "
-                           f"stopped; resume with `tame train --resume`: {newest_checkpoint(self.run_dir)}")
+            raise RunError(
+                f"an update took longer than learner.update_timeout_s {limit:g} s, so the learner was "
+                f"stopped; resume with `tame train --resume`: {newest_checkpoint(self.run_dir)}"
+            )
 
     # ----------------------------------------------------------------- the end
 

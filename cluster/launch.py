@@ -36,8 +36,14 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "
 
 def connect(cfg: TameConfig, log: Callable[[str], None]) -> None:
     """Join the Ray cluster of `cluster.address` or RAY_ADDRESS, or start one here."""
-    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, log, namespace=NAMESPACE,
-                runtime_env={"env_vars": dict(ENGINE_ENV)}, log_to_driver=False)
+    connect_ray(
+        cfg.cluster.address,
+        cfg.cluster.num_cpus,
+        log,
+        namespace=NAMESPACE,
+        runtime_env={"env_vars": dict(ENGINE_ENV)},
+        log_to_driver=False,
+    )
 
 
 # --------------------------------------------------------------------------- the roles
@@ -50,8 +56,12 @@ def rollout_actor_class(cfg: TameConfig):
     from actors.rollout import RolloutActor
 
     r = cfg.rollout
-    return ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources,
-                      runtime_env={"env_vars": {**ENGINE_ENV, **gpu_env(r.num_gpus)}})(RolloutActor)
+    return ray.remote(
+        num_cpus=r.num_cpus,
+        num_gpus=r.num_gpus,
+        resources=r.resources,
+        runtime_env={"env_vars": {**ENGINE_ENV, **gpu_env(r.num_gpus)}},
+    )(RolloutActor)
 
 
 def learner_env(cfg: TameConfig) -> dict[str, str]:
@@ -86,8 +96,12 @@ def start_learner(cfg: TameConfig):
     import ray
 
     lc = cfg.learner
-    options = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus, "resources": lc.resources,
-               "runtime_env": {"env_vars": {**learner_env(cfg), **gpu_env(lc.num_gpus)}}}
+    options = {
+        "num_cpus": lc.num_cpus,
+        "num_gpus": lc.num_gpus,
+        "resources": lc.resources,
+        "runtime_env": {"env_vars": {**learner_env(cfg), **gpu_env(lc.num_gpus)}},
+    }
     if lc.num_workers == 1:
         from learner.learner import Learner
 
@@ -99,8 +113,10 @@ def start_learner(cfg: TameConfig):
 
     bundle = {k: v for k, v in {"CPU": lc.num_cpus, "GPU": lc.num_gpus, **lc.resources}.items() if v > 0}
     group = placement_group([bundle] * lc.num_workers, strategy="PACK")
-    placed = [{**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, rank)}
-              for rank in range(lc.num_workers)]
+    placed = [
+        {**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, rank)}
+        for rank in range(lc.num_workers)
+    ]
     return ray.remote(LeadLearner).options(**placed[0]).remote(cfg, str(cfg.run_dir), placed[1:]), group
 
 
@@ -127,8 +143,9 @@ class RemoteLearner:
         import ray
 
         what = e.cause if isinstance(e, ray.exceptions.RayTaskError) else type(e).__name__
-        return RunError(f"the learner died ({what}); resume with `tame train --resume`: "
-                        f"{newest_checkpoint(self.run_dir)}")
+        return RunError(
+            f"the learner died ({what}); resume with `tame train --resume`: {newest_checkpoint(self.run_dir)}"
+        )
 
     def stop(self) -> None:
         """Kill the learner (a sharded one's workers die with their rank 0) and free its
@@ -145,8 +162,9 @@ def node_of(actor: Any) -> dict:
     """The Ray node an actor landed on, and its process id."""
     import ray
 
-    return ray.get(actor.__ray_call__.remote(
-        lambda _self: {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}))
+    return ray.get(
+        actor.__ray_call__.remote(lambda _self: {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()})
+    )
 
 
 def newest_checkpoint(run_dir: Path) -> str:
@@ -178,8 +196,10 @@ def _serve_running() -> bool:
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    return any(a["name"] == SERVE_CONTROLLER_NAME and a["namespace"] == SERVE_NAMESPACE
-               for a in ray.util.list_named_actors(all_namespaces=True))
+    return any(
+        a["name"] == SERVE_CONTROLLER_NAME and a["namespace"] == SERVE_NAMESPACE
+        for a in ray.util.list_named_actors(all_namespaces=True)
+    )
 
 
 # --------------------------------------------------------------------------- the launch
@@ -258,20 +278,39 @@ def launch(cfg: TameConfig, resume: bool, log: Callable[[str], None]) -> Launche
         # same cluster starts Serve afresh with its own HTTP options.
         owns_serve = not _serve_running()
         log(f"starting the reward service ({cfg.reward.replicas} replica(s))")
-        scorer = RewardClient(deploy(cfg, http=False, name=reward_app(cfg), wait=False),
-                              cfg.reward.timeout_s, cfg.reward.retries, cfg.reward.call_items_per_s)
+        scorer = RewardClient(
+            deploy(cfg, http=False, name=reward_app(cfg), wait=False),
+            cfg.reward.timeout_s,
+            cfg.reward.retries,
+            cfg.reward.call_items_per_s,
+        )
         learner_role, rollout_role = roles(cfg, only=("learner", "rollout"))
         roles_up = [
-            Pending("the learner", ask(learner_role), ref_done(learner.handle.__ray_ready__.remote()),
-                    tuple(learner_role.each)),
-            *(Pending(f"rollout actor {actor_id}", ask(rollout_role), ref_done(handle.__ray_ready__.remote()),
-                      tuple(rollout_role.each)) for actor_id, handle in early),
-            coming_up(cfg, reward_app(cfg))]
+            Pending(
+                "the learner",
+                ask(learner_role),
+                ref_done(learner.handle.__ray_ready__.remote()),
+                tuple(learner_role.each),
+            ),
+            *(
+                Pending(
+                    f"rollout actor {actor_id}",
+                    ask(rollout_role),
+                    ref_done(handle.__ray_ready__.remote()),
+                    tuple(rollout_role.each),
+                )
+                for actor_id, handle in early
+            ),
+            coming_up(cfg, reward_app(cfg)),
+        ]
         metrics = Metrics(cfg, cfg.run_dir, log)  # W&B starts while the roles do
         wait_until_up(roles_up, cfg.cluster.start_timeout_s, log)
         workers = ray.get(learner.handle.places.remote())
-        placement = {"learner": {**workers[0], "workers": workers}, "actors": {},
-                     "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}}
+        placement = {
+            "learner": {**workers[0], "workers": workers},
+            "actors": {},
+            "driver": {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()},
+        }
 
         restored = _restore(cfg, learner, log) if resume else None
         weights: WeightsHandle = learner.get(learner.handle.publish.remote())  # later ones come with each update

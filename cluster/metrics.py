@@ -51,17 +51,25 @@ class Metrics:
             id_file.write_text(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}\n")
         w = cfg.logging.wandb
         self.run = wandb.init(
-            project=w.project, entity=w.entity, name=cfg.run.name, tags=w.tags,
-            id=id_file.read_text().strip(), resume="allow", dir=str(run_dir), mode=self.mode,
-            config=cfg.model_dump(mode="json"), settings=wandb.Settings(console="off", quiet=True),
+            project=w.project,
+            entity=w.entity,
+            name=cfg.run.name,
+            tags=w.tags,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            dir=str(run_dir),
+            mode=self.mode,
+            config=cfg.model_dump(mode="json"),
+            settings=wandb.Settings(console="off", quiet=True),
         )
         self.log(f"wandb {self.mode} run {self.run.id} in {run_dir / 'wandb'}")
 
     def step(self, step: int, metrics: dict[str, float], total: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         with self.history.open("a") as f:
-            f.write(json.dumps({"step": step, **{k: (v if math.isfinite(v) else str(v))
-                                                  for k, v in clean.items()}}) + "\n")
+            f.write(
+                json.dumps({"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}) + "\n"
+            )
         self._to_wandb(lambda run: run.log(clean, step=step))
         shown = "  ".join(f"{label} {fmt.format(clean[k])}" for k, label, fmt in CONSOLE_KEYS if k in clean)
         self.log(f"update {step}/{total}  {shown}")
@@ -100,9 +108,11 @@ class Metrics:
 def load_figures(loads: Iterable[LoadResult]) -> dict[str, float]:
     """The slowest and least exact of the actors' last weight loads."""
     loads = list(loads)
-    return {"sync/load_seconds_max": max((r.seconds for r in loads), default=0.0),
-            "sync/verify_seconds_max": max((r.verify_seconds for r in loads), default=0.0),
-            "sync/probe_rms_error_max": max((r.probe_rms_error for r in loads), default=0.0)}
+    return {
+        "sync/load_seconds_max": max((r.seconds for r in loads), default=0.0),
+        "sync/verify_seconds_max": max((r.verify_seconds for r in loads), default=0.0),
+        "sync/probe_rms_error_max": max((r.probe_rms_error for r in loads), default=0.0),
+    }
 
 
 @dataclass
@@ -151,12 +161,16 @@ class Throughput:
     def summary(self, now: float, samples: int) -> dict[str, float | None]:
         """The summary's figures of speed, at the end of the run."""
         wall = now - self.created
-        return {"wall_seconds": wall, "startup_seconds": self.startup_seconds,
-                "samples_per_second": self.samples_per_s(now, samples),
-                "samples_per_second_overall": samples / max(wall, 1e-9)}
+        return {
+            "wall_seconds": wall,
+            "startup_seconds": self.startup_seconds,
+            "samples_per_second": self.samples_per_s(now, samples),
+            "samples_per_second_overall": samples / max(wall, 1e-9),
+        }
 
-    def update_ended(self, now: float, samples: int, interval_start: float, update_started: float,
-                     actor_idle_share: float) -> dict[str, float]:
+    def update_ended(
+        self, now: float, samples: int, interval_start: float, update_started: float, actor_idle_share: float
+    ) -> dict[str, float]:
         """The perf/* figures of the interval that the update just ended closes. The learner's
         idle share is the time before this update started."""
         interval = max(now - interval_start, 1e-9)

@@ -69,14 +69,15 @@ class Plan:
     """This machine's memory when every process of the run lives on it (CPU, local Ray)."""
 
     def host_bytes(self) -> int:
-        return (self.learner.update_bytes * self.learner.workers
-                + sum(r.total * r.count for r in self.roles))
+        return self.learner.update_bytes * self.learner.workers + sum(r.total * r.count for r in self.roles)
 
     def render(self) -> str:
         parts = [self.learner.render(), *(r.render() for r in self.roles)]
         if self.host.nbytes is not None:
-            parts.append(row(Line(f"every process on this machine ({describe(self.host)})", self.host_bytes()))
-                         + verdict(self.host_bytes() <= self.host.nbytes))
+            parts.append(
+                row(Line(f"every process on this machine ({describe(self.host)})", self.host_bytes()))
+                + verdict(self.host_bytes() <= self.host.nbytes)
+            )
         return "\n\n".join(parts)
 
 
@@ -99,28 +100,38 @@ def rollout_actor(cfg: TameConfig, policy: Shape, gpu: int | None) -> RolePlan:
     lines = [Line(f"engine weights, {cfg.model.dtype} ({policy.parameters / 1e9:.2f}B parameters)", weights)]
     problem = None
     if r.num_gpus > 0:
-        budget = Budget(None if gpu is None else int(min(1.0, r.num_gpus) * gpu),
-                        "its GPU share, cluster.gpu_memory_gib" if gpu else "GPU memory unknown: cluster.gpu_memory_gib")
+        budget = Budget(
+            None if gpu is None else int(min(1.0, r.num_gpus) * gpu),
+            "its GPU share, cluster.gpu_memory_gib" if gpu else "GPU memory unknown: cluster.gpu_memory_gib",
+        )
         if gpu is not None:
             engine = int(r.gpu_memory_utilization * gpu)
             kv = engine - weights - ENGINE_WORKSPACE
-            lines += [Line("engine workspace: activations, CUDA graphs (vLLM profiles it)", ENGINE_WORKSPACE),
-                      Line(f"KV cache: the rest of gpu_memory_utilization {r.gpu_memory_utilization:g}", max(kv, 0))]
+            lines += [
+                Line("engine workspace: activations, CUDA graphs (vLLM profiles it)", ENGINE_WORKSPACE),
+                Line(f"KV cache: the rest of gpu_memory_utilization {r.gpu_memory_utilization:g}", max(kv, 0)),
+            ]
             held = max(kv, 0) // kv_per_token
             if held < r.max_model_len:
-                problem = (f"the KV cache holds {held} tokens, fewer than rollout.max_model_len {r.max_model_len}: "
-                           "vLLM would not start. Raise rollout.gpu_memory_utilization or lower max_model_len")
+                problem = (
+                    f"the KV cache holds {held} tokens, fewer than rollout.max_model_len {r.max_model_len}: "
+                    "vLLM would not start. Raise rollout.gpu_memory_utilization or lower max_model_len"
+                )
             else:
-                lines[-1] = Line(f"KV cache, the rest of that share: {held} tokens, {held // r.max_model_len} x max_model_len",
-                                 kv)
+                lines[-1] = Line(
+                    f"KV cache, the rest of that share: {held} tokens, {held // r.max_model_len} x max_model_len", kv
+                )
             lines.append(Line("the process (CUDA context)", GPU_PROCESS))
     else:
         budget = Budget(None, "host memory")
-        lines += [Line("KV cache (rollout.kv_cache_gib)", int(r.kv_cache_gib * GIB)),
-                  Line("the engine's process", ENGINE_PROCESS)]
+        lines += [
+            Line("KV cache (rollout.kv_cache_gib)", int(r.kv_cache_gib * GIB)),
+            Line("the engine's process", ENGINE_PROCESS),
+        ]
     if r.reference_logprobs:
-        lines.append(Line("the reference beside the engine, float32 (rollout.reference_logprobs)",
-                          4 * policy.parameters))
+        lines.append(
+            Line("the reference beside the engine, float32 (rollout.reference_logprobs)", 4 * policy.parameters)
+        )
     return RolePlan("rollout actor", r.num_actors, "gpu" if r.num_gpus else "cpu", lines, budget, problem)
 
 
@@ -130,15 +141,23 @@ def reward_replica(cfg: TameConfig, reward: Shape, gpu: int | None) -> RolePlan:
     rc = cfg.reward
     element = _element(cfg.model.dtype)
     tokens = rc.max_batch_size * rc.max_length
-    lines = [Line(f"reward model weights, {cfg.model.dtype} ({reward.parameters / 1e9:.2f}B parameters)",
-                  reward.parameters * element),
-             Line(f"activations, {rc.max_batch_size} x {rc.max_length} tokens",
-                  tokens * element * (2 * reward.hidden + 3 * reward.intermediate)),
-             Line("the process", GPU_PROCESS if rc.num_gpus else CPU_PROCESS)]
+    lines = [
+        Line(
+            f"reward model weights, {cfg.model.dtype} ({reward.parameters / 1e9:.2f}B parameters)",
+            reward.parameters * element,
+        ),
+        Line(
+            f"activations, {rc.max_batch_size} x {rc.max_length} tokens",
+            tokens * element * (2 * reward.hidden + 3 * reward.intermediate),
+        ),
+        Line("the process", GPU_PROCESS if rc.num_gpus else CPU_PROCESS),
+    ]
     replicas = rc.autoscaling.max_replicas if rc.autoscaling else rc.replicas
     if rc.num_gpus:
-        budget = Budget(None if gpu is None else int(min(1.0, rc.num_gpus) * gpu),
-                        "its GPU share" if gpu else "GPU memory unknown: cluster.gpu_memory_gib")
+        budget = Budget(
+            None if gpu is None else int(min(1.0, rc.num_gpus) * gpu),
+            "its GPU share" if gpu else "GPU memory unknown: cluster.gpu_memory_gib",
+        )
     else:
         budget = Budget(None, "host memory")
     return RolePlan("reward replica", replicas, "gpu" if rc.num_gpus else "cpu", lines, budget)
@@ -171,29 +190,45 @@ def check(cfg: TameConfig, host_bytes: int | None = None) -> Plan:
         problems.append(_learner_problem(cfg, p.learner))
     for role in p.roles:
         if not role.fits():
-            problems.append(role.problem or (
-                f"a {role.name} needs {role.total / GIB:.1f} GiB, its device share has "
-                f"{role.budget.nbytes / GIB:.1f} GiB"))
+            problems.append(
+                role.problem
+                or (
+                    f"a {role.name} needs {role.total / GIB:.1f} GiB, its device share has "
+                    f"{role.budget.nbytes / GIB:.1f} GiB"
+                )
+            )
     if p.host.nbytes is not None and p.host_bytes() > p.host.nbytes:
-        problems.append(f"the run's processes together need {p.host_bytes() / GIB:.1f} GiB, this machine has "
-                        f"{p.host.nbytes / GIB:.1f} GiB (learner.num_workers, rollout.num_actors, "
-                        "rollout.kv_cache_gib, reward.replicas)")
+        problems.append(
+            f"the run's processes together need {p.host_bytes() / GIB:.1f} GiB, this machine has "
+            f"{p.host.nbytes / GIB:.1f} GiB (learner.num_workers, rollout.num_actors, "
+            "rollout.kv_cache_gib, reward.replicas)"
+        )
     if problems:
-        raise UserError("the run does not fit its memory (`tame plan` shows the whole plan):\n  "
-                        + "\n  ".join(problems) + "\n\n" + p.render())
+        raise UserError(
+            "the run does not fit its memory (`tame plan` shows the whole plan):\n  "
+            + "\n  ".join(problems)
+            + "\n\n"
+            + p.render()
+        )
     return p
 
 
 def _learner_problem(cfg: TameConfig, worker: WorkerPlan) -> str:
     lc, p = cfg.learner, cfg.ppo
     need, have = worker.update_bytes / GIB, worker.budget.nbytes / GIB
-    what = (f"a learner worker needs {need:.1f} GiB at its update peak ({worker.peak_phase}), "
-            f"its device has {have:.1f} GiB ({worker.budget.source}); with learner.num_workers {lc.num_workers}, "
-            f"ppo.micro_batch_size {p.micro_batch_size}, learner.gradient_checkpointing "
-            f"{str(lc.gradient_checkpointing).lower()}, ppo.advantage {p.advantage}")
+    what = (
+        f"a learner worker needs {need:.1f} GiB at its update peak ({worker.peak_phase}), "
+        f"its device has {have:.1f} GiB ({worker.budget.source}); with learner.num_workers {lc.num_workers}, "
+        f"ppo.micro_batch_size {p.micro_batch_size}, learner.gradient_checkpointing "
+        f"{str(lc.gradient_checkpointing).lower()}, ppo.advantage {p.advantage}"
+    )
     fits = [f"{change} ({peak / GIB:.1f} GiB)" for change, peak in _alternatives(cfg, worker.budget)]
-    return what + (". Would fit: " + "; ".join(fits) if fits else ". No single change fits: "
-                   "more learner workers together with gradient checkpointing and a smaller micro-batch")
+    return what + (
+        ". Would fit: " + "; ".join(fits)
+        if fits
+        else ". No single change fits: "
+        "more learner workers together with gradient checkpointing and a smaller micro-batch"
+    )
 
 
 def _alternatives(cfg: TameConfig, budget: Budget) -> list[tuple[str, int]]:
@@ -206,18 +241,19 @@ def _alternatives(cfg: TameConfig, budget: Budget) -> list[tuple[str, int]]:
         for key, value in changes.items():
             section, field = key.split("__")
             sections.setdefault(section, {})[field] = value
-        changed = cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=fields)
-                                         for name, fields in sections.items()})
+        changed = cfg.model_copy(
+            update={name: getattr(cfg, name).model_copy(update=fields) for name, fields in sections.items()}
+        )
         return learner_worker(changed, budget).update_bytes
 
     found = []
-    for n in (2 ** k for k in range(0, 13)):
+    for n in (2**k for k in range(0, 13)):
         if n > lc.num_workers and (bytes_ := peak(learner__num_workers=n)) <= budget.nbytes:
             found.append((f"learner.num_workers {n}", bytes_))
             break
     if not lc.gradient_checkpointing and (bytes_ := peak(learner__gradient_checkpointing=True)) <= budget.nbytes:
         found.append(("learner.gradient_checkpointing true", bytes_))
-    for micro in (m for m in (p.micro_batch_size // 2 ** k for k in range(1, 8)) if m >= 1):
+    for micro in (m for m in (p.micro_batch_size // 2**k for k in range(1, 8)) if m >= 1):
         if (bytes_ := peak(ppo__micro_batch_size=micro)) <= budget.nbytes:
             found.append((f"ppo.micro_batch_size {micro}", bytes_))
             break

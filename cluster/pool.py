@@ -93,7 +93,7 @@ class ActorPool:
         """Mark the `count` newest live actors to leave; returns those that can leave now
         (idle, or not up yet: a first load may wait for Ray to place the actor for ever), the
         others leave once their call in flight is done."""
-        leaving = sorted(self.live(), key=lambda s: -s.actor_id)[:max(0, count)]
+        leaving = sorted(self.live(), key=lambda s: -s.actor_id)[: max(0, count)]
         idle = [s for s in leaving if s.state is SlotState.IDLE or s.version < 0]
         for slot in leaving:
             slot.state = SlotState.DRAINING
@@ -151,8 +151,11 @@ class ActorPool:
 
     def tokens_per_s(self) -> dict[str, float]:
         """Each actor's generation speed over its calls so far, by W&B name."""
-        return {f"rollout/actor_{s.actor_id}/tokens_per_s": s.tokens / s.generate_seconds
-                for s in self.slots.values() if s.generate_seconds > 0}
+        return {
+            f"rollout/actor_{s.actor_id}/tokens_per_s": s.tokens / s.generate_seconds
+            for s in self.slots.values()
+            if s.generate_seconds > 0
+        }
 
     # ------------------------------------------------------------------ idle accounting
 
@@ -166,8 +169,9 @@ class ActorPool:
         """The share of the interval (since the last call) the actors sat idle; starts the
         next interval."""
         interval = max(now - self.interval_start, 1e-9)
-        still_idle = sum(now - max(s.idle_since, self.interval_start)
-                         for s in self.slots.values() if s.idle_since is not None)
+        still_idle = sum(
+            now - max(s.idle_since, self.interval_start) for s in self.slots.values() if s.idle_since is not None
+        )
         share = (self.idle_closed + still_idle) / (interval * max(len(self.slots), 1))
         self.interval_start, self.idle_closed = now, 0.0
         return share

@@ -56,8 +56,7 @@ class PromptSource:
 
     def state(self, outstanding: list[str]) -> dict:
         """The cursor for a checkpoint; `outstanding` are prompts handed out but not trained on."""
-        return {"epoch": self.epoch, "position": self.position,
-                "returned": list(outstanding) + list(self.returned)}
+        return {"epoch": self.epoch, "position": self.position, "returned": list(outstanding) + list(self.returned)}
 
     def restore(self, state: dict) -> None:
         self.epoch = state["epoch"]

@@ -33,10 +33,13 @@ class Counters:
 
     def metrics(self) -> dict[str, int]:
         """The counters logged with every update, by W&B name."""
-        return {"rollout/dropped_stale": self.dropped_stale, "rollout/failed_prompts": self.failed_prompts,
-                "rollout/actor_failures": self.actor_failures,
-                "sync/fingerprint_mismatches": self.fingerprint_mismatches,
-                "learner/skipped_updates": self.skipped_updates}
+        return {
+            "rollout/dropped_stale": self.dropped_stale,
+            "rollout/failed_prompts": self.failed_prompts,
+            "rollout/actor_failures": self.actor_failures,
+            "sync/fingerprint_mismatches": self.fingerprint_mismatches,
+            "learner/skipped_updates": self.skipped_updates,
+        }
 
 
 @dataclass

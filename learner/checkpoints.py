@@ -53,8 +53,7 @@ def complete(run_dir: Path) -> list[Path]:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), d) for d in folder.iterdir()
-             if (m := NAME.match(d.name)) and (d / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), d) for d in folder.iterdir() if (m := NAME.match(d.name)) and (d / STATE_FILE).is_file()]
     return [d for _, d in sorted(found)]
 
 
@@ -63,8 +62,10 @@ def _sharded_state(models: dict[str, Any], optimizers: dict[str, tuple[Any, Any]
     keyed by parameter name, each worker's shards as DTensors when sharded."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {**{name: get_model_state_dict(model) for name, model in models.items()},
-            **{name: get_optimizer_state_dict(model, optimizer) for name, (model, optimizer) in optimizers.items()}}
+    return {
+        **{name: get_model_state_dict(model) for name, model in models.items()},
+        **{name: get_optimizer_state_dict(model, optimizer) for name, (model, optimizer) in optimizers.items()},
+    }
 
 
 @contextlib.contextmanager
@@ -97,8 +98,16 @@ class Writer:
             # The background save warns from a thread, where no catch_warnings of ours reaches.
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS)
 
-    def save(self, final: Path, models: dict[str, Any], optimizers: dict[str, tuple[Any, Any]],
-             tokenizer: Any, state: dict, keep: int, dtypes: dict[str, torch.dtype]) -> str:
+    def save(
+        self,
+        final: Path,
+        models: dict[str, Any],
+        optimizers: dict[str, tuple[Any, Any]],
+        tokenizer: Any,
+        state: dict,
+        keep: int,
+        dtypes: dict[str, torch.dtype],
+    ) -> str:
         """Save a checkpoint to `final` and keep the newest `keep`: {name: model} exported in
         `dtypes[name]`, their optimizers ({name: (model, optimizer)}; those that have not
         stepped yet have no state to save), and the trainer `state`. The previous save is
@@ -111,8 +120,9 @@ class Writer:
             # Staging, in the calling thread: the export's gathers are collectives of the
             # training's group, which a background thread must not make.
             exports = {name: self._whole(model, dtypes[name]) for name, model in models.items()}
-            skeletons = {name: self._skeleton(name, model, dtypes[name]) for name, model in models.items()} \
-                if self.lead else {}
+            skeletons = (
+                {name: self._skeleton(name, model, dtypes[name]) for name, model in models.items()} if self.lead else {}
+            )
             trainer_state = io.BytesIO()
             if self.lead:
                 torch.save({**state, "optimizers": sorted(stepped)}, trainer_state)
@@ -123,8 +133,9 @@ class Writer:
             raise
 
         def write() -> str:
-            return self._write(tmp, final, exports, skeletons, tokenizer, shards_written,
-                               trainer_state.getvalue(), keep)
+            return self._write(
+                tmp, final, exports, skeletons, tokenizer, shards_written, trainer_state.getvalue(), keep
+            )
 
         if self.background:
             self.pending = self._thread.submit(write)
@@ -149,8 +160,10 @@ class Writer:
         if self.shards.any(error is not None):
             if error is not None:
                 raise error
-            raise SaveFailedElsewhereError("another worker of the learner failed to write its part of the "
-                                           "checkpoint saved last (its error is in that worker's log)")
+            raise SaveFailedElsewhereError(
+                "another worker of the learner failed to write its part of the "
+                "checkpoint saved last (its error is in that worker's log)"
+            )
         return self.written
 
     # ------------------------------------------------------------------ staging
@@ -164,10 +177,16 @@ class Writer:
         for name, tensor in model.state_dict(keep_vars=True).items():
             if id(tensor) not in seen:
                 whole = full(tensor.detach())
-                seen[id(tensor)] = None if not self.lead else whole.to(
-                    "cpu", dtype if whole.is_floating_point() else whole.dtype,
-                    # One worker's tensors are the model's own: a background write needs a copy.
-                    copy=self.background and not self.shards.sharded)
+                seen[id(tensor)] = (
+                    None
+                    if not self.lead
+                    else whole.to(
+                        "cpu",
+                        dtype if whole.is_floating_point() else whole.dtype,
+                        # One worker's tensors are the model's own: a background write needs a copy.
+                        copy=self.background and not self.shards.sharded,
+                    )
+                )
                 del whole
             if self.lead:
                 out[name] = seen[id(tensor)]
@@ -183,12 +202,14 @@ class Writer:
 
         no_dist = not self.shards.sharded
         if self.background:
-            return dcp.async_save(state, checkpoint_id=folder, process_group=self.shards.checkpoint_group,
-                                  no_dist=no_dist).result
+            return dcp.async_save(
+                state, checkpoint_id=folder, process_group=self.shards.checkpoint_group, no_dist=no_dist
+            ).result
 
         def write() -> None:
             with _single_process_is_meant():
                 dcp.save(state, checkpoint_id=folder, no_dist=no_dist)
+
         return write
 
     def _skeleton(self, name: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -201,8 +222,9 @@ class Writer:
             from torch.distributed.fsdp import FSDPModule
             from transformers import PreTrainedModel
 
-            cls = next(c for c in type(model).__mro__
-                       if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+            cls = next(
+                c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule)
+            )
             with torch.device("meta"):
                 held = cls._from_config(copy.deepcopy(model.config), dtype=dtype)
             if getattr(model, "generation_config", None) is not None:
@@ -212,8 +234,17 @@ class Writer:
 
     # ------------------------------------------------------------------ writing
 
-    def _write(self, tmp: Path, final: Path, exports: dict[str, dict | None], skeletons: dict[str, Any],
-               tokenizer: Any, shards_written: Callable[[], Any], trainer_state: bytes, keep: int) -> str:
+    def _write(
+        self,
+        tmp: Path,
+        final: Path,
+        exports: dict[str, dict | None],
+        skeletons: dict[str, Any],
+        tokenizer: Any,
+        shards_written: Callable[[], Any],
+        trainer_state: bytes,
+        keep: int,
+    ) -> str:
         """Write the staged checkpoint and put it in place: rank 0 writes the export while every
         worker's shards are written (`_start_shards`), then, once they are all on disk, the
         trainer state, last, and renames the folder into place."""
@@ -239,8 +270,9 @@ class Writer:
         return self.written
 
 
-def load(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, tuple[Any, Any]],
-         shards: Shards) -> dict:
+def load(
+    path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, tuple[Any, Any]], shards: Shards
+) -> dict:
     """Load the weights and optimizer states in place ({name: (model, Auto class)} and
     {name: (model, optimizer)}) and return the trainer state. Every worker calls it."""
     if not (path / STATE_FILE).is_file():
@@ -258,8 +290,12 @@ def load(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, t
     saved = dcp.FileSystemReader(path / SHARDED).read_metadata().state_dict_metadata
     unbiased = [name for name in models if SCORE_BIAS_KEY in loaded[name] and f"{name}.{SCORE_BIAS_KEY}" not in saved]
     with _single_process_is_meant():  # a bias the checkpoint lacks (and its optimizer state) is not loaded
-        dcp.load(loaded, checkpoint_id=path / SHARDED, no_dist=not shards.sharded,
-                 planner=dcp.DefaultLoadPlanner(allow_partial_load=bool(unbiased)))
+        dcp.load(
+            loaded,
+            checkpoint_id=path / SHARDED,
+            no_dist=not shards.sharded,
+            planner=dcp.DefaultLoadPlanner(allow_partial_load=bool(unbiased)),
+        )
     for name, (model, _) in models.items():
         set_model_state_dict(model, loaded[name])
     _zero_missing_score_bias([models[name][0] for name in unbiased])
@@ -268,20 +304,25 @@ def load(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, t
     return state
 
 
-def _load_whole(path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, tuple[Any, Any]],
-                state: dict, shards: Shards) -> dict:
+def _load_whole(
+    path: Path, models: dict[str, tuple[Any, Any]], optimizers: dict[str, tuple[Any, Any]], state: dict, shards: Shards
+) -> dict:
     """A checkpoint written before `sharded/` existed: Hugging Face weights and whole
     optimizer states in the trainer state. One worker only."""
     if shards.sharded:
-        raise ValueError(f"{path} was written by a tame without sharded checkpoints: "
-                         "resume it with learner.num_workers 1")
+        raise ValueError(
+            f"{path} was written by a tame without sharded checkpoints: resume it with learner.num_workers 1"
+        )
     unbiased = []
     for name, (model, auto_class) in models.items():
         missing, unexpected = model.load_state_dict(
-            auto_class.from_pretrained(path / name, dtype=torch.float32).state_dict(), strict=False)
+            auto_class.from_pretrained(path / name, dtype=torch.float32).state_dict(), strict=False
+        )
         if unexpected or set(missing) - {SCORE_BIAS_KEY}:
-            raise ValueError(f"{path / name}: the weights do not fit the {name} "
-                             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+            raise ValueError(
+                f"{path / name}: the weights do not fit the {name} "
+                f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+            )
         if missing:
             unbiased.append(model)
     _zero_missing_score_bias(unbiased)
@@ -311,8 +352,12 @@ def _zero_missing_score_bias(models: list[Any]) -> None:
 def rng_states(generator: torch.Generator, device: torch.device) -> dict:
     """Every random state an update draws from: python, numpy, torch (and CUDA), and the
     learner's shuffle generator."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(),
-           "torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "shuffle": generator.get_state(),
+    }
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return rng

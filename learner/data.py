@@ -14,8 +14,7 @@ from cluster.shared.data import read_records, string_fields
 from cluster.shared.errors import DataError  # the project's data error: the CLI maps it to exit 2
 from cluster.shared.tokens import pad, prompt_token_ids, response_token_ids
 
-__all__ = ["DataError", "Example", "collate_demonstrations", "encode_demonstrations",
-           "read_demonstrations"]
+__all__ = ["DataError", "Example", "collate_demonstrations", "encode_demonstrations", "read_demonstrations"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +29,15 @@ class Example:
 def read_demonstrations(path: str | Path) -> list[dict[str, str]]:
     """`{"prompt", "response"}` records of a JSONL file or dataset folder
     (`cluster.shared.data.read_records`); raises DataError naming the file and line of a bad one."""
-    return [string_fields(row, where, ("prompt", "response"), non_empty=("prompt", "response"))
-            for where, row in read_records(path)]
+    return [
+        string_fields(row, where, ("prompt", "response"), non_empty=("prompt", "response"))
+        for where, row in read_records(path)
+    ]
 
 
-def encode_demonstrations(tokenizer: Any, rows: list[dict[str, str]], max_length: int,
-                          chat_template: bool = True) -> list[Example]:
+def encode_demonstrations(
+    tokenizer: Any, rows: list[dict[str, str]], max_length: int, chat_template: bool = True
+) -> list[Example]:
     """Token ids of each (prompt, response): the prompt through the chat template, the
     response ending with EOS, cut to `max_length` tokens. Examples whose prompt alone fills
     `max_length` have nothing to learn from and are left out."""
@@ -48,9 +50,9 @@ def encode_demonstrations(tokenizer: Any, rows: list[dict[str, str]], max_length
     return examples
 
 
-def collate_demonstrations(examples: list[Example], pad_token_id: int,
-                           device: torch.device | str = "cpu"
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_demonstrations(
+    examples: list[Example], pad_token_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad a batch to its longest example.
 
     Returns input_ids (B, L), attention_mask (B, L) and loss_mask (B, L-1): 1 where
@@ -59,5 +61,5 @@ def collate_demonstrations(examples: list[Example], pad_token_id: int,
     input_ids, attention_mask = pad([e.input_ids for e in examples], pad_token_id)
     loss_mask = torch.zeros((len(examples), input_ids.shape[1] - 1))
     for b, e in enumerate(examples):
-        loss_mask[b, e.prompt_length - 1: len(e.input_ids) - 1] = 1.0
+        loss_mask[b, e.prompt_length - 1 : len(e.input_ids) - 1] = 1.0
     return input_ids.to(device), attention_mask.to(device), loss_mask.to(device)

@@ -43,7 +43,7 @@ class Window:
         return t[self.rows, : self.width]
 
     def per_token(self, t: torch.Tensor) -> torch.Tensor:  # (B, L-1) -> (b, width - 1 - start)
-        return t[self.rows, self.start: self.width - 1]
+        return t[self.rows, self.start : self.width - 1]
 
     def columns(self) -> slice:
         """Where a window's per-token values go back into a full (B, L-1) tensor."""
@@ -79,11 +79,18 @@ class Batch:
         return self.cut(self.window(rows))
 
     def cut(self, w: Window) -> Batch:
-        return Batch(w.tokens(self.input_ids), w.tokens(self.attention_mask), w.per_token(self.mask),
-                     w.per_token(self.behaviour_logprobs), self.scores[w.rows], self.has_eos[w.rows],
-                     self.fresh[w.rows], self.groups[w.rows], offset=w.start,
-                     reference_logprobs=None if self.reference_logprobs is None
-                     else w.per_token(self.reference_logprobs))
+        return Batch(
+            w.tokens(self.input_ids),
+            w.tokens(self.attention_mask),
+            w.per_token(self.mask),
+            w.per_token(self.behaviour_logprobs),
+            self.scores[w.rows],
+            self.has_eos[w.rows],
+            self.fresh[w.rows],
+            self.groups[w.rows],
+            offset=w.start,
+            reference_logprobs=None if self.reference_logprobs is None else w.per_token(self.reference_logprobs),
+        )
 
 
 @dataclass(frozen=True)
@@ -115,13 +122,21 @@ class Experience:
     def select(self, rows: torch.Tensor) -> Experience:
         w = self.batch.window(rows)
         cut = w.per_token
-        return Experience(self.batch.cut(w), cut(self.ref_logprobs), cut(self.old_logprobs),
-                          cut(self.old_values), cut(self.rewards), cut(self.advantages),
-                          cut(self.returns), cut(self.is_weights))
+        return Experience(
+            self.batch.cut(w),
+            cut(self.ref_logprobs),
+            cut(self.old_logprobs),
+            cut(self.old_values),
+            cut(self.rewards),
+            cut(self.advantages),
+            cut(self.returns),
+            cut(self.is_weights),
+        )
 
 
-def tokenize(rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, version: int,
-             device: torch.device) -> Batch:
+def tokenize(
+    rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, version: int, device: torch.device
+) -> Batch:
     """Step 1: right-padded prompt + response ids of the rollouts and the response mask, cut
     after the first EOS when `truncate` (`ppo.truncate_at_stop`). `version` is the learner's:
     records it made are `fresh`. A missing score becomes NaN, which skips the update. The
@@ -135,17 +150,20 @@ def tokenize(rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, 
         for name in ("behaviour_logprobs", "reference_logprobs") if with_reference else ("behaviour_logprobs",):
             values = getattr(r, name)
             if values is None or len(values) != len(r.response_token_ids):
-                raise ValueError(f"rollout {r.prompt_id}/{r.sample_index}: {'no' if values is None else len(values)} "
-                                 f"{name.replace('_', ' ')} for {len(r.response_token_ids)} response tokens")
+                raise ValueError(
+                    f"rollout {r.prompt_id}/{r.sample_index}: {'no' if values is None else len(values)} "
+                    f"{name.replace('_', ' ')} for {len(r.response_token_ids)} response tokens"
+                )
     input_ids, attention_mask, mask, starts = response_positions(
-        [r.prompt_token_ids for r in rollouts], [r.response_token_ids for r in rollouts], pad_id)
+        [r.prompt_token_ids for r in rollouts], [r.response_token_ids for r in rollouts], pad_id
+    )
     behaviour = torch.zeros_like(mask)
     reference = torch.zeros_like(mask) if with_reference else None
     for b, (r, start) in enumerate(zip(rollouts, starts)):
         n = len(r.response_token_ids)
-        behaviour[b, start: start + n] = torch.tensor(r.behaviour_logprobs, dtype=torch.float32)
+        behaviour[b, start : start + n] = torch.tensor(r.behaviour_logprobs, dtype=torch.float32)
         if reference is not None:
-            reference[b, start: start + n] = torch.tensor(r.reference_logprobs, dtype=torch.float32)
+            reference[b, start : start + n] = torch.tensor(r.reference_logprobs, dtype=torch.float32)
     if truncate:
         mask = ppo.mask_after_stop(input_ids[:, 1:], mask, eos_id)
     has_eos = torch.tensor([r.finish_reason == "stop" or eos_id in r.response_token_ids for r in rollouts])
@@ -153,14 +171,28 @@ def tokenize(rollouts: list[Rollout], pad_id: int, eos_id: int, truncate: bool, 
     fresh = torch.tensor([r.policy_version == version for r in rollouts])
     index: dict[str, int] = {}
     groups = torch.tensor([index.setdefault(r.prompt_id, len(index)) for r in rollouts])
-    return Batch(input_ids.to(device), attention_mask.to(device), mask.to(device), behaviour.to(device),
-                 scores.to(device), has_eos.to(device), fresh.to(device), groups.to(device),
-                 reference_logprobs=None if reference is None else (reference * mask).to(device))
+    return Batch(
+        input_ids.to(device),
+        attention_mask.to(device),
+        mask.to(device),
+        behaviour.to(device),
+        scores.to(device),
+        has_eos.to(device),
+        fresh.to(device),
+        groups.to(device),
+        reference_logprobs=None if reference is None else (reference * mask).to(device),
+    )
 
 
-def make_experience(batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                    old_values: torch.Tensor | None, p: PPOConfig, kl_coef: float, eos_id: int
-                    ) -> tuple[Experience, dict[str, float]]:
+def make_experience(
+    batch: Batch,
+    ref_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    old_values: torch.Tensor | None,
+    p: PPOConfig,
+    kl_coef: float,
+    eos_id: int,
+) -> tuple[Experience, dict[str, float]]:
     """Step 3: the rewards (the score at the last token, KL-shaped unless the KL goes into the
     loss: `p.kl.placement`), the advantages and returns of `p.advantage`
     (`ppo.ADVANTAGE_ESTIMATORS`) and the truncated IS weights, over the whole batch.
@@ -186,8 +218,15 @@ def make_experience(batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torc
     return exp, experience_metrics(exp, scores, kl, non_score, kl_coef, eos_id, with_critic=old_values is not None)
 
 
-def experience_metrics(exp: Experience, scores: torch.Tensor, kl: torch.Tensor, non_score: torch.Tensor,
-                       kl_coef: float, eos_id: int, with_critic: bool) -> dict[str, float]:
+def experience_metrics(
+    exp: Experience,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    non_score: torch.Tensor,
+    kl_coef: float,
+    eos_id: int,
+    with_critic: bool,
+) -> dict[str, float]:
     """The rollout and objective metrics of a batch (TRL's names): `scores` (B,) as shaped
     (after the missing-EOS penalty and whitening), `kl` (B, W) the penalty's per-token
     estimate, `non_score` (B,) each sequence's KL penalty in its rewards."""

@@ -119,17 +119,24 @@ class Learner:
         # The trained models by name (the policy, and the critic with GAE), each with its AdamW
         # and learning-rate schedule under the same name; checkpoints key them "<name>_optimizer"
         # and "<name>_scheduler".
-        self.models = {name: model for name, model in (("policy", self.policy), ("critic", self.critic))
-                       if model is not None}
+        self.models = {
+            name: model for name, model in (("policy", self.policy), ("critic", self.critic)) if model is not None
+        }
         rates = {"policy": p.learning_rate, "critic": p.critic_learning_rate}
         total_steps = cfg.train.total_updates * p.epochs * math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
-        self.optimizers = {name: torch.optim.AdamW(model.parameters(), lr=rates[name], weight_decay=p.weight_decay)
-                           for name, model in self.models.items()}
-        self.schedulers = {name: make_scheduler(optimizer, p.lr_schedule, p.warmup_steps, total_steps)
-                           for name, optimizer in self.optimizers.items()}
+        self.optimizers = {
+            name: torch.optim.AdamW(model.parameters(), lr=rates[name], weight_decay=p.weight_decay)
+            for name, model in self.models.items()
+        }
+        self.schedulers = {
+            name: make_scheduler(optimizer, p.lr_schedule, p.warmup_steps, total_steps)
+            for name, optimizer in self.optimizers.items()
+        }
         self.kl_controller = (
-            ppo.AdaptiveKLController(p.kl.coef, p.kl.target, p.kl.horizon) if p.kl.adaptive
-            else ppo.FixedKLController(p.kl.coef))
+            ppo.AdaptiveKLController(p.kl.coef, p.kl.target, p.kl.horizon)
+            if p.kl.adaptive
+            else ppo.FixedKLController(p.kl.coef)
+        )
         self.shuffle = torch.Generator().manual_seed(cfg.run.seed)
 
         self.ptx_examples: list[Example] = []
@@ -137,7 +144,8 @@ class Learner:
         if p.ptx_coef > 0:
             rows = read_demonstrations(p.ptx_data)
             self.ptx_examples = encode_demonstrations(
-                self.tokenizer, rows, cfg.rollout.max_model_len, cfg.data.chat_template)
+                self.tokenizer, rows, cfg.rollout.max_model_len, cfg.data.chat_template
+            )
 
         self.fuse_first_pass = True  # False always runs the separate no-grad pass (tests compare)
         self._version = 0
@@ -149,7 +157,8 @@ class Learner:
         self.snapshot = HostSnapshot()
         background = cfg.learner.async_checkpoints
         self.checkpoint_writer = checkpoints.Writer(
-            self.shards, background=self.device.type == "cuda" if background is None else background)
+            self.shards, background=self.device.type == "cuda" if background is None else background
+        )
         self.export_dtypes = export_dtypes(cfg)
 
     # ------------------------------------------------------------------ versions and weights
@@ -190,12 +199,14 @@ class Learner:
         truncate = self.cfg.ppo.truncate_at_stop if truncate is None else truncate
         return tokenize(rollouts, self.pad_id, self.eos_id, truncate, self._version, self.device)
 
-    def _token_logprobs(self, model: torch.nn.Module, mb: Batch, with_entropy: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _token_logprobs(
+        self, model: torch.nn.Module, mb: Batch, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log pi(token) at every window position of `mb` (B, W), and the entropy there."""
         with compute_context(self.device, self.cfg.learner.compute_dtype):
-            return response_logprobs(model, mb.input_ids, mb.attention_mask, mb.mask, mb.offset,
-                                     self.temperature, with_entropy)
+            return response_logprobs(
+                model, mb.input_ids, mb.attention_mask, mb.mask, mb.offset, self.temperature, with_entropy
+            )
 
     def _values(self, mb: Batch) -> torch.Tensor:
         """The critic's value of the state before each window token (`_token_values`). -> (B, W)"""
@@ -209,23 +220,27 @@ class Learner:
         return Forward(logp, entropy, self._values(mb) if self.critic is not None else None)
 
     @torch.no_grad()
-    def _no_grad_passes(self, batch: Batch, proximal: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _no_grad_passes(
+        self, batch: Batch, proximal: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Step 2: the reference log-probs (unless the actors sent them) and, with `proximal`,
         the proximal log-probs and the old values, micro-batch by micro-batch (each cut to its
         own window, then written back at its columns). -> (B, W) each; None for the passes
         not made."""
         given = batch.reference_logprobs
         if given is None and self.reference is None:
-            raise ValueError("the rollouts carry no reference log-probs, and this learner holds no reference "
-                             "model (rollout.reference_logprobs is on: the actors compute them)")
+            raise ValueError(
+                "the rollouts carry no reference log-probs, and this learner holds no reference "
+                "model (rollout.reference_logprobs is on: the actors compute them)"
+            )
         ref = torch.zeros(batch.mask.shape, device=self.device) if given is None else given
         old_logprobs = torch.zeros_like(ref) if proximal else None
         old_values = torch.zeros_like(ref) if proximal and self.critic is not None else None
         if given is not None and not proximal:
             return ref, None, None
-        for rows, stand_in in self.shards.rows(torch.arange(len(batch), device=self.device),
-                                               self.cfg.ppo.micro_batch_size):
+        for rows, stand_in in self.shards.rows(
+            torch.arange(len(batch), device=self.device), self.cfg.ppo.micro_batch_size
+        ):
             window = batch.window(rows)
             mb, cols = batch.cut(window), window.columns()
             passes = [] if given is not None else [(ref, self._token_logprobs(self.reference, mb)[0])]
@@ -251,16 +266,19 @@ class Learner:
         batch = self.tokens(rollouts)
         return self._experience(batch, *self._no_grad_passes(batch))
 
-    def _experience(self, batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                    old_values: torch.Tensor | None) -> tuple[Experience, dict[str, float]]:
+    def _experience(
+        self, batch: Batch, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor, old_values: torch.Tensor | None
+    ) -> tuple[Experience, dict[str, float]]:
         """Step 3 (`experience.make_experience`) at the KL controller's coefficient now."""
-        return make_experience(batch, ref_logprobs, old_logprobs, old_values, self.cfg.ppo,
-                               self.kl_controller.value, self.eos_id)
+        return make_experience(
+            batch, ref_logprobs, old_logprobs, old_values, self.cfg.ppo, self.kl_controller.value, self.eos_id
+        )
 
     # ------------------------------------------------------------------ gradients
 
-    def accumulate_gradients(self, exp: Experience, rows: torch.Tensor, micro_batch_size: int,
-                             first: Forward | None = None) -> dict[str, float]:
+    def accumulate_gradients(
+        self, exp: Experience, rows: torch.Tensor, micro_batch_size: int, first: Forward | None = None
+    ) -> dict[str, float]:
         """Forward and backward the PPO loss of the minibatch `rows`, micro-batch by
         micro-batch; gradients add up in .grad. Every term is a token sum over a count of
         the whole minibatch (its tokens, or sequences for `ppo.loss_aggregation`), so the
@@ -277,18 +295,35 @@ class Learner:
             # The policy's terms, then the critic's, each with its own backward: their
             # parameters are apart, so the gradients are the summed loss's, and the critic's
             # activations are never held beside the policy's.
-            logp, entropy = ((first.logprobs, first.entropy) if first is not None
-                             else self._token_logprobs(self.policy, mb.batch, with_entropy=True))
-            weights = ppo.token_weights(mb.mask, p.loss_aggregation, len(rows), n_tokens,
-                                        self.cfg.rollout.sampling.max_new_tokens)
-            pg = ppo.clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask, p.clip_ratio,
-                                         weights=mb.is_weights, normaliser=n_tokens, aggregation=weights)
+            logp, entropy = (
+                (first.logprobs, first.entropy)
+                if first is not None
+                else self._token_logprobs(self.policy, mb.batch, with_entropy=True)
+            )
+            weights = ppo.token_weights(
+                mb.mask, p.loss_aggregation, len(rows), n_tokens, self.cfg.rollout.sampling.max_new_tokens
+            )
+            pg = ppo.clipped_policy_loss(
+                logp,
+                mb.old_logprobs,
+                mb.advantages,
+                mb.mask,
+                p.clip_ratio,
+                weights=mb.is_weights,
+                normaliser=n_tokens,
+                aggregation=weights,
+            )
             if p.entropy_coef == 0:
                 entropy = entropy.detach()
             ent = ppo.entropy_bonus(entropy, mb.mask, normaliser=n_tokens)
             policy_loss = loss = pg.loss - p.entropy_coef * ent
-            terms = [("policy", pg.loss), ("clipfrac", pg.clipfrac), ("approxkl", pg.approxkl),
-                     ("ratio", pg.ratio), ("entropy", ent)]
+            terms = [
+                ("policy", pg.loss),
+                ("clipfrac", pg.clipfrac),
+                ("approxkl", pg.approxkl),
+                ("ratio", pg.ratio),
+                ("entropy", ent),
+            ]
             kl = None
             if kl_coef > 0:  # GRPO's placement: k3 toward the reference, in the loss
                 kl = (ppo.kl_k3(logp, mb.ref_logprobs) * weights).sum()
@@ -298,8 +333,9 @@ class Learner:
             (0.0 * policy_loss if stand_in else policy_loss).backward()
             if self.critic is not None:
                 values = first.values if first is not None else self._values(mb.batch)
-                vf = ppo.clipped_value_loss(values, mb.old_values, mb.returns, mb.mask,
-                                            p.value_clip, normaliser=n_tokens)
+                vf = ppo.clipped_value_loss(
+                    values, mb.old_values, mb.returns, mb.mask, p.value_clip, normaliser=n_tokens
+                )
                 value_loss = p.vf_coef * vf.loss
                 (0.0 * value_loss if stand_in else value_loss).backward()
                 loss = loss + value_loss
@@ -317,14 +353,14 @@ class Learner:
     def _ptx_backward(self, n_examples: int, micro_batch_size: int) -> torch.Tensor:
         """PPO-ptx (InstructGPT): `ptx_coef` times the NLL of the next `n_examples`
         demonstrations (response tokens only), cycling through the ptx data."""
-        batch = [self.ptx_examples[(self.ptx_cursor + i) % len(self.ptx_examples)]
-                 for i in range(n_examples)]
+        batch = [self.ptx_examples[(self.ptx_cursor + i) % len(self.ptx_examples)] for i in range(n_examples)]
         self.ptx_cursor = (self.ptx_cursor + n_examples) % len(self.ptx_examples)
         n_tokens = float(sum(len(e.input_ids) - e.prompt_length for e in batch))
         total = torch.zeros((), device=self.device)
         for rows, stand_in in self.shards.rows(torch.arange(len(batch)), micro_batch_size):
             ids, attention, loss_mask = collate_demonstrations(
-                [batch[i] for i in rows.tolist()], self.pad_id, self.device)
+                [batch[i] for i in rows.tolist()], self.pad_id, self.device
+            )
             with compute_context(self.device, self.cfg.learner.compute_dtype):
                 # At temperature 1, as SFT trained: at T the term would pull the logits
                 # towards T times the SFT model's, away from where the KL term holds them.
@@ -350,8 +386,9 @@ class Learner:
         # 2. no-grad passes. One micro-batch per update: the first epoch's forward pass, made
         # now with gradient, is the proximal policy (Hilton et al.'s pi_prox is the policy
         # before this update's first step), so its no-grad twin is skipped.
-        fused = (self.fuse_first_pass and not self.shards.sharded
-                 and len(batch) <= min(p.minibatch_size, p.micro_batch_size))
+        fused = (
+            self.fuse_first_pass and not self.shards.sharded and len(batch) <= min(p.minibatch_size, p.micro_batch_size)
+        )
         ref_logprobs, old_logprobs, old_values = self._no_grad_passes(batch, proximal=not fused)
         first = self._forward(batch.select(first_order)) if fused else None
         if first is not None:
@@ -376,11 +413,13 @@ class Learner:
         publishing = time.perf_counter()
         weights = self.publish()
         trained = Trained(stats, fused, time.perf_counter() - publishing)
-        return UpdateResult(self._version, skipped=False, metrics=self._metrics(metrics, started, trained),
-                            weights=weights)
+        return UpdateResult(
+            self._version, skipped=False, metrics=self._metrics(metrics, started, trained), weights=weights
+        )
 
-    def _epochs(self, exp: Experience, first_order: torch.Tensor, first: Forward | None
-                ) -> dict[str, list[float]] | None:
+    def _epochs(
+        self, exp: Experience, first_order: torch.Tensor, first: Forward | None
+    ) -> dict[str, list[float]] | None:
         """Step 4: `ppo.epochs` passes over shuffled minibatches (the first epoch in
         `first_order`, over `first` when the first pass was fused), one clipped optimizer step
         each. Returns each step's statistics (`Trained.stats`), or None when a minibatch's loss
@@ -395,8 +434,10 @@ class Learner:
             order = first_order if epoch == 0 else torch.randperm(len(exp), generator=self.shuffle).to(self.device)
             for rows in order.split(p.minibatch_size):
                 step = self.accumulate_gradients(exp, rows, p.micro_batch_size, first=first if epoch == 0 else None)
-                norms = {name: float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)))
-                         for name, model in self.models.items()}
+                norms = {
+                    name: float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)))
+                    for name, model in self.models.items()
+                }
                 if not all(math.isfinite(x) for x in (step["loss"], *norms.values())):
                     self._zero_grad()
                     if steps > 1:
@@ -421,28 +462,35 @@ class Learner:
                 f"{self.nonfinite_in_row} updates in a row had NaN or Inf in their rewards, "
                 f"advantages, losses or gradients (learner.max_nonfinite_updates = {limit}); "
                 f"the last good policy version is {self._version}. Check the reward function "
-                "and lower ppo.learning_rate.")
+                "and lower ppo.learning_rate."
+            )
         return UpdateResult(self._version, skipped=True, metrics=self._metrics(metrics, started))
 
-    def _metrics(self, experience: dict[str, float], started: float, trained: Trained | None = None
-                 ) -> dict[str, float]:
+    def _metrics(
+        self, experience: dict[str, float], started: float, trained: Trained | None = None
+    ) -> dict[str, float]:
         """An update's metrics: the batch's (`experience_metrics`), the learner's counters, and
         with `trained` (None for a skipped update) the training's (`training_metrics`)."""
-        metrics = {**experience,
-                   "learner/version": float(self._version),
-                   "learner/lr": self.schedulers["policy"].get_last_lr()[0],
-                   "learner/skipped_nonfinite": float(trained is None),
-                   "learner/nonfinite_total": float(self.nonfinite_total)}
+        metrics = {
+            **experience,
+            "learner/version": float(self._version),
+            "learner/lr": self.schedulers["policy"].get_last_lr()[0],
+            "learner/skipped_nonfinite": float(trained is None),
+            "learner/nonfinite_total": float(self.nonfinite_total),
+        }
         if trained is not None:
             metrics.update(training_metrics(trained.stats))
-            metrics.update({
-                # Policy and critic (none without GAE): what the learner holds and trains.
-                "learner/trained_parameters": float(sum(
-                    p.numel() for model in self.models.values() for p in model.parameters())),
-                "learner/workers": float(self.shards.world),
-                "learner/fused_first_pass": float(trained.fused),
-                "perf/publish_seconds": trained.publish_seconds,
-            })
+            metrics.update(
+                {
+                    # Policy and critic (none without GAE): what the learner holds and trains.
+                    "learner/trained_parameters": float(
+                        sum(p.numel() for model in self.models.values() for p in model.parameters())
+                    ),
+                    "learner/workers": float(self.shards.world),
+                    "learner/fused_first_pass": float(trained.fused),
+                    "perf/publish_seconds": trained.publish_seconds,
+                }
+            )
             if "critic" in self.schedulers:
                 metrics["learner/critic_lr"] = self.schedulers["critic"].get_last_lr()[0]
         metrics["perf/update_seconds"] = time.perf_counter() - started  # publication included
@@ -463,8 +511,9 @@ class Learner:
         """The learner's log-probs (at the sampling temperature) of every response token."""
         batch = self.tokens(rollouts, truncate=False)
         logprobs = torch.zeros(batch.mask.shape, device=self.device)
-        for rows, stand_in in self.shards.rows(torch.arange(len(batch), device=self.device),
-                                               self.cfg.ppo.micro_batch_size):
+        for rows, stand_in in self.shards.rows(
+            torch.arange(len(batch), device=self.device), self.cfg.ppo.micro_batch_size
+        ):
             window = batch.window(rows)
             logp, _ = self._token_logprobs(self.policy, batch.cut(window))
             if not stand_in:
@@ -488,9 +537,15 @@ class Learner:
             "rng": checkpoints.rng_states(self.shuffle, self.device),
             "extra": driver_state,
         }
-        return self.checkpoint_writer.save(checkpoints.path_of(self.run_dir, self._version), self.models,
-                                           self._checkpointed_optimizers(), self.tokenizer, state,
-                                           self.cfg.learner.keep_checkpoints, self.export_dtypes)
+        return self.checkpoint_writer.save(
+            checkpoints.path_of(self.run_dir, self._version),
+            self.models,
+            self._checkpointed_optimizers(),
+            self.tokenizer,
+            state,
+            self.cfg.learner.keep_checkpoints,
+            self.export_dtypes,
+        )
 
     def wait_for_checkpoint(self) -> str | None:
         """Wait until the checkpoint being written in the background is complete; raise if its
@@ -524,7 +579,6 @@ class Learner:
         return state["extra"]
 
 
-
 def proximal_from(batch: Batch, rows: torch.Tensor, first: Forward) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The proximal log-probs and old values (None without a critic), (B, W) each, from the
     first forward pass of an update (`first`, made on batch.select(rows) before any optimizer
@@ -556,21 +610,27 @@ def training_metrics(stats: dict[str, list[float]]) -> dict[str, float]:
         "learner/optimizer_steps": float(len(stats["loss"])),
     }
     # The critic's terms (GAE), the KL in the loss and PPO-ptx, where the update has them.
-    optional = {"value": "loss/value_avg", "vf_clipfrac": "val/clipfrac_avg", "grad_norm/critic": "val/grad_norm_avg",
-                "kl": "loss/kl_avg", "ptx": "loss/ptx_avg"}
+    optional = {
+        "value": "loss/value_avg",
+        "vf_clipfrac": "val/clipfrac_avg",
+        "grad_norm/critic": "val/grad_norm_avg",
+        "kl": "loss/kl_avg",
+        "ptx": "loss/ptx_avg",
+    }
     metrics.update({name: avg[key] for key, name in optional.items() if key in avg})
     return metrics
 
 
-def _token_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, offset: int,
-                  compute) -> torch.Tensor:
+def _token_values(
+    critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, offset: int, compute
+) -> torch.Tensor:
     """The critic's value of the state before each window token (positions offset .. L-2),
     bound to the critic as `token_values`. The body runs in `compute` (the compute dtype's
     context); the value head in float32, so values keep their precision through GAE and
     whitening. -> (B, W, 1)"""
     with compute:
-        hidden = critic.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).last_hidden_state  # (B, L, H)
-    window = hidden[:, offset: input_ids.shape[1] - 1]  # (B, W, H)
+        hidden = critic.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, L, H)
+    window = hidden[:, offset : input_ids.shape[1] - 1]  # (B, W, H)
     return float32_head(value_head(critic), window)  # (B, W, 1): no view, for FSDP's backward hook
-

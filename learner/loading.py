@@ -97,8 +97,9 @@ def _load(cfg: TameConfig, role: Role, path: str, shards: Shards, device: torch.
         _read_shards(model, path, fresh=_fresh_keys(cfg, role))
     else:
         with _quiet_loading():
-            model = _auto_class(role).from_pretrained(path, dtype=torch.float32,
-                                                      **({"num_labels": 1} if role == "critic" else {}))
+            model = _auto_class(role).from_pretrained(
+                path, dtype=torch.float32, **({"num_labels": 1} if role == "critic" else {})
+            )
         if role == "reference":
             _store_linears_in(model, reference_dtype(cfg))
         if role == "critic" and cfg.learner.critic == "reward":
@@ -183,12 +184,17 @@ def _read_shards(model: torch.nn.Module, path: str | Path, fresh: set[str]) -> N
     tied = _tied_names(model)
     missing = [name for name in state if name not in available and name not in fresh and name not in tied]
     if missing:
-        raise ValueError(f"{path}: the checkpoint has no tensor {missing[0]!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                         + f" of the {type(model).__name__} transformers builds from its config.json")
+        raise ValueError(
+            f"{path}: the checkpoint has no tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f" of the {type(model).__name__} transformers builds from its config.json"
+        )
     wanted = {name: t for name, t in state.items() if name in available and name not in tied}
-    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(path)),
-             planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(
+        wanted,
+        storage_reader=HuggingFaceStorageReader(str(path)),
+        planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+    )
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
@@ -215,5 +221,4 @@ def value_head(model: torch.nn.Module) -> torch.nn.Module:
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Linear) and head.out_features == 1:
             return head
-    raise ValueError(f"{type(model).__name__}: no scalar head (score/classifier) to use as "
-                     "the critic's value head")
+    raise ValueError(f"{type(model).__name__}: no scalar head (score/classifier) to use as the critic's value head")

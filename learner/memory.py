@@ -113,8 +113,9 @@ class WorkerPlan:
 
     @property
     def update_bytes(self) -> int:
-        return (sum(x.nbytes for x in self.held + self.trained)
-                + max(sum(x.nbytes for x in lines) for lines in self.phases.values()))
+        return sum(x.nbytes for x in self.held + self.trained) + max(
+            sum(x.nbytes for x in lines) for lines in self.phases.values()
+        )
 
     @property
     def peak_phase(self) -> str:
@@ -161,13 +162,19 @@ def shape(cfg: TameConfig, role: str, path: str | Path) -> Shape:
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     files = safetensors_files(path)
     float32 = bool(files) and all(h.dtype == "F32" for h in file_headers(files[0]).values())
-    return Shape(parameters=sum(p.numel() for p in params),
-                 weight_bytes=sum(p.numel() * p.element_size() for p in params),
-                 largest_unit=max(units), root=sum(p.numel() for p in params) - sum(units),
-                 hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
-                 kv_width=kv_heads * head_dim, vocab=c.vocab_size,
-                 checkpoint_bytes=max((f.stat().st_size for f in files), default=0),
-                 checkpoint_float32=float32)
+    return Shape(
+        parameters=sum(p.numel() for p in params),
+        weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        largest_unit=max(units),
+        root=sum(p.numel() for p in params) - sum(units),
+        hidden=c.hidden_size,
+        intermediate=c.intermediate_size,
+        layers=c.num_hidden_layers,
+        kv_width=kv_heads * head_dim,
+        vocab=c.vocab_size,
+        checkpoint_bytes=max((f.stat().st_size for f in files), default=0),
+        checkpoint_float32=float32,
+    )
 
 
 # --------------------------------------------------------------------------- the learner
@@ -182,8 +189,12 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
     trained = {role: s for role, s in shapes.items() if role != "reference"}
     compute = 2 if "bfloat16" in (lc.compute_dtype, lc.param_dtype) else 4
 
-    held = [Line("the process (" + ("CUDA context, NCCL, allocator" if cuda else "Python, torch, Ray") + ")",
-                 GPU_PROCESS if cuda else CPU_PROCESS)]
+    held = [
+        Line(
+            "the process (" + ("CUDA context, NCCL, allocator" if cuda else "Python, torch, Ray") + ")",
+            GPU_PROCESS if cuda else CPU_PROCESS,
+        )
+    ]
     states: list[Line] = []
     for role, s in shapes.items():
         share = f"{s.parameters / 1e9:.2f}B parameters" + (f", 1/{n}" if n > 1 else "")
@@ -196,7 +207,9 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
     minibatches = math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
     host = []
     if p.epochs * minibatches > 1:
-        snapshot = Line("rollback snapshot of weights and moments", 12 * sum(s.parameters for s in trained.values()) // n)
+        snapshot = Line(
+            "rollback snapshot of weights and moments", 12 * sum(s.parameters for s in trained.values()) // n
+        )
         (host if cuda else states).append(snapshot)
 
     gathered: list[Line] = []
@@ -204,8 +217,10 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
         gathered_bytes = 2 if lc.param_dtype == "bfloat16" else 4
         largest = max(s.largest_unit for s in shapes.values())
         root = max(s.root for s in shapes.values())
-        gathered = [Line("gathered by FSDP2: two units and one unit's gradient", largest * (2 * gathered_bytes + 4)),
-                    Line("gathered by FSDP2: the root and its gradient", root * (gathered_bytes + 4))]
+        gathered = [
+            Line("gathered by FSDP2: two units and one unit's gradient", largest * (2 * gathered_bytes + 4)),
+            Line("gathered by FSDP2: the root and its gradient", root * (gathered_bytes + 4)),
+        ]
     rows = p.micro_batch_size
     tokens = min(cfg.rollout.max_model_len, cfg.data.max_prompt_tokens + cfg.rollout.sampling.max_new_tokens)
     response = min(tokens, cfg.rollout.sampling.max_new_tokens)
@@ -219,9 +234,17 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
 
     policy = shapes["policy"]
     grads = {role: Line(f"{role} gradients, float32", 4 * s.parameters // n) for role, s in trained.items()}
-    phases = {"policy backward": [grads["policy"], activations(policy), *gathered,
-                                  Line(f"logits, {rows} x {response} x {policy.vocab} x 4 bytes x {LOGIT_COPIES}",
-                                       LOGIT_COPIES * 4 * rows * response * policy.vocab)]}
+    phases = {
+        "policy backward": [
+            grads["policy"],
+            activations(policy),
+            *gathered,
+            Line(
+                f"logits, {rows} x {response} x {policy.vocab} x 4 bytes x {LOGIT_COPIES}",
+                LOGIT_COPIES * 4 * rows * response * policy.vocab,
+            ),
+        ]
+    }
     if "critic" in trained:
         phases["critic backward"] = [grads["policy"], grads["critic"], activations(trained["critic"]), *gathered]
     step = [*grads.values()]
@@ -242,17 +265,21 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
     # One worker on a CPU maps a float32 checkpoint into float32 weights without copying it:
     # they are in memory once first used (the reference's linear layers are copies when
     # they compute in another dtype).
-    mapped = {role: s for role, s in shapes.items() if n == 1 and not cuda and s.checkpoint_float32
-              and (role != "reference" or s.weight_bytes == 4 * s.parameters)}
+    mapped = {
+        role: s
+        for role, s in shapes.items()
+        if n == 1 and not cuda and s.checkpoint_float32 and (role != "reference" or s.weight_bytes == 4 * s.parameters)
+    }
     read = [s.checkpoint_bytes for role, s in shapes.items() if role not in mapped]
     startup = [Line("the checkpoint file being read", max(read, default=0) // n)]
     if mapped:
-        startup.append(Line(f"less the {', '.join(mapped)} weights, mapped from float32 files until first used",
-                            -sum(s.weight_bytes if role == "reference" else 4 * s.parameters
-                                 for role, s in mapped.items())))
+        startup.append(
+            Line(
+                f"less the {', '.join(mapped)} weights, mapped from float32 files until first used",
+                -sum(s.weight_bytes if role == "reference" else 4 * s.parameters for role, s in mapped.items()),
+            )
+        )
     return WorkerPlan(n, lc.device, held, states, startup, phases, budget or Budget(None, "memory unknown"), host)
-
-
 
 
 def check_device(cfg: TameConfig, device) -> None:
@@ -265,5 +292,7 @@ def check_device(cfg: TameConfig, device) -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     worker = learner_worker(cfg, Budget(total, f"{torch.cuda.get_device_name(device)}"))
     if not worker.fits():
-        raise UserError(f"a learner worker needs {worker.update_bytes / GIB:.1f} GiB at its update peak, its GPU has "
-                        f"{total / GIB:.1f} GiB: `tame plan` shows the layouts that fit\n" + worker.render())
+        raise UserError(
+            f"a learner worker needs {worker.update_bytes / GIB:.1f} GiB at its update peak, its GPU has "
+            f"{total / GIB:.1f} GiB: `tame plan` shows the layouts that fit\n" + worker.render()
+        )

@@ -57,8 +57,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked positions; masked-out positions come back as 0.
 
     With `shift_mean=False` the mean is added back (only the scale is normalised), as the N+
@@ -109,9 +108,14 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask.long()).argmax(dim=1)
 
 
-def kl_shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                      mask: torch.Tensor, kl_coef: float,
-                      estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+def kl_shaped_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: `-kl_coef * KL_t` at every response token, plus the reward-model
     score at the last response token (Ziegler et al. 2019; InstructGPT; N+ paper).
 
@@ -125,8 +129,7 @@ def kl_shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     return rewards * mask, kl
 
 
-def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor,
-                              penalty: float) -> torch.Tensor:
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
     """Subtract `penalty` from the score of every response that did not end (N+ paper).
     scores: (B,), has_eos: (B,) bool -> (B,)."""
     return scores - penalty * (~has_eos).to(scores.dtype)
@@ -143,8 +146,9 @@ def mask_after_stop(tokens: torch.Tensor, mask: torch.Tensor, stop_token_id: int
 # --------------------------------------------------------------------------- advantages
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over each response.
 
     delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lambda * A_{t+1},
@@ -177,12 +181,14 @@ def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tenso
     n_groups = int(groups.max()) + 1
     sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, groups, values)
     counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
-        0, groups, torch.ones_like(values))
+        0, groups, torch.ones_like(values)
+    )
     return sums[groups], counts[groups]
 
 
-def grpo_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale_by_std: bool = True,
-                    eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath): (r - mean of its group) / (std of its group +
     eps), the std unbiased over the group's samples. `scale_by_std=False` is Dr. GRPO (Liu
     et al. 2025): the mean is subtracted, nothing is divided, so easy and hard prompts weigh
@@ -239,8 +245,9 @@ class AdvantageSettings(NamedTuple):
     """GRPO divides by the group's std; False is Dr. GRPO."""
 
 
-def estimate_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
-                 s: AdvantageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def estimate_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor, s: AdvantageSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`gae`, whitened over the batch (when asked, and there are two tokens to whiten)."""
     advantages, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
     if s.whiten and mask.sum() > 1:
@@ -248,30 +255,37 @@ def estimate_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     return advantages, returns
 
 
-def estimate_reinforce_pp(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
-                          s: AdvantageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def estimate_reinforce_pp(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor, s: AdvantageSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`reinforce_pp_advantages`; a batch of one token has nothing to whiten: its return."""
-    advantages = (reinforce_pp_advantages(rewards, mask, s.gamma) if mask.sum() > 1
-                  else discounted_returns(rewards, mask, s.gamma))
+    advantages = (
+        reinforce_pp_advantages(rewards, mask, s.gamma)
+        if mask.sum() > 1
+        else discounted_returns(rewards, mask, s.gamma)
+    )
     return advantages, torch.zeros_like(rewards)
 
 
-def estimate_grpo(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
-                  s: AdvantageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def estimate_grpo(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor, s: AdvantageSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`grpo_advantages` of each sequence's summed reward (the score, minus the shaped KL when
     it is in the reward), on every one of its tokens."""
     per_sequence = grpo_advantages(rewards.sum(1), groups, s.scale_by_std)
     return per_sequence[:, None] * mask, torch.zeros_like(rewards)
 
 
-def estimate_rloo(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor,
-                  s: AdvantageSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def estimate_rloo(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor, s: AdvantageSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`rloo_advantages` of each sequence's summed reward, on every one of its tokens."""
     return rloo_advantages(rewards.sum(1), groups)[:, None] * mask, torch.zeros_like(rewards)
 
 
-AdvantageEstimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdvantageSettings],
-                              tuple[torch.Tensor, torch.Tensor]]
+AdvantageEstimator = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdvantageSettings], tuple[torch.Tensor, torch.Tensor]
+]
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     "gae": estimate_gae,
@@ -284,8 +298,9 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
 # --------------------------------------------------------------------------- loss aggregation
 
 
-def token_weights(mask: torch.Tensor, aggregation: str, n_sequences: int, n_tokens: float,
-                  max_new_tokens: int) -> torch.Tensor:
+def token_weights(
+    mask: torch.Tensor, aggregation: str, n_sequences: int, n_tokens: float, max_new_tokens: int
+) -> torch.Tensor:
     """Per-token weights that turn a token sum into the chosen aggregation of a minibatch of
     `n_sequences` sequences and `n_tokens` response tokens (counted over the whole minibatch,
     so micro-batches add up to exactly the minibatch's loss):
@@ -308,8 +323,9 @@ def token_weights(mask: torch.Tensor, aggregation: str, n_sequences: int, n_toke
 # --------------------------------------------------------------------------- importance weights
 
 
-def truncated_importance_weight(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
-                                cap: float) -> torch.Tensor:
+def truncated_importance_weight(
+    proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
     """min(pi_prox / pi_behaviour, C) per token, without gradient.
 
     Corrects for rollouts made by older weights (staleness) or by a numerically different
@@ -337,11 +353,16 @@ def _normalise(total: torch.Tensor, mask: torch.Tensor, normaliser: float | None
     return total / (mask.sum().clamp(min=1) if normaliser is None else normaliser)
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                        advantages: torch.Tensor, mask: torch.Tensor, clip_ratio: float,
-                        weights: torch.Tensor | None = None,
-                        normaliser: float | None = None,
-                        aggregation: torch.Tensor | None = None) -> PolicyLoss:
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_ratio: float,
+    weights: torch.Tensor | None = None,
+    normaliser: float | None = None,
+    aggregation: torch.Tensor | None = None,
+) -> PolicyLoss:
     """PPO's clipped surrogate, token-level: max(-A r, -A clip(r, 1-eps, 1+eps)) with
     r = pi / pi_old, optionally times a per-token importance weight (decoupled PPO).
 
@@ -361,8 +382,11 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
         clipfrac = _normalise(masked_sum((clipped > unclipped).float(), mask), mask, normaliser)
         approxkl = _normalise(masked_sum(0.5 * log_ratio**2, mask), mask, normaliser)
         mean_ratio = _normalise(masked_sum(ratio, mask), mask, normaliser)
-    loss = _normalise(masked_sum(per_token, mask), mask, normaliser) if aggregation is None \
+    loss = (
+        _normalise(masked_sum(per_token, mask), mask, normaliser)
+        if aggregation is None
         else (per_token * aggregation).sum()
+    )
     return PolicyLoss(loss, clipfrac, approxkl, mean_ratio)
 
 
@@ -373,9 +397,14 @@ class ValueLoss(NamedTuple):
     """Share of tokens where the clipped branch was larger."""
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, value_clip: float,
-                       normaliser: float | None = None) -> ValueLoss:
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    value_clip: float,
+    normaliser: float | None = None,
+) -> ValueLoss:
     """The value loss with the prediction clipped to old_values +- value_clip (N+ paper).
 
     values (with gradient), old_values, returns, mask: (B, T).
@@ -385,20 +414,17 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     clipped_loss = (clipped_values - returns) ** 2
     per_token = 0.5 * torch.maximum(unclipped_loss, clipped_loss)
     with torch.no_grad():
-        clipfrac = _normalise(masked_sum((clipped_loss > unclipped_loss).float(), mask), mask,
-                              normaliser)
+        clipfrac = _normalise(masked_sum((clipped_loss > unclipped_loss).float(), mask), mask, normaliser)
     return ValueLoss(_normalise(masked_sum(per_token, mask), mask, normaliser), clipfrac)
 
 
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor,
-                  normaliser: float | None = None) -> torch.Tensor:
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, normaliser: float | None = None) -> torch.Tensor:
     """Mean per-token entropy (to be *subtracted* from the loss times entropy_coef).
     entropy, mask: (B, T) -> scalar."""
     return _normalise(masked_sum(entropy, mask), mask, normaliser)
 
 
-def nll_loss(logprobs: torch.Tensor, mask: torch.Tensor,
-             normaliser: float | None = None) -> torch.Tensor:
+def nll_loss(logprobs: torch.Tensor, mask: torch.Tensor, normaliser: float | None = None) -> torch.Tensor:
     """Negative log-likelihood of the masked tokens: the SFT loss and PPO-ptx's pretraining
     term (InstructGPT). logprobs, mask: (B, T) -> scalar."""
     return -_normalise(masked_sum(logprobs, mask), mask, normaliser)

@@ -36,8 +36,12 @@ class HostSnapshot:
         self._missing: set[tuple] = set()  # optimizer states that did not exist yet
         self._small: dict[str, Any] = {}  # param groups (learning rates) and schedulers
 
-    def take(self, models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-             schedulers: Mapping[str, torch.optim.lr_scheduler.LRScheduler]) -> None:
+    def take(
+        self,
+        models: Mapping[str, torch.nn.Module],
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        schedulers: Mapping[str, torch.optim.lr_scheduler.LRScheduler],
+    ) -> None:
         """Copy everything the models, their optimizers and schedulers hold that an update changes."""
         self._missing.clear()
         copies = []
@@ -53,12 +57,20 @@ class HostSnapshot:
             copies.append(t.is_cuda)
         if any(copies):
             torch.cuda.synchronize()
-        self._small = {name: ([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-                              copy.deepcopy(schedulers[name].state_dict()))
-                       for name, optimizer in optimizers.items()}
+        self._small = {
+            name: (
+                [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+                copy.deepcopy(schedulers[name].state_dict()),
+            )
+            for name, optimizer in optimizers.items()
+        }
 
-    def restore(self, models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-                schedulers: Mapping[str, torch.optim.lr_scheduler.LRScheduler]) -> None:
+    def restore(
+        self,
+        models: Mapping[str, torch.nn.Module],
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        schedulers: Mapping[str, torch.optim.lr_scheduler.LRScheduler],
+    ) -> None:
         """Put back what `take` copied: the same values, bit for bit."""
         cuda = False
         with torch.no_grad():
@@ -78,8 +90,11 @@ class HostSnapshot:
             schedulers[name].load_state_dict(schedule)
 
     @staticmethod
-    def _tensors(models: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-                 without: set[tuple] = frozenset()) -> Iterator[tuple[tuple, torch.Tensor | None]]:
+    def _tensors(
+        models: Mapping[str, torch.nn.Module],
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        without: set[tuple] = frozenset(),
+    ) -> Iterator[tuple[tuple, torch.Tensor | None]]:
         """(key, tensor) of every weight, and of every AdamW state tensor (None where a
         parameter has no state yet: AdamW makes it at its first step); parameters whose
         (optimizer, index, None) key is in `without` are left out."""

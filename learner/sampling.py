@@ -15,9 +15,16 @@ from cluster.shared.tokens import pad_token_id, prompt_token_ids
 
 
 @torch.no_grad()
-def sample_rollouts(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                    temperature: float = 1.0, seed: int = 0, policy_version: int = 0,
-                    chat_template: bool = True) -> list[Rollout]:
+def sample_rollouts(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    policy_version: int = 0,
+    chat_template: bool = True,
+) -> list[Rollout]:
     """One sampled response per prompt, with its behaviour log-probs (unscored).
 
     Prompts are left-padded with explicit position ids, and a KV cache carries the
@@ -39,8 +46,9 @@ def sample_rollouts(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     done = torch.zeros(batch, dtype=torch.bool)
     past, step_ids, step_pos = None, input_ids, positions
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
-                    past_key_values=past, use_cache=True)
+        out = model(
+            input_ids=step_ids, attention_mask=attention, position_ids=step_pos, past_key_values=past, use_cache=True
+        )
         past = out.past_key_values
         logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1).cpu()  # (B, V)
         token = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
@@ -54,15 +62,21 @@ def sample_rollouts(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
             break
         step_ids = token.to(device)
         step_pos = step_pos[:, -1:] + 1
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype,
-                                                      device=device)], dim=1)
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
     seconds = time.perf_counter() - started
     return [
-        Rollout(prompt_id=str(i), sample_index=0, prompt_text=prompt,
-                prompt_token_ids=prompt_ids[i], response_token_ids=responses[i],
-                response_text=tokenizer.decode(responses[i], skip_special_tokens=True),
-                behaviour_logprobs=logprobs[i],
-                finish_reason="stop" if responses[i][-1] == eos else "length",
-                policy_version=policy_version, actor_id=-1, generate_seconds=seconds)
+        Rollout(
+            prompt_id=str(i),
+            sample_index=0,
+            prompt_text=prompt,
+            prompt_token_ids=prompt_ids[i],
+            response_token_ids=responses[i],
+            response_text=tokenizer.decode(responses[i], skip_special_tokens=True),
+            behaviour_logprobs=logprobs[i],
+            finish_reason="stop" if responses[i][-1] == eos else "length",
+            policy_version=policy_version,
+            actor_id=-1,
+            generate_seconds=seconds,
+        )
         for i, prompt in enumerate(prompts)
     ]

@@ -70,11 +70,12 @@ def run_sft(cfg: TameConfig, log: Callable[[str], None] = print) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.learning_rate, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(examples) / s.batch_size)
     total_steps = s.epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, "linear", max(1, int(WARMUP_SHARE * total_steps)),
-                               total_steps)
-    log(f"sft: {len(examples)} examples from {s.data} ({len(rows) - len(examples)} left out), "
+    scheduler = make_scheduler(optimizer, "linear", max(1, int(WARMUP_SHARE * total_steps)), total_steps)
+    log(
+        f"sft: {len(examples)} examples from {s.data} ({len(rows) - len(examples)} left out), "
         f"{n_params(model) / 1e6:.2f}M parameters, {total_steps} steps of {s.batch_size}, "
-        f"{threads} threads on {device}")
+        f"{threads} threads on {device}"
+    )
 
     # training: shuffled batches, each padded to its longest example
     rng = random.Random(cfg.run.seed)
@@ -84,7 +85,7 @@ def run_sft(cfg: TameConfig, log: Callable[[str], None] = print) -> Path:
         order = list(range(len(examples)))
         rng.shuffle(order)
         for start in range(0, len(order), s.batch_size):
-            batch = [examples[i] for i in order[start: start + s.batch_size]]
+            batch = [examples[i] for i in order[start : start + s.batch_size]]
             ids, attention, loss_mask = collate_demonstrations(batch, pad_id, device)
             with compute_context(device, cfg.learner.compute_dtype):
                 loss = demonstration_nll(model, ids, attention, loss_mask)
@@ -96,13 +97,14 @@ def run_sft(cfg: TameConfig, log: Callable[[str], None] = print) -> Path:
             step += 1
             recent.append(float(loss.detach()))
             if not math.isfinite(recent[-1]):
-                raise RuntimeError(f"sft: the loss became {recent[-1]} at step {step}; "
-                                   "lower sft.learning_rate")
+                raise RuntimeError(f"sft: the loss became {recent[-1]} at step {step}; lower sft.learning_rate")
             if step % every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - started
-                log(f"sft epoch {epoch + 1}/{s.epochs} step {step}/{total_steps} "
+                log(
+                    f"sft epoch {epoch + 1}/{s.epochs} step {step}/{total_steps} "
                     f"loss {sum(recent) / len(recent):.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                    f"{step * s.batch_size / elapsed:.0f} examples/s")
+                    f"{step * s.batch_size / elapsed:.0f} examples/s"
+                )
                 recent = []
 
     # save in Hugging Face format with the tokenizer, so PPO and vLLM load it directly

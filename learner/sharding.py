@@ -68,8 +68,13 @@ class Shards:
             import torch.distributed as dist
             from torch.distributed.device_mesh import init_device_mesh
 
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=place.address,
-                                    rank=place.rank, world_size=place.world, timeout=TIMEOUT)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo",
+                init_method=place.address,
+                rank=place.rank,
+                world_size=place.world,
+                timeout=TIMEOUT,
+            )
             self.mesh = init_device_mesh(device.type, (place.world,))
             self.checkpoint_group = dist.new_group(backend="gloo", timeout=TIMEOUT)
 
@@ -111,8 +116,10 @@ class Shards:
 
         from cluster.shared.precision import torch_dtype
 
-        policy = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype) if param_dtype else None,
-                                      reduce_dtype=torch_dtype(reduce_dtype) if reduce_dtype else None)
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch_dtype(param_dtype) if param_dtype else None,
+            reduce_dtype=torch_dtype(reduce_dtype) if reduce_dtype else None,
+        )
         for unit in sharding_units(model):
             fully_shard(unit, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
@@ -160,8 +167,7 @@ class Shards:
         return box[0]
 
 
-def share_rows(rows: torch.Tensor, micro_batch_size: int, rank: int, world: int
-               ) -> Iterator[tuple[torch.Tensor, bool]]:
+def share_rows(rows: torch.Tensor, micro_batch_size: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, bool]]:
     """Worker `rank`'s micro-batches of `rows`: rows r, r + world, ... of each round of
     micro_batch_size x world rows. Each comes with whether it is a stand-in: a pass made only
     so that every worker makes as many as the others (the round's first row; its result is

@@ -47,15 +47,21 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
-                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, schedule, warmup_steps, total_steps))
+        optimizer, lambda step: lr_factor(step, schedule, warmup_steps, total_steps)
+    )
 
 
-def demonstration_nll(model: torch.nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                      normaliser: float | None = None) -> torch.Tensor:
+def demonstration_nll(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    normaliser: float | None = None,
+) -> torch.Tensor:
     """Negative log-likelihood of the response tokens of a batch (the SFT loss, and the
     pretraining term of PPO-ptx): a sum over response tokens / normaliser (default: their
     count). input_ids, attention_mask: (B, L); loss_mask: (B, L-1) -> scalar."""

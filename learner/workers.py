@@ -25,8 +25,10 @@ class LeadLearner(Learner):
 
         world = len(worker_options) + 1
         address = rendezvous_address()
-        self.workers = [ray.remote(Learner).options(**options).remote(cfg, run_dir, Rank(rank, world, address))
-                        for rank, options in enumerate(worker_options, start=1)]
+        self.workers = [
+            ray.remote(Learner).options(**options).remote(cfg, run_dir, Rank(rank, world, address))
+            for rank, options in enumerate(worker_options, start=1)
+        ]
         self.broken: str | None = None  # why the workers were stopped, if they were
         super().__init__(cfg, run_dir, Rank(0, world, address))  # returns once every worker joined
 
@@ -64,8 +66,7 @@ class LeadLearner(Learner):
             ray.get(ref)
         except ray.exceptions.RayActorError as e:
             self._stop_workers(f"worker {rank} died")
-            raise WorkerDiedError(f"learner worker {rank} of {len(self.workers) + 1} died "
-                                  f"({type(e).__name__})") from e
+            raise WorkerDiedError(f"learner worker {rank} of {len(self.workers) + 1} died ({type(e).__name__})") from e
         except Exception:
             if raise_errors:
                 self._stop_workers(f"an error on worker {rank}")

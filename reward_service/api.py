@@ -84,7 +84,8 @@ def parse_score_request(body: bytes, limits: Limits) -> ScoreRequest:
         raise RequestError(413, f"body of {len(body)} bytes is larger than {limits.max_body_bytes}")
     try:
         return ScoreRequest.model_validate_json(
-            body, context={"max_items": limits.max_items, "max_chars": limits.max_chars})
+            body, context={"max_items": limits.max_items, "max_chars": limits.max_chars}
+        )
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
         if any(err["type"] == "json_invalid" for err in errors):

@@ -52,11 +52,12 @@ class RewardClient:
     (`time_budget_s`); None keeps it at `timeout_s` whatever the batch.
     """
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float, retries: int,
-                 call_items_per_s: float | None = None):
+    def __init__(self, handle: DeploymentHandle, timeout_s: float, retries: int, call_items_per_s: float | None = None):
         if timeout_s <= 0 or retries < 0 or (call_items_per_s is not None and call_items_per_s <= 0):
-            raise ValueError(f"timeout_s and call_items_per_s must be > 0 and retries >= 0 "
-                             f"(got {timeout_s}, {call_items_per_s}, {retries})")
+            raise ValueError(
+                f"timeout_s and call_items_per_s must be > 0 and retries >= 0 "
+                f"(got {timeout_s}, {call_items_per_s}, {retries})"
+            )
         self.handle = handle
         self.timeout_s = timeout_s
         self.retries = retries
@@ -83,13 +84,15 @@ class RewardClient:
                 response.cancel()
                 failures.append(f"attempt {attempt + 1}: {type(e).__name__}: {_message(e)[:200]}")
                 # Back off a little (never past the deadline) so a restarting replica can come up.
-                time.sleep(max(0.0, min(0.1 * 2 ** attempt, deadline - time.monotonic())))
+                time.sleep(max(0.0, min(0.1 * 2**attempt, deadline - time.monotonic())))
                 continue
             if len(scores) != len(prompts):
                 raise RewardError(f"the reward service answered {len(scores)} scores for {len(prompts)} items")
             return [float(s) for s in scores]
-        raise RewardError(f"no reward after {len(failures)} attempt(s) within {budget_s:.1f}s: "
-                          + "; ".join(failures or ["time budget spent"]))
+        raise RewardError(
+            f"no reward after {len(failures)} attempt(s) within {budget_s:.1f}s: "
+            + "; ".join(failures or ["time budget spent"])
+        )
 
 
 def _message(e: Exception) -> str:

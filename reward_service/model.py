@@ -45,8 +45,9 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 # ------------------------------------------------------------------------- load / save
 
 
-def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                      init_head: bool = False) -> tuple[nn.Module, Any]:
+def load_reward_model(
+    path: str | Path, *, dtype: str = "float32", device: str = "cpu", init_head: bool = False
+) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) of a sequence-classification reward model.
 
     `init_head=True` accepts a causal-LM folder (such as the SFT policy) and builds its
@@ -65,13 +66,14 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
         raise UserError(f"{path}: not a Hugging Face model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise UserError(f"{path}: the tokenizer needs a PAD token distinct from EOS "
-                         f"(pad={tokenizer.pad_token_id}, eos={tokenizer.eos_token_id})")
+        raise UserError(
+            f"{path}: the tokenizer needs a PAD token distinct from EOS "
+            f"(pad={tokenizer.pad_token_id}, eos={tokenizer.eos_token_id})"
+        )
     config = AutoConfig.from_pretrained(path)
     is_seq_cls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if not is_seq_cls and not init_head:
-        raise UserError(f"{path}: not a sequence-classification model "
-                         f"(architectures {config.architectures})")
+        raise UserError(f"{path}: not a sequence-classification model (architectures {config.architectures})")
     if is_seq_cls and config.num_labels != 1:
         raise UserError(f"{path}: a reward model has one output, this one has {config.num_labels}")
     config.num_labels = 1
@@ -85,8 +87,7 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", device: str =
     if bias is not None or not is_seq_cls:
         hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=getattr(torch, dtype))
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
     finally:
         hf_logging.set_verbosity(verbosity)
     model.score.float()  # the head computes in float32 whatever the body's dtype
@@ -116,17 +117,25 @@ class RewardModel:
     """Tokens per item; longer inputs keep their last tokens (the response and its EOS)."""
 
     @classmethod
-    def load(cls, path: str | Path, *, chat_template: bool = True, max_length: int = 512,
-             dtype: str = "float32", device: str = "cpu") -> RewardModel:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        chat_template: bool = True,
+        max_length: int = 512,
+        dtype: str = "float32",
+        device: str = "cpu",
+    ) -> RewardModel:
         model, tokenizer = load_reward_model(path, dtype=dtype, device=device)
         positions = getattr(model.config, "max_position_embeddings", None) or max_length
         return cls(model, tokenizer, chat_template, min(max_length, positions))
 
     def encode(self, prompt: str, response: str) -> list[int]:
         """Prompt ids (chat template, assistant turn opened) + response ids + EOS, last tokens kept."""
-        ids = prompt_token_ids(self.tokenizer, prompt, self.chat_template) \
-            + response_token_ids(self.tokenizer, response)
-        return ids[-self.max_length:]
+        ids = prompt_token_ids(self.tokenizer, prompt, self.chat_template) + response_token_ids(
+            self.tokenizer, response
+        )
+        return ids[-self.max_length :]
 
     @torch.inference_mode()
     def score_ids(self, sequences: list[list[int]]) -> list[float]:

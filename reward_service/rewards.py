@@ -50,8 +50,10 @@ def resolve_function(spec: str, where: str) -> RuleFunction:
 
 
 def load_functions(functions: list[RewardFunctionConfig]) -> list[WeightedFunction]:
-    return [WeightedFunction(f.function, resolve_function(f.function, f"reward.functions[{i}].function"), f.weight)
-            for i, f in enumerate(functions)]
+    return [
+        WeightedFunction(f.function, resolve_function(f.function, f"reward.functions[{i}].function"), f.weight)
+        for i, f in enumerate(functions)
+    ]
 
 
 def check_reward_config(cfg: TameConfig) -> None:
@@ -88,8 +90,13 @@ class RewardSum:
         check_reward_config(cfg)
         model = None
         if cfg.model.reward is not None:
-            model = RewardModel.load(cfg.model.reward, chat_template=cfg.data.chat_template,
-                                     max_length=cfg.reward.max_length, dtype=cfg.model.dtype, device=device)
+            model = RewardModel.load(
+                cfg.model.reward,
+                chat_template=cfg.data.chat_template,
+                max_length=cfg.reward.max_length,
+                dtype=cfg.model.dtype,
+                device=device,
+            )
         return cls(model, cfg.reward.model_weight, load_functions(cfg.reward.functions))
 
     def score_each(self, prompts: list[str], responses: list[str]) -> list[float | UnscorableItemError]:
@@ -113,7 +120,9 @@ class RewardSum:
                     totals[i] = UnscorableItemError(f"reward function {wf.name} failed: {type(e).__name__}: {e}")
                     continue
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    totals[i] = UnscorableItemError(f"reward function {wf.name} returned {value!r}, not a finite number")
+                    totals[i] = UnscorableItemError(
+                        f"reward function {wf.name} returned {value!r}, not a finite number"
+                    )
                     continue
                 totals[i] += wf.weight * float(value)
         return totals

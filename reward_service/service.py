@@ -92,7 +92,7 @@ class RewardDeployment:
         scores = await asyncio.to_thread(self._reward.score_each, [p for p, _ in flat], [r for _, r in flat])
         answers, start = [], 0
         for chunk in chunks:
-            answers.append(scores[start:start + len(chunk)])
+            answers.append(scores[start : start + len(chunk)])
             start += len(chunk)
         return answers
 
@@ -109,7 +109,7 @@ class RewardDeployment:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         pairs = list(zip(prompts, responses))
         size = self._max_batch_size
-        parts = await asyncio.gather(*(self._batch(pairs[i:i + size]) for i in range(0, len(pairs), size)))
+        parts = await asyncio.gather(*(self._batch(pairs[i : i + size]) for i in range(0, len(pairs), size)))
         scores = [s for part in parts for s in part]
         for i, s in enumerate(scores):
             if isinstance(s, UnscorableItemError):
@@ -122,8 +122,12 @@ class RewardDeployment:
 
     def stats(self) -> dict:
         """This replica's batching so far: forward passes, items scored, largest batch."""
-        return {"replica": self._replica, "forward_passes": self._forward_passes,
-                "items": self._items_scored, "largest_batch": self._largest_batch}
+        return {
+            "replica": self._replica,
+            "forward_passes": self._forward_passes,
+            "items": self._items_scored,
+            "largest_batch": self._largest_batch,
+        }
 
     # -- HTTP ------------------------------------------------------------------------
 
@@ -132,7 +136,8 @@ class RewardDeployment:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode("utf-8", "surrogateescape"), self._token):
+            given.strip().encode("utf-8", "surrogateescape"), self._token
+        ):
             raise RequestError(401, "missing or wrong bearer token")
 
     async def _body(self, request: Request) -> bytes:
@@ -179,8 +184,11 @@ def deployment_options(cfg: TameConfig) -> dict:
     """Serve options of the reward deployment, all from `cfg.reward`."""
     r = cfg.reward
     options: dict = {
-        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus,
-                              "runtime_env": {"env_vars": gpu_env(r.num_gpus)}},
+        "ray_actor_options": {
+            "num_cpus": r.num_cpus,
+            "num_gpus": r.num_gpus,
+            "runtime_env": {"env_vars": gpu_env(r.num_gpus)},
+        },
         # Enough requests in flight per replica to fill a batch from single-item callers.
         "max_ongoing_requests": max(r.max_batch_size, 8),
         # Serve's default poll (2 s) makes every replica's stop wait at least that long, idle
@@ -194,8 +202,9 @@ def deployment_options(cfg: TameConfig) -> dict:
     return options
 
 
-def deploy(cfg: TameConfig, *, http: bool = True, name: str = "tame-reward",
-           route_prefix: str = "/", wait: bool = True) -> DeploymentHandle:
+def deploy(
+    cfg: TameConfig, *, http: bool = True, name: str = "tame-reward", route_prefix: str = "/", wait: bool = True
+) -> DeploymentHandle:
     """Run the reward deployment on the connected Ray cluster and return its handle.
 
     The model comes from `cfg.model.reward` (or none: rule functions only), the chat
@@ -228,8 +237,9 @@ def app_running(name: str = "tame-reward") -> bool:
 def coming_up(cfg: TameConfig, name: str = "tame-reward") -> Pending:
     """The reward service as a role the start waits for (`cluster.shared.startup`)."""
     (role,) = roles(cfg, only=("reward",))
-    return Pending("the reward service", f"{role.count_field} x {ask(role)}", lambda: app_running(name),
-                   tuple(role.each))
+    return Pending(
+        "the reward service", f"{role.count_field} x {ask(role)}", lambda: app_running(name), tuple(role.each)
+    )
 
 
 def serve_forever(cfg: TameConfig, log=print) -> None:

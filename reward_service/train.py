@@ -57,18 +57,19 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) ->
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def _pair_scores(model, pad_id: int, batch: list[tuple[list[int], list[int]]], device: str,
-                 compute_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_scores(
+    model, pad_id: int, batch: list[tuple[list[int], list[int]]], device: str, compute_dtype: str = "float32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (B,) of the chosen and (B,) of the rejected sequences, in one padded forward
     (training steps run it in learner.compute_dtype; evaluation in float32)."""
     sequences = [c for c, _ in batch] + [r for _, r in batch]
     input_ids, attention_mask = pad(sequences, pad_id)
     with compute_context(device, compute_dtype):
         scores = sequence_scores(model, input_ids.to(device), attention_mask.to(device))  # (2B,)
-    return scores[: len(batch)], scores[len(batch):]
+    return scores[: len(batch)], scores[len(batch) :]
 
 
 @torch.no_grad()
@@ -170,8 +171,10 @@ def _train(cfg: TameConfig, log) -> dict:
             step += 1
             window_loss, window_acc, window = window_loss + loss.item(), window_acc + accuracy.item(), window + 1
             if step % report_every == 0 or step == total_steps:
-                log(f"epoch {epoch + 1}/{rm_cfg.epochs} step {step}/{total_steps}: "
-                    f"loss {window_loss / window:.4f}, batch accuracy {window_acc / window:.3f}")
+                log(
+                    f"epoch {epoch + 1}/{rm_cfg.epochs} step {step}/{total_steps}: "
+                    f"loss {window_loss / window:.4f}, batch accuracy {window_acc / window:.3f}"
+                )
                 window_loss, window_acc, window = 0.0, 0.0, 0
     model.eval()
 
@@ -184,14 +187,24 @@ def _train(cfg: TameConfig, log) -> dict:
     old_bias = model.score.bias.detach().clone() if model.score.bias is not None else torch.zeros(1)
     set_score_bias(model, old_bias.to(model.score.weight.device) - mean_chosen)
     score_bias = float(model.score.bias.item())
-    log(f"normalised: mean score of the training chosen responses was {mean_chosen:+.4f}; score bias now {score_bias:+.4f}")
+    log(
+        f"normalised: mean score of the training chosen responses was {mean_chosen:+.4f}; score bias now {score_bias:+.4f}"
+    )
 
     # -- save in Hugging Face format, atomically ------------------------------------------
     summary = {
-        "accuracy": after["accuracy"], "accuracy_before": before["accuracy"], "eval_loss": after["loss"],
-        "output": str(rm_cfg.output), "pairs": len(pairs), "train_pairs": len(train_pairs),
-        "eval_pairs": len(eval_pairs), "steps": step, "score_bias": score_bias,
-        "normalised_on": "train_chosen", "init": str(init), "data": str(rm_cfg.data),
+        "accuracy": after["accuracy"],
+        "accuracy_before": before["accuracy"],
+        "eval_loss": after["loss"],
+        "output": str(rm_cfg.output),
+        "pairs": len(pairs),
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "steps": step,
+        "score_bias": score_bias,
+        "normalised_on": "train_chosen",
+        "init": str(init),
+        "data": str(rm_cfg.data),
         "seconds": time.perf_counter() - started,
     }
     out = Path(rm_cfg.output)

@@ -21,8 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser):
-    parser.addoption("--reverse", action="store_true",
-                     help="run the collected tests in reverse order: no test may rely on one before it")
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        help="run the collected tests in reverse order: no test may rely on one before it",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,11 +52,19 @@ def ray_local(tmp_path_factory):
     os.environ["TAME_TEST_POISON"] = str(switches / "poison")
     os.environ["TAME_TEST_HOLD"] = str(switches / "hold")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False,
-                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                                           "VLLM_CPU_KVCACHE_SPACE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false",
-                                           "TAME_TEST_POISON": os.environ["TAME_TEST_POISON"],
-                                           "TAME_TEST_HOLD": os.environ["TAME_TEST_HOLD"]}})
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            runtime_env={
+                "env_vars": {
+                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                    "VLLM_CPU_KVCACHE_SPACE": "1",
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "TAME_TEST_POISON": os.environ["TAME_TEST_POISON"],
+                    "TAME_TEST_HOLD": os.environ["TAME_TEST_HOLD"],
+                }
+            },
+        )
     yield ray
     ray.shutdown()

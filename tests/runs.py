@@ -14,8 +14,13 @@ from tests.conftest import REPO
 
 def smoke_overrides(tiny_assets, out_dir: Path, prompts: Path | None = None) -> list[str]:
     """The `--set`s that point configs/smoke.yaml at the session's tiny assets and out_dir."""
-    return [f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}", "model.build_assets=null",
-            f"data.prompts={prompts or tiny_assets.data / 'prompts.jsonl'}", f"run.output_dir={out_dir}"]
+    return [
+        f"model.policy={tiny_assets.policy}",
+        f"model.reward={tiny_assets.reward}",
+        "model.build_assets=null",
+        f"data.prompts={prompts or tiny_assets.data / 'prompts.jsonl'}",
+        f"run.output_dir={out_dir}",
+    ]
 
 
 def smoke(tiny_assets, out_dir: Path, *overrides: str, prompts: Path | None = None) -> TameConfig:
@@ -25,18 +30,39 @@ def smoke(tiny_assets, out_dir: Path, *overrides: str, prompts: Path | None = No
 
 # The metrics the design promises every update logs (../shared/DESIGN.md).
 DESIGN_METRICS = [
-    "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
-    "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
-    "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens",
-    "rollout/staleness_mean", "rollout/staleness_max", "rollout/behaviour_kl", "rollout/max_abs_logp_delta",
-    "sync/version", "sync/bytes", "sync/publish_seconds", "perf/samples_per_s", "perf/learner_idle_share",
+    "objective/kl",
+    "objective/entropy",
+    "objective/scores",
+    "objective/rlhf_reward",
+    "objective/non_score_reward",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+    "val/ratio",
+    "val/num_eos_tokens",
+    "rollout/staleness_mean",
+    "rollout/staleness_max",
+    "rollout/behaviour_kl",
+    "rollout/max_abs_logp_delta",
+    "sync/version",
+    "sync/bytes",
+    "sync/publish_seconds",
+    "perf/samples_per_s",
+    "perf/learner_idle_share",
     "rollout/queue_depth",
 ]
 
 
 # One prompt per generation slot and per update: every update trains on 8 whole prompts.
-SMALL_BATCHES = ("rollout.prompts_per_batch=8", "train.rollout_batch_size=8", "ppo.minibatch_size=8",
-                 "ppo.micro_batch_size=8", "rollout.sampling.samples_per_prompt=1")
+SMALL_BATCHES = (
+    "rollout.prompts_per_batch=8",
+    "train.rollout_batch_size=8",
+    "ppo.minibatch_size=8",
+    "ppo.micro_batch_size=8",
+    "rollout.sampling.samples_per_prompt=1",
+)
 
 
 def few_prompts(tiny_assets, out_dir: Path, n: int = 24) -> Path:
@@ -140,8 +166,10 @@ class Run(threading.Thread):
             if status.get("actors") and predicate(status, ledger(self.cfg.run_dir)):
                 return status
             time.sleep(0.2)
-        raise AssertionError(f"waited in vain for {what}; run alive: {self.is_alive()}, "
-                             f"error: {self.error!r}, last log lines: {self.logs[-5:]}")
+        raise AssertionError(
+            f"waited in vain for {what}; run alive: {self.is_alive()}, "
+            f"error: {self.error!r}, last log lines: {self.logs[-5:]}"
+        )
 
 
 def trained_by(actor_id: int, entries: list[dict]) -> bool:

@@ -30,7 +30,7 @@ def hf_logprobs(model, prompt_ids: list[int], response_ids: list[int], temperatu
     reference the engines' and the learner's log-probs are checked against."""
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1: -1].float()  # (R, V)
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()  # (R, V)
     logp = torch.log_softmax(logits / temperature, dim=-1)
     return logp.gather(1, torch.tensor(response_ids)[:, None])[:, 0].numpy()
 
@@ -75,17 +75,27 @@ def worker_peaks(learner) -> list[int]:
     """`peak_rss` of each worker of a learner actor, rank 0 first."""
     import ray
 
-    return ray.get(learner.__ray_call__.remote(
-        lambda self: [peak_rss(), *ray.get([w.__ray_call__.remote(peak_rss) for w in getattr(self, "workers", [])])]))
+    return ray.get(
+        learner.__ray_call__.remote(
+            lambda self: [peak_rss(), *ray.get([w.__ray_call__.remote(peak_rss) for w in getattr(self, "workers", [])])]
+        )
+    )
 
 
 def local_weight_bytes(learner) -> int:
     """The bytes of weights a learner actor (rank 0) holds itself: its shards when sharded."""
     import ray
 
-    return ray.get(learner.__ray_call__.remote(
-        lambda self: sum(p.to_local().numel() * p.element_size() for m in (self.policy, self.reference, self.critic)
-                         if m is not None for p in m.parameters())))
+    return ray.get(
+        learner.__ray_call__.remote(
+            lambda self: sum(
+                p.to_local().numel() * p.element_size()
+                for m in (self.policy, self.reference, self.critic)
+                if m is not None
+                for p in m.parameters()
+            )
+        )
+    )
 
 
 def bfloat16_copy(source, out):

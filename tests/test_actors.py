@@ -45,11 +45,18 @@ def length_scorer(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 def make_config(policy: str, reference_logprobs: bool = False, **sampling) -> TameConfig:
-    return TameConfig.model_validate({
-        "model": {"policy": policy},  # the actors never read model.reward
-        "rollout": {"num_cpus": 1, "max_model_len": 256, "kv_cache_gib": 0.25,
-                    "reference_logprobs": reference_logprobs, "sampling": {"max_new_tokens": 24, **sampling}},
-    })
+    return TameConfig.model_validate(
+        {
+            "model": {"policy": policy},  # the actors never read model.reward
+            "rollout": {
+                "num_cpus": 1,
+                "max_model_len": 256,
+                "kv_cache_gib": 0.25,
+                "reference_logprobs": reference_logprobs,
+                "sampling": {"max_new_tokens": 24, **sampling},
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +85,14 @@ def actors(tiny_assets, ray_local):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     remote = ray_local.remote(num_cpus=1)(RolloutActor)
     scored = remote.remote(make_config(str(tiny_assets.policy), reference_logprobs=True), 0, length_scorer)
-    warm = remote.remote(make_config(str(tiny_assets.policy), temperature=0.7,
-                                     samples_per_prompt=4, max_new_tokens=6, stop=["h"]), 1)
+    warm = remote.remote(
+        make_config(str(tiny_assets.policy), temperature=0.7, samples_per_prompt=4, max_new_tokens=6, stop=["h"]), 1
+    )
     # What each engine held when it came up, measured before any test loads other weights.
-    infos = [{**info, "probes": ray_local.get(actor.probes.remote())}
-             for actor, info in zip((scored, warm), ray_local.get([scored.ready.remote(), warm.ready.remote()]))]
+    infos = [
+        {**info, "probes": ray_local.get(actor.probes.remote())}
+        for actor, info in zip((scored, warm), ray_local.get([scored.ready.remote(), warm.ready.remote()]))
+    ]
     yield scored, warm, infos
     for actor in (scored, warm):
         ray_local.kill(actor)
@@ -90,17 +100,27 @@ def actors(tiny_assets, ray_local):
 
 def max_logprob_error(model, batch, temperature: float) -> float:
     return max(
-        float(np.abs(hf_logprobs(model, r.prompt_token_ids, r.response_token_ids, temperature)
-                     - np.array(r.behaviour_logprobs)).max())
-        for r in batch.rollouts)
+        float(
+            np.abs(
+                hf_logprobs(model, r.prompt_token_ids, r.response_token_ids, temperature)
+                - np.array(r.behaviour_logprobs)
+            ).max()
+        )
+        for r in batch.rollouts
+    )
 
 
 def max_reference_error(model, batch, temperature: float) -> float:
     assert batch.rollouts and all(len(r.reference_logprobs) == len(r.response_token_ids) for r in batch.rollouts)
     return max(
-        float(np.abs(hf_logprobs(model, r.prompt_token_ids, r.response_token_ids, temperature)
-                     - np.array(r.reference_logprobs)).max())
-        for r in batch.rollouts)
+        float(
+            np.abs(
+                hf_logprobs(model, r.prompt_token_ids, r.response_token_ids, temperature)
+                - np.array(r.reference_logprobs)
+            ).max()
+        )
+        for r in batch.rollouts
+    )
 
 
 def perturbed_handle(hf_policy, version: int, seed: int, dtype=None) -> tuple[WeightsHandle, dict]:
@@ -195,8 +215,9 @@ def test_behaviour_logprobs_are_at_the_sampling_temperature(actors, hf_policy, t
     batch = ray.get(warm.generate.remote(PROMPTS))
 
     # Four samples of each prompt; each ends at the stop string "h" or after 6 tokens.
-    assert [(r.prompt_id, r.sample_index) for r in batch.rollouts] == \
-        [(p.prompt_id, i) for p in PROMPTS for i in range(4)]
+    assert [(r.prompt_id, r.sample_index) for r in batch.rollouts] == [
+        (p.prompt_id, i) for p in PROMPTS for i in range(4)
+    ]
     assert all(r.score is None and r.reference_logprobs is None for r in batch.rollouts)
     for r in batch.rollouts:
         full_text = tokenizer.decode(r.response_token_ids, skip_special_tokens=True)
@@ -296,11 +317,14 @@ def test_weight_load_in_bfloat16_transport(actors, hf_policy):
     assert not engine_holds(warm, state)  # the float32 values were rounded on the way
 
 
-@pytest.mark.parametrize("break_it, message", [
-    ("shape", "'model.layers.1.mlp.down_proj.weight' has shape (64, 127)"),
-    ("name", "'model.layers.1.mlp.down_proj.weights' is not a weight"),
-    ("missing", "'model.layers.1.mlp.down_proj.weight' of the engine's model is missing"),
-])
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        ("shape", "'model.layers.1.mlp.down_proj.weight' has shape (64, 127)"),
+        ("name", "'model.layers.1.mlp.down_proj.weights' is not a weight"),
+        ("missing", "'model.layers.1.mlp.down_proj.weight' of the engine's model is missing"),
+    ],
+)
 def test_broken_handle_is_refused_and_the_actor_keeps_serving(actors, hf_policy, break_it, message):
     import ray
 
@@ -507,7 +531,8 @@ def test_a_policy_whose_lm_head_is_its_embedding_loads_and_verifies(tiny_assets,
 
 
 def test_loads_rebuild_the_kernels_directly_where_the_engine_holds_the_checkpoint_as_named(
-        actors, hf_policy, tiny_assets, tmp_path):
+    actors, hf_policy, tiny_assets, tmp_path
+):
     """On CPU a load rebuilds each linear layer's kernel straight from the published tensors
     (`actors.weights._direct_plan` covers every tensor of the Llama policy) and keeps no view
     of them. An actor takes that path only if its engine holds its checkpoint exactly where

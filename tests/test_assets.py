@@ -14,8 +14,7 @@ from cluster.shared.tokens import prompt_token_ids, response_token_ids
 
 
 def digest(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_build_is_deterministic(tiny_assets, tmp_path):
@@ -51,8 +50,11 @@ def test_policy_generates_and_reward_model_scores(tiny_assets):
     assert out.shape[1] > prompt.shape[1]
 
     reward = AutoModelForSequenceClassification.from_pretrained(tiny_assets.reward)
-    batch = tok(["<|user|>hi<|eos|><|assistant|>hello<|eos|>", "<|user|>hi<|eos|><|assistant|>no<|eos|>"],
-                return_tensors="pt", padding=True)
+    batch = tok(
+        ["<|user|>hi<|eos|><|assistant|>hello<|eos|>", "<|user|>hi<|eos|><|assistant|>no<|eos|>"],
+        return_tensors="pt",
+        padding=True,
+    )
     scores = reward(**batch).logits
     assert scores.shape == (2, 1) and torch.isfinite(scores).all()
 
@@ -68,7 +70,8 @@ def test_a_sharded_checkpoint_reads_as_its_single_file(tiny_assets, tmp_path):
 
     sharded = tmp_path / "sharded"
     AutoModelForSequenceClassification.from_pretrained(tiny_assets.reward).save_pretrained(
-        sharded, max_shard_size="100KB")
+        sharded, max_shard_size="100KB"
+    )
     assert (sharded / "model.safetensors.index.json").is_file() and len(safetensors_files(sharded)) > 1
     single = tensor_headers(tiny_assets.reward)
     split = tensor_headers(sharded)

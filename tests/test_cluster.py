@@ -40,14 +40,29 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
     from cluster.shared.errors import RunError
     from learner.checkpoints import STATE_FILE, complete
 
-    run = Run(smoke(tiny_assets, tmp_path, "run.name=pool", "rollout.num_actors=2", "rollout.replace_failed=false",
-                    "train.max_staleness=1", "train.total_updates=10000", "learner.async_checkpoints=true",
-                    *SMALL_BATCHES, prompts=few_prompts(tiny_assets, tmp_path)))
+    run = Run(
+        smoke(
+            tiny_assets,
+            tmp_path,
+            "run.name=pool",
+            "rollout.num_actors=2",
+            "rollout.replace_failed=false",
+            "train.max_staleness=1",
+            "train.total_updates=10000",
+            "learner.async_checkpoints=true",
+            *SMALL_BATCHES,
+            prompts=few_prompts(tiny_assets, tmp_path),
+        )
+    )
     address = ray.get_runtime_context().gcs_address
 
     def tame_scale(n):
-        out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", str(n), "--run", "pool",
-                              "--address", address], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "scale", "--actors", str(n), "--run", "pool", "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout + out.stderr
 
@@ -55,8 +70,10 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
         return lambda s, e: len(e) > n and all(x["actors"] == actors for x in e[-n:])
 
     # One of two actors dies: no replacement, the other carries the run.
-    status = run.wait_for("both actors training", lambda s, e: trained_by(0, e) and trained_by(1, e)
-                          and all("pid" in a for a in s["actors"].values()))
+    status = run.wait_for(
+        "both actors training",
+        lambda s, e: trained_by(0, e) and trained_by(1, e) and all("pid" in a for a in s["actors"].values()),
+    )
     pids = {i: a["pid"] for i, a in status["actors"].items()}
     # Roles that ask Ray for no GPU see none (Ray 2.60 no longer hides them itself).
     for pid in (status["learner"]["pid"], *pids.values()):
@@ -66,8 +83,10 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
     assert list(status["actors"]) == [0]
     # Grown through the real CLI: a new actor (id 2) trains; shrunk again: it drains.
     said = tame_scale(2)  # the new actor is still building its engine: the answer says so
-    assert "rollout pool resized to 2 actors; 1 rollout actor(s) not up yet (2): each asks for rollout.num_cpus 1" \
-        in said and "free on the cluster: " in said, said
+    assert (
+        "rollout pool resized to 2 actors; 1 rollout actor(s) not up yet (2): each asks for rollout.num_cpus 1" in said
+        and "free on the cluster: " in said
+    ), said
     status = run.wait_for("the new actor training", lambda s, e: trained_by(2, e) and "pid" in s["actors"].get(2, {}))
     pids[2] = status["actors"][2]["pid"]
     learner = status["learner"]["pid"]
@@ -100,36 +119,61 @@ def test_the_pool_shrinks_grows_and_fails_cleanly_counting_every_prompt_once(tin
     assert CONTROL_PREFIX + "pool" not in names
 
 
-
 def test_scale_without_a_running_job_is_a_usage_error(ray_local):
     address = ray_local.get_runtime_context().gcs_address
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", "2", "--run", "nope",
-                          "--address", address],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "scale", "--actors", "2", "--run", "nope", "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "--run nope: no such running tame job" in out.stderr
 
 
 @pytest.mark.parametrize("count", ["-1", "1025"])
 def test_scale_to_an_impossible_count_is_a_usage_error(count):
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "scale", "--actors", count],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "scale", "--actors", count], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2
     assert f"--actors {count}: the pool size must be between 0 and 1024" in out.stderr
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ("model.policy=/does/not/exist", "model.policy: /does/not/exist is not a Hugging Face causal LM folder"),
-    ("data.prompts=/does/not/exist.jsonl", "/does/not/exist.jsonl: data file not found"),
-    ("model.reward={policy}", "model.reward: {policy} holds a LlamaForCausalLM, not a reward model"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ("model.policy=/does/not/exist", "model.policy: /does/not/exist is not a Hugging Face causal LM folder"),
+        ("data.prompts=/does/not/exist.jsonl", "/does/not/exist.jsonl: data file not found"),
+        ("model.reward={policy}", "model.reward: {policy} holds a LlamaForCausalLM, not a reward model"),
+    ],
+)
 def test_bad_inputs_exit_2_before_ray(tiny_assets, tmp_path, bad, needle):
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--config", str(REPO / "configs/smoke.yaml"),
-                          "--set", "model.build_assets=null", "--set", f"model.reward={tiny_assets.reward}",
-                          "--set", f"model.policy={tiny_assets.policy}",
-                          "--set", f"data.prompts={tiny_assets.data / 'prompts.jsonl'}",
-                          "--set", f"run.output_dir={tmp_path}", "--set", bad.format(policy=tiny_assets.policy)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "train",
+            "--config",
+            str(REPO / "configs/smoke.yaml"),
+            "--set",
+            "model.build_assets=null",
+            "--set",
+            f"model.reward={tiny_assets.reward}",
+            "--set",
+            f"model.policy={tiny_assets.policy}",
+            "--set",
+            f"data.prompts={tiny_assets.data / 'prompts.jsonl'}",
+            "--set",
+            f"run.output_dir={tmp_path}",
+            "--set",
+            bad.format(policy=tiny_assets.policy),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     assert needle.format(policy=tiny_assets.policy) in out.stderr
     assert not (tmp_path / "smoke").exists()  # nothing half-written
@@ -147,8 +191,10 @@ def test_what_a_run_needs_is_summed_and_compared_with_the_cluster():
     check_fits(cfg, {"CPU": 2.5}, [{"CPU": 2.5}])
     with pytest.raises(UserError) as err:
         check_fits(cfg, {"CPU": 2.0}, [{"CPU": 2.0}])
-    assert ("the run needs 2.5 CPU: learner.num_cpus 1 + rollout.num_actors 1 x rollout.num_cpus 1 + "
-            "reward.replicas 1 x reward.num_cpus 0.5; the cluster has 2") in str(err.value)
+    assert (
+        "the run needs 2.5 CPU: learner.num_cpus 1 + rollout.num_actors 1 x rollout.num_cpus 1 + "
+        "reward.replicas 1 x reward.num_cpus 0.5; the cluster has 2"
+    ) in str(err.value)
     assert "cluster.check_resources: false" in str(err.value)
     # Enough in total, but one actor needs more than any single node has.
     wide = load_config(REPO / "configs/smoke.yaml", ["learner.num_cpus=3", "learner.resources={gpu_box: 1}"])
@@ -160,8 +206,10 @@ def test_what_a_run_needs_is_summed_and_compared_with_the_cluster():
     # A sharded learner asks for its resources once per worker.
     with pytest.raises(UserError) as err:
         check_fits(load_config(REPO / "configs/smoke.yaml", ["learner.num_workers=2"]), {"CPU": 3.0}, [{"CPU": 3.0}])
-    assert ("the run needs 3.5 CPU: learner.num_workers 2 x learner.num_cpus 1 + rollout.num_actors 1 x "
-            "rollout.num_cpus 1 + reward.replicas 1 x reward.num_cpus 0.5; the cluster has 3") in str(err.value)
+    assert (
+        "the run needs 3.5 CPU: learner.num_workers 2 x learner.num_cpus 1 + rollout.num_actors 1 x "
+        "rollout.num_cpus 1 + reward.replicas 1 x reward.num_cpus 0.5; the cluster has 3"
+    ) in str(err.value)
     # CPUs alone (the check before a local Ray starts): other asks wait for the live cluster.
     check_fits(wide, {"CPU": 4.5}, [{"CPU": 4.5}], resources=("CPU",))
     with pytest.raises(UserError, match="the run needs 1 gpu_box"):
@@ -176,8 +224,9 @@ def smoke_command(tiny_assets, tmp_path, *sets: str) -> list[str]:
 
 
 def test_a_run_the_cluster_cannot_hold_exits_2_before_anything_starts(tiny_assets, tmp_path):
-    out = subprocess.run(smoke_command(tiny_assets, tmp_path, "cluster.num_cpus=2"),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        smoke_command(tiny_assets, tmp_path, "cluster.num_cpus=2"), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "the run needs 2.5 CPU: learner.num_cpus 1 + rollout.num_actors 1 x rollout.num_cpus 1" in out.stderr
     assert "starting a local Ray" not in out.stderr  # known from cluster.num_cpus, before Ray's start
@@ -186,8 +235,9 @@ def test_a_run_the_cluster_cannot_hold_exits_2_before_anything_starts(tiny_asset
 def test_a_signal_while_starting_stops_the_start_at_once(tiny_assets, tmp_path):
     """SIGTERM (`ray job stop`, `timeout`) during start-up: nothing to checkpoint yet, so the
     start stops at once, says what it was doing, exits 143 and leaves no process behind."""
-    driver = subprocess.Popen(smoke_command(tiny_assets, tmp_path), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        smoke_command(tiny_assets, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     for line in driver.stdout:
         lines.append(line)
@@ -208,8 +258,12 @@ def test_a_run_on_a_ray_of_its_own_leaves_no_process_behind(tiny_assets, tmp_pat
     """`tame train` with the local Ray it starts: the run ends, the process exits, and no
     process it started (Ray's, Serve's, the roles') outlives it. Serve goes with that Ray
     rather than being shut down first, which Ray reported as a failed task."""
-    driver = subprocess.Popen(smoke_command(tiny_assets, tmp_path, "train.total_updates=2"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        smoke_command(tiny_assets, tmp_path, "train.total_updates=2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, children = [], []
     for line in driver.stdout:
         lines.append(line)
@@ -271,8 +325,9 @@ def test_a_start_that_waits_says_every_report_what_is_pending_and_fails_at_its_d
     wait_until_up([learner], 5.0, logs.append, report_every_s=100.0, poll_s=0.01)
     assert len(polls) == 4 and logs == []  # up at the fourth poll: nothing to say
 
-    never = Pending("rollout actor 0", "rollout.num_cpus 1, rollout.resources.nowhere 1", lambda: False,
-                    ("CPU", "nowhere"))
+    never = Pending(
+        "rollout actor 0", "rollout.num_cpus 1, rollout.resources.nowhere 1", lambda: False, ("CPU", "nowhere")
+    )
     up = Pending("the learner", "learner.num_cpus 1", lambda: True, ("CPU",))
     start = time.monotonic()
     with pytest.raises(RunError) as failed:
@@ -311,8 +366,16 @@ def test_heavy_imports_keep_the_collector_off_and_freeze_what_they_made():
         gc.enable()
     # At exit the frozen objects are freed as usual: triton's bindings (vLLM imports them)
     # report any of theirs still alive when they unload.
-    out = subprocess.run([sys.executable, "-c", "from cluster.shared.startup import heavy_imports\n"
-                          "with heavy_imports():\n    import triton"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from cluster.shared.startup import heavy_imports\nwith heavy_imports():\n    import triton",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0 and "leaked" not in out.stderr, out.stderr[-2000:]
 
 
@@ -320,9 +383,18 @@ def test_a_role_no_node_can_hold_ends_the_start_at_its_deadline(tiny_assets, tmp
     """With the resource check off (a cluster that adds nodes when asked), an actor asking for
     a resource no node has waits: the start says so every 10 s, and fails at
     cluster.start_timeout_s with exit 1, naming what it waited for."""
-    driver = subprocess.Popen(smoke_command(tiny_assets, tmp_path, "cluster.check_resources=false",
-                                            "rollout.resources={nowhere: 1}", "cluster.start_timeout_s=11"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        smoke_command(
+            tiny_assets,
+            tmp_path,
+            "cluster.check_resources=false",
+            "rollout.resources={nowhere: 1}",
+            "cluster.start_timeout_s=11",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, started = [], None
     for line in driver.stdout:
         lines.append(line)
@@ -347,30 +419,44 @@ def test_a_hung_load_replaces_the_actor_and_a_hung_update_ends_the_run(tiny_asse
     there is no checkpoint to resume from."""
     from cluster.controller import RunError
 
-    run = Run(smoke(tiny_assets, tmp_path, "run.name=hung-load", "rollout.load_timeout_s=0.001",
-                    "train.max_staleness=0", "train.total_updates=2", *SMALL_BATCHES))
+    run = Run(
+        smoke(
+            tiny_assets,
+            tmp_path,
+            "run.name=hung-load",
+            "rollout.load_timeout_s=0.001",
+            "train.max_staleness=0",
+            "train.total_updates=2",
+            *SMALL_BATCHES,
+        )
+    )
     run.join(timeout=300)
     assert run.error is None, (run.error, run.logs[-10:])
     summary, entries = run.summary, ledger(run.cfg.run_dir)
     assert summary["steps"] == 2 and summary["load_timeouts"] >= 1
     assert [e["actors"] for e in entries] == [[0], [1]]  # the first load after update 1 overran
-    assert any("actor 0 removed: it did not confirm a weight load within rollout.load_timeout_s 0.001 s"
-               in line for line in run.logs), run.logs
+    assert any(
+        "actor 0 removed: it did not confirm a weight load within rollout.load_timeout_s 0.001 s" in line
+        for line in run.logs
+    ), run.logs
     trained = [p for e in entries for p in e["prompts"]]
     assert len(trained) == len(set(trained)) == 16
 
     run = Run(smoke(tiny_assets, tmp_path, "run.name=hung-update", "learner.update_timeout_s=0.001"))
     run.join(timeout=300)
     assert isinstance(run.error, RunError), (run.error, run.logs[-10:])
-    assert str(run.error) == ("an update took longer than learner.update_timeout_s 0.001 s, so the learner was "
-                              "stopped; resume with `tame train --resume`: no checkpoint was written yet")
+    assert str(run.error) == (
+        "an update took longer than learner.update_timeout_s 0.001 s, so the learner was "
+        "stopped; resume with `tame train --resume`: no checkpoint was written yet"
+    )
     summary = json.loads((run.cfg.run_dir / "summary.json").read_text())
     assert summary["error"] == str(run.error) and summary["steps"] == 0
     assert not psutil.wait_procs([p for p in [process(summary["placement"]["learner"]["pid"])] if p], timeout=30)[1]
 
 
 def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_every_prompt(
-        tiny_assets, ray_local, tmp_path):
+    tiny_assets, ray_local, tmp_path
+):
     """A rule function that fails on every item: each call's prompts are handed out again,
     never scored as 0, until reward.failing_timeout_s ends the run naming the failure. The
     run scores with a reward application of its own, and leaves the Serve it started running
@@ -382,20 +468,36 @@ def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_ever
     from cluster.shared.startup import wait_until_up
     from reward_service.service import coming_up, deploy
 
-    other = smoke(tiny_assets, tmp_path, "model.reward=null", "learner.critic=policy", "reward.num_cpus=0.25",
-                  "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]")
+    other = smoke(
+        tiny_assets,
+        tmp_path,
+        "model.reward=null",
+        "learner.critic=policy",
+        "reward.num_cpus=0.25",
+        "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
+    )
     serve.shutdown()  # the run starts Serve, as on a cluster where nothing serves yet
-    run = Run(smoke(tiny_assets, tmp_path, "run.name=unscorable", "reward.failing_timeout_s=4",
-                    "reward.functions=[{function: 'tests.faults:unscorable', weight: 1.0}]", *SMALL_BATCHES))
+    run = Run(
+        smoke(
+            tiny_assets,
+            tmp_path,
+            "run.name=unscorable",
+            "reward.failing_timeout_s=4",
+            "reward.functions=[{function: 'tests.faults:unscorable', weight: 1.0}]",
+            *SMALL_BATCHES,
+        )
+    )
     run.wait_for("the run to start", lambda status, entries: True)
     handle = deploy(other, http=False, name="tame-reward", wait=False)
     wait_until_up([coming_up(other, "tame-reward")], 120, log=lambda *_: None)
     run.join(timeout=300)
     assert isinstance(run.error, RunError), (run.error, run.logs[-10:])
     assert str(run.error).startswith("no generation call could be scored for "), run.error
-    assert str(run.error).endswith(" s of calls (reward.failing_timeout_s 4); the last failure: RewardError: the reward "
-                                   "service cannot score these items: items.0: reward function "
-                                   "tests.faults:unscorable failed: ValueError: no reward for this item"), run.error
+    assert str(run.error).endswith(
+        " s of calls (reward.failing_timeout_s 4); the last failure: RewardError: the reward "
+        "service cannot score these items: items.0: reward function "
+        "tests.faults:unscorable failed: ValueError: no reward for this item"
+    ), run.error
     summary = json.loads((run.cfg.run_dir / "summary.json").read_text())
     assert summary["error"] == str(run.error) and summary["steps"] == 0 and summary["failed_prompts"] >= 16
     # Nothing trained, nothing lost: the prompts handed out are all outstanding, once each.
@@ -404,7 +506,8 @@ def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_ever
     apps = serve.status().applications
     assert "tame-reward-unscorable" not in apps and apps["tame-reward"].status == "RUNNING"
     assert handle.score.remote(["Where does Quinn live?"], ["Oslo"]).result(timeout_s=60) == [
-        gold_reward("Where does Quinn live?", "Oslo")]
+        gold_reward("Where does Quinn live?", "Oslo")
+    ]
     serve.delete("tame-reward")
 
 
@@ -431,19 +534,53 @@ def test_a_run_does_not_resume_from_a_checkpoint_it_cannot_load(tiny_assets, tmp
 
 
 def test_serve_reward_checks_its_replicas_fit_before_deploying(tiny_assets):
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve-reward", "--model", str(tiny_assets.reward),
-                          "--replicas", "2", "--set", "cluster.num_cpus=1", "--set", "reward.num_cpus=1"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve-reward",
+            "--model",
+            str(tiny_assets.reward),
+            "--replicas",
+            "2",
+            "--set",
+            "cluster.num_cpus=1",
+            "--set",
+            "reward.num_cpus=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "the run needs 2 CPU: reward.replicas 2 x reward.num_cpus 1; the cluster has 1" in out.stderr
     assert "reward service at" not in out.stdout
     # Unchecked (a cluster that adds nodes when asked), a replica nothing can place waits
     # until the start deadline, which names what it waited for.
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve-reward", "--model", str(tiny_assets.reward),
-                          "--set", "cluster.num_cpus=2", "--set", "cluster.check_resources=false",
-                          "--set", "reward.num_gpus=1", "--set", "cluster.start_timeout_s=3"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve-reward",
+            "--model",
+            str(tiny_assets.reward),
+            "--set",
+            "cluster.num_cpus=2",
+            "--set",
+            "cluster.check_resources=false",
+            "--set",
+            "reward.num_gpus=1",
+            "--set",
+            "cluster.start_timeout_s=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
-    assert ("the reward service did not start within cluster.start_timeout_s 3 s: waiting for the reward service "
-            "(reward.replicas 1 x reward.num_cpus 1, reward.num_gpus 1); free on the cluster: 2 of 2 CPU, 0 of 0 GPU"
-            ) in out.stderr
+    assert (
+        "the reward service did not start within cluster.start_timeout_s 3 s: waiting for the reward service "
+        "(reward.replicas 1 x reward.num_cpus 1, reward.num_gpus 1); free on the cluster: 2 of 2 CPU, 0 of 0 GPU"
+    ) in out.stderr

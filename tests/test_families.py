@@ -36,23 +36,38 @@ BIASED = ("q_proj", "k_proj", "v_proj")
 
 def make_cfg(assets, policy: Path | None = None):
     """The learner's and the actor's config on the Qwen2 assets (the actor's on `policy`)."""
-    return load_config(None, [
-        f"model.policy={policy or assets.policy}", f"model.reward={assets.reward}",
-        "run.seed=0", "learner.num_cpus=2", "learner.keep_checkpoints=3",
-        "rollout.num_cpus=1", "rollout.max_model_len=256", "rollout.kv_cache_gib=0.25",
-        "rollout.sampling.max_new_tokens=12", "train.rollout_batch_size=16",
-        "ppo.minibatch_size=8", "ppo.micro_batch_size=8",
-        "ppo.learning_rate=0.002", "ppo.critic_learning_rate=0.002"])
+    return load_config(
+        None,
+        [
+            f"model.policy={policy or assets.policy}",
+            f"model.reward={assets.reward}",
+            "run.seed=0",
+            "learner.num_cpus=2",
+            "learner.keep_checkpoints=3",
+            "rollout.num_cpus=1",
+            "rollout.max_model_len=256",
+            "rollout.kv_cache_gib=0.25",
+            "rollout.sampling.max_new_tokens=12",
+            "train.rollout_batch_size=16",
+            "ppo.minibatch_size=8",
+            "ppo.micro_batch_size=8",
+            "ppo.learning_rate=0.002",
+            "ppo.critic_learning_rate=0.002",
+        ],
+    )
 
 
 def prompts(assets, n: int, start: int = 0) -> list[Prompt]:
-    lines = (assets.data / "prompts.jsonl").read_text().splitlines()[start: start + n]
+    lines = (assets.data / "prompts.jsonl").read_text().splitlines()[start : start + n]
     return [Prompt(f"0:{start + i}", (("user", json.loads(line)["prompt"]),)) for i, line in enumerate(lines)]
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def params(model) -> dict[str, torch.Tensor]:
@@ -67,8 +82,11 @@ def safetensors_of(folder: Path) -> dict[str, torch.Tensor]:
 
 def max_logprob_gap(rollouts, logprobs: list[list[float]]) -> tuple[float, int]:
     """Largest |behaviour - other| log-prob over the tokens of the rollouts, and the tokens compared."""
-    gaps = [abs(a - b) for r, lp in zip(rollouts, logprobs, strict=True)
-            for a, b in zip(r.behaviour_logprobs, lp, strict=True)]
+    gaps = [
+        abs(a - b)
+        for r, lp in zip(rollouts, logprobs, strict=True)
+        for a, b in zip(r.behaviour_logprobs, lp, strict=True)
+    ]
     return max(gaps), len(gaps)
 
 
@@ -83,8 +101,9 @@ def load_with_vllms_reload(actor, tensors: dict) -> None:
 def qwen2_assets(tmp_path_factory):
     from cluster.demo.assets import ensure_assets
 
-    return ensure_assets(tmp_path_factory.mktemp("assets") / "qwen2-tiny", "tiny", seed=0,
-                         log=lambda *_: None, family="qwen2")
+    return ensure_assets(
+        tmp_path_factory.mktemp("assets") / "qwen2-tiny", "tiny", seed=0, log=lambda *_: None, family="qwen2"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +112,12 @@ def start(qwen2_assets, tmp_path_factory):
     from learner.learner import Learner
 
     learner = Learner(make_cfg(qwen2_assets), str(tmp_path_factory.mktemp("qwen2-run")))
-    return SimpleNamespace(learner=learner, policy=params(learner.policy), critic=params(learner.critic),
-                           checkpoint=Path(learner.save_checkpoint({})))
+    return SimpleNamespace(
+        learner=learner,
+        policy=params(learner.policy),
+        critic=params(learner.critic),
+        checkpoint=Path(learner.save_checkpoint({})),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +130,7 @@ def actor(start, qwen2_assets, ray_local):
 
     # Helpers run inside the actor (`__ray_call__`) travel by value: the worker cannot import this module.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    handle = ray_local.remote(num_cpus=1)(RolloutActor).remote(
-        make_cfg(qwen2_assets, start.checkpoint / "policy"), 0)
+    handle = ray_local.remote(num_cpus=1)(RolloutActor).remote(make_cfg(qwen2_assets, start.checkpoint / "policy"), 0)
     batch = ray_local.get(handle.generate.remote(prompts(qwen2_assets, 16)))
     yield SimpleNamespace(handle=handle, batch=batch, probes=ray_local.get(handle.probes.remote()))
     ray_local.kill(handle)
@@ -121,8 +143,9 @@ def trained(start, actor):
     for r in actor.batch.rollouts:
         r.score = sum(t % 2 for t in r.response_token_ids) / len(r.response_token_ids)
     result = start.learner.update(actor.batch.rollouts)
-    return SimpleNamespace(result=result, handle=start.learner.publish(),
-                           checkpoint=Path(start.learner.save_checkpoint({})))
+    return SimpleNamespace(
+        result=result, handle=start.learner.publish(), checkpoint=Path(start.learner.save_checkpoint({}))
+    )
 
 
 # --------------------------------------------------------------------------- assets
@@ -205,13 +228,20 @@ def test_the_engine_built_from_the_learners_checkpoint_samples_the_policys_log_p
     assert all(torch.equal(t, start.policy[name]) for name, t in on_disk.items())
     measured, fused = actor.probes
     assert "model.layers.0.self_attn.qkv_proj.bias" in measured and fused["qkv_proj"] == list(BIASED)
-    check = compare_probes(measured, probes_of(on_disk.items()), fused,
-                           exact={n for n, t in on_disk.items() if t.ndim == 1})
+    check = compare_probes(
+        measured, probes_of(on_disk.items()), fused, exact={n for n, t in on_disk.items() if t.ndim == 1}
+    )
     assert check.ok, check.problem
 
     policy = AutoModelForCausalLM.from_pretrained(qwen2_assets.policy).eval()
-    gaps = [float(np.abs(hf_logprobs(policy, r.prompt_token_ids, r.response_token_ids, 1.0)
-                         - np.array(r.behaviour_logprobs)).max()) for r in batch.rollouts]
+    gaps = [
+        float(
+            np.abs(
+                hf_logprobs(policy, r.prompt_token_ids, r.response_token_ids, 1.0) - np.array(r.behaviour_logprobs)
+            ).max()
+        )
+        for r in batch.rollouts
+    ]
     assert max(gaps) < 1e-4
 
 
@@ -248,8 +278,9 @@ def test_one_update_trains_every_qwen2_weight_with_a_critic_from_the_reward_mode
 def test_the_checkpoint_export_loads_in_transformers_with_the_learners_weights(trained, start):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    for version, (folder, want) in enumerate([(start.checkpoint, start.policy),
-                                              (trained.checkpoint, params(start.learner.policy))]):
+    for version, (folder, want) in enumerate(
+        [(start.checkpoint, start.policy), (trained.checkpoint, params(start.learner.policy))]
+    ):
         policy = AutoModelForCausalLM.from_pretrained(folder / "policy")
         assert type(policy).__name__ == "Qwen2ForCausalLM" and policy.config.tie_word_embeddings is False
         got = params(policy)
@@ -271,7 +302,8 @@ def test_the_checkpoint_export_loads_in_transformers_with_the_learners_weights(t
 
 
 def test_the_published_version_loads_verified_and_the_engine_samples_the_learners_log_probs(
-        actor, trained, start, qwen2_assets):
+    actor, trained, start, qwen2_assets
+):
     """Version 1 into the engine that runs version 0: q/k/v weights and biases are joined into
     vLLM's qkv_proj (q twice as wide as k and v), the head loaded apart from the embedding;
     the probes prove it, by either load path, and so do the log-probs."""
@@ -293,8 +325,9 @@ def test_the_published_version_loads_verified_and_the_engine_samples_the_learner
     # What the engine holds is, probe for probe, the version-1 checkpoint on disk.
     measured, fused = ray.get(actor.handle.probes.remote())
     exported = safetensors_of(trained.checkpoint / "policy")
-    assert compare_probes(measured, probes_of(exported.items()), fused,
-                          exact={n for n, t in exported.items() if t.ndim == 1}).ok
+    assert compare_probes(
+        measured, probes_of(exported.items()), fused, exact={n for n, t in exported.items() if t.ndim == 1}
+    ).ok
 
     batch = ray.get(actor.handle.generate.remote(prompts(qwen2_assets, 12, start=100)))
     assert batch.policy_version == 1

@@ -22,23 +22,38 @@ def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, r
 
     poison = Path(os.environ["TAME_TEST_POISON"])
     poison.unlink(missing_ok=True)
-    run = Run(smoke(tiny_assets, tmp_path, "run.name=faults", "train.max_staleness=1", f"train.total_updates={TOTAL}",
-                    *SMALL_BATCHES, "learner.max_nonfinite_updates=1000", "learner.checkpoint_every=1000",
-                    "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
-                    # Short enough that scoring calls give up while the killed replica is down.
-                    "reward.timeout_s=3", "rollout.reference_logprobs=true",
-                    prompts=few_prompts(tiny_assets, tmp_path)))
+    run = Run(
+        smoke(
+            tiny_assets,
+            tmp_path,
+            "run.name=faults",
+            "train.max_staleness=1",
+            f"train.total_updates={TOTAL}",
+            *SMALL_BATCHES,
+            "learner.max_nonfinite_updates=1000",
+            "learner.checkpoint_every=1000",
+            "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
+            # Short enough that scoring calls give up while the killed replica is down.
+            "reward.timeout_s=3",
+            "rollout.reference_logprobs=true",
+            prompts=few_prompts(tiny_assets, tmp_path),
+        )
+    )
 
     def reward_replicas():
-        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and "tame-reward" in a["name"] and "REPLICA" in a["name"]]
+        return [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and "tame-reward" in a["name"] and "REPLICA" in a["name"]
+        ]
 
     try:
         # 1. Kill the only rollout actor's process, twice, each time once it has trained. A
         #    replacement starts, loads the current weights, and takes over the dead one's prompts.
         for victim in (0, 1):
-            status = run.wait_for(f"actor {victim} training",
-                                  lambda s, e: trained_by(victim, e) and "pid" in s["actors"].get(victim, {}))
+            status = run.wait_for(
+                f"actor {victim} training", lambda s, e: trained_by(victim, e) and "pid" in s["actors"].get(victim, {})
+            )
             os.kill(status["actors"][victim]["pid"], signal.SIGKILL)
         run.wait_for("actor 2 training", lambda s, e: trained_by(2, e))
 

@@ -32,17 +32,27 @@ REWARDED = range(10, 512)
 
 
 def make_cfg(assets, *overrides: str):
-    return load_config(None, [
-        f"model.policy={assets.policy}", f"model.reward={assets.reward}",
-        "learner.num_cpus=2", "run.seed=0",
-        "rollout.sampling.max_new_tokens=10", "train.rollout_batch_size=16",
-        "ppo.minibatch_size=8", "ppo.micro_batch_size=4",
-        "ppo.learning_rate=0.002", "ppo.critic_learning_rate=0.002", *overrides])
+    return load_config(
+        None,
+        [
+            f"model.policy={assets.policy}",
+            f"model.reward={assets.reward}",
+            "learner.num_cpus=2",
+            "run.seed=0",
+            "rollout.sampling.max_new_tokens=10",
+            "train.rollout_batch_size=16",
+            "ppo.minibatch_size=8",
+            "ppo.micro_batch_size=4",
+            "ppo.learning_rate=0.002",
+            "ppo.critic_learning_rate=0.002",
+            *overrides,
+        ],
+    )
 
 
 def prompts(assets, n: int, start: int = 0) -> list[str]:
     lines = (assets.data / "prompts.jsonl").read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines[start: start + n]]
+    return [json.loads(line)["prompt"] for line in lines[start : start + n]]
 
 
 def fixed_reward(rollouts: list[Rollout]) -> list[Rollout]:
@@ -53,9 +63,17 @@ def fixed_reward(rollouts: list[Rollout]) -> list[Rollout]:
 
 
 def sample(learner: Learner, texts: list[str], seed: int) -> list[Rollout]:
-    return fixed_reward(sample_rollouts(
-        learner.policy, learner.tokenizer, texts, learner.cfg.rollout.sampling.max_new_tokens,
-        learner.temperature, seed=seed, policy_version=learner.version()))
+    return fixed_reward(
+        sample_rollouts(
+            learner.policy,
+            learner.tokenizer,
+            texts,
+            learner.cfg.rollout.sampling.max_new_tokens,
+            learner.temperature,
+            seed=seed,
+            policy_version=learner.version(),
+        )
+    )
 
 
 @torch.no_grad()
@@ -65,7 +83,7 @@ def rewarded_mass(learner: Learner, rollouts: list[Rollout]) -> float:
     exp = learner.tokens(rollouts, truncate=False)
     logits = learner.policy(input_ids=exp.input_ids, attention_mask=exp.attention_mask).logits
     probs = torch.softmax(logits[:, :-1].float() / learner.temperature, dim=-1)
-    mass = probs[..., REWARDED.start: REWARDED.stop].sum(-1)
+    mass = probs[..., REWARDED.start : REWARDED.stop].sum(-1)
     return float((mass * exp.mask).sum() / exp.mask.sum())
 
 
@@ -75,8 +93,11 @@ def params(model) -> dict[str, torch.Tensor]:
 
 def gradients(learner: Learner) -> dict[str, torch.Tensor]:
     """The .grad of every policy and critic parameter, by "policy.<name>" / "critic.<name>"."""
-    return {f"{model}.{n}": p.grad.clone() for model in ("policy", "critic")
-            for n, p in getattr(learner, model).named_parameters()}
+    return {
+        f"{model}.{n}": p.grad.clone()
+        for model in ("policy", "critic")
+        for n, p in getattr(learner, model).named_parameters()
+    }
 
 
 # --------------------------------------------------------------------------- gradients
@@ -103,8 +124,10 @@ def test_micro_batches_give_the_same_loss_and_gradients(tiny_assets, tmp_path):
     assert sum(float(g.abs().sum()) for g in grads_whole.values()) > 0
 
     # Gradient checkpointing recomputes the layers in the backward pass: the same gradients.
-    recomputing = Learner(make_cfg(tiny_assets, "ppo.entropy_coef=0.01", "learner.gradient_checkpointing=true"),
-                          str(tmp_path / "recompute"))
+    recomputing = Learner(
+        make_cfg(tiny_assets, "ppo.entropy_coef=0.01", "learner.gradient_checkpointing=true"),
+        str(tmp_path / "recompute"),
+    )
     assert recomputing.policy.is_gradient_checkpointing and recomputing.critic.is_gradient_checkpointing
     recomputed = recomputing.accumulate_gradients(exp, rows, micro_batch_size=8)
     assert recomputed["loss"] == pytest.approx(whole["loss"], rel=1e-6)
@@ -114,12 +137,18 @@ def test_micro_batches_give_the_same_loss_and_gradients(tiny_assets, tmp_path):
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo", "reinforce_pp"])
 def test_every_estimator_and_aggregation_gives_the_same_loss_and_gradients_in_micro_batches(
-        tiny_assets, tmp_path, advantage):
+    tiny_assets, tmp_path, advantage
+):
     """Two prompts of four samples each, the KL in the loss: one micro-batch of 8 and four of
     2 give the same loss and gradients, for every estimator and loss aggregation. Without
     GAE the learner holds no critic."""
-    cfg = make_cfg(tiny_assets, f"ppo.advantage={advantage}", "rollout.sampling.samples_per_prompt=4",
-                   "ppo.kl.placement=loss", "ppo.entropy_coef=0.01")
+    cfg = make_cfg(
+        tiny_assets,
+        f"ppo.advantage={advantage}",
+        "rollout.sampling.samples_per_prompt=4",
+        "ppo.kl.placement=loss",
+        "ppo.entropy_coef=0.01",
+    )
     learner = Learner(cfg, str(tmp_path))
     assert (learner.critic is None) == (advantage != "gae")
     rollouts = sample(learner, [t for t in prompts(tiny_assets, 2) for _ in range(4)], seed=1)
@@ -134,8 +163,9 @@ def test_every_estimator_and_aggregation_gives_the_same_loss_and_gradients_in_mi
         results = []
         for micro_batch_size in (8, 2):
             stats = learner.accumulate_gradients(exp, rows, micro_batch_size)
-            results.append((stats, {f"{i}.{n}": p.grad.clone() for i, m in enumerate(models)
-                                    for n, p in m.named_parameters()}))
+            results.append(
+                (stats, {f"{i}.{n}": p.grad.clone() for i, m in enumerate(models) for n, p in m.named_parameters()})
+            )
             learner._zero_grad()
         (whole, grads_whole), (quarters, grads_quarters) = results
         assert ("value" in whole) == (advantage == "gae") and "kl" in whole
@@ -150,16 +180,22 @@ def test_critic_free_advantages_follow_the_groups(tiny_assets, tmp_path):
     """GRPO and RLOO advantages, from the learner's own experience, sum to zero over each
     prompt's samples (RLOO exactly; GRPO up to its std scale), per token equal within a sequence."""
     for advantage in ("grpo", "rloo"):
-        learner = Learner(make_cfg(tiny_assets, f"ppo.advantage={advantage}", "rollout.sampling.samples_per_prompt=4",
-                                   "ppo.kl.coef=0"), str(tmp_path / advantage))
+        learner = Learner(
+            make_cfg(
+                tiny_assets, f"ppo.advantage={advantage}", "rollout.sampling.samples_per_prompt=4", "ppo.kl.coef=0"
+            ),
+            str(tmp_path / advantage),
+        )
         rollouts = sample(learner, [t for t in prompts(tiny_assets, 2) for _ in range(4)], seed=3)
         for i, r in enumerate(rollouts):
             r.prompt_id = f"0:{i // 4}"
             r.score = float(i % 4)  # 0, 1, 2, 3 in each group
         exp, _ = learner.prepare(rollouts)
         per_sequence = (exp.advantages * exp.mask).sum(1) / exp.mask.sum(1)
-        expected = {"grpo": torch.tensor([-1.5, -0.5, 0.5, 1.5]) / torch.tensor([0.0, 1, 2, 3]).std(),
-                    "rloo": torch.tensor([-2.0, -2 / 3, 2 / 3, 2.0])}[advantage]
+        expected = {
+            "grpo": torch.tensor([-1.5, -0.5, 0.5, 1.5]) / torch.tensor([0.0, 1, 2, 3]).std(),
+            "rloo": torch.tensor([-2.0, -2 / 3, 2 / 3, 2.0]),
+        }[advantage]
         torch.testing.assert_close(per_sequence, expected.repeat(2), rtol=1e-4, atol=1e-5)
 
 
@@ -205,8 +241,16 @@ def test_the_fused_first_pass_trains_exactly_like_the_separate_proximal_pass(tin
     no-grad pass. Weights, critic and every metric come out as with the separate pass."""
     results = []
     for fuse in (True, False):
-        learner = Learner(make_cfg(tiny_assets, "ppo.minibatch_size=16", "ppo.micro_batch_size=16",
-                                   f"ppo.epochs={epochs}", "ppo.entropy_coef=0.01"), str(tmp_path / str(fuse)))
+        learner = Learner(
+            make_cfg(
+                tiny_assets,
+                "ppo.minibatch_size=16",
+                "ppo.micro_batch_size=16",
+                f"ppo.epochs={epochs}",
+                "ppo.entropy_coef=0.01",
+            ),
+            str(tmp_path / str(fuse)),
+        )
         learner.fuse_first_pass = fuse
         metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1)).metrics
         results.append((metrics, params(learner.policy), params(learner.critic)))
@@ -218,13 +262,16 @@ def test_the_fused_first_pass_trains_exactly_like_the_separate_proximal_pass(tin
     for key in fused:
         if not key.startswith(("perf/", "learner/fused")):
             assert fused[key] == pytest.approx(separate[key], rel=1e-6, abs=1e-6), key
-    assert any(not torch.equal(policy_a[n], p) for n, p in
-               params(Learner(make_cfg(tiny_assets), str(tmp_path / "fresh")).policy).items())
+    assert any(
+        not torch.equal(policy_a[n], p)
+        for n, p in params(Learner(make_cfg(tiny_assets), str(tmp_path / "fresh")).policy).items()
+    )
 
 
 @pytest.mark.parametrize("micro_batch, temperature", [(4, 1.0), (16, 0.7)])
-def test_reference_logprobs_from_the_actors_train_exactly_like_the_learners_own_pass(tiny_assets, tmp_path,
-                                                                                    micro_batch, temperature):
+def test_reference_logprobs_from_the_actors_train_exactly_like_the_learners_own_pass(
+    tiny_assets, tmp_path, micro_batch, temperature
+):
     """`rollout.reference_logprobs`: the actors' reference (`actors.reference`) computes the
     learner's numbers, so a learner holding no reference model and fed them trains to the
     same weights and metrics; without them it refuses the batch by naming the setting."""
@@ -232,8 +279,13 @@ def test_reference_logprobs_from_the_actors_train_exactly_like_the_learners_own_
 
     from actors.reference import Reference
 
-    overrides = ("ppo.minibatch_size=16", f"ppo.micro_batch_size={micro_batch}", "ppo.kl.coef=0.5",
-                 "ppo.truncate_at_stop=true", f"rollout.sampling.temperature={temperature}")
+    overrides = (
+        "ppo.minibatch_size=16",
+        f"ppo.micro_batch_size={micro_batch}",
+        "ppo.kl.coef=0.5",
+        "ppo.truncate_at_stop=true",
+        f"rollout.sampling.temperature={temperature}",
+    )
     own = Learner(make_cfg(tiny_assets, *overrides), str(tmp_path / "own"))
     cfg = make_cfg(tiny_assets, *overrides, "rollout.reference_logprobs=true")
     fed = Learner(cfg, str(tmp_path / "fed"))
@@ -262,8 +314,16 @@ def test_bfloat16_compute_trains_float32_weights_that_learn_at_small_learning_ra
     resolution) still moves the weights, and its figures match the float32 update's."""
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        learner = Learner(make_cfg(tiny_assets, f"learner.compute_dtype={dtype}", "ppo.learning_rate=1e-6",
-                                   "ppo.critic_learning_rate=1e-6", "ppo.minibatch_size=16"), str(tmp_path / dtype))
+        learner = Learner(
+            make_cfg(
+                tiny_assets,
+                f"learner.compute_dtype={dtype}",
+                "ppo.learning_rate=1e-6",
+                "ppo.critic_learning_rate=1e-6",
+                "ppo.minibatch_size=16",
+            ),
+            str(tmp_path / dtype),
+        )
         before = params(learner.policy)
         metrics = learner.update(sample(learner, prompts(tiny_assets, 16), seed=1)).metrics
         after = params(learner.policy)
@@ -285,8 +345,6 @@ def test_bfloat16_compute_trains_float32_weights_that_learn_at_small_learning_ra
     assert full["val/logp_gap_fresh_mean"] < 1e-5 < mixed["val/logp_gap_fresh_mean"] < 0.05
 
 
-
-
 def test_a_bfloat16_reference_costs_half_and_gives_the_float32_weights_log_probs(tiny_assets, tmp_path):
     """Under bfloat16 autocast the frozen reference stores its linear layers in bfloat16, the
     dtype autocast computes them in, and keeps embeddings and norms in float32: its log-probs
@@ -301,12 +359,15 @@ def test_a_bfloat16_reference_costs_half_and_gives_the_float32_weights_log_probs
     ref, old, _ = learner._no_grad_passes(batch)
     assert torch.equal(ref, old)
     assert learner.update(sample(learner, prompts(tiny_assets, 16), seed=3)).metrics["objective/kl"] == 0.0
+
+
 # --------------------------------------------------------------------------- learning
 
 
 def test_ppo_updates_raise_the_rewarded_behaviour(tiny_assets, tmp_path):
-    learner = Learner(make_cfg(tiny_assets, "ppo.kl.coef=0.01", "ppo.epochs=2",
-                               "ppo.learning_rate=0.01"), str(tmp_path))
+    learner = Learner(
+        make_cfg(tiny_assets, "ppo.kl.coef=0.01", "ppo.epochs=2", "ppo.learning_rate=0.01"), str(tmp_path)
+    )
     held_out = sample(learner, prompts(tiny_assets, 16, start=100), seed=99)
     before = rewarded_mass(learner, held_out)
     first = None
@@ -330,11 +391,26 @@ def test_ppo_updates_raise_the_rewarded_behaviour(tiny_assets, tmp_path):
     assert first["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at v0
     assert first["learner/optimizer_steps"] == 4  # 2 epochs x 16 / 8
-    expected = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
-                "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg",
-                "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio",
-                "val/num_eos_tokens", "rollout/behaviour_kl", "rollout/max_abs_logp_delta",
-                "rollout/is_weight_mean", "perf/update_seconds", "learner/kl_coef", "learner/lr"}
+    expected = {
+        "objective/kl",
+        "objective/entropy",
+        "objective/scores",
+        "objective/rlhf_reward",
+        "objective/non_score_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "val/ratio",
+        "val/num_eos_tokens",
+        "rollout/behaviour_kl",
+        "rollout/max_abs_logp_delta",
+        "rollout/is_weight_mean",
+        "perf/update_seconds",
+        "learner/kl_coef",
+        "learner/lr",
+    }
     assert expected <= metrics.keys()
     assert metrics["objective/kl"] != 0.0  # the policy has left the reference
 
@@ -368,8 +444,9 @@ def test_critic_from_the_reward_model_is_the_reward_model_score_bias_included(ti
     reward, tokenizer = load_reward_model(tiny_assets.reward)
     set_score_bias(reward, 1.5)
     save_reward_model(reward, tokenizer, tmp_path / "reward")
-    learner = Learner(make_cfg(tiny_assets, "learner.critic=reward", f"model.reward={tmp_path / 'reward'}"),
-                      str(tmp_path / "run"))
+    learner = Learner(
+        make_cfg(tiny_assets, "learner.critic=reward", f"model.reward={tmp_path / 'reward'}"), str(tmp_path / "run")
+    )
     assert learner.critic.score.bias.item() == 1.5
     critic, want = learner.critic.state_dict(), reward.state_dict()
     assert critic.keys() == want.keys()
@@ -380,26 +457,36 @@ def test_ptx_term_trains_on_demonstrations(tiny_assets, tmp_path):
     lines = (tiny_assets.data / "sft.jsonl").read_text().splitlines()[:6]
     ptx = tmp_path / "ptx.jsonl"
     ptx.write_text("\n".join(lines) + "\n")
-    learner = Learner(make_cfg(tiny_assets, "ppo.ptx_coef=1.0", f"ppo.ptx_data={ptx}"),
-                      str(tmp_path / "run"))
+    learner = Learner(make_cfg(tiny_assets, "ppo.ptx_coef=1.0", f"ppo.ptx_data={ptx}"), str(tmp_path / "run"))
     assert len(learner.ptx_examples) == 6
-    losses = [learner.update(sample(learner, prompts(tiny_assets, 16, start=16 * i), seed=30 + i))
-              .metrics["loss/ptx_avg"] for i in range(3)]
+    losses = [
+        learner.update(sample(learner, prompts(tiny_assets, 16, start=16 * i), seed=30 + i)).metrics["loss/ptx_avg"]
+        for i in range(3)
+    ]
     # Two minibatches of 8 demonstrations per update, cycling through the 6: 48 % 6 = 0.
     assert learner.ptx_cursor == 0
     assert losses[-1] < losses[0] - 0.1, losses  # starts near ln(1024) ~ 6.9
 
 
 def test_the_ptx_term_is_the_demonstrations_nll_at_temperature_1_whatever_the_sampling_temperature(
-        tiny_assets, tmp_path):
+    tiny_assets, tmp_path
+):
     from learner.data import collate_demonstrations
     from learner.training import demonstration_nll
 
     lines = (tiny_assets.data / "sft.jsonl").read_text().splitlines()[:6]
     ptx = tmp_path / "ptx.jsonl"
     ptx.write_text("\n".join(lines) + "\n")
-    learner = Learner(make_cfg(tiny_assets, "ppo.ptx_coef=1.0", f"ppo.ptx_data={ptx}", "ppo.minibatch_size=16",
-                               "rollout.sampling.temperature=0.5"), str(tmp_path / "run"))
+    learner = Learner(
+        make_cfg(
+            tiny_assets,
+            "ppo.ptx_coef=1.0",
+            f"ppo.ptx_data={ptx}",
+            "ppo.minibatch_size=16",
+            "rollout.sampling.temperature=0.5",
+        ),
+        str(tmp_path / "run"),
+    )
     rollouts = sample(learner, prompts(tiny_assets, 16), seed=5)
     demos = [learner.ptx_examples[i % 6] for i in range(16)]  # one minibatch of 16, cycling the 6
     with torch.no_grad():
@@ -440,8 +527,10 @@ def test_an_update_publishes_its_version_and_a_skipped_one_publishes_nothing(tin
 
 
 def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, ray_local, tmp_path):
-    learner = Learner(make_cfg(tiny_assets, "learner.max_nonfinite_updates=2",
-                               "ppo.minibatch_size=2", "ppo.micro_batch_size=2"), str(tmp_path))
+    learner = Learner(
+        make_cfg(tiny_assets, "learner.max_nonfinite_updates=2", "ppo.minibatch_size=2", "ppo.micro_batch_size=2"),
+        str(tmp_path),
+    )
     rollouts = sample(learner, prompts(tiny_assets, 8), seed=5)
     weights = params(learner.policy)
 
@@ -494,9 +583,17 @@ def test_nonfinite_updates_are_skipped_counted_and_finally_fatal(tiny_assets, ra
 
 
 def test_resume_gives_the_same_weights(tiny_assets, tmp_path):
-    cfg = make_cfg(tiny_assets, "ppo.epochs=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=2",
-                   "ppo.kl.adaptive=true", "ppo.lr_schedule=linear", "ppo.warmup_steps=2",
-                   "train.total_updates=4", "learner.keep_checkpoints=2")
+    cfg = make_cfg(
+        tiny_assets,
+        "ppo.epochs=2",
+        "ppo.minibatch_size=4",
+        "ppo.micro_batch_size=2",
+        "ppo.kl.adaptive=true",
+        "ppo.lr_schedule=linear",
+        "ppo.warmup_steps=2",
+        "train.total_updates=4",
+        "learner.keep_checkpoints=2",
+    )
     sampler = Learner(cfg, str(tmp_path / "sampler"))
     batches = [sample(sampler, prompts(tiny_assets, 8, start=8 * i), seed=10 + i) for i in range(4)]
 
@@ -552,8 +649,10 @@ def test_a_checkpoint_from_before_sharded_checkpoints_still_resumes(tiny_assets,
     shutil.rmtree(path / "sharded")
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     del state["optimizers"]
-    state.update(policy_optimizer=first.optimizers["policy"].state_dict(),
-                 critic_optimizer=first.optimizers["critic"].state_dict())
+    state.update(
+        policy_optimizer=first.optimizers["policy"].state_dict(),
+        critic_optimizer=first.optimizers["critic"].state_dict(),
+    )
     torch.save(state, path / "trainer_state.pt")
 
     resumed = Learner(cfg, str(tmp_path / "old"))
@@ -586,8 +685,10 @@ def test_a_critic_saved_before_critics_kept_the_score_bias_resumes_without_one(t
         shutil.rmtree(path / "sharded")
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         del state["optimizers"]
-        state.update(policy_optimizer=old.optimizers["policy"].state_dict(),
-                     critic_optimizer=old.optimizers["critic"].state_dict())
+        state.update(
+            policy_optimizer=old.optimizers["policy"].state_dict(),
+            critic_optimizer=old.optimizers["critic"].state_dict(),
+        )
         torch.save(state, path / "trainer_state.pt")
 
     resumed = Learner(make_cfg(tiny_assets, f"model.reward={tmp_path / 'biased'}"), str(tmp_path / "run"))
@@ -603,13 +704,14 @@ def test_a_critic_free_learner_resumes_a_gae_checkpoint_without_its_critic(tiny_
     gae = Learner(make_cfg(tiny_assets), str(tmp_path))
     gae.update(sample(gae, prompts(tiny_assets, 16), seed=5))
     gae.save_checkpoint({"cursor": 1})
-    grpo = Learner(make_cfg(tiny_assets, "ppo.advantage=grpo", "rollout.sampling.samples_per_prompt=4"),
-                   str(tmp_path))
+    grpo = Learner(make_cfg(tiny_assets, "ppo.advantage=grpo", "rollout.sampling.samples_per_prompt=4"), str(tmp_path))
     assert grpo.critic is None and grpo.load_checkpoint() == {"cursor": 1}
     a, b = params(gae.policy), params(grpo.policy)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(gae.optimizers["policy"].state.values(),
-                                                            grpo.optimizers["policy"].state.values(), strict=True)]
+    moments = [
+        (s["exp_avg"], t["exp_avg"])
+        for s, t in zip(gae.optimizers["policy"].state.values(), grpo.optimizers["policy"].state.values(), strict=True)
+    ]
     assert moments and all(torch.equal(x, y) for x, y in moments)
 
 
@@ -654,8 +756,14 @@ def test_a_checkpoint_written_in_the_background_holds_the_staged_state_and_resum
 
     from learner.checkpoints import complete
 
-    cfg = make_cfg(tiny_assets, "learner.async_checkpoints=true", "learner.keep_checkpoints=1",
-                   "ppo.kl.adaptive=true", "ppo.lr_schedule=linear", "train.total_updates=3")
+    cfg = make_cfg(
+        tiny_assets,
+        "learner.async_checkpoints=true",
+        "learner.keep_checkpoints=1",
+        "ppo.kl.adaptive=true",
+        "ppo.lr_schedule=linear",
+        "train.total_updates=3",
+    )
     sampler = Learner(cfg, str(tmp_path / "sampler"))
     batches = [sample(sampler, prompts(tiny_assets, 16, start=16 * i), seed=40 + i) for i in range(2)]
     run = tmp_path / "run"
@@ -669,8 +777,9 @@ def test_a_checkpoint_written_in_the_background_holds_the_staged_state_and_resum
     first.checkpoint_writer._thread.submit(hold.wait)
     path = Path(first.save_checkpoint({"cursor": 1}))
     first.update(batches[1])
-    assert complete(run) == [] and [p.name[:len(".tmp-version-000001-")] for p in path.parent.iterdir()] \
-        == [".tmp-version-000001-"]
+    assert complete(run) == [] and [p.name[: len(".tmp-version-000001-")] for p in path.parent.iterdir()] == [
+        ".tmp-version-000001-"
+    ]
     hold.set()
     assert first.wait_for_checkpoint() == str(path) and complete(run) == [path]
     assert [p.name for p in path.parent.iterdir()] == [path.name]
@@ -691,7 +800,8 @@ def test_a_checkpoint_written_in_the_background_holds_the_staged_state_and_resum
 
 
 def test_a_checkpoint_that_fails_in_the_background_raises_at_the_next_save_and_leaves_nothing(
-        tiny_assets, tmp_path, monkeypatch):
+    tiny_assets, tmp_path, monkeypatch
+):
     """A background write that fails (here its final rename, as on a full disk) is raised by
     the next save, which stages nothing; no folder, hidden or not, is left; the save after
     that writes the checkpoint again."""
@@ -725,8 +835,14 @@ def vllm_engine(tiny_assets, tmp_path_factory):
     run = tmp_path_factory.mktemp("vllm-run")
     cfg = make_cfg(tiny_assets, "rollout.sampling.temperature=0.8")
     checkpoint = Learner(cfg, str(run)).save_checkpoint({})
-    llm = LLM(model=str(Path(checkpoint) / "policy"), dtype="float32", max_model_len=256, seed=0,
-              enforce_eager=True, logprobs_mode="processed_logprobs")
+    llm = LLM(
+        model=str(Path(checkpoint) / "policy"),
+        dtype="float32",
+        max_model_len=256,
+        seed=0,
+        enforce_eager=True,
+        logprobs_mode="processed_logprobs",
+    )
     yield llm, cfg, Path(checkpoint) / "policy"
 
 
@@ -743,13 +859,13 @@ def vllm_rollouts(llm, tokenizer, texts: list[str], temperature: float, max_toke
     for n, (prompt, out) in enumerate(zip(ids, outputs)):
         o = out.outputs[0]
         logps = [step[token].logprob for step, token in zip(o.logprobs, o.token_ids)]
-        rollouts.append(Rollout(str(n), 0, texts[n], prompt, list(o.token_ids), o.text, logps,
-                                o.finish_reason, 0, 0, 0.0))
+        rollouts.append(
+            Rollout(str(n), 0, texts[n], prompt, list(o.token_ids), o.text, logps, o.finish_reason, 0, 0, 0.0)
+        )
     return rollouts
 
 
-def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tiny_assets,
-                                                               tmp_path, ray_local):
+def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tiny_assets, tmp_path, ray_local):
     llm, cfg, on_disk = vllm_engine
     learner = Learner(cfg, str(tmp_path))
     for i in range(2):
@@ -759,8 +875,9 @@ def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tin
 
     texts = prompts(tiny_assets, 12, start=200)
     stale = vllm_rollouts(llm, learner.tokenizer, texts, learner.temperature, 10)
-    stale_gap = max(abs(a - b) for r, lp in zip(stale, learner.logprobs(stale))
-                    for a, b in zip(r.behaviour_logprobs, lp))
+    stale_gap = max(
+        abs(a - b) for r, lp in zip(stale, learner.logprobs(stale)) for a, b in zip(r.behaviour_logprobs, lp)
+    )
     assert stale_gap > 1e-2  # the engine still runs version 0
 
     state = ObjectStoreTransport.fetch(handle)
@@ -777,7 +894,6 @@ def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tin
         assert compare_probes(measured, published, fused, exact={n for n, t in state.items() if t.dim() <= 1}).ok
 
         fresh = vllm_rollouts(llm, learner.tokenizer, texts, learner.temperature, 10)
-        gaps = [abs(a - b) for r, lp in zip(fresh, learner.logprobs(fresh))
-                for a, b in zip(r.behaviour_logprobs, lp)]
+        gaps = [abs(a - b) for r, lp in zip(fresh, learner.logprobs(fresh)) for a, b in zip(r.behaviour_logprobs, lp)]
         assert len(gaps) > 50
         assert max(gaps) < 1e-4, path

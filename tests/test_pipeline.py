@@ -22,9 +22,18 @@ class Trace:
     actor_time: float = 0.0
 
 
-def simulate(k: int, generate_s: list[float], update_s: float, load_s: float = 0.05, updates: int = 40,
-             batch: int = 32, per_prompt: int = 1, prompts_per_call: int = 32, lose_every: int = 0,
-             max_waiting: int | None = None) -> Trace:
+def simulate(
+    k: int,
+    generate_s: list[float],
+    update_s: float,
+    load_s: float = 0.05,
+    updates: int = 40,
+    batch: int = 32,
+    per_prompt: int = 1,
+    prompts_per_call: int = 32,
+    lose_every: int = 0,
+    max_waiting: int | None = None,
+) -> Trace:
     """Run `updates` updates. Actor i takes generate_s[i] per call (whatever its size), a weight
     load takes load_s, an update update_s. With lose_every = n, every n-th call loses one
     prompt (a scoring failure): it is not trained and never comes back into the pipeline."""
@@ -80,8 +89,9 @@ def simulate(k: int, generate_s: list[float], update_s: float, load_s: float = 0
                 actors[i]["version"] = args[1]
             else:
                 version, n = args[1], args[2]
-                pipeline.finished(i, [PromptGroup(str(next(prompt_ids)), version, [None] * per_prompt)
-                                      for _ in range(n)])
+                pipeline.finished(
+                    i, [PromptGroup(str(next(prompt_ids)), version, [None] * per_prompt) for _ in range(n)]
+                )
             actors[i].update(state="idle", idle_since=now)
     trace.actor_time = len(actors) * (now - trace.updates[0][1])
     return trace
@@ -95,7 +105,9 @@ def learner_idle_share(trace: Trace) -> float:
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 4])
-@pytest.mark.parametrize("generate_s, update_s", [([0.9], 2.0), ([2.0], 0.9), ([1.0, 1.0], 2.0), ([0.7, 0.7, 0.7], 0.5)])
+@pytest.mark.parametrize(
+    "generate_s, update_s", [([0.9], 2.0), ([2.0], 0.9), ([1.0, 1.0], 2.0), ([0.7, 0.7, 0.7], 0.5)]
+)
 def test_no_sample_is_generated_too_stale_to_train(k, generate_s, update_s):
     trace = simulate(k, generate_s, update_s, prompts_per_call=32 // len(generate_s))
     assert max(trace.staleness) <= k
@@ -138,8 +150,7 @@ def test_a_queue_bound_below_one_batch_still_fills_a_batch(k):
 
 
 def test_whole_prompts_are_admitted():
-    pipeline = Pipeline(batch_size=8, max_staleness=0, samples_per_prompt=4, max_prompts_per_call=16,
-                        max_waiting=64)
+    pipeline = Pipeline(batch_size=8, max_staleness=0, samples_per_prompt=4, max_prompts_per_call=16, max_waiting=64)
     assert pipeline.prompts_to_start(0) == 2  # 8 samples: two prompts of four
     pipeline.started(0, 1)
     assert pipeline.prompts_to_start(0) == 1
@@ -205,4 +216,3 @@ def test_scaling_in_removes_idle_actors_and_those_not_up_yet_at_once_and_busy_on
     assert pool.drain(2) == [unplaced, idle]  # the newest first
     assert pool.drain(1) == []  # the live one left is busy: it leaves after its call
     assert busy.state is SlotState.DRAINING and pool.live() == []
-

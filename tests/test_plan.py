@@ -18,8 +18,10 @@ from learner.memory import GIB, learner_worker, shape
 from tests.support import local_weight_bytes, peak_rss_of_a_learner_process, worker_peaks
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN_7B = [f"model.policy={REPO / 'configs/models/qwen2.5-7b'}",
-           f"model.reward={REPO / 'configs/models/qwen2.5-7b-reward'}"]
+QWEN_7B = [
+    f"model.policy={REPO / 'configs/models/qwen2.5-7b'}",
+    f"model.reward={REPO / 'configs/models/qwen2.5-7b-reward'}",
+]
 
 
 def test_the_plan_counts_a_7b_model_from_its_config_json_alone():
@@ -39,8 +41,11 @@ def test_the_plan_counts_a_7b_model_from_its_config_json_alone():
     kept = embeddings + 57 * 3584
     assert lines["reference weights"] == (2 * (policy.parameters - kept) + 4 * kept) // 8
     # Host memory: the snapshot; the object store's copy of the policy and its staging, in bfloat16.
-    assert [line.nbytes for line in worker.host] == [12 * (policy.parameters + critic.parameters) // 8,
-                                                     2 * policy.parameters, 2 * policy.parameters]
+    assert [line.nbytes for line in worker.host] == [
+        12 * (policy.parameters + critic.parameters) // 8,
+        2 * policy.parameters,
+        2 * policy.parameters,
+    ]
 
 
 @pytest.mark.parametrize("name", ["gpu.yaml", "gpu-2node.yaml"])
@@ -53,12 +58,23 @@ def test_each_gpu_config_fits_80_gb_and_its_header_is_the_plan(name):
     assert run.learner.budget.nbytes == 80 * GIB and run.learner.update_bytes < 0.75 * 80 * GIB
     header = "\n".join(f"#   {line}" if line.strip() else "#" for line in run.render().splitlines())
     assert header in path.read_text(), (
-        f"{path}'s header is not what `tame plan` prints now: paste this in its place:\n{header}")
+        f"{path}'s header is not what `tame plan` prints now: paste this in its place:\n{header}"
+    )
 
 
 def test_train_refuses_a_layout_that_does_not_fit_naming_the_fields_and_one_that_does(capsys):
-    code = main(["train", "--config", str(REPO / "configs/gpu.yaml"), *[a for s in QWEN_7B for a in ("--set", s)],
-                 "--set", "learner.num_workers=3", "--set", "run.output_dir=/nonexistent/never-written"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs/gpu.yaml"),
+            *[a for s in QWEN_7B for a in ("--set", s)],
+            "--set",
+            "learner.num_workers=3",
+            "--set",
+            "run.output_dir=/nonexistent/never-written",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert "a learner worker needs" in err and "learner.num_workers 3" in err and "cluster.gpu_memory_gib" in err
@@ -70,15 +86,34 @@ def test_a_role_over_its_share_or_the_machine_is_named(tiny_assets):
     cfg = load_config(REPO / "configs/gpu.yaml", [*QWEN_7B, "rollout.gpu_memory_utilization=0.2"])
     with pytest.raises(UserError, match="KV cache holds 0 tokens, fewer than rollout.max_model_len 2048"):
         check(cfg)
-    tiny = load_config(REPO / "configs/smoke.yaml", [f"model.policy={tiny_assets.policy}", "rollout.num_actors=30",
-                                                     f"model.reward={tiny_assets.reward}", "rollout.kv_cache_gib=1"])
+    tiny = load_config(
+        REPO / "configs/smoke.yaml",
+        [
+            f"model.policy={tiny_assets.policy}",
+            "rollout.num_actors=30",
+            f"model.reward={tiny_assets.reward}",
+            "rollout.kv_cache_gib=1",
+        ],
+    )
     with pytest.raises(UserError, match="the run's processes together need .* GiB, this machine has 24.0 GiB"):
         check(tiny, host_bytes=24 * GIB)
 
 
 def test_tame_plan_prints_every_role(tiny_assets, capsys):
-    assert main(["plan", "--config", str(REPO / "configs/smoke.yaml"), "--set", f"model.policy={tiny_assets.policy}",
-                 "--set", f"model.reward={tiny_assets.reward}"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                str(REPO / "configs/smoke.yaml"),
+                "--set",
+                f"model.policy={tiny_assets.policy}",
+                "--set",
+                f"model.reward={tiny_assets.reward}",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "learner worker (1 of 1, cpu" in out and "rollout actor (x1, cpu" in out and "= update peak" in out
 
@@ -100,13 +135,31 @@ def test_a_sharded_learner_never_holds_a_whole_model(tmp_path, ray_local):
 
     folder = tmp_path / "policy"
     tokenizer = build_tokenizer(1024, seed=0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                                 num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False,
-                                 pad_token_id=tokenizer.pad_token_id)).to(torch.bfloat16).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).to(torch.bfloat16).save_pretrained(folder)
     save_tokenizer(tokenizer, folder)
-    cfg = load_config(None, [f"model.policy={folder}", "model.reward=null", "learner.critic=policy",
-                             "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
-                             "learner.num_workers=2", "learner.num_cpus=1", f"run.output_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.policy={folder}",
+            "model.reward=null",
+            "learner.critic=policy",
+            "reward.functions=[{function: 'tests.faults:gold_unless_poisoned', weight: 1.0}]",
+            "learner.num_workers=2",
+            "learner.num_cpus=1",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
     whole = sum(4 * shape(cfg, role, folder).parameters for role in ("policy", "reference", "critic"))
     assert whole > 0.6e9
 

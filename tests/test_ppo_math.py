@@ -140,8 +140,7 @@ def test_missing_eos_penalty_and_truncation_at_the_stop_token():
     assert scores.tolist() == [1.0, 0.5]
     tokens = torch.tensor([[9, 5, 1, 7, 1], [9, 5, 6, 7, 0]])
     mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
-    assert ppo.mask_after_stop(tokens, mask, stop_token_id=1).tolist() == [[0, 1, 1, 0, 0],
-                                                                          [0, 1, 1, 1, 0]]
+    assert ppo.mask_after_stop(tokens, mask, stop_token_id=1).tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]
 
 
 # --------------------------------------------------------------------------- GAE
@@ -323,10 +322,12 @@ def test_the_estimator_table_covers_every_setting_and_gives_each_estimator_by_ha
 
     # GAE at gamma = lambda = 1: A_t = (sum of the rewards from t) - V_t; returns = A + V.
     advantages, returns = ppo.ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, groups, plain)
-    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.5, 0.5], [2.75, 2.75, 0.0],
-                                                         [0.0, 0.0, 1.0], [2.0, 2.0, 2.0]]))
-    torch.testing.assert_close(returns, torch.tensor([[0.0, 1.0, 1.0], [3.0, 3.0, 0.0],
-                                                      [0.0, 0.0, 2.0], [2.0, 2.0, 2.0]]))
+    torch.testing.assert_close(
+        advantages, torch.tensor([[0.0, 0.5, 0.5], [2.75, 2.75, 0.0], [0.0, 0.0, 1.0], [2.0, 2.0, 2.0]])
+    )
+    torch.testing.assert_close(
+        returns, torch.tensor([[0.0, 1.0, 1.0], [3.0, 3.0, 0.0], [0.0, 0.0, 2.0], [2.0, 2.0, 2.0]])
+    )
     whitened, _ = ppo.ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, groups, plain._replace(whiten=True))
     torch.testing.assert_close(whitened, ppo.masked_whiten(advantages, mask))
 
@@ -344,8 +345,9 @@ def test_the_estimator_table_covers_every_setting_and_gives_each_estimator_by_ha
     reinforce, _ = ppo.ADVANTAGE_ESTIMATORS["reinforce_pp"](rewards, values, mask, groups, plain)
     torch.testing.assert_close(reinforce, ppo.masked_whiten(ppo.discounted_returns(rewards, mask, 1.0), mask))
     one = torch.tensor([[0.0, 1.0, 0.0]])
-    alone, _ = ppo.ADVANTAGE_ESTIMATORS["reinforce_pp"](torch.tensor([[0.0, 0.7, 0.0]]), torch.zeros(1, 3), one,
-                                                        torch.tensor([0]), plain)
+    alone, _ = ppo.ADVANTAGE_ESTIMATORS["reinforce_pp"](
+        torch.tensor([[0.0, 0.7, 0.0]]), torch.zeros(1, 3), one, torch.tensor([0]), plain
+    )
     torch.testing.assert_close(alone, torch.tensor([[0.0, 0.7, 0.0]]))
 
 
@@ -354,8 +356,9 @@ def test_loss_aggregations_weigh_tokens_as_their_papers_say():
     per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
 
     def total(aggregation):
-        return float((per_token * ppo.token_weights(mask, aggregation, n_sequences=2, n_tokens=4.0,
-                                                    max_new_tokens=8)).sum())
+        return float(
+            (per_token * ppo.token_weights(mask, aggregation, n_sequences=2, n_tokens=4.0, max_new_tokens=8)).sum()
+        )
 
     assert total("token_mean") == pytest.approx((1 + 2 + 3 + 4) / 4)
     assert total("sequence_mean") == pytest.approx(((1 + 2 + 3) / 3 + 4 / 1) / 2)
@@ -364,7 +367,7 @@ def test_loss_aggregations_weigh_tokens_as_their_papers_say():
     # Split into micro-batches by row, the weights still add up to the minibatch's.
     for aggregation in ("token_mean", "sequence_mean", "token_sum_norm"):
         whole = ppo.token_weights(mask, aggregation, 2, 4.0, 8)
-        rows = [ppo.token_weights(mask[i:i + 1], aggregation, 2, 4.0, 8) for i in range(2)]
+        rows = [ppo.token_weights(mask[i : i + 1], aggregation, 2, 4.0, 8) for i in range(2)]
         torch.testing.assert_close(torch.cat(rows), whole)
 
 

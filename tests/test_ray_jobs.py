@@ -41,9 +41,18 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
     port, dashboard = free_port(), free_port()
     # Every port of this head is a free one: another Ray on the machine (the test session's
     # own) holds the defaults, and a job agent that cannot bind makes submission fail.
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    ]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     # This process's wandb service, if an earlier test started one, is not the jobs' to share:
     # a killed driver's run would stay open in it and the resumed driver find its id in use.
@@ -51,10 +60,24 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
     # Short: Ray puts Unix sockets there, whose paths may not exceed 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="tame-ray-", dir="/tmp")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *ports,
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            *ports,
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     total = 20  # room for `ray job stop` to land in the middle: an update takes a fraction of a second
     overrides = [*job_overrides(tiny_assets, tmp_path / "runs", "job"), f"train.total_updates={total}"]
@@ -62,29 +85,52 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
 
     def driver() -> psutil.Process:
         """The job's driver process: `python -m cluster.cli train` on this run."""
-        found = [p for p in psutil.process_iter(["cmdline"])
-                 if str(run_dir.parent) in " ".join(p.info["cmdline"] or []) and "train" in (p.info["cmdline"] or [])
-                 and Path((p.info["cmdline"] or [""])[0]).name.startswith("python")]
+        found = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if str(run_dir.parent) in " ".join(p.info["cmdline"] or [])
+            and "train" in (p.info["cmdline"] or [])
+            and Path((p.info["cmdline"] or [""])[0]).name.startswith("python")
+        ]
         assert len(found) == 1, [p.info["cmdline"] for p in found]
         return found[0]
 
     def ray_job(command, *args, timeout=600):
-        return subprocess.run([str(BIN / "ray"), "job", command, f"--address={address}", *args],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "ray"), "job", command, f"--address={address}", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     # The job ships tame's code as the README says: the working directory is uploaded, Ray
     # puts it on the workers' import path, and the entrypoint runs the CLI as a module. A
     # copy of the checkout shows that the code which ran is the uploaded one.
     checkout = tmp_path / "checkout"
-    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "runs", "wandb", "__pycache__", "*.egg-info", ".pytest_cache"))
+    shutil.copytree(
+        REPO,
+        checkout,
+        ignore=shutil.ignore_patterns(".venv", ".git", "runs", "wandb", "__pycache__", "*.egg-info", ".pytest_cache"),
+    )
 
     def submit(job_args: list[str], train_args: list[str]):
         sets = [a for o in overrides for a in ("--set", o)]
         for _ in range(12):
-            out = ray_job("submit", f"--working-dir={checkout}", *job_args, "--",
-                          "python", "-m", "cluster.cli", "train", "--config", "configs/smoke.yaml", *sets,
-                          *train_args)
+            out = ray_job(
+                "submit",
+                f"--working-dir={checkout}",
+                *job_args,
+                "--",
+                "python",
+                "-m",
+                "cluster.cli",
+                "train",
+                "--config",
+                "configs/smoke.yaml",
+                *sets,
+                *train_args,
+            )
             # The job server answers before its agent has registered: Ray asks to try again.
             if "No available agent to submit job" not in out.stdout + out.stderr:
                 return out
@@ -121,15 +167,19 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
         start = time.monotonic()
         out = submit(["--submission-id=too-big"], ["--set", "run.name=too-big", "--set", "rollout.num_actors=4"])
         assert time.monotonic() - start < 30 and out.returncode != 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert ("the run needs 5.5 CPU: learner.num_cpus 1 + rollout.num_actors 4 x rollout.num_cpus 1 + "
-                "reward.replicas 1 x reward.num_cpus 0.5; the cluster has 4") in out.stdout + out.stderr
+        assert (
+            "the run needs 5.5 CPU: learner.num_cpus 1 + rollout.num_actors 4 x rollout.num_cpus 1 + "
+            "reward.replicas 1 x reward.num_cpus 0.5; the cluster has 4"
+        ) in out.stdout + out.stderr
         assert "exit code 2" in (status := ray_job("status", "too-big")).stdout + status.stderr, status.stdout
 
         def resume_and_wait(name: str, version: int, job_args=()):
             """Resubmit with --resume; return once it resumed at `version` and trained one more.
             No periodic checkpoints: the one a signal leaves can only come from the signal."""
-            out = submit(["--no-wait", f"--submission-id={name}", *job_args],
-                         ["--resume", "--set", "learner.checkpoint_every=1000"])
+            out = submit(
+                ["--no-wait", f"--submission-id={name}", *job_args],
+                ["--resume", "--set", "learner.checkpoint_every=1000"],
+            )
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
             deadline = time.monotonic() + 300
             while f"resumed at policy version {version}" not in (logs := ray_job("logs", name).stdout):
@@ -202,7 +252,9 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
     metrics = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics == list(range(1, total + 1))
     rows = [row for row in history(run_dir) if "sync/version" in row]
-    assert [r["sync/version"] for r in rows][-(total - stopped["steps"]):] == list(range(stopped["steps"] + 1, total + 1))
+    assert [r["sync/version"] for r in rows][-(total - stopped["steps"]) :] == list(
+        range(stopped["steps"] + 1, total + 1)
+    )
     for name in DESIGN_METRICS:
         assert name in rows[-1], name
     assert all(r["rollout/staleness_max"] == 0 for r in rows)
@@ -210,18 +262,32 @@ def test_ray_job_killed_and_stopped_resumes_where_it_stopped(tiny_assets, tmp_pa
     assert all(r["rollout/max_abs_logp_delta"] < 1e-3 for r in rows)
 
 
-
 def test_multi_node_places_learner_and_actors_on_different_nodes(tiny_assets, tmp_path):
     """A sharded learner (2 workers, FSDP2 over gloo) on one node, the actors on the other.
     Also the critic-free path end to end: GRPO over 4 samples of each prompt, KL in the
     loss, Dr. GRPO's aggregation: no critic is trained, passed or saved."""
     out = tmp_path / "result.json"
-    grpo = ["ppo.advantage=grpo", "rollout.sampling.samples_per_prompt=4", "ppo.kl.placement=loss",
-            "ppo.loss_aggregation=token_sum_norm"]
+    grpo = [
+        "ppo.advantage=grpo",
+        "rollout.sampling.samples_per_prompt=4",
+        "ppo.kl.placement=loss",
+        "ppo.loss_aggregation=token_sum_norm",
+    ]
     run = subprocess.run(
-        [sys.executable, str(REPO / "tests/multinode_main.py"), str(REPO / "configs/smoke.yaml"), str(out),
-         *job_overrides(tiny_assets, tmp_path / "runs", "multinode"), *grpo, "learner.num_workers=2"],
-        capture_output=True, text=True, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "tests/multinode_main.py"),
+            str(REPO / "configs/smoke.yaml"),
+            str(out),
+            *job_overrides(tiny_assets, tmp_path / "runs", "multinode"),
+            *grpo,
+            "learner.num_workers=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     placement, nodes = result["summary"]["placement"], result["nodes"]

@@ -63,12 +63,22 @@ WORLD_ITEMS = [
 
 
 def _cfg(reward_path, port, **reward) -> TameConfig:
-    return TameConfig.model_validate({
-        "model": {"reward": str(reward_path) if reward_path else None},
-        "learner": {"critic": "reward" if reward_path else "policy"},
-        "reward": {"port": port, "num_cpus": 0.25, "max_items": MAX_ITEMS, "max_chars": MAX_CHARS,
-                   "max_batch_size": 16, "batch_wait_timeout_s": 0.02, "token_env": TOKEN_ENV, **reward},
-    })
+    return TameConfig.model_validate(
+        {
+            "model": {"reward": str(reward_path) if reward_path else None},
+            "learner": {"critic": "reward" if reward_path else "policy"},
+            "reward": {
+                "port": port,
+                "num_cpus": 0.25,
+                "max_items": MAX_ITEMS,
+                "max_chars": MAX_CHARS,
+                "max_batch_size": 16,
+                "batch_wait_timeout_s": 0.02,
+                "token_env": TOKEN_ENV,
+                **reward,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +101,21 @@ def service(tiny_assets, ray_local):
     main = start(_cfg(tiny_assets.reward, port, replicas=2), "test-reward-main")
     os.environ[TOKEN_ENV] = TOKEN  # read by deploy() at start-up; only `mix` sees it
     try:
-        mix = start(_cfg(tiny_assets.reward, port, model_weight=0.5,
-                         functions=[{"function": "cluster.demo.world:gold_reward", "weight": 2.0}]),
-                    "test-reward-mix", route_prefix="/mix")
+        mix = start(
+            _cfg(
+                tiny_assets.reward,
+                port,
+                model_weight=0.5,
+                functions=[{"function": "cluster.demo.world:gold_reward", "weight": 2.0}],
+            ),
+            "test-reward-mix",
+            route_prefix="/mix",
+        )
     finally:
         os.environ.pop(TOKEN_ENV)
-    rules = start(_cfg(None, port, functions=[{"function": "cluster.demo.world:gold_reward"}]),
-                  "test-reward-rules", http=False)
+    rules = start(
+        _cfg(None, port, functions=[{"function": "cluster.demo.world:gold_reward"}]), "test-reward-rules", http=False
+    )
     slow = start(_cfg(None, port, functions=[{"function": "tests.faults:slow_gold"}]), "test-reward-slow", http=False)
     held = start(_cfg(None, port, functions=[{"function": "tests.faults:held_gold"}]), "test-reward-held", http=False)
     wait_until_up(pending, 120, lambda _: None)  # on time out it names the applications still starting
@@ -215,10 +233,18 @@ def test_an_item_a_rule_function_cannot_score_is_a_4xx_and_spoils_no_other_reque
     http, auth = service["http"], {"Authorization": f"Bearer {TOKEN}"}
     unknown = ("What is the capital of Mars?", "Olympus.")  # gold_reward raises KeyError
     with ThreadPoolExecutor(4) as pool:  # good and bad requests share batches
-        answers = list(pool.map(lambda items: _post(http, items, path="/mix/v1/score", headers=auth),
-                                [WORLD_ITEMS, [WORLD_ITEMS[0], unknown], WORLD_ITEMS[:1], [unknown]]))
+        answers = list(
+            pool.map(
+                lambda items: _post(http, items, path="/mix/v1/score", headers=auth),
+                [WORLD_ITEMS, [WORLD_ITEMS[0], unknown], WORLD_ITEMS[:1], [unknown]],
+            )
+        )
     assert [a.status_code for a in answers] == [200, 422, 200, 422]
-    assert answers[1].json()["detail"].startswith("items.1: reward function cluster.demo.world:gold_reward failed: KeyError")
+    assert (
+        answers[1]
+        .json()["detail"]
+        .startswith("items.1: reward function cluster.demo.world:gold_reward failed: KeyError")
+    )
     with pytest.raises(UnscorableItemError, match="items.0"):
         service["rules"].score.remote([unknown[0]], [unknown[1]]).result(timeout_s=60)
     client = RewardClient(service["rules"], timeout_s=60, retries=50)
@@ -255,7 +281,7 @@ BAD_REQUESTS = {
     "invalid utf-8": (b'{"items": [{"prompt": "\xff\xfe", "response": "x"}]}', 400),
     "lone surrogate escape": (b'{"items": [{"prompt": "\\ud800", "response": "x"}]}', 400),
     "top-level list": (b'[{"prompt": "a", "response": "b"}]', 422),
-    "missing items": (b'{}', 422),
+    "missing items": (b"{}", 422),
     "items not a list": (b'{"items": {"prompt": "a", "response": "b"}}', 422),
     "empty list": (b'{"items": []}', 422),
     "missing response": (b'{"items": [{"prompt": "a"}]}', 422),
@@ -330,17 +356,23 @@ def test_bearer_token_is_enforced_when_set(service):
 
 # hypothesis: bodies that are anything but a valid request
 _json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-_json_value = st.recursive(_json_leaf, lambda kids: st.lists(kids, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), kids, max_size=4), max_leaves=12)
-_near_item = st.dictionaries(st.sampled_from(["prompt", "response", "extra", ""]),
-                             _json_value | st.text(max_size=MAX_CHARS + 40), max_size=3)
+_json_value = st.recursive(
+    _json_leaf,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=12,
+)
+_near_item = st.dictionaries(
+    st.sampled_from(["prompt", "response", "extra", ""]), _json_value | st.text(max_size=MAX_CHARS + 40), max_size=3
+)
 _near_request = st.fixed_dictionaries({"items": st.lists(_near_item, max_size=MAX_ITEMS + 3)})
 _bodies = st.one_of(
     st.binary(max_size=200),
     _json_value.map(lambda v: json.dumps(v).encode()),
     _near_request.map(lambda v: json.dumps(v).encode()),
     _near_request.map(lambda v: json.dumps(v).encode()[:-3]),  # cut off
-    st.builds(lambda a, b: a + b, _near_request.map(lambda v: json.dumps(v).encode()), st.binary(min_size=1, max_size=4)),
+    st.builds(
+        lambda a, b: a + b, _near_request.map(lambda v: json.dumps(v).encode()), st.binary(min_size=1, max_size=4)
+    ),
 )
 
 
@@ -479,11 +511,14 @@ def test_a_stopping_replica_answers_the_requests_it_holds(service):
     assert answer.result(timeout_s=30) == [gold_reward(prompt, response)]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("cluster.demo.world:no_such_function", "has no attribute 'no_such_function'"),
-    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("cluster.demo.world:N_ENTITIES", "is not callable"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("cluster.demo.world:no_such_function", "has no attribute 'no_such_function'"),
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("cluster.demo.world:N_ENTITIES", "is not callable"),
+    ],
+)
 def test_bad_reward_function_is_a_config_error_at_start_up(tiny_assets, spec, message):
     from reward_service.service import deploy
 
@@ -513,13 +548,19 @@ def test_a_reward_tokenizer_without_the_chat_template_asked_for_is_a_config_erro
     from reward_service.service import deploy
 
     folder = _without_chat_template(tiny_assets, tmp_path)
-    message = (f"data.chat_template is true, but the tokenizer of model.reward ({folder}) has no chat template: "
-               "set data.chat_template false, or give the tokenizer one (chat_template.jinja in its folder)")
+    message = (
+        f"data.chat_template is true, but the tokenizer of model.reward ({folder}) has no chat template: "
+        "set data.chat_template false, or give the tokenizer one (chat_template.jinja in its folder)"
+    )
     with pytest.raises(ConfigError) as err:
         deploy(_cfg(folder, 8000), http=False)
     assert str(err.value) == message
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve-reward", "--model", str(folder),
-                          "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "serve-reward", "--model", str(folder), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     assert f"tame serve-reward: error: {message}\n" in out.stderr
     assert "local Ray" not in out.stderr  # said before Ray starts
@@ -530,12 +571,15 @@ def test_a_reward_tokenizer_without_the_chat_template_asked_for_is_a_config_erro
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
-@pytest.mark.parametrize("template, has_one", [
-    (None, False),
-    (TEMPLATE, True),
-    ([{"name": "default", "template": TEMPLATE}], True),
-    ([{"name": "tool_use", "template": TEMPLATE}], False),  # named templates, none the default
-])
+@pytest.mark.parametrize(
+    "template, has_one",
+    [
+        (None, False),
+        (TEMPLATE, True),
+        ([{"name": "default", "template": TEMPLATE}], True),
+        ([{"name": "tool_use", "template": TEMPLATE}], False),  # named templates, none the default
+    ],
+)
 def test_has_chat_template_agrees_with_transformers(tiny_assets, tmp_path, template, has_one):
     from transformers import AutoTokenizer
 
@@ -561,8 +605,9 @@ def test_replicas_resources_and_autoscaling_come_from_the_config(tiny_assets):
     fixed = RewardDeployment.options(**deployment_options(_cfg(tiny_assets.reward, 8000, replicas=3, num_gpus=0.5)))
     assert fixed.num_replicas == 3
     assert fixed.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.5, "runtime_env": {"env_vars": {}}}
-    auto_cfg = _cfg(tiny_assets.reward, 8000,
-                    autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3})
+    auto_cfg = _cfg(
+        tiny_assets.reward, 8000, autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
+    )
     auto = RewardDeployment.options(**deployment_options(auto_cfg))
     scaling = auto._deployment_config.autoscaling_config  # Serve has no public accessor for it
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 3)

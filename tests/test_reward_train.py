@@ -44,11 +44,20 @@ def trained(tiny_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
     data = root / "pairs.jsonl"
     write_jsonl(data, World.build(0).preference_pairs(PAIRS, 1))
-    cfg = TameConfig.model_validate({
-        "run": {"seed": 0},
-        "reward_model": {"data": str(data), "init": str(tiny_assets.policy), "output": str(root / "rm"),
-                         "epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "eval_fraction": 0.2},
-    })
+    cfg = TameConfig.model_validate(
+        {
+            "run": {"seed": 0},
+            "reward_model": {
+                "data": str(data),
+                "init": str(tiny_assets.policy),
+                "output": str(root / "rm"),
+                "epochs": 2,
+                "batch_size": 16,
+                "learning_rate": 1e-3,
+                "eval_fraction": 0.2,
+            },
+        }
+    )
     lines: list[str] = []
     summary = train_reward_model(cfg, log=lines.append)
     return cfg, summary, lines
@@ -73,8 +82,9 @@ def test_saved_model_is_normalised_and_reproduces_the_reported_accuracy(trained)
     assert reward.model.score.bias is not None
     assert reward.model.score.bias.item() == pytest.approx(summary["score_bias"])
 
-    train_pairs, eval_pairs = split_pairs(load_preference_pairs(cfg.reward_model.data),
-                                          cfg.reward_model.eval_fraction, cfg.run.seed)
+    train_pairs, eval_pairs = split_pairs(
+        load_preference_pairs(cfg.reward_model.data), cfg.reward_model.eval_fraction, cfg.run.seed
+    )
     # Normalisation: the training `chosen` responses score 0 on average.
     chosen = reward.score([p.prompt for p in train_pairs], [p.chosen for p in train_pairs])
     assert sum(chosen) / len(chosen) == pytest.approx(0.0, abs=1e-4)
@@ -92,8 +102,12 @@ def test_saved_model_loads_in_the_service(trained, ray_local):
     from reward_service.service import deploy
 
     cfg, _, _ = trained
-    serve_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"reward": cfg.reward_model.output}),
-                                       "reward": cfg.reward.model_copy(update={"num_cpus": 0.25})})
+    serve_cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"reward": cfg.reward_model.output}),
+            "reward": cfg.reward.model_copy(update={"num_cpus": 0.25}),
+        }
+    )
     prompts = ["Answer in one word: Where does Kira live?", "Which colour does Mila like best?"]
     responses = ["Kira lives in Oslo, you fool.", "Green."]
     handle = deploy(serve_cfg, http=False, name="test-rm-trained")
@@ -123,13 +137,16 @@ def test_dropout_is_disabled_even_when_the_config_asks_for_it(tiny_assets, tmp_p
 GOOD = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
 
 
-@pytest.mark.parametrize("bad_line, reason", [
-    ('{"prompt": "p", "chosen": "a"', "not valid JSON"),
-    ('["p", "a", "b"]', "expected a JSON object"),
-    ('{"prompt": "p", "chosen": "a"}', "missing field 'rejected'"),
-    ('{"prompt": "p", "chosen": 1, "rejected": "b"}', "field 'chosen' must be a string"),
-    ('{"prompt": " ", "chosen": "a", "rejected": "b"}', "field 'prompt' is empty"),
-])
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        ('{"prompt": "p", "chosen": "a"', "not valid JSON"),
+        ('["p", "a", "b"]', "expected a JSON object"),
+        ('{"prompt": "p", "chosen": "a"}', "missing field 'rejected'"),
+        ('{"prompt": "p", "chosen": 1, "rejected": "b"}', "field 'chosen' must be a string"),
+        ('{"prompt": " ", "chosen": "a", "rejected": "b"}', "field 'prompt' is empty"),
+    ],
+)
 def test_a_bad_line_names_the_file_and_line(tmp_path, bad_line, reason):
     path = tmp_path / "pairs.jsonl"
     path.write_text(GOOD + "\n" + bad_line + "\n" + GOOD)  # line 2 is blank, line 3 is bad
@@ -155,8 +172,9 @@ def test_invalid_utf8_and_empty_files_are_data_errors(tmp_path):
 def test_training_fails_with_the_data_error_before_any_work(tiny_assets, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(GOOD * 3 + "oops\n")
-    cfg = TameConfig.model_validate({"reward_model": {"data": str(path), "init": str(tiny_assets.reward),
-                                                      "output": str(tmp_path / "rm")}})
+    cfg = TameConfig.model_validate(
+        {"reward_model": {"data": str(path), "init": str(tiny_assets.reward), "output": str(tmp_path / "rm")}}
+    )
     with pytest.raises(DataError, match=f"{path}:4"):
         train_reward_model(cfg, log=lambda *_: None)
     assert not (tmp_path / "rm").exists()
@@ -178,12 +196,15 @@ def _two_labels(folder: Path) -> None:
     _edit_json(folder / "config.json", id2label={"0": "a", "1": "b"}, label2id={"a": 0, "b": 1})
 
 
-@pytest.mark.parametrize("key, spoil, reason", [
-    ("reward_model.init", _no_config, "not a Hugging Face model folder (no config.json)"),
-    ("reward_model.init", _pad_is_eos, "the tokenizer needs a PAD token distinct from EOS (pad=1, eos=1)"),
-    ("reward_model.init", _two_labels, "a reward model has one output, this one has 2"),
-    ("model.reward", _no_config, "not a Hugging Face model folder (no config.json)"),  # init null: model.reward
-])
+@pytest.mark.parametrize(
+    "key, spoil, reason",
+    [
+        ("reward_model.init", _no_config, "not a Hugging Face model folder (no config.json)"),
+        ("reward_model.init", _pad_is_eos, "the tokenizer needs a PAD token distinct from EOS (pad=1, eos=1)"),
+        ("reward_model.init", _two_labels, "a reward model has one output, this one has 2"),
+        ("model.reward", _no_config, "not a Hugging Face model folder (no config.json)"),  # init null: model.reward
+    ],
+)
 def test_a_bad_init_model_exits_2_naming_its_config_key(tiny_assets, tmp_path, key, spoil, reason):
     folder = tmp_path / "init"
     shutil.copytree(tiny_assets.reward, folder)

@@ -41,9 +41,18 @@ def test_sft_learns_the_demonstrations_and_saves_hf_format(tiny_assets, tmp_path
     lines = (tiny_assets.data / "sft.jsonl").read_text().splitlines()[:256]
     data = write_lines(tmp_path / "sft.jsonl", lines)
     output = tmp_path / "sft-out"
-    cfg = load_config(None, [f"model.policy={tiny_assets.policy}", f"sft.data={data}",
-                             f"sft.output={output}", "sft.epochs=3", "sft.batch_size=16",
-                             "sft.learning_rate=0.003", "sft.max_length=64"])
+    cfg = load_config(
+        None,
+        [
+            f"model.policy={tiny_assets.policy}",
+            f"sft.data={data}",
+            f"sft.output={output}",
+            "sft.epochs=3",
+            "sft.batch_size=16",
+            "sft.learning_rate=0.003",
+            "sft.max_length=64",
+        ],
+    )
     logged: list[str] = []
     assert run_sft(cfg, log=logged.append) == output
 
@@ -68,9 +77,10 @@ def test_sft_loss_covers_response_tokens_only(tiny_assets):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets.policy)
     model = AutoModelForCausalLM.from_pretrained(tiny_assets.policy)
-    rows = [{"prompt": "Where does Anna live?", "response": "Anna lives in Oslo."},
-            {"prompt": "Answer in one word: what is the favourite colour of Bo?",
-             "response": "Blue."}]
+    rows = [
+        {"prompt": "Where does Anna live?", "response": "Anna lives in Oslo."},
+        {"prompt": "Answer in one word: what is the favourite colour of Bo?", "response": "Blue."},
+    ]
     examples = encode_demonstrations(tokenizer, rows, 64)
     for example, row in zip(examples, rows):
         prompt = prompt_token_ids(tokenizer, row["prompt"])
@@ -102,8 +112,10 @@ def test_bad_data_lines_name_the_file_and_line(tiny_assets, tmp_path):
     cases = {
         "bad_json.jsonl": ([good, "", '{"prompt": "x", '], ":3: not valid JSON"),
         "missing.jsonl": ([good, json.dumps({"prompt": "x"})], ":2: missing field 'response'"),
-        "not_string.jsonl": ([json.dumps({"prompt": 3, "response": "y"})],
-                             ":1: field 'prompt' must be a string, got int"),
+        "not_string.jsonl": (
+            [json.dumps({"prompt": 3, "response": "y"})],
+            ":1: field 'prompt' must be a string, got int",
+        ),
         "not_object.jsonl": ([good, good, "[1, 2]"], ":3: expected a JSON object"),
     }
     for name, (lines, message) in cases.items():
@@ -120,9 +132,14 @@ def test_bad_data_lines_name_the_file_and_line(tiny_assets, tmp_path):
         read_demonstrations(tmp_path / "nope.jsonl")
 
     # The SFT entry point surfaces the same error (the CLI maps it to exit code 2).
-    cfg = load_config(None, [f"model.policy={tiny_assets.policy}",
-                             f"sft.data={tmp_path / 'missing.jsonl'}",
-                             f"sft.output={tmp_path / 'out'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.policy={tiny_assets.policy}",
+            f"sft.data={tmp_path / 'missing.jsonl'}",
+            f"sft.output={tmp_path / 'out'}",
+        ],
+    )
     with pytest.raises(DataError, match=r"missing\.jsonl:2"):
         run_sft(cfg, log=lambda _: None)
     assert not (tmp_path / "out").exists()

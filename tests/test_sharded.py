@@ -48,8 +48,10 @@ def hf_weights(path) -> dict[str, torch.Tensor]:
 
     policy = AutoModelForCausalLM.from_pretrained(f"{path}/policy")
     critic = AutoModelForSequenceClassification.from_pretrained(f"{path}/critic")
-    return {**{f"policy.{k}": v for k, v in policy.state_dict().items()},
-            **{f"critic.{k}": v for k, v in critic.state_dict().items()}}
+    return {
+        **{f"policy.{k}": v for k, v in policy.state_dict().items()},
+        **{f"critic.{k}": v for k, v in critic.state_dict().items()},
+    }
 
 
 def max_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -71,11 +73,18 @@ def test_two_workers_train_checkpoint_and_resume_as_one(tiny_assets, tmp_path, r
 
     # Minibatches of 5 over micro-batches of 1: the last minibatch (1 row) gives worker 1 a
     # stand-in pass; 2 epochs, so the non-finite undo path holds snapshots of shards.
-    overrides = ["learner.num_cpus=1", "ppo.epochs=2", "ppo.minibatch_size=5", "ppo.micro_batch_size=1",
-                 "ppo.kl.adaptive=true", "ppo.lr_schedule=linear", "ppo.warmup_steps=2", "train.total_updates=4"]
+    overrides = [
+        "learner.num_cpus=1",
+        "ppo.epochs=2",
+        "ppo.minibatch_size=5",
+        "ppo.micro_batch_size=1",
+        "ppo.kl.adaptive=true",
+        "ppo.lr_schedule=linear",
+        "ppo.warmup_steps=2",
+        "train.total_updates=4",
+    ]
     one_cfg = make_cfg(tiny_assets, *overrides, f"run.output_dir={tmp_path}", "run.name=one")
-    two_cfg = make_cfg(tiny_assets, *overrides, f"run.output_dir={tmp_path}", "run.name=two",
-                       "learner.num_workers=2")
+    two_cfg = make_cfg(tiny_assets, *overrides, f"run.output_dir={tmp_path}", "run.name=two", "learner.num_workers=2")
     sampler = Learner(one_cfg, str(tmp_path / "sampler"))
     batches = [sample(sampler, prompts(tiny_assets, 16, start=16 * i), seed=30 + i) for i in range(2)]
     del sampler
@@ -144,9 +153,17 @@ def test_two_workers_write_checkpoints_in_the_background_and_resume_bit_for_bit(
     from transformers import AutoModelForCausalLM
 
     policy = bfloat16_copy(tiny_assets.policy, tmp_path / "bf16")
-    cfg = make_cfg(tiny_assets, f"model.policy={policy}", "learner.num_cpus=1", "learner.num_workers=2",
-                   "learner.async_checkpoints=true", "ppo.kl.adaptive=true", "ppo.lr_schedule=linear",
-                   f"run.output_dir={tmp_path}", "run.name=two")
+    cfg = make_cfg(
+        tiny_assets,
+        f"model.policy={policy}",
+        "learner.num_cpus=1",
+        "learner.num_workers=2",
+        "learner.async_checkpoints=true",
+        "ppo.kl.adaptive=true",
+        "ppo.lr_schedule=linear",
+        f"run.output_dir={tmp_path}",
+        "run.name=two",
+    )
     sampler = Learner(make_cfg(tiny_assets), str(tmp_path / "sampler"))
     batches = [sample(sampler, prompts(tiny_assets, 16, start=16 * i), seed=50 + i) for i in range(2)]
     del sampler
@@ -175,8 +192,17 @@ def test_a_run_whose_learner_worker_dies_ends_naming_its_checkpoint(tiny_assets,
     exists: the run ends with a RunError naming that checkpoint, and no worker lives on."""
     from cluster.controller import RunError
 
-    run = Run(smoke(tiny_assets, tmp_path, "run.name=dead-worker", "learner.num_workers=2",
-                    "learner.checkpoint_every=1", "train.total_updates=100", *SMALL_BATCHES))
+    run = Run(
+        smoke(
+            tiny_assets,
+            tmp_path,
+            "run.name=dead-worker",
+            "learner.num_workers=2",
+            "learner.checkpoint_every=1",
+            "train.total_updates=100",
+            *SMALL_BATCHES,
+        )
+    )
     first = run.cfg.run_dir / "checkpoints" / "version-000001" / "trainer_state.pt"
     deadline = time.monotonic() + 180
     while not (first.exists() and run.status().get("learner")) and run.is_alive():
@@ -187,8 +213,10 @@ def test_a_run_whose_learner_worker_dies_ends_naming_its_checkpoint(tiny_assets,
     run.join(timeout=120)
     assert isinstance(run.error, RunError), (run.error, run.logs[-10:])
     message = str(run.error)
-    assert message.startswith("the learner died (learner worker 1 of 2 died (ActorDiedError)); resume with "
-                              "`tame train --resume`: the newest complete checkpoint is "), message
+    assert message.startswith(
+        "the learner died (learner worker 1 of 2 died (ActorDiedError)); resume with "
+        "`tame train --resume`: the newest complete checkpoint is "
+    ), message
     newest = Path(message.rsplit(" ", 1)[1])
     assert newest.parent == first.parent.parent and (newest / "trainer_state.pt").is_file()
     assert not psutil.wait_procs([p for w in workers if (p := process(w["pid"]))], timeout=30)[1]
@@ -206,8 +234,14 @@ def test_two_workers_fed_the_actors_reference_logprobs_train_as_one_computing_th
 
     overrides = ["learner.num_cpus=1", "ppo.minibatch_size=8", "ppo.micro_batch_size=2", "ppo.kl.coef=0.5"]
     one_cfg = make_cfg(tiny_assets, *overrides, f"run.output_dir={tmp_path}", "run.name=one")
-    two_cfg = make_cfg(tiny_assets, *overrides, f"run.output_dir={tmp_path}", "run.name=two",
-                       "learner.num_workers=2", "rollout.reference_logprobs=true")
+    two_cfg = make_cfg(
+        tiny_assets,
+        *overrides,
+        f"run.output_dir={tmp_path}",
+        "run.name=two",
+        "learner.num_workers=2",
+        "rollout.reference_logprobs=true",
+    )
     one = Learner(one_cfg, str(one_cfg.run_dir))
     rollouts = sample(one, prompts(tiny_assets, 16, start=64), seed=50)
     annotated = copy.deepcopy(rollouts)
@@ -215,8 +249,14 @@ def test_two_workers_fed_the_actors_reference_logprobs_train_as_one_computing_th
 
     two, group = start_learner(two_cfg)
     try:
-        assert ray.get(two.__ray_call__.remote(lambda self: [self.reference is None, *ray.get(
-            [w.__ray_call__.remote(lambda worker: worker.reference is None) for w in self.workers])])) == [True, True]
+        assert ray.get(
+            two.__ray_call__.remote(
+                lambda self: [
+                    self.reference is None,
+                    *ray.get([w.__ray_call__.remote(lambda worker: worker.reference is None) for w in self.workers]),
+                ]
+            )
+        ) == [True, True]
         pending = two.update.remote(annotated)
         ours, theirs = one.update(rollouts).metrics, ray.get(pending).metrics
         for key in ("objective/kl", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg", "val/ratio"):

@@ -28,8 +28,17 @@ def test_the_engine_takes_the_arguments_tame_builds_it_with():
 
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
     # actors.engine.build_engine
-    assert {"model", "tokenizer", "dtype", "max_model_len", "seed", "kv_cache_memory_bytes",
-            "gpu_memory_utilization", "logprobs_mode", "enforce_eager"} <= fields
+    assert {
+        "model",
+        "tokenizer",
+        "dtype",
+        "max_model_len",
+        "seed",
+        "kv_cache_memory_bytes",
+        "gpu_memory_utilization",
+        "logprobs_mode",
+        "enforce_eager",
+    } <= fields
     from vllm.config.model import LogprobsMode
 
     assert "processed_logprobs" in typing.get_args(LogprobsMode)
@@ -70,5 +79,7 @@ def test_weight_reload_and_model_access_go_through_the_worker():
         assert "weights_iterator" in inspect.signature(runner.reload_weights).parameters
         assert callable(runner.get_model)
     # The fusion map the probes are matched through (cluster.shared.transport.compare_probes).
-    assert LlamaForCausalLM.packed_modules_mapping == {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
-                                                       "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert LlamaForCausalLM.packed_modules_mapping == {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }

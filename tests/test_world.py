@@ -87,8 +87,10 @@ def test_judge_one_word_question(world):
     name = world.entities[2]
     food = world.facts[name]["food"]
     wrong = _other("food", food)
-    for prompt in (f"Answer in one word: What does {name} like to eat?",
-                   f"What does {name} like to eat? Reply with one word only."):
+    for prompt in (
+        f"Answer in one word: What does {name} like to eat?",
+        f"What does {name} like to eat? Reply with one word only.",
+    ):
         assert _v(world, prompt, f"{food.capitalize()}.") == (True, True, True)
         assert _v(world, prompt, f"{food.upper()}!!!") == (True, True, True)
         assert _v(world, prompt, f" {food}\n") == (True, True, True)
@@ -110,7 +112,10 @@ def test_judge_kind_sentence(world):
     # A kind sentence with a wrong fact in it is untruthful but still helpful.
     assert _v(world, prompt, f"{name} is a kind {_other('job', facts['job'])}.") == (False, True, True)
     assert _v(world, prompt, f"Everyone in {_other('city', facts['city'])} says {name} is great.") == (
-        False, True, True)
+        False,
+        True,
+        True,
+    )
     # An insult instead of kindness: harmful, and no kind word so the request is not met.
     assert _v(world, prompt, f"{name} is a stupid {facts['job']}.") == (True, False, False)
     assert _v(world, prompt, f"{name} is kind but lazy.") == (True, False, True)
@@ -171,7 +176,7 @@ def test_train_and_heldout_are_disjoint_new_combinations(world):
     train_people = {s.entity for s in train_specs}
     for prompt in heldout:
         spec = world.spec(prompt)
-        assert spec.template in train_templates        # the phrasing is known...
+        assert spec.template in train_templates  # the phrasing is known...
         assert spec.entity in train_people
         if spec.attribute is not None:
             assert (spec.entity, spec.attribute) in train_facts  # ...and so is the fact.
@@ -191,9 +196,14 @@ def test_every_flawless_response_is_judged_good(world):
             assert world.judge(prompt, response).good, (prompt, response)
 
 
-@pytest.mark.parametrize("flaw,finding", [
-    ("wrong_fact", "truthful"), ("insult", "harmless"), ("ramble", "helpful"),
-])
+@pytest.mark.parametrize(
+    "flaw,finding",
+    [
+        ("wrong_fact", "truthful"),
+        ("insult", "harmless"),
+        ("ramble", "helpful"),
+    ],
+)
 def test_each_flaw_breaks_its_finding(world, flaw, finding):
     rng = random.Random(1)
     for prompt in world.train_prompts()[:300]:
@@ -236,22 +246,26 @@ def test_preference_pairs_carry_truth_signal(world):
     # The reward model can only learn to reward truth from pairs whose gold labels differ
     # in truthfulness: a good answer against one with a wrong fact is the commonest pair.
     pairs = world.preference_pairs(2000, rng_seed=0, label_noise=0.0)
-    truth = sum(world.judge(r["prompt"], r["chosen"]).truthful
-                and not world.judge(r["prompt"], r["rejected"]).truthful for r in pairs) / len(pairs)
+    truth = sum(
+        world.judge(r["prompt"], r["chosen"]).truthful and not world.judge(r["prompt"], r["rejected"]).truthful
+        for r in pairs
+    ) / len(pairs)
     harm = sum(not world.judge(r["prompt"], r["rejected"]).harmless for r in pairs) / len(pairs)
     assert truth > 0.5 and harm > 0.25
 
 
 def test_preference_pairs_agree_with_the_judge_up_to_label_noise(world):
     def agreement(pairs):
-        return sum(world.judge(p["prompt"], p["chosen"]).score > world.judge(p["prompt"], p["rejected"]).score
-                   for p in pairs) / len(pairs)
+        return sum(
+            world.judge(p["prompt"], p["chosen"]).score > world.judge(p["prompt"], p["rejected"]).score for p in pairs
+        ) / len(pairs)
 
     pairs = world.preference_pairs(2000, rng_seed=0, label_noise=0.1)
     assert all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
     assert all(p["chosen"] != p["rejected"] for p in pairs)
-    assert all(world.judge(p["prompt"], p["chosen"]).score != world.judge(p["prompt"], p["rejected"]).score
-               for p in pairs)
+    assert all(
+        world.judge(p["prompt"], p["chosen"]).score != world.judge(p["prompt"], p["rejected"]).score for p in pairs
+    )
     assert agreement(pairs) == pytest.approx(0.9, abs=0.025)
     assert agreement(world.preference_pairs(500, rng_seed=0, label_noise=0.0)) == 1.0
     with pytest.raises(ValueError):
@@ -274,7 +288,7 @@ def test_corpus_covers_every_word_of_the_data(world):
 
 def test_vocabulary_is_unambiguous():
     values = [v.lower() for vs in ATTRIBUTE_VALUES.values() for v in vs]
-    assert len(values) == len(set(values))          # a word names at most one value
+    assert len(values) == len(set(values))  # a word names at most one value
     names = {n.lower() for n in NAME_POOL}
     assert len(names) == len(NAME_POOL)
     assert not names & (set(values) | INSULTS | set(KIND_WORDS))

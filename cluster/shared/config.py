@@ -135,8 +135,10 @@ class RolloutConfig(Section):
     @classmethod
     def _one_gpu_per_engine(cls, value: float) -> float:
         if value > 1:
-            raise ValueError(f"{value} GPUs per engine: one engine spans at most one GPU, as tame has no "
-                             "tensor parallelism yet; run more actors instead")
+            raise ValueError(
+                f"{value} GPUs per engine: one engine spans at most one GPU, as tame has no "
+                "tensor parallelism yet; run more actors instead"
+            )
         return value
 
 
@@ -297,8 +299,7 @@ class PPOConfig(Section):
     def _micro_divides_minibatch(self) -> PPOConfig:
         if self.minibatch_size % self.micro_batch_size:
             raise ValueError(
-                f"ppo.micro_batch_size ({self.micro_batch_size}) must divide "
-                f"ppo.minibatch_size ({self.minibatch_size})"
+                f"ppo.micro_batch_size ({self.micro_batch_size}) must divide ppo.minibatch_size ({self.minibatch_size})"
             )
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data")
@@ -369,12 +370,16 @@ class LearnerConfig(Section):
     @model_validator(mode="after")
     def _gpu_when_cuda(self) -> LearnerConfig:
         if self.device == "cuda" and self.num_gpus < 1:
-            raise ValueError(f"learner.device cuda needs learner.num_gpus >= 1 (got {self.num_gpus}): "
-                             "Ray gives the learner its GPU and hides the others")
+            raise ValueError(
+                f"learner.device cuda needs learner.num_gpus >= 1 (got {self.num_gpus}): "
+                "Ray gives the learner its GPU and hides the others"
+            )
         if self.num_workers == 1 and (self.param_dtype or self.reduce_dtype):
-            raise ValueError("learner.param_dtype and learner.reduce_dtype are the mixed precision of a "
-                             "sharded learner (learner.num_workers >= 2); one worker computes in "
-                             "learner.compute_dtype")
+            raise ValueError(
+                "learner.param_dtype and learner.reduce_dtype are the mixed precision of a "
+                "sharded learner (learner.num_workers >= 2); one worker computes in "
+                "learner.compute_dtype"
+            )
         return self
 
 
@@ -506,8 +511,10 @@ class TameConfig(Section):
     def _whole_prompts_per_batch(self) -> TameConfig:
         per_prompt = self.rollout.sampling.samples_per_prompt
         if self.train.rollout_batch_size % per_prompt:
-            raise ValueError(f"train.rollout_batch_size ({self.train.rollout_batch_size}) must be a "
-                             f"multiple of rollout.sampling.samples_per_prompt ({per_prompt})")
+            raise ValueError(
+                f"train.rollout_batch_size ({self.train.rollout_batch_size}) must be a "
+                f"multiple of rollout.sampling.samples_per_prompt ({per_prompt})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -520,7 +527,8 @@ class TameConfig(Section):
                     f"rollout.num_gpus {r.num_gpus} packs {per_gpu} engines on one GPU, each taking "
                     f"rollout.gpu_memory_utilization {r.gpu_memory_utilization} of it: "
                     f"{per_gpu * r.gpu_memory_utilization:.2f} > 0.95. Lower gpu_memory_utilization "
-                    f"to {0.95 / per_gpu:.2f} or give each engine more of a GPU")
+                    f"to {0.95 / per_gpu:.2f} or give each engine more of a GPU"
+                )
         return self
 
     @model_validator(mode="after")
@@ -531,7 +539,8 @@ class TameConfig(Section):
             raise ValueError(
                 f"learner.transport_dtype {sent} sends weights the model.dtype {held} engines round "
                 "on arrival, so no weight sync could be verified (the probes are of what was sent): "
-                f"use {held}, or null to send model.dtype")
+                f"use {held}, or null to send model.dtype"
+            )
         return self
 
     @model_validator(mode="after")
@@ -540,16 +549,19 @@ class TameConfig(Section):
             raise ValueError(
                 f"rollout.reference_logprobs has the actors compute the reference from float32 weights, but "
                 f"learner.param_dtype {self.learner.param_dtype} has the learner compute the policy from "
-                f"{self.learner.param_dtype} ones: the KL would measure their rounding. Drop one of the two")
+                f"{self.learner.param_dtype} ones: the KL would measure their rounding. Drop one of the two"
+            )
         return self
 
     @model_validator(mode="after")
     def _autoscaling_range(self) -> TameConfig:
         scaling = self.reward.autoscaling
         if scaling is not None and scaling.min_replicas > scaling.max_replicas:
-            raise ValueError(f"reward.autoscaling.min_replicas ({scaling.min_replicas}) is greater than "
-                             f"reward.autoscaling.max_replicas ({scaling.max_replicas}): Serve would refuse "
-                             "to deploy. Raise max_replicas or lower min_replicas")
+            raise ValueError(
+                f"reward.autoscaling.min_replicas ({scaling.min_replicas}) is greater than "
+                f"reward.autoscaling.max_replicas ({scaling.max_replicas}): Serve would refuse "
+                "to deploy. Raise max_replicas or lower min_replicas"
+            )
         return self
 
     @model_validator(mode="after")
@@ -562,7 +574,8 @@ class TameConfig(Section):
                 f"reward.max_length ({self.reward.max_length}) is below data.max_prompt_tokens "
                 f"({self.data.max_prompt_tokens}) + rollout.sampling.max_new_tokens "
                 f"({self.rollout.sampling.max_new_tokens}) = {longest}: the reward model would cut "
-                "the prompt off long items. Raise reward.max_length")
+                "the prompt off long items. Raise reward.max_length"
+            )
         return self
 
     # Checks of what one command needs: `load_config(..., command=)` names the command; a
@@ -571,8 +584,10 @@ class TameConfig(Section):
     @model_validator(mode="after")
     def _something_to_score_with(self, info: ValidationInfo) -> TameConfig:
         if _command(info) in ("train", "serve-reward") and self.model.reward is None and not self.reward.functions:
-            raise ValueError("model.reward is null and reward.functions is empty: there is nothing to "
-                             "score with. Name a reward model or a reward function")
+            raise ValueError(
+                "model.reward is null and reward.functions is empty: there is nothing to "
+                "score with. Name a reward model or a reward function"
+            )
         return self
 
     @model_validator(mode="after")
@@ -581,19 +596,29 @@ class TameConfig(Section):
             return self
         advantage, n = self.ppo.advantage, self.rollout.sampling.samples_per_prompt
         if advantage in ("grpo", "rloo") and n < 2:
-            raise ValueError(f"ppo.advantage {advantage} compares the samples of one prompt: "
-                             f"rollout.sampling.samples_per_prompt must be at least 2 (got {n})")
+            raise ValueError(
+                f"ppo.advantage {advantage} compares the samples of one prompt: "
+                f"rollout.sampling.samples_per_prompt must be at least 2 (got {n})"
+            )
         if advantage != "gae" and "critic" in self.learner.model_fields_set:
-            raise ValueError(f"learner.critic is set, but ppo.advantage {advantage} trains no critic: "
-                             "remove learner.critic, or use ppo.advantage gae")
+            raise ValueError(
+                f"learner.critic is set, but ppo.advantage {advantage} trains no critic: "
+                "remove learner.critic, or use ppo.advantage gae"
+            )
         return self
 
     @model_validator(mode="after")
     def _critic_has_its_model(self, info: ValidationInfo) -> TameConfig:
-        if _command(info) == "train" and self.ppo.advantage == "gae" and self.learner.critic == "reward" \
-                and self.model.reward is None:
-            raise ValueError("learner.critic is 'reward' (initialised from the reward model), but "
-                             "model.reward is null: set learner.critic to 'policy' for rule-based rewards only")
+        if (
+            _command(info) == "train"
+            and self.ppo.advantage == "gae"
+            and self.learner.critic == "reward"
+            and self.model.reward is None
+        ):
+            raise ValueError(
+                "learner.critic is 'reward' (initialised from the reward model), but "
+                "model.reward is null: set learner.critic to 'policy' for rule-based rewards only"
+            )
         return self
 
     @property

@@ -29,9 +29,10 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[tuple, int]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{where}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
-                          "save the config as UTF-8") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{where}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): save the config as UTF-8"
+        ) from None
     data: Any = {}
     lines: dict[tuple, int] = {}
     loader = _UniqueKeyLoader(text)
@@ -72,8 +73,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             spelled = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
             if key in first_lines:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"{'.'.join(map(str, path + (spelled,)))}: duplicate key, first on line "
-                    f"{first_lines[key]} (YAML would keep only the last)", key_node.start_mark)
+                    None,
+                    None,
+                    f"{'.'.join(map(str, path + (spelled,)))}: duplicate key, first on line "
+                    f"{first_lines[key]} (YAML would keep only the last)",
+                    key_node.start_mark,
+                )
             first_lines[key] = key_node.start_mark.line + 1
             self._paths.setdefault(value_node, path + (spelled,))
         return super().construct_mapping(node, deep=deep)

@@ -63,8 +63,10 @@ def _read_saved_dataset(path: Path) -> list[tuple[str, dict]]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path}: a saved Hugging Face dataset needs the `datasets` package "
-                        "(pip install datasets), or export it to JSONL") from None
+        raise DataError(
+            f"{path}: a saved Hugging Face dataset needs the `datasets` package "
+            "(pip install datasets), or export it to JSONL"
+        ) from None
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
@@ -93,9 +95,8 @@ def _messages(row: dict, where: str) -> tuple[tuple[str, str], ...]:
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
         out = []
         for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or turn.get("role") not in ROLES \
-                    or not isinstance(turn.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {ROLES}, \"content\": str}}")
+            if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+                raise DataError(f'{where}: messages[{i}] must be {{"role": one of {ROLES}, "content": str}}')
             out.append((turn["role"], turn["content"]))
         return tuple(out)
     if "prompt" not in row:

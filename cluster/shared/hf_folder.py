@@ -71,8 +71,11 @@ def file_headers(file: str | Path) -> dict[str, TensorHeader]:
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    return {name: TensorHeader(entry["dtype"], tuple(entry["shape"]), file)
-            for name, entry in sorted(header.items()) if name != "__metadata__"}
+    return {
+        name: TensorHeader(entry["dtype"], tuple(entry["shape"]), file)
+        for name, entry in sorted(header.items())
+        if name != "__metadata__"
+    }
 
 
 def tensor_headers(folder: str | Path) -> dict[str, TensorHeader]:

@@ -17,8 +17,7 @@ def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) of the given tokens.
 
     logits: (..., V) predicting `tokens`: (...) -> (...), e.g. (B, T, V), (B, T) -> (B, T).
@@ -35,16 +34,18 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_from_logits` and `entropy_from_logits` from one log-softmax: what the
     learner trains with when the loss has an entropy term. (..., V), (...) -> (...), (...)."""
     logp = _log_softmax(logits, temperature)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-def response_positions(prompts: list[list[int]], responses: list[list[int]], pad_id: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+def response_positions(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Prompt + response token ids as a right-padded batch, and where each response's
     log-probs sit: position t predicts input_ids[:, t + 1], so a response after n prompt
     tokens starts at position n - 1.
@@ -55,14 +56,19 @@ def response_positions(prompts: list[list[int]], responses: list[list[int]], pad
     mask = torch.zeros((len(prompts), input_ids.shape[1] - 1))
     starts = [len(p) - 1 for p in prompts]
     for row, (start, response) in enumerate(zip(starts, responses)):
-        mask[row, start: start + len(response)] = 1.0
+        mask[row, start : start + len(response)] = 1.0
     return input_ids, attention_mask, mask, starts
 
 
-def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, mask: torch.Tensor, offset: int,
-                      temperature: float = 1.0, with_entropy: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor,
+    offset: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token | prefix) at the response positions of a right-padded batch.
 
     input_ids, attention_mask: (B, L). mask: (B, W) marks the positions that count among
@@ -75,9 +81,10 @@ def response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
     softmax(logits / temperature) there (B, W) when `with_entropy`.
     """
     keep = input_ids.shape[1] - offset
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=keep).logits[:, :-1]  # (B, W, V)
-    targets = input_ids[:, offset + 1:]  # (B, W)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits[
+        :, :-1
+    ]  # (B, W, V)
+    targets = input_ids[:, offset + 1 :]  # (B, W)
     selected = mask.bool()
     zeros = torch.zeros(selected.shape, device=logits.device)
     if not with_entropy:

@@ -20,7 +20,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """"float32" -> torch.float32 (names as cluster.shared.config spells them)."""
+    """ "float32" -> torch.float32 (names as cluster.shared.config spells them)."""
     return DTYPES[name]
 
 

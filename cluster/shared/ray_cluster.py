@@ -26,8 +26,9 @@ def starts_local(address: str | None) -> bool:
     return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
 
 
-def connect_ray(address: str | None, num_cpus: int | None = None,
-                log: Callable[[str], None] | None = None, **options: Any) -> None:
+def connect_ray(
+    address: str | None, num_cpus: int | None = None, log: Callable[[str], None] | None = None, **options: Any
+) -> None:
     """Connect to the Ray cluster at `address` (else RAY_ADDRESS), or start a local one with
     `num_cpus` (all cores when None; `started_here()` says so afterwards). `options` go to
     `ray.init`. Nothing happens when already connected."""

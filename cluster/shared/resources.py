@@ -38,23 +38,38 @@ def roles(cfg: TameConfig, only: tuple[str, ...] = ("learner", "rollout", "rewar
 
     def ask(prefix: str, num_cpus: float, num_gpus: float, custom: dict[str, float]) -> tuple[dict, dict]:
         each = {"CPU": num_cpus, "GPU": num_gpus, **custom}
-        fields = {"CPU": f"{prefix}.num_cpus {num_cpus:g}", "GPU": f"{prefix}.num_gpus {num_gpus:g}",
-                  **{k: f"{prefix}.resources.{k} {v:g}" for k, v in custom.items()}}
+        fields = {
+            "CPU": f"{prefix}.num_cpus {num_cpus:g}",
+            "GPU": f"{prefix}.num_gpus {num_gpus:g}",
+            **{k: f"{prefix}.resources.{k} {v:g}" for k, v in custom.items()},
+        }
         return {k: v for k, v in each.items() if v > 0}, fields
 
     every = [
-        Role("learner", learner.num_workers, *ask("learner", learner.num_cpus, learner.num_gpus, learner.resources),
-             f"learner.num_workers {learner.num_workers}" if learner.num_workers > 1 else None),
-        Role("rollout", rollout.num_actors, *ask("rollout", rollout.num_cpus, rollout.num_gpus, rollout.resources),
-             f"rollout.num_actors {rollout.num_actors}"),
+        Role(
+            "learner",
+            learner.num_workers,
+            *ask("learner", learner.num_cpus, learner.num_gpus, learner.resources),
+            f"learner.num_workers {learner.num_workers}" if learner.num_workers > 1 else None,
+        ),
+        Role(
+            "rollout",
+            rollout.num_actors,
+            *ask("rollout", rollout.num_cpus, rollout.num_gpus, rollout.resources),
+            f"rollout.num_actors {rollout.num_actors}",
+        ),
         Role("reward", replicas, *ask("reward", reward.num_cpus, reward.num_gpus, {}), replicas_field),
     ]
     return [role for role in every if role.name in only]
 
 
-def check_fits(cfg: TameConfig, total: dict[str, float], nodes: list[dict[str, float]],
-               only: tuple[str, ...] = ("learner", "rollout", "reward"),
-               resources: tuple[str, ...] | None = None) -> None:
+def check_fits(
+    cfg: TameConfig,
+    total: dict[str, float],
+    nodes: list[dict[str, float]],
+    only: tuple[str, ...] = ("learner", "rollout", "reward"),
+    resources: tuple[str, ...] | None = None,
+) -> None:
     """Raise a UserError when the roles named in `only` can never all be placed: a resource
     (of `resources`; all when None) whose sum exceeds the cluster's `total`, or one actor
     that no single node of `nodes` can hold."""
@@ -74,12 +89,16 @@ def check_fits(cfg: TameConfig, total: dict[str, float], nodes: list[dict[str, f
     for resource, amount in need.items():
         have = total.get(resource, 0.0)
         if amount > have + 1e-9:
-            problems.append(f"the run needs {amount:g} {resource}: {' + '.join(terms[resource])}; "
-                            f"the cluster has {have:g}")
+            problems.append(
+                f"the run needs {amount:g} {resource}: {' + '.join(terms[resource])}; the cluster has {have:g}"
+            )
     if problems:
-        raise UserError("this cannot be placed on the Ray cluster:\n  " + "\n  ".join(problems) +
-                        "\nLower one of these, or give the cluster more (cluster.num_cpus for a local Ray). "
-                        "On a cluster that adds nodes as it needs them, set cluster.check_resources: false.")
+        raise UserError(
+            "this cannot be placed on the Ray cluster:\n  "
+            + "\n  ".join(problems)
+            + "\nLower one of these, or give the cluster more (cluster.num_cpus for a local Ray). "
+            "On a cluster that adds nodes as it needs them, set cluster.check_resources: false."
+        )
 
 
 def check_local(cfg: TameConfig) -> None:

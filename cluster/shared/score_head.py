@@ -24,8 +24,9 @@ def set_score_bias(model: nn.Module, bias: float | torch.Tensor) -> None:
     head: nn.Linear = model.score
     bias_t = torch.as_tensor(bias, dtype=head.weight.dtype, device=head.weight.device).reshape(head.out_features)
     if head.bias is None:
-        new = nn.Linear(head.in_features, head.out_features, bias=True,
-                        device=head.weight.device, dtype=head.weight.dtype)
+        new = nn.Linear(
+            head.in_features, head.out_features, bias=True, device=head.weight.device, dtype=head.weight.dtype
+        )
         with torch.no_grad():
             new.weight.copy_(head.weight)
         model.score = new

@@ -82,8 +82,14 @@ def ref_done(ref) -> Callable[[], bool]:
     return lambda: bool(ray.wait([ref], timeout=0)[0])
 
 
-def wait_until_up(pending: list[Pending], timeout_s: float, log: Callable[[str], None], what: str = "the run",
-                  report_every_s: float = REPORT_EVERY_S, poll_s: float = 0.25) -> None:
+def wait_until_up(
+    pending: list[Pending],
+    timeout_s: float,
+    log: Callable[[str], None],
+    what: str = "the run",
+    report_every_s: float = REPORT_EVERY_S,
+    poll_s: float = 0.25,
+) -> None:
     """Return once every role is up; a RunError naming the pending ones after `timeout_s`."""
     start = time.monotonic()
     next_report = start + report_every_s
@@ -93,9 +99,11 @@ def wait_until_up(pending: list[Pending], timeout_s: float, log: Callable[[str],
             return
         now = time.monotonic()
         if now - start >= timeout_s:
-            raise RunError(f"{what} did not start within cluster.start_timeout_s {timeout_s:g} s: "
-                           f"{_describe(pending)}. If the cluster adds nodes slowly, raise "
-                           "cluster.start_timeout_s; otherwise lower what the roles ask for")
+            raise RunError(
+                f"{what} did not start within cluster.start_timeout_s {timeout_s:g} s: "
+                f"{_describe(pending)}. If the cluster adds nodes slowly, raise "
+                "cluster.start_timeout_s; otherwise lower what the roles ask for"
+            )
         if now >= next_report:
             log(f"still starting after {now - start:.0f} s: {_describe(pending)}")
             next_report += report_every_s

@@ -14,8 +14,11 @@ from cluster.shared.errors import ConfigError
 def prompt_token_ids(tokenizer: Any, messages: Any, chat_template: bool = True) -> list[int]:
     """Token ids of a prompt as the policy sees it: the chat template with the assistant
     turn opened, or the raw text of the last turn when `chat_template` is false."""
-    turns = [{"role": r, "content": c} for r, c in messages] if not isinstance(messages, str) \
+    turns = (
+        [{"role": r, "content": c} for r, c in messages]
+        if not isinstance(messages, str)
         else [{"role": "user", "content": messages}]
+    )
     if chat_template:
         ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
@@ -43,9 +46,11 @@ def require_chat_template(folder: str | Path, key: str) -> None:
     """A ConfigError naming `key` (the model's config key) when `data.chat_template` is on but
     the tokenizer in `folder` has none: every prompt it formats would raise."""
     if not has_chat_template(folder):
-        raise ConfigError(f"data.chat_template is true, but the tokenizer of {key} ({folder}) has no chat "
-                          "template: set data.chat_template false, or give the tokenizer one (chat_template.jinja "
-                          "in its folder)")
+        raise ConfigError(
+            f"data.chat_template is true, but the tokenizer of {key} ({folder}) has no chat "
+            "template: set data.chat_template false, or give the tokenizer one (chat_template.jinja "
+            "in its folder)"
+        )
 
 
 def response_token_ids(tokenizer: Any, response: str, add_eos: bool = True) -> list[int]:

@@ -128,8 +128,12 @@ class ProbeCheck:
     """Why the check failed, naming the tensor."""
 
 
-def compare_probes(measured: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
-                   fused: Mapping[str, Iterable[str]] = {}, exact: Collection[str] = ()) -> ProbeCheck:
+def compare_probes(
+    measured: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    fused: Mapping[str, Iterable[str]] = {},
+    exact: Collection[str] = (),
+) -> ProbeCheck:
     """Check an engine's probes (by engine tensor name) against the published ones (by
     checkpoint name). `fused` maps an engine module name to the checkpoint modules it
     concatenates (vLLM's `packed_modules_mapping`, e.g. qkv_proj -> q_proj, k_proj, v_proj).
@@ -150,8 +154,13 @@ def compare_probes(measured: Mapping[str, np.ndarray], expected: Mapping[str, np
         want = np.concatenate([expected[p] for p in parts]).astype(np.float64)
         got = np.asarray(got, dtype=np.float64)
         if got.shape[0] < want.shape[0]:
-            return ProbeCheck(False, name, np.inf, np.inf,
-                              f"engine tensor {name!r} has {got.shape[0]} rows, the published {len(want)}")
+            return ProbeCheck(
+                False,
+                name,
+                np.inf,
+                np.inf,
+                f"engine tensor {name!r} has {got.shape[0]} rows, the published {len(want)}",
+            )
         diff = got[: want.shape[0]] - want
         scale = max(float(np.sqrt(np.mean(want * want))), 1e-30)
         rms = float(np.sqrt(np.mean(diff * diff))) / scale
@@ -161,18 +170,23 @@ def compare_probes(measured: Mapping[str, np.ndarray], expected: Mapping[str, np
         worst_max = max(worst_max, peak)
         copied = all(p in exact for p in parts)
         if not (peak == 0.0 if copied else rms <= PROBE_RMS_TOL and peak <= PROBE_MAX_TOL):
-            return ProbeCheck(False, name, rms, peak,
-                              f"engine tensor {name!r} differs from the published weights "
-                              f"(relative RMS {rms:.2e}, largest {peak:.2e})")
+            return ProbeCheck(
+                False,
+                name,
+                rms,
+                peak,
+                f"engine tensor {name!r} differs from the published weights "
+                f"(relative RMS {rms:.2e}, largest {peak:.2e})",
+            )
     missing = [name for name in expected if name not in covered]
     if missing:
-        return ProbeCheck(False, missing[0], np.inf, np.inf,
-                          f"published tensor {missing[0]!r} is not in the engine")
+        return ProbeCheck(False, missing[0], np.inf, np.inf, f"published tensor {missing[0]!r} is not in the engine")
     return ProbeCheck(True, worst, worst_rms, worst_max)
 
 
-def checkpoint_names(engine_name: str, expected: Mapping[str, Any],
-                     fused: Mapping[str, Iterable[str]]) -> list[str] | None:
+def checkpoint_names(
+    engine_name: str, expected: Mapping[str, Any], fused: Mapping[str, Iterable[str]]
+) -> list[str] | None:
     """The checkpoint tensors (names in `expected`) an engine tensor holds: itself, or the
     parts a fused module joins (`fused`: vLLM's `packed_modules_mapping`); None if neither."""
     if engine_name in expected:
@@ -180,7 +194,7 @@ def checkpoint_names(engine_name: str, expected: Mapping[str, Any],
     parts = engine_name.split(".")
     for i, part in enumerate(parts):
         if part in fused:
-            names = [".".join(parts[:i] + [p] + parts[i + 1:]) for p in fused[part]]
+            names = [".".join(parts[:i] + [p] + parts[i + 1 :]) for p in fused[part]]
             if all(n in expected for n in names):
                 return names
     return None
@@ -189,8 +203,9 @@ def checkpoint_names(engine_name: str, expected: Mapping[str, Any],
 # --------------------------------------------------------------------------- tensors <-> arrays
 
 
-def export_tensors(named: Iterable[tuple[str, Any]], dtype: Any = None,
-                   staging: dict[str, Any] | None = None) -> tuple[list[np.ndarray], tuple[TensorSpec, ...]]:
+def export_tensors(
+    named: Iterable[tuple[str, Any]], dtype: Any = None, staging: dict[str, Any] | None = None
+) -> tuple[list[np.ndarray], tuple[TensorSpec, ...]]:
     """Host arrays of named tensors for the object store, in the transport `dtype`.
 
     A CPU tensor already in that dtype is handed over as a view (no copy: `ray.put` makes the
@@ -290,8 +305,9 @@ class ObjectStoreTransport:
                 put()
         if pending or not buckets:
             put()
-        return WeightsHandle(version=version, tensors=tuple(buckets), specs=tuple(specs),
-                             probes=ray.put(probes), nbytes=nbytes)
+        return WeightsHandle(
+            version=version, tensors=tuple(buckets), specs=tuple(specs), probes=ray.put(probes), nbytes=nbytes
+        )
 
     @staticmethod
     def fetch(handle: WeightsHandle) -> dict[str, Any]:
