@@ -12,13 +12,18 @@ BIN    := $(VENV)/bin
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 demo: $(VENV)/.installed-$(EXTRA)
 	$(BIN)/tame demo
 
 test: $(VENV)/.installed-cpu
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (pyproject.toml's [tool.ruff]): lint, and a tree formatted as `ruff format` would.
+lint: $(VENV)/.installed-cpu
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 install: $(VENV)/.installed-$(EXTRA)
 

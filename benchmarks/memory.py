@@ -179,10 +179,11 @@ def main() -> None:
         print(f"{'workers':<9}{'rank':>5}{'start-up':>22}{'update':>22}{'update with the store copy':>28}")
         for w, r in results.items():
             for rank in range(w):
+                startup, update = r["startup"][rank], r["update"][rank]
                 print(
                     f"{w:<9}{rank:>5}"
-                    f"{r['startup'][rank] / gib:>9.2f} ({r['plan_startup'] / gib:.2f}; {r['startup'][rank] / r['plan_startup']:.2f})"
-                    f"{r['update'][rank] / gib:>9.2f} ({r['plan_update'] / gib:.2f}; {r['update'][rank] / r['plan_update']:.2f})"
+                    f"{startup / gib:>9.2f} ({r['plan_startup'] / gib:.2f}; {startup / r['plan_startup']:.2f})"
+                    f"{update / gib:>9.2f} ({r['plan_update'] / gib:.2f}; {update / r['plan_update']:.2f})"
                     f"{r['update_raw'][rank] / gib:>28.2f}"
                 )
         one, two = results[1], results[2]

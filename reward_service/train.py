@@ -188,7 +188,8 @@ def _train(cfg: TameConfig, log) -> dict:
     set_score_bias(model, old_bias.to(model.score.weight.device) - mean_chosen)
     score_bias = float(model.score.bias.item())
     log(
-        f"normalised: mean score of the training chosen responses was {mean_chosen:+.4f}; score bias now {score_bias:+.4f}"
+        f"normalised: mean score of the training chosen responses was {mean_chosen:+.4f}; "
+        f"score bias now {score_bias:+.4f}"
     )
 
     # -- save in Hugging Face format, atomically ------------------------------------------

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from cluster.shared.config import TameConfig
 from cluster.shared.config_file import load_config
@@ -54,7 +55,7 @@ def test_yaml_values_and_overrides_apply(tmp_path):
 
 def test_config_is_frozen_and_round_trips(tmp_path):
     cfg = load_config(None, ["train.max_staleness=2"])
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.max_staleness = 3
     again = load_config(write(tmp_path, cfg.to_yaml()))
     assert again == cfg
@@ -161,7 +162,8 @@ def test_a_duplicate_section_exits_2_and_merge_keys_still_override(tmp_path):
             "rollout.sampling.max_new_tokens (48) = 304",
         ),
         (
-            "reward:\n  max_length: 100\n  functions:\n    - function: m:f\nmodel:\n  reward: null\nlearner:\n  critic: policy\n",
+            "reward:\n  max_length: 100\n  functions:\n    - function: m:f\n"
+            "model:\n  reward: null\nlearner:\n  critic: policy\n",
             None,
         ),  # no reward model, nothing cut
         (

@@ -52,7 +52,8 @@ def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, r
         #    replacement starts, loads the current weights, and takes over the dead one's prompts.
         for victim in (0, 1):
             status = run.wait_for(
-                f"actor {victim} training", lambda s, e: trained_by(victim, e) and "pid" in s["actors"].get(victim, {})
+                f"actor {victim} training",
+                lambda s, e, victim=victim: trained_by(victim, e) and "pid" in s["actors"].get(victim, {}),
             )
             os.kill(status["actors"][victim]["pid"], signal.SIGKILL)
         run.wait_for("actor 2 training", lambda s, e: trained_by(2, e))
