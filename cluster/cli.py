@@ -64,24 +64,26 @@ def _no_resume(args) -> None:
         )
 
 
-def cmd_sft(args) -> int:
+def _stage(args, run) -> object:
+    """Stage 1 or 2 (`tame sft`, `tame train-rm`): `run(cfg, log=...)` on the config, its
+    offline assets built first when it asks for them."""
     _no_resume(args)
     cfg = _config(args)
+    _prepare_models(cfg)
+    return run(cfg, log=log)
+
+
+def cmd_sft(args) -> int:
     from learner.sft import run_sft
 
-    _prepare_models(cfg)
-    path = run_sft(cfg, log=log)
-    log(f"SFT policy saved to {path}")
+    log(f"SFT policy saved to {_stage(args, run_sft)}")
     return EXIT_OK
 
 
 def cmd_train_rm(args) -> int:
-    _no_resume(args)
-    cfg = _config(args)
     from reward_service.train import train_reward_model
 
-    _prepare_models(cfg)
-    result = train_reward_model(cfg, log=log)
+    result = _stage(args, train_reward_model)
     log(f"reward model saved to {result['output']}: held-out pairwise accuracy {result['accuracy']:.3f}")
     return EXIT_OK
 

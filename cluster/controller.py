@@ -12,7 +12,6 @@ that made it (`Pipeline.prompts_to_start`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from cluster.shared.errors import NonFiniteUpdatesError, RunError, WorkerDiedErr
 from cluster.shared.files import write_json
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
 from cluster.shared.resources import check_cluster
-from cluster.state import DriverState
+from cluster.state import DriverState, ScoringWatch, append_ledger
 
 
 def train(
@@ -132,15 +131,7 @@ class Loop:
             self.source.restore(state.source)
         self.counters, self.first_update_metrics = state.counters, state.first_update_metrics
         self.last_update_metrics: dict[str, float] = {}
-        per_prompt = cfg.rollout.sampling.samples_per_prompt
-        self.pipeline = Pipeline(
-            batch_size=cfg.train.rollout_batch_size,
-            max_staleness=cfg.train.max_staleness,
-            samples_per_prompt=per_prompt,
-            max_prompts_per_call=cfg.rollout.prompts_per_batch,
-            max_waiting=cfg.train.queue_size * cfg.rollout.prompts_per_batch * per_prompt,
-            version=roles.weights.version,
-        )
+        self.pipeline = Pipeline.for_run(cfg, roles.weights.version)
         self.weights = roles.weights  # the newest version, which every actor loads
         self.checkpointed = self.version  # on disk already: the init model or the resumed checkpoint
         self.update_ref, self.update_started = None, 0.0
@@ -148,7 +139,7 @@ class Loop:
         self.last_loads: dict[int, LoadResult] = {}  # each actor's last load
         self.last_scale_poll, self.stop_requested = 0.0, False
         self.deaths_in_a_row = 0  # actor deaths since the last batch an actor produced
-        self.scoring_failed_seconds = 0.0  # of the calls that came back unscored since one was scored
+        self.scoring = ScoringWatch(cfg.reward.failing_timeout_s)
 
     @property
     def version(self) -> int:
@@ -156,13 +147,10 @@ class Loop:
         return self.pipeline.version
 
     def done(self) -> bool:
+        if self.stop_requested or self.stop.name is not None:
+            return True
         total = self.cfg.train.total_samples
-        return (
-            self.stop_requested
-            or self.stop.name is not None
-            or self.version >= self.cfg.train.total_updates
-            or (total is not None and self.counters.samples >= total)
-        )
+        return self.version >= self.cfg.train.total_updates or (total is not None and self.counters.samples >= total)
 
     def run(self) -> dict:
         import ray
@@ -306,7 +294,7 @@ class Loop:
         slot.prompt_ids = []
         if not self.pool.returned(slot):
             self.retire(slot)
-        self.check_scoring(batch, call_seconds)
+        self.scoring.after_call(batch, call_seconds)
 
     # ----------------------------------------------------------------- 3. updates
 
@@ -343,18 +331,7 @@ class Loop:
         rollouts = [r for g in batch for r in g.rollouts]
         self.counters.samples += len(rollouts)
         staleness = [self.version - 1 - g.policy_version for g in batch]
-        with (self.run_dir / "ledger.jsonl").open("a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "version": self.version,
-                        "prompts": [g.prompt_id for g in batch],
-                        "record_versions": [g.policy_version for g in batch],
-                        "actors": sorted({r.actor_id for r in rollouts}),
-                    }
-                )
-                + "\n"
-            )
+        append_ledger(self.run_dir / "ledger.jsonl", self.version, batch)
         metrics = {**result.metrics, **self.loop_metrics(staleness, result.metrics.get("perf/publish_seconds"))}
         if self.judge is not None:
             metrics.update(self.judge(rollouts))
@@ -362,18 +339,7 @@ class Loop:
         self.last_update_metrics = metrics
         self.roles.metrics.step(self.version, metrics, self.cfg.train.total_updates)
         if self.version % self.cfg.logging.sample_every == 0:
-            self.roles.metrics.samples(
-                self.version,
-                [
-                    {
-                        "prompt": r.prompt_text,
-                        "response": r.response_text,
-                        "reward": r.score,
-                        "policy_version": r.policy_version,
-                    }
-                    for r in rollouts[: self.cfg.logging.samples_in_table]
-                ],
-            )
+            self.roles.metrics.samples(self.version, rollouts[: self.cfg.logging.samples_in_table])
         if self.version % self.cfg.learner.checkpoint_every == 0:
             self.checkpoint()
 
@@ -451,23 +417,6 @@ class Loop:
             raise RunError(
                 "the last rollout actor died and rollout.replace_failed is false; "
                 "resume with `tame train --resume` once the cluster has room"
-            )
-
-    def check_scoring(self, batch: RolloutBatch, call_seconds: float) -> None:
-        """End the run once generation calls that came back with nothing scored took
-        `reward.failing_timeout_s` in all, with none scored in between: retrying cannot help a
-        reward service that stays down or a rule function that fails on the same prompts each
-        time they are handed out. (Their own time: waiting for an update does not count.)"""
-        if batch.rollouts or not batch.failed_prompt_ids:
-            self.scoring_failed_seconds = 0.0
-            return
-        self.scoring_failed_seconds += call_seconds
-        limit = self.cfg.reward.failing_timeout_s
-        if self.scoring_failed_seconds > limit:
-            raise RunError(
-                f"no generation call could be scored for {self.scoring_failed_seconds:.0f} s of calls "
-                f"(reward.failing_timeout_s {limit:g}); the last failure: "
-                f"{batch.score_error or 'scores that are not finite numbers'}"
             )
 
     def to_next_deadline(self) -> float:

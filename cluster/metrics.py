@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.shared.config import TameConfig
-from cluster.shared.records import LoadResult, RolloutBatch
+from cluster.shared.records import LoadResult, Rollout, RolloutBatch
 
 CONSOLE_KEYS = [
     ("objective/scores", "reward", "{:+.3f}"),
@@ -74,14 +74,15 @@ class Metrics:
         shown = "  ".join(f"{label} {fmt.format(clean[k])}" for k, label, fmt in CONSOLE_KEYS if k in clean)
         self.log(f"update {step}/{total}  {shown}")
 
-    def samples(self, step: int, rows: list[dict]) -> None:
+    def samples(self, step: int, rollouts: list[Rollout]) -> None:
         """A table of sample completions (prompt, response, reward, policy version)."""
-        if self.run is None or not rows:
+        if self.run is None or not rollouts:
             return
         import wandb
 
-        columns = list(rows[0])
-        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+        columns = ["prompt", "response", "reward", "policy_version"]
+        rows = [[r.prompt_text, r.response_text, r.score, r.policy_version] for r in rollouts]
+        table = wandb.Table(columns=columns, data=rows)
         self._to_wandb(lambda run: run.log({"samples": table}, step=step))
 
     def finish(self, summary: dict) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cluster.shared.config import TameConfig
 from cluster.shared.records import Rollout
 
 
@@ -65,6 +66,19 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self.max_waiting = max(self.max_waiting, self.batch_size)
+
+    @classmethod
+    def for_run(cls, cfg: TameConfig, version: int) -> Pipeline:
+        """The pipeline of a run's config, from the learner's `version` on."""
+        per_prompt = cfg.rollout.sampling.samples_per_prompt
+        return cls(
+            batch_size=cfg.train.rollout_batch_size,
+            max_staleness=cfg.train.max_staleness,
+            samples_per_prompt=per_prompt,
+            max_prompts_per_call=cfg.rollout.prompts_per_batch,
+            max_waiting=cfg.train.queue_size * cfg.rollout.prompts_per_batch * per_prompt,
+            version=version,
+        )
 
     # ----------------------------------------------------------------- counts
 

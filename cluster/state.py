@@ -3,7 +3,12 @@ trains every prompt exactly once and its counters go on where they stopped."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cluster.shared.errors import RunError
 
 
 @dataclass
@@ -62,3 +67,40 @@ class DriverState:
         known = {f.name for f in fields(Counters)}
         counters = Counters(**{k: v for k, v in data["counters"].items() if k in known})
         return cls(source=data["source"], counters=counters, first_update_metrics=data.get("first", {}))
+
+
+def append_ledger(path: Path, version: int, batch: list[Any]) -> None:
+    """One line of ledger.jsonl: the prompts policy `version` was trained on (a batch of
+    `cluster.pipeline.PromptGroup`), the versions that made them, the actors that did."""
+    line = {
+        "version": version,
+        "prompts": [g.prompt_id for g in batch],
+        "record_versions": [g.policy_version for g in batch],
+        "actors": sorted({r.actor_id for g in batch for r in g.rollouts}),
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+@dataclass
+class ScoringWatch:
+    """Ends the run once generation calls that came back with nothing scored took
+    `limit_s` (`reward.failing_timeout_s`) in all, with none scored in between: retrying cannot
+    help a reward service that stays down or a rule function that fails on the same prompts
+    each time they are handed out. Their own time counts: waiting for an update does not."""
+
+    limit_s: float
+    failing_s: float = 0.0
+
+    def after_call(self, batch: Any, call_seconds: float) -> None:
+        """Account for one generation call's `RolloutBatch`; a RunError past the limit."""
+        if batch.rollouts or not batch.failed_prompt_ids:
+            self.failing_s = 0.0
+            return
+        self.failing_s += call_seconds
+        if self.failing_s > self.limit_s:
+            raise RunError(
+                f"no generation call could be scored for {self.failing_s:.0f} s of calls "
+                f"(reward.failing_timeout_s {self.limit_s:g}); the last failure: "
+                f"{batch.score_error or 'scores that are not finite numbers'}"
+            )

@@ -349,6 +349,33 @@ def _zero_missing_score_bias(models: list[Any]) -> None:
             model.score.bias.zero_()
 
 
+def trainer_state(learner: Any, driver_state: dict) -> dict:
+    """What a checkpoint of `learner` (a `Learner`) carries besides weights and optimizer
+    states: the version, the schedules, the KL controller, the ptx cursor, the non-finite
+    counts, every random state an update draws from, and the driver's state (`extra`)."""
+    return {
+        "version": learner._version,
+        **{f"{name}_scheduler": scheduler.state_dict() for name, scheduler in learner.schedulers.items()},
+        "kl_controller": learner.kl_controller.state_dict(),
+        "ptx_cursor": learner.ptx_cursor,
+        "nonfinite": {"in_row": learner.nonfinite_in_row, "total": learner.nonfinite_total},
+        "rng": rng_states(learner.shuffle, learner.device),
+        "extra": driver_state,
+    }
+
+
+def restore_trainer_state(learner: Any, state: dict) -> None:
+    """Put `trainer_state`'s figures back into `learner`."""
+    learner._version = state["version"]
+    for name, scheduler in learner.schedulers.items():
+        scheduler.load_state_dict(state[f"{name}_scheduler"])
+    learner.kl_controller.load_state_dict(state["kl_controller"])
+    learner.ptx_cursor = state["ptx_cursor"]
+    learner.nonfinite_in_row = state["nonfinite"]["in_row"]
+    learner.nonfinite_total = state["nonfinite"]["total"]
+    restore_rng_states(state["rng"], learner.shuffle, learner.device)
+
+
 def rng_states(generator: torch.Generator, device: torch.device) -> dict:
     """Every random state an update draws from: python, numpy, torch (and CUDA), and the
     learner's shuffle generator."""

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import types
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -42,19 +41,18 @@ import torch
 from cluster.shared.config import TameConfig
 from cluster.shared.errors import NonFiniteUpdatesError
 from cluster.shared.logprobs import response_logprobs
-from cluster.shared.precision import compute_context, float32_head, torch_dtype
+from cluster.shared.precision import compute_context, torch_dtype
 from cluster.shared.records import Rollout, UpdateResult
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import pad_token_id
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport
 from learner import checkpoints, ppo
-from learner.data import Example, collate_demonstrations, encode_demonstrations, read_demonstrations
 from learner.experience import Batch, Experience, make_experience, tokenize
 from learner.loading import export_dtypes, load_models, value_head
 from learner.memory import check_device
 from learner.rollback import HostSnapshot
 from learner.sharding import Rank, Shards, full
-from learner.training import demonstration_nll, make_scheduler, set_torch_threads
+from learner.training import optimizers_for, ptx_backward, ptx_examples, set_torch_threads
 
 
 class Forward(NamedTuple):
@@ -107,14 +105,6 @@ class Learner:
         models = load_models(cfg, self.shards, self.device)
         self.policy, self.reference, self.critic = models.policy, models.reference, models.critic
         self.value_head = value_head(self.critic) if self.critic is not None else None
-        if self.critic is not None:
-            # Body and value head in one call, so a sharded critic gathers its root (which
-            # holds the head) for it as for a forward pass.
-            self.critic.token_values = types.MethodType(_token_values, self.critic)
-            if self.shards.sharded:
-                from torch.distributed.fsdp import register_fsdp_forward_method
-
-                register_fsdp_forward_method(self.critic, "token_values")
 
         # The trained models by name (the policy, and the critic with GAE), each with its AdamW
         # and learning-rate schedule under the same name; checkpoints key them "<name>_optimizer"
@@ -122,16 +112,7 @@ class Learner:
         self.models = {
             name: model for name, model in (("policy", self.policy), ("critic", self.critic)) if model is not None
         }
-        rates = {"policy": p.learning_rate, "critic": p.critic_learning_rate}
-        total_steps = cfg.train.total_updates * p.epochs * math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
-        self.optimizers = {
-            name: torch.optim.AdamW(model.parameters(), lr=rates[name], weight_decay=p.weight_decay)
-            for name, model in self.models.items()
-        }
-        self.schedulers = {
-            name: make_scheduler(optimizer, p.lr_schedule, p.warmup_steps, total_steps)
-            for name, optimizer in self.optimizers.items()
-        }
+        self.optimizers, self.schedulers = optimizers_for(self.models, cfg)
         self.kl_controller = (
             ppo.AdaptiveKLController(p.kl.coef, p.kl.target, p.kl.horizon)
             if p.kl.adaptive
@@ -139,13 +120,8 @@ class Learner:
         )
         self.shuffle = torch.Generator().manual_seed(cfg.run.seed)
 
-        self.ptx_examples: list[Example] = []
+        self.ptx_examples = ptx_examples(cfg, self.tokenizer)
         self.ptx_cursor = 0
-        if p.ptx_coef > 0:
-            rows = read_demonstrations(p.ptx_data)
-            self.ptx_examples = encode_demonstrations(
-                self.tokenizer, rows, cfg.rollout.max_model_len, cfg.data.chat_template
-            )
 
         self.fuse_first_pass = True  # False always runs the separate no-grad pass (tests compare)
         self._version = 0
@@ -209,7 +185,7 @@ class Learner:
             )
 
     def _values(self, mb: Batch) -> torch.Tensor:
-        """The critic's value of the state before each window token (`_token_values`). -> (B, W)"""
+        """The critic's value of the state before each window token (`loading.token_values`). -> (B, W)"""
         compute = compute_context(self.device, self.cfg.learner.compute_dtype)
         return self.critic.token_values(mb.input_ids, mb.attention_mask, mb.offset, compute)[..., 0] * mb.mask
 
@@ -351,24 +327,11 @@ class Learner:
         return self.shards.sum_floats(totals)
 
     def _ptx_backward(self, n_examples: int, micro_batch_size: int) -> torch.Tensor:
-        """PPO-ptx (InstructGPT): `ptx_coef` times the NLL of the next `n_examples`
-        demonstrations (response tokens only), cycling through the ptx data."""
+        """PPO-ptx (InstructGPT) on the next `n_examples` demonstrations, cycling through the
+        ptx data (`training.ptx_backward`)."""
         batch = [self.ptx_examples[(self.ptx_cursor + i) % len(self.ptx_examples)] for i in range(n_examples)]
         self.ptx_cursor = (self.ptx_cursor + n_examples) % len(self.ptx_examples)
-        n_tokens = float(sum(len(e.input_ids) - e.prompt_length for e in batch))
-        total = torch.zeros((), device=self.device)
-        for rows, stand_in in self.shards.rows(torch.arange(len(batch)), micro_batch_size):
-            ids, attention, loss_mask = collate_demonstrations(
-                [batch[i] for i in rows.tolist()], self.pad_id, self.device
-            )
-            with compute_context(self.device, self.cfg.learner.compute_dtype):
-                # At temperature 1, as SFT trained: at T the term would pull the logits
-                # towards T times the SFT model's, away from where the KL term holds them.
-                nll = demonstration_nll(self.policy, ids, attention, loss_mask, n_tokens)
-            ((0.0 if stand_in else self.cfg.ppo.ptx_coef) * nll).backward()
-            if not stand_in:
-                total += nll.detach()
-        return total  # this worker's part: accumulate_gradients sums the totals
+        return ptx_backward(self.policy, batch, self.shards, micro_batch_size, self.pad_id, self.cfg)
 
     # ------------------------------------------------------------------ the update
 
@@ -528,23 +491,11 @@ class Learner:
         """Write this version's checkpoint (`learner/checkpoints.py`) with the driver's state,
         then keep only the newest `learner.keep_checkpoints`. Returns its path; with
         `learner.async_checkpoints` it is complete there once `wait_for_checkpoint` returns."""
-        state = {
-            "version": self._version,
-            **{f"{name}_scheduler": scheduler.state_dict() for name, scheduler in self.schedulers.items()},
-            "kl_controller": self.kl_controller.state_dict(),
-            "ptx_cursor": self.ptx_cursor,
-            "nonfinite": {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total},
-            "rng": checkpoints.rng_states(self.shuffle, self.device),
-            "extra": driver_state,
-        }
+        state = checkpoints.trainer_state(self, driver_state)
+        path, keep = checkpoints.path_of(self.run_dir, self._version), self.cfg.learner.keep_checkpoints
+        optimizers = self._checkpointed_optimizers()
         return self.checkpoint_writer.save(
-            checkpoints.path_of(self.run_dir, self._version),
-            self.models,
-            self._checkpointed_optimizers(),
-            self.tokenizer,
-            state,
-            self.cfg.learner.keep_checkpoints,
-            self.export_dtypes,
+            path, self.models, optimizers, self.tokenizer, state, keep, self.export_dtypes
         )
 
     def wait_for_checkpoint(self) -> str | None:
@@ -567,14 +518,7 @@ class Learner:
         auto = {"policy": AutoModelForCausalLM, "critic": AutoModelForSequenceClassification}
         models = {name: (model, auto[name]) for name, model in self.models.items()}
         state = checkpoints.load(Path(path), models, self._checkpointed_optimizers(), self.shards)
-        self._version = state["version"]
-        for name, scheduler in self.schedulers.items():
-            scheduler.load_state_dict(state[f"{name}_scheduler"])
-        self.kl_controller.load_state_dict(state["kl_controller"])
-        self.ptx_cursor = state["ptx_cursor"]
-        self.nonfinite_in_row = state["nonfinite"]["in_row"]
-        self.nonfinite_total = state["nonfinite"]["total"]
-        checkpoints.restore_rng_states(state["rng"], self.shuffle, self.device)
+        checkpoints.restore_trainer_state(self, state)
         self._handle, self._published = None, -1
         return state["extra"]
 
@@ -619,18 +563,3 @@ def training_metrics(stats: dict[str, list[float]]) -> dict[str, float]:
     }
     metrics.update({name: avg[key] for key, name in optional.items() if key in avg})
     return metrics
-
-
-def _token_values(
-    critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, offset: int, compute
-) -> torch.Tensor:
-    """The critic's value of the state before each window token (positions offset .. L-2),
-    bound to the critic as `token_values`. The body runs in `compute` (the compute dtype's
-    context); the value head in float32, so values keep their precision through GAE and
-    whitening. -> (B, W, 1)"""
-    with compute:
-        hidden = critic.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (B, L, H)
-    window = hidden[:, offset : input_ids.shape[1] - 1]  # (B, W, H)
-    return float32_head(value_head(critic), window)  # (B, W, 1): no view, for FSDP's backward hook

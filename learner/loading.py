@@ -22,6 +22,7 @@ parameters from it, so it counts what the learner builds.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 
 from cluster.shared.config import TameConfig
 from cluster.shared.hf_folder import checkpoint_dtype, tensor_headers
-from cluster.shared.precision import disable_dropout, torch_dtype
+from cluster.shared.precision import disable_dropout, float32_head, torch_dtype
 from cluster.shared.score_head import SCORE_BIAS_KEY, restore_score_bias, set_score_bias
 from learner.sharding import Shards
 
@@ -114,6 +115,14 @@ def _load(cfg: TameConfig, role: Role, path: str, shards: Shards, device: torch.
                 head.bias.zero_()
     if role == "reference":
         model.requires_grad_(False)
+    if role == "critic":
+        # Body and value head in one call, so a sharded critic gathers its root (which holds
+        # the head) for it as for a forward pass.
+        model.token_values = types.MethodType(token_values, model)
+        if shards.sharded:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(model, "token_values")
     return model
 
 
@@ -222,3 +231,18 @@ def value_head(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(head, torch.nn.Linear) and head.out_features == 1:
             return head
     raise ValueError(f"{type(model).__name__}: no scalar head (score/classifier) to use as the critic's value head")
+
+
+def token_values(
+    critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, offset: int, compute
+) -> torch.Tensor:
+    """The critic's value of the state before each window token (positions offset .. L-2),
+    bound to the critic as `token_values`. The body runs in `compute` (the compute dtype's
+    context); the value head in float32, so values keep their precision through GAE and
+    whitening. -> (B, W, 1)"""
+    with compute:
+        hidden = critic.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, L, H)
+    window = hidden[:, offset : input_ids.shape[1] - 1]  # (B, W, H)
+    return float32_head(value_head(critic), window)  # (B, W, 1): no view, for FSDP's backward hook
