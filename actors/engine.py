@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cluster.shared.config import TameConfig
+from cluster.shared.lora import engine_args
 from cluster.shared.records import Prompt, Rollout
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import prompt_token_ids
@@ -55,6 +56,8 @@ def build_engine(cfg: TameConfig, seed: int) -> Any:
     else:
         memory = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}
     eager = cpu if cfg.rollout.enforce_eager is None else cfg.rollout.enforce_eager
+    if cfg.learner.lora is not None:  # each version is an adapter (actors/adapters.py)
+        memory.update(engine_args(cfg.learner.lora, cfg.train.max_staleness))
     return LLM(
         model=cfg.model.policy,
         tokenizer=cfg.model.policy,
@@ -111,11 +114,13 @@ def encode_prompts(
     return encoded
 
 
-def run_generate(llm: Any, prompt_ids: Sequence[list[int]], params: Any) -> list[Any]:
-    """vLLM `RequestOutput`s for already tokenised prompts, in prompt order."""
+def run_generate(llm: Any, prompt_ids: Sequence[list[int]], params: Any, adapter: Any = None) -> list[Any]:
+    """vLLM `RequestOutput`s for already tokenised prompts, in prompt order, under the LoRA
+    adapter `adapter` (a `LoRARequest`) when given."""
     from vllm.inputs import TokensPrompt
 
-    return llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+    return llm.generate(prompts, params, use_tqdm=False, lora_request=adapter)
 
 
 def sampled_logprobs(completion: Any) -> list[float]:

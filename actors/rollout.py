@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from actors.adapters import adapter_probes, load_adapter, lora_request, remove_adapter
 from actors.engine import (
     apply_scores,
     build_engine,
@@ -29,6 +30,7 @@ from actors.engine import (
 from actors.reference import Reference
 from actors.weights import checkpoint_layout, engine_probes, load_into_engine, loads_directly, validate_specs
 from cluster.shared.config import TameConfig
+from cluster.shared.lora import adapter_layout
 from cluster.shared.records import LoadResult, Prompt, Rollout, RolloutBatch
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import pad_token_id
@@ -56,14 +58,20 @@ class RolloutActor:
         self._llm = build_engine(cfg, seed=cfg.run.seed + actor_id)
         self._tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
         self._params = sampling_params(cfg)
-        self._layout = checkpoint_layout(cfg.model.policy)
-        self._direct = loads_directly(self._llm, cfg.model.policy)
-        log.info(
-            "actor %d: weight loads %s",
-            actor_id,
-            "rebuild the CPU kernels directly" if self._direct else "go through vLLM's reload",
-        )
+        self._lora = cfg.learner.lora
+        if self._lora is None:
+            self._layout = checkpoint_layout(cfg.model.policy)
+            self._direct = loads_directly(self._llm, cfg.model.policy)
+            log.info(
+                "actor %d: weight loads %s",
+                actor_id,
+                "rebuild the CPU kernels directly" if self._direct else "go through vLLM's reload",
+            )
+        else:
+            self._layout = adapter_layout(cfg)
         self._version = 0  # the weights on disk at cfg.model.policy
+        self._adapters: list[int] = []  # with LoRA: the versions whose adapters the engine holds, oldest first
+        self._direct = False if self._lora is not None else self._direct
         self._transport: WeightTransport = ObjectStoreTransport()
         self._reference = None
         if cfg.rollout.reference_logprobs:
@@ -112,7 +120,9 @@ class RolloutActor:
 
         # Generate with the current weights and tag every record with their version.
         start = time.perf_counter()
-        outputs = run_generate(self._llm, prompt_ids, self._params)
+        # With LoRA, under this version's adapter (held until no call can start under it).
+        adapter = lora_request(self._version) if self._lora is not None and self._adapters else None
+        outputs = run_generate(self._llm, prompt_ids, self._params, adapter)
         generate_seconds = time.perf_counter() - start
         rollouts = build_rollouts(
             prompts,
@@ -145,6 +155,14 @@ class RolloutActor:
             self._score(batch)
         return batch
 
+    def _load_adapter(self, version: int, tensors: dict) -> None:
+        """Put `version`'s adapter into the engine; drop the oldest beyond what calls may still
+        use (`cluster.shared.lora.engine_args`: max_staleness + 2)."""
+        load_adapter(self._llm, tensors, version, self._lora)
+        self._adapters.append(version)
+        while len(self._adapters) > self.cfg.train.max_staleness + 2:
+            remove_adapter(self._llm, self._adapters.pop(0))
+
     def _score(self, batch: RolloutBatch) -> None:
         start = time.perf_counter()
         try:
@@ -172,12 +190,17 @@ class RolloutActor:
         if handle.version < self._version:
             return LoadResult(self._version, loaded=False, verified=None)
         loaded = {}
-        if handle.version > self._version:
+        # With LoRA, version 0 is an adapter too (B = 0): every version is served as one.
+        if handle.version > self._version or (self._lora is not None and handle.version not in self._adapters):
             validate_specs(handle.specs, self._layout)
             # Views of the object store's memory go straight into the engine: no staging copy.
             tensors = self._transport.fetch(handle)
             fetched = time.perf_counter()
-            path = load_into_engine(self._llm, tensors, self._direct)
+            path = "direct" if self._direct else "vllm"
+            if self._lora is None:
+                path = load_into_engine(self._llm, tensors, self._direct)
+            else:
+                self._load_adapter(handle.version, tensors)
             self._version = handle.version
             loaded = {
                 "loaded": True,
@@ -188,9 +211,14 @@ class RolloutActor:
             }
 
         verifying = time.perf_counter()
-        measured, fused = engine_probes(self._llm)
+        expected = self._transport.probes(handle)
+        if self._lora is None:
+            measured, fused = engine_probes(self._llm)
+        else:  # the adapter's A and B as the engine's slot holds them
+            measured, fused = adapter_probes(self._llm, handle.version, self._lora), {}
+            measured = {name: probe for name, probe in measured.items() if name in expected}
         copies = {spec.name for spec in handle.specs if len(spec.shape) <= 1}
-        check = compare_probes(measured, self._transport.probes(handle), fused, exact=copies)
+        check = compare_probes(measured, expected, fused, exact=copies)
         done = time.perf_counter()
         return LoadResult(
             **{"loaded": False, **loaded},

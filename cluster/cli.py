@@ -109,6 +109,41 @@ def cmd_plan(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    """A checkpoint's policy as one Hugging Face model folder: a LoRA adapter merged into its
+    base, in the base's dtype; a full policy copied as it is."""
+    import shutil
+
+    from cluster.shared.files import move_into_place, temporary_sibling
+
+    policy = Path(args.checkpoint) / "policy"
+    adapter = policy / "adapter_config.json"
+    if not policy.is_dir():
+        raise UserError(f"{args.checkpoint}: not a tame checkpoint (no policy/ folder)")
+    base = args.base
+    if adapter.is_file() and base is None:
+        import json
+
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if adapter.is_file():
+        check_model_folder("--base", base or "", "causal LM")
+    tmp = temporary_sibling(args.out)
+    try:
+        if adapter.is_file():
+            from cluster.shared.hf_folder import checkpoint_dtype
+            from learner.lora import merge
+
+            log(f"merging the adapter at {policy} into {base}")
+            merge(policy, base, tmp, checkpoint_dtype(base))
+        else:
+            shutil.copytree(policy, tmp, dirs_exist_ok=True)
+        move_into_place(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {args.out}")
+    return EXIT_OK
+
+
 def cmd_serve_reward(args) -> int:
     from reward_service.rewards import check_reward_config
     from reward_service.service import serve_forever
@@ -218,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="YAML config file (see `tame config schema`)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser(
+        "export",
+        help="write a checkpoint's policy as one Hugging Face model (a LoRA adapter merged into its base)",
+    )
+    s.add_argument("checkpoint", help="a checkpoint folder, <run>/checkpoints/version-NNNNNN")
+    s.add_argument("--out", required=True, help="the model folder to write")
+    s.add_argument("--base", help="the LoRA adapter's base model (default: the one its adapter_config.json names)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve-reward", help="serve a reward model over HTTP (POST /v1/score) until interrupted")
     s.add_argument("--model", required=True, help="Hugging Face sequence-classification folder")

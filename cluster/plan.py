@@ -11,10 +11,12 @@ would make the learner fit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cluster.shared.config import TameConfig
 from cluster.shared.errors import UserError
+from cluster.shared.lora import adapter_layout, engine_args
 from learner.memory import (
     CPU_PROCESS,
     GIB,
@@ -98,6 +100,12 @@ def rollout_actor(cfg: TameConfig, policy: Shape, gpu: int | None) -> RolePlan:
     weights = policy.parameters * _element(cfg.model.dtype)
     kv_per_token = 2 * policy.layers * policy.kv_width * _element(cfg.model.dtype)
     lines = [Line(f"engine weights, {cfg.model.dtype} ({policy.parameters / 1e9:.2f}B parameters)", weights)]
+    if cfg.learner.lora is not None:  # vLLM's slots for adapters, at its rank, one per version in use
+        args = engine_args(cfg.learner.lora, cfg.train.max_staleness)
+        per_rank = sum(math.prod(s) for s in adapter_layout(cfg).values()) // cfg.learner.lora.rank
+        slots = args["max_loras"] * args["max_lora_rank"] * per_rank * _element(cfg.model.dtype)
+        lines.append(Line(f"LoRA slots: {args['max_loras']} versions at rank {args['max_lora_rank']}", slots))
+        weights += slots
     problem = None
     if r.num_gpus > 0:
         budget = Budget(

@@ -2,10 +2,12 @@
 - `policy/` and (with GAE) `critic/` in Hugging Face format, loadable with `from_pretrained`
   and by vLLM (the export for users: whole tensors, in the dtype of the checkpoint each model
   started from, which its config.json names; the learner's float32 master weights are in
-  `sharded/`);
-- `sharded/`: the weights and optimizer states as the learner holds them, written by every
-  worker in parallel with `torch.distributed.checkpoint`, which reshards on load: a run saved
-  with N learner workers resumes with any number;
+  `sharded/`). A LoRA policy's `policy/` is a peft adapter folder (`PeftModel.from_pretrained`
+  on the base); `tame export` merges it into the base;
+- `sharded/`: the trained weights (not a LoRA policy's frozen base) and optimizer states as
+  the learner holds them, written by every worker in parallel with
+  `torch.distributed.checkpoint`, which reshards on load: a run saved with N learner workers
+  resumes with any number;
 - `trainer_state.pt`, written last: schedulers, KL controller, RNG states, the driver's state.
 Each is written to a hidden temporary folder and renamed into place, so a reader never
 sees half of one, and an interrupted save is never picked up.
@@ -35,6 +37,7 @@ import torch
 
 from cluster.shared.files import move_into_place, remove_directory, temporary_sibling
 from cluster.shared.score_head import SCORE_BIAS_KEY
+from learner.lora import is_lora
 from learner.sharding import Shards, full
 
 NAME = re.compile(r"^version-(\d{6,})$")
@@ -63,9 +66,27 @@ def _sharded_state(models: dict[str, Any], optimizers: dict[str, tuple[Any, Any]
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     return {
-        **{name: get_model_state_dict(model) for name, model in models.items()},
-        **{name: get_optimizer_state_dict(model, optimizer) for name, (model, optimizer) in optimizers.items()},
+        **{name: get_model_state_dict(model, options=_trained()) for name, model in models.items()},
+        **{
+            name: get_optimizer_state_dict(model, optimizer, options=_trained())
+            for name, (model, optimizer) in optimizers.items()
+        },
     }
+
+
+def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of a peft model's adapter (float32, a few MB), as `save_pretrained` takes it."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items() if "lora_" in name}
+
+
+def _trained(model: torch.nn.Module | None = None):
+    """State-dict options for the trained weights only. A LoRA policy's frozen base is its
+    starting checkpoint's, which a resumed run reloads: only the adapter is saved, and loading
+    sets the adapter alone (dcp.load has checked that every one of its tensors was found)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = model is not None and any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
 
 
 @contextlib.contextmanager
@@ -119,9 +140,18 @@ class Writer:
         try:
             # Staging, in the calling thread: the export's gathers are collectives of the
             # training's group, which a background thread must not make.
-            exports = {name: self._whole(model, dtypes[name]) for name, model in models.items()}
+            exports = {
+                name: _adapter(model) if is_lora(model) else self._whole(model, dtypes[name])
+                for name, model in models.items()
+            }
             skeletons = (
-                {name: self._skeleton(name, model, dtypes[name]) for name, model in models.items()} if self.lead else {}
+                {
+                    # A peft model saves its adapter folder itself, from the state dict it is given.
+                    name: model if is_lora(model) else self._skeleton(name, model, dtypes[name])
+                    for name, model in models.items()
+                }
+                if self.lead
+                else {}
             )
             trainer_state = io.BytesIO()
             if self.lead:
@@ -297,10 +327,10 @@ def load(
             planner=dcp.DefaultLoadPlanner(allow_partial_load=bool(unbiased)),
         )
     for name, (model, _) in models.items():
-        set_model_state_dict(model, loaded[name])
+        set_model_state_dict(model, loaded[name], options=_trained(model))
     _zero_missing_score_bias([models[name][0] for name in unbiased])
     for name, (model, optimizer) in stepped.items():
-        set_optimizer_state_dict(model, optimizer, loaded[name])
+        set_optimizer_state_dict(model, optimizer, loaded[name], options=_trained(model))
     return state
 
 

@@ -41,12 +41,13 @@ import torch
 from cluster.shared.config import TameConfig
 from cluster.shared.errors import NonFiniteUpdatesError
 from cluster.shared.logprobs import response_logprobs
+from cluster.shared.lora import adapter_tensors
 from cluster.shared.precision import compute_context, torch_dtype
 from cluster.shared.records import Rollout, UpdateResult
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import pad_token_id
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport
-from learner import checkpoints, ppo
+from learner import checkpoints, lora, ppo
 from learner.experience import Batch, Experience, make_experience, tokenize
 from learner.loading import export_dtypes, load_models, value_head
 from learner.memory import check_device
@@ -105,6 +106,7 @@ class Learner:
         models = load_models(cfg, self.shards, self.device)
         self.policy, self.reference, self.critic = models.policy, models.reference, models.critic
         self.value_head = value_head(self.critic) if self.critic is not None else None
+        self.lora = lora.is_lora(self.policy)  # the policy trains an adapter; its base is the reference
 
         # The trained models by name (the policy, and the critic with GAE), each with its AdamW
         # and learning-rate schedule under the same name; checkpoints key them "<name>_optimizer"
@@ -153,12 +155,12 @@ class Learner:
         return [self.place()]
 
     def publish(self) -> WeightsHandle | None:
-        """Publish the current policy weights with their probes, once per version (later calls
-        return the cached handle): `update` does as its last step; the loop calls it for the
+        """Publish the current policy weights (with LoRA, the adapter's) with their probes, once
+        per version (later calls return the cached handle): `update` does as its last step; the loop calls it for the
         version it starts from. Sharded, every worker gathers each tensor in turn and rank 0
         publishes them; the others return None."""
         if self._published != self._version:
-            named = self.shards.full_parameters(self.policy)
+            named = adapter_tensors(self.policy) if self.lora else self.shards.full_parameters(self.policy)
             if self.shards.rank == 0:
                 dtype = torch_dtype(self.cfg.learner.transport_dtype or self.cfg.model.dtype)
                 self._handle = self.transport.publish(named, self._version, dtype)
@@ -204,7 +206,7 @@ class Learner:
         own window, then written back at its columns). -> (B, W) each; None for the passes
         not made."""
         given = batch.reference_logprobs
-        if given is None and self.reference is None:
+        if given is None and self.reference is None and not self.lora:
             raise ValueError(
                 "the rollouts carry no reference log-probs, and this learner holds no reference "
                 "model (rollout.reference_logprobs is on: the actors compute them)"
@@ -219,7 +221,10 @@ class Learner:
         ):
             window = batch.window(rows)
             mb, cols = batch.cut(window), window.columns()
-            passes = [] if given is not None else [(ref, self._token_logprobs(self.reference, mb)[0])]
+            passes = []
+            if given is None:  # the reference model, or a LoRA policy with its adapter off
+                with lora.as_reference(self.policy, self.reference) as model:
+                    passes.append((ref, self._token_logprobs(model, mb)[0]))
             if proximal:
                 passes.append((old_logprobs, self._token_logprobs(self.policy, mb)[0]))
                 if self.critic is not None:
@@ -229,7 +234,7 @@ class Learner:
                     out[rows, cols] = values
         # Each worker wrote its own rows; FSDP keeps a root gathered after a forward.
         self.shards.sum_(None if given is not None else ref, old_logprobs, old_values)
-        if given is None:
+        if given is None and self.reference is not None:
             self.shards.release(self.reference)
         return ref, old_logprobs, old_values
 
@@ -447,7 +452,7 @@ class Learner:
                 {
                     # Policy and critic (none without GAE): what the learner holds and trains.
                     "learner/trained_parameters": float(
-                        sum(p.numel() for model in self.models.values() for p in model.parameters())
+                        sum(p.numel() for model in self.models.values() for p in model.parameters() if p.requires_grad)
                     ),
                     "learner/workers": float(self.shards.world),
                     "learner/fused_first_pass": float(trained.fused),

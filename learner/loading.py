@@ -1,6 +1,8 @@
 """The learner's three models, built where they will live.
 
-- The policy: a causal LM, float32 (it trains: master weights for AdamW).
+- The policy: a causal LM, float32 (it trains: master weights for AdamW). With `learner.lora`,
+  its base is frozen in the compute dtype and a float32 adapter trains (`learner/lora.py`);
+  the reference is then the policy with the adapter off, not a model of its own.
 - The frozen reference (the SFT model), unless the actors compute its log-probs. It only
   runs forward passes, so it needs no float32 master: under bfloat16 arithmetic
   (`learner.compute_dtype`, or a sharded learner's `param_dtype`) its linear layers are stored
@@ -34,6 +36,7 @@ from cluster.shared.config import TameConfig
 from cluster.shared.hf_folder import checkpoint_dtype, tensor_headers
 from cluster.shared.precision import disable_dropout, float32_head, torch_dtype
 from cluster.shared.score_head import SCORE_BIAS_KEY, restore_score_bias, set_score_bias
+from learner import lora
 from learner.sharding import Shards
 
 Role = Literal["policy", "reference", "critic"]
@@ -51,7 +54,7 @@ class Models:
 def roles(cfg: TameConfig) -> dict[Role, str]:
     """The models this learner holds, and the folder each is loaded from."""
     out: dict[Role, str] = {"policy": cfg.model.policy}
-    if not cfg.rollout.reference_logprobs:
+    if not cfg.rollout.reference_logprobs and cfg.learner.lora is None:  # LoRA: the policy, adapter off
         out["reference"] = cfg.model.policy
     if cfg.ppo.advantage == "gae":
         out["critic"] = cfg.model.reward if cfg.learner.critic == "reward" else cfg.model.policy
@@ -99,7 +102,7 @@ def _load(cfg: TameConfig, role: Role, path: str, shards: Shards, device: torch.
     else:
         with _quiet_loading():
             model = _auto_class(role).from_pretrained(
-                path, dtype=torch.float32, **({"num_labels": 1} if role == "critic" else {})
+                path, dtype=_load_dtype(cfg, role), **({"num_labels": 1} if role == "critic" else {})
             )
         if role == "reference":
             _store_linears_in(model, reference_dtype(cfg))
@@ -107,6 +110,8 @@ def _load(cfg: TameConfig, role: Role, path: str, shards: Shards, device: torch.
             restore_score_bias(model, path)  # plain from_pretrained drops it (cluster.shared.score_head)
         _prepare(cfg, role, model)
         model.to(device)
+        if role == "policy" and cfg.learner.lora is not None:
+            model = lora.wrap(cfg, model)
     if role == "critic" and cfg.learner.critic == "policy":
         head = value_head(model)
         with torch.no_grad():  # a fresh value head: every value starts at 0
@@ -124,6 +129,13 @@ def _load(cfg: TameConfig, role: Role, path: str, shards: Shards, device: torch.
 
             register_fsdp_forward_method(model, "token_values")
     return model
+
+
+def _load_dtype(cfg: TameConfig, role: Role) -> torch.dtype:
+    """float32 master weights for what trains; a LoRA policy's frozen base in the compute dtype."""
+    if role == "policy" and cfg.learner.lora is not None:
+        return torch_dtype(cfg.learner.compute_dtype)
+    return torch.float32
 
 
 def _auto_class(role: Role):

@@ -4,7 +4,9 @@ The models are built on the meta device by the learner's own code (`learner.load
 so the parameters counted are the ones the learner will hold, for a 7B model in a second. One
 worker of `learner.num_workers` holds 1/N of every sharded tensor:
 - weights: policy and critic in float32 (4 bytes a parameter), the reference's linear layers
-  in the dtype they compute in (`learner.loading`); gradients (4); AdamW's two moments (8);
+  in the dtype they compute in (`learner.loading`); gradients (4); AdamW's two moments (8).
+  With `learner.lora`, the policy's base in the compute dtype (and no reference: the base is
+  it) and a float32 adapter, whose parameters alone have gradients and moments;
 - the rollback snapshot (`learner.rollback`: 4 + 8 a trained parameter) when an update makes
   more than one optimizer step: pinned host memory beside a GPU, the same memory on a CPU;
 - sharded only: the units FSDP2 gathers while computing (the current and the prefetched
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from cluster.shared.config import TameConfig
 from cluster.shared.hf_folder import file_headers, safetensors_files
+from cluster.shared.lora import adapter_layout
 from cluster.shared.transport import BUCKET_BYTES
 from learner.loading import reference_dtype, roles, skeleton
 from learner.sharding import sharding_units
@@ -188,6 +191,9 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
     shapes = {role: shape(cfg, role, path) for role, path in roles(cfg).items()}
     trained = {role: s for role, s in shapes.items() if role != "reference"}
     compute = 2 if "bfloat16" in (lc.compute_dtype, lc.param_dtype) else 4
+    # Parameters that train, by role: a LoRA policy's adapter alone (its base is frozen).
+    adapter = sum(math.prod(x) for x in adapter_layout(cfg).values()) if lc.lora else 0
+    learns = {role: adapter if role == "policy" and lc.lora else s.parameters for role, s in trained.items()}
 
     held = [
         Line(
@@ -201,15 +207,19 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
         if role == "reference":
             linears = str(reference_dtype(cfg)).removeprefix("torch.")
             held.append(Line(f"reference weights, linear layers in {linears} ({share})", s.weight_bytes // n))
+        elif role == "policy" and lc.lora:
+            held.append(
+                Line(f"policy base, frozen, {lc.compute_dtype}, the reference too ({share})", compute * s.parameters)
+            )
+            held.append(Line(f"policy LoRA adapter, float32 ({adapter / 1e6:.2f}M parameters)", 4 * adapter))
         else:
             held.append(Line(f"{role} weights, float32 ({share})", 4 * s.parameters // n))
-            states.append(Line(f"{role} AdamW moments, float32", 8 * s.parameters // n))
+        if role != "reference":
+            states.append(Line(f"{role} AdamW moments, float32", 8 * learns[role] // n))
     minibatches = math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
     host = []
     if p.epochs * minibatches > 1:
-        snapshot = Line(
-            "rollback snapshot of weights and moments", 12 * sum(s.parameters for s in trained.values()) // n
-        )
+        snapshot = Line("rollback snapshot of weights and moments", 12 * sum(learns.values()) // n)
         (host if cuda else states).append(snapshot)
 
     gathered: list[Line] = []
@@ -233,7 +243,7 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
         return Line(f"activations, {rows} x {tokens} tokens", rows * tokens * s.layers * per_layer)
 
     policy = shapes["policy"]
-    grads = {role: Line(f"{role} gradients, float32", 4 * s.parameters // n) for role, s in trained.items()}
+    grads = {role: Line(f"{role} gradients, float32", 4 * learns[role] // n) for role in trained}
     phases = {
         "policy backward": [
             grads["policy"],
@@ -249,26 +259,31 @@ def learner_worker(cfg: TameConfig, budget: Budget | None = None) -> WorkerPlan:
         phases["critic backward"] = [grads["policy"], grads["critic"], activations(trained["critic"]), *gathered]
     step = [*grads.values()]
     if cuda:  # foreach AdamW: a temporary the size of the largest optimizer's parameters
-        step.append(Line("AdamW step temporaries", 4 * max(s.parameters for s in trained.values()) // n))
+        step.append(Line("AdamW step temporaries", 4 * max(learns.values()) // n))
     phases["optimizer step"] = step
     # The update's last step publishes the policy (`cluster.shared.transport`): rank 0 gathers
     # it a bucket at a time when sharded, and writes the object store's copy, shared memory
     # that Ray holds once per node whatever the number of workers (host memory here, counted
     # apart); a cast for the transport is staged in buffers kept from one version to the next.
     sent_dtype = cfg.learner.transport_dtype or cfg.model.dtype
-    sent = policy.parameters * (4 if sent_dtype == "float32" else 2)
-    host.append(Line(f"the object store's copy of the policy, {sent_dtype} (Ray's, once per node)", sent))
+    sent = learns["policy"] * (4 if sent_dtype == "float32" else 2)
+    what = "the LoRA adapter" if lc.lora else "the policy"
+    host.append(Line(f"the object store's copy of {what}, {sent_dtype} (Ray's, once per node)", sent))
     if n > 1:
         phases["publication"] = [Line("publication: one bucket of gathered tensors", min(BUCKET_BYTES, sent))]
     if sent_dtype != "float32" or cuda:
-        (host if cuda else states).append(Line(f"the policy staged in {sent_dtype} for publication", sent))
+        (host if cuda else states).append(Line(f"{what} staged in {sent_dtype} for publication", sent))
     # One worker on a CPU maps a float32 checkpoint into float32 weights without copying it:
     # they are in memory once first used (the reference's linear layers are copies when
     # they compute in another dtype).
     mapped = {
         role: s
         for role, s in shapes.items()
-        if n == 1 and not cuda and s.checkpoint_float32 and (role != "reference" or s.weight_bytes == 4 * s.parameters)
+        if n == 1
+        and not cuda
+        and s.checkpoint_float32
+        and (role != "reference" or s.weight_bytes == 4 * s.parameters)
+        and (role != "policy" or not lc.lora or compute == 4)
     }
     read = [s.checkpoint_bytes for role, s in shapes.items() if role not in mapped]
     startup = [Line("the checkpoint file being read", max(read, default=0) // n)]

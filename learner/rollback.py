@@ -100,7 +100,8 @@ class HostSnapshot:
         (optimizer, index, None) key is in `without` are left out."""
         for name, model in models.items():
             for param_name, param in model.named_parameters():
-                yield (name, param_name), param.data
+                if param.requires_grad:  # a LoRA policy's frozen base never changes
+                    yield (name, param_name), param.data
         for name, optimizer in optimizers.items():
             for index, param in enumerate(_params(optimizer)):
                 if (name, index, None) in without:

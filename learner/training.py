@@ -75,14 +75,17 @@ def demonstration_nll(
 def optimizers_for(
     models: dict[str, torch.nn.Module], cfg: TameConfig
 ) -> tuple[dict[str, torch.optim.Optimizer], dict[str, torch.optim.lr_scheduler.LRScheduler]]:
-    """An AdamW and its learning-rate schedule for each trained model, by the model's name
+    """An AdamW over the trained parameters (a LoRA policy's adapter) and its learning-rate
+    schedule for each trained model, by the model's name
     ("policy" at ppo.learning_rate, "critic" at ppo.critic_learning_rate), scheduled over the
     run's optimizer steps."""
     p = cfg.ppo
     rates = {"policy": p.learning_rate, "critic": p.critic_learning_rate}
     total_steps = cfg.train.total_updates * p.epochs * math.ceil(cfg.train.rollout_batch_size / p.minibatch_size)
     optimizers = {
-        name: torch.optim.AdamW(model.parameters(), lr=rates[name], weight_decay=p.weight_decay)
+        name: torch.optim.AdamW(
+            [t for t in model.parameters() if t.requires_grad], lr=rates[name], weight_decay=p.weight_decay
+        )
         for name, model in models.items()
     }
     schedulers = {

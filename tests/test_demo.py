@@ -4,6 +4,7 @@ and the report, the plot and the summary are produced and agree with each other.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -51,8 +52,13 @@ def test_make_test_installs_the_cpu_build_so_the_demo_here_runs_as_configured():
     assert demo_device_overrides(installed_vllm(), torch.version.cuda, torch.cuda.device_count()) == []
 
 
-def test_short_demo_produces_a_consistent_summary(ray_local, tmp_path):
+def test_short_demo_with_lora_produces_a_consistent_summary(ray_local, tmp_path):
+    """The demo with `learner.lora` (the loop's full-weight path runs end to end in
+    test_cluster, test_faults and test_ray_jobs): the actors serve verified adapters, and the
+    policy evaluated is the final adapter merged into its base."""
     from cluster.demo.run import run_demo
+    from cluster.shared.config_file import load_config as load
+    from cluster.shared.lora import adapter_layout
 
     summary = run_demo(
         out=tmp_path,
@@ -67,6 +73,8 @@ def test_short_demo_produces_a_consistent_summary(ray_local, tmp_path):
             "ppo.minibatch_size=32",
             "ppo.micro_batch_size=32",
             "logging.wandb.mode=disabled",
+            "learner.lora.rank=8",
+            "ppo.learning_rate=8e-4",
         ],
     )
     run_dir = tmp_path / "ppo"
@@ -83,8 +91,17 @@ def test_short_demo_produces_a_consistent_summary(ray_local, tmp_path):
     assert written["kl_to_sft"] == written["kl_end"]
     assert set(written["stage_seconds"]) == {"assets", "sft", "reward_model", "eval_sft", "ppo", "eval_ppo"}
     assert (run_dir / "demo.png").stat().st_size > 10_000
-    # The PPO policy evaluated is the final checkpoint, loadable by vLLM and transformers.
-    assert written["policy"].endswith("version-000002/policy")
+    # The PPO policy evaluated is the final checkpoint's adapter merged into its base, a model
+    # vLLM loads; the checkpoint keeps the adapter as peft writes it.
+    assert written["policy"] == str(run_dir / "merged-policy")
+    assert (run_dir / "checkpoints" / "version-000002" / "policy" / "adapter_config.json").is_file()
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in history] == [1, 2]
     assert all("gold/score" in row for row in history)
+    # Every version reached the actors as the adapter alone, and the engines' log-probs are
+    # the learner's: the adapter they serve is the one it trained.
+    cfg = load(run_dir / "config.yaml")
+    adapter_bytes = 4 * sum(math.prod(shape) for shape in adapter_layout(cfg).values())
+    assert all(row["sync/bytes"] == adapter_bytes for row in history)
+    assert history[0]["rollout/max_abs_logp_delta"] < 1e-3  # version 0: every record is fresh
+    assert all(row["val/logp_gap_fresh_mean"] < 1e-4 for row in history if "val/logp_gap_fresh_mean" in row)

@@ -84,6 +84,7 @@ def evaluate(cfg: TameConfig, policy: str, prompts: list[str], world) -> dict[st
         update={
             "model": cfg.model.model_copy(update={"policy": policy}),
             "rollout": cfg.rollout.model_copy(update={"sampling": sampling, "reference_logprobs": False}),
+            "learner": cfg.learner.model_copy(update={"lora": None}),  # a whole model: a LoRA run's merged
         }
     )
     actor = rollout_actor_class(eval_cfg).remote(eval_cfg, 0, None)
@@ -191,6 +192,13 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a demo starts its PPO run afresh
     ppo = stage("ppo", lambda: train(cfg, log=log, judge=judge))
     final_policy = str(Path(ppo["checkpoint"]) / "policy")
+    if cfg.learner.lora is not None:  # the adapter merged into its base, as `tame export` writes it
+        from cluster.shared.hf_folder import checkpoint_dtype
+        from learner.lora import merge
+
+        merged = cfg.run_dir / "merged-policy"
+        merge(Path(final_policy), cfg.model.policy, merged, checkpoint_dtype(cfg.model.policy))
+        final_policy = str(merged)
     ppo_gold = stage("eval_ppo", lambda: evaluate(cfg, final_policy, heldout, world))
 
     run_dir = cfg.run_dir

@@ -4,21 +4,20 @@ Validated by pydantic with ``extra="forbid"`` so a typo is an error, a docstring
 field (`tame config schema`), frozen after parsing, and dumped whole into the run directory.
 `cluster.shared.config_file.load_config` reads it from YAML with ``--set dotted.key=value``
 overrides. The roles (actors, learner, reward service) share it without importing each other.
+The sections of stages 1 and 2 are in `cluster.shared.config_stages`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
+from cluster.shared.config_stages import RewardModelTrainConfig, Section, SFTConfig
 
 # --------------------------------------------------------------------------- run / models
 
@@ -306,6 +305,20 @@ class PPOConfig(Section):
         return self
 
 
+class LoRAConfig(Section):
+    """Train a low-rank adapter (peft's LoRA) on the frozen policy instead of every weight."""
+
+    rank: int = Field(8, gt=0, le=512)
+    """r: the rank of each adapter's A (r x in) and B (out x r)."""
+    alpha: float = Field(16.0, gt=0.0)
+    """The adapter's output is scaled by alpha / rank. vLLM folds that scale into B in the
+    engine's dtype, so below float32 it must be a power of two (exact) for a load to be
+    verified."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names (their last part, e.g. q_proj, v_proj) that get an adapter; all-linear:
+    every linear layer of the decoder (not the LM head)."""
+
+
 class LearnerConfig(Section):
     device: Literal["cpu", "cuda"] = "cpu"
     """Torch device of the learner: cpu, or cuda (the GPU Ray gives it: learner.num_gpus >= 1)."""
@@ -357,6 +370,11 @@ class LearnerConfig(Section):
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping
     them: less memory for a long sequence, about a third more compute."""
+    lora: LoRAConfig | None = None
+    """Train a LoRA adapter on the policy (docs/lora.md): its base weights frozen in
+    learner.compute_dtype, the adapter and its optimizer states float32, the reference the
+    same model with the adapter off, and only the adapter sent to the actors. Null: train
+    every weight. The critic (GAE) stays a full model."""
 
     @field_validator("compute_dtype")
     @classmethod
@@ -373,6 +391,12 @@ class LearnerConfig(Section):
             raise ValueError(
                 f"learner.device cuda needs learner.num_gpus >= 1 (got {self.num_gpus}): "
                 "Ray gives the learner its GPU and hides the others"
+            )
+        if self.lora is not None and self.num_workers > 1:
+            raise ValueError(
+                "learner.lora trains on one learner worker: the adapter and its optimizer states are a "
+                "few MB that sharding would not save, and a sharded frozen base is not built yet. "
+                "Set learner.num_workers 1"
             )
         if self.num_workers == 1 and (self.param_dtype or self.reduce_dtype):
             raise ValueError(
@@ -438,46 +462,6 @@ class ClusterConfig(Section):
     before the start (a learner worker then checks its own GPU as it starts)."""
 
 
-# --------------------------------------------------------------------------- stage 1 and 2
-
-
-class SFTConfig(Section):
-    data: str = "runs/assets/small/data/sft.jsonl"
-    """JSONL of {"prompt", "response"} demonstrations (or a local Hugging Face dataset folder)."""
-    init: str | None = None
-    """Causal LM to start from; null uses model.policy."""
-    output: str = "runs/sft"
-    """Where the fine-tuned policy is saved (Hugging Face format)."""
-    epochs: int = Field(2, ge=1)
-    """Passes over the data."""
-    batch_size: int = Field(16, ge=1)
-    """Sequences per optimizer step."""
-    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
-    """AdamW learning rate (linear decay after a short warm-up)."""
-    max_length: int = Field(256, ge=8)
-    """Longest prompt plus response in tokens; longer examples are truncated."""
-
-
-class RewardModelTrainConfig(Section):
-    data: str = "runs/assets/small/data/preferences.jsonl"
-    """JSONL of {"prompt", "chosen", "rejected"} pairs (or a local Hugging Face dataset folder)."""
-    init: str | None = None
-    """Model to start from: a sequence-classification folder, or a causal-LM folder (such as
-    the SFT policy) whose body is reused under a fresh score head; null uses model.reward."""
-    output: str = "runs/rm"
-    """Where the trained reward model is saved (Hugging Face format)."""
-    epochs: int = Field(1, ge=1)
-    """Passes over the training pairs."""
-    batch_size: int = Field(16, ge=1)
-    """Pairs per optimizer step."""
-    learning_rate: float = Field(5e-4, gt=0.0, le=1.0)
-    """AdamW learning rate."""
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    """Share of pairs held out to measure pairwise accuracy."""
-    max_length: int = Field(256, ge=8)
-    """Longest prompt plus response in tokens."""
-
-
 # --------------------------------------------------------------------------- the tree
 
 
@@ -529,6 +513,20 @@ class TameConfig(Section):
                     f"{per_gpu * r.gpu_memory_utilization:.2f} > 0.95. Lower gpu_memory_utilization "
                     f"to {0.95 / per_gpu:.2f} or give each engine more of a GPU"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_scale_the_engines_hold_exactly(self) -> TameConfig:
+        lora = self.learner.lora
+        if lora is None or self.model.dtype == "float32":
+            return self
+        scale = lora.alpha / lora.rank
+        if math.frexp(scale)[0] != 0.5:
+            raise ValueError(
+                f"learner.lora.alpha / learner.lora.rank = {scale:g} is not a power of two: vLLM folds it "
+                f"into B in model.dtype {self.model.dtype}, which rounds it, so no adapter load could be "
+                f"verified. Use alpha = {2 * lora.rank} (a scale of 2), or model.dtype float32"
+            )
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,87 @@
+"""The LoRA adapter's contract between the learner and the actors (`learner.lora`).
+
+A version of a LoRA policy is its adapter alone, named as peft saves it
+("base_model.model.<module>.lora_A.weight": A is rank x in, B is out x rank), which is also
+what vLLM's LoRA loader reads. `adapter_layout` builds those names and shapes from the
+policy's config.json on the meta device, so an actor checks a published version against the
+adapter it expects before loading it, as it checks full weights against the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from cluster.shared.config import LoRAConfig, TameConfig
+from cluster.shared.errors import ConfigError
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The adapter ranks vLLM's engines are built for (`vllm.config.lora.MaxLoRARanks`)."""
+PEFT_ADAPTER = "default"
+"""The name peft gives the one adapter it trains."""
+
+
+def peft_config(lora: LoRAConfig) -> Any:
+    """peft's `LoraConfig` of `learner.lora`. No dropout: the learner turns dropout off
+    everywhere, so the same weights give the same log-probs in the proximal pass and in the
+    first step (the PPO ratio starts at 1)."""
+    from peft import LoraConfig
+
+    targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=targets, bias="none")
+
+
+def check_targets(lora: LoRAConfig, model: Any, where: str) -> None:
+    """Raise a `ConfigError` (exit 2) naming each target module that is no linear layer of
+    `model` (the policy at `where`), with the names that are."""
+    import torch
+
+    if lora.target_modules == "all-linear":
+        return
+    head = model.get_output_embeddings()  # vLLM serves no adapter on the LM head
+    linear = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
+    missing = [t for t in lora.target_modules if t not in linear]
+    if missing:
+        raise ConfigError(
+            f"learner.lora.target_modules: {', '.join(missing)} is not a linear layer of the decoder of the "
+            f"policy at {where} (its linear layers: {', '.join(sorted(linear))})"
+        )
+
+
+def adapter_tensors(model: Any) -> Iterator[tuple[str, Any]]:
+    """The adapter's tensors of a peft model, named as peft saves them (and vLLM loads them)."""
+    from peft import get_peft_model_state_dict
+
+    yield from get_peft_model_state_dict(model, adapter_name=PEFT_ADAPTER).items()
+
+
+def adapter_layout(cfg: TameConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a version of the adapter publishes, from the policy's
+    config.json on the meta device (no memory). Raises a `ConfigError` for targets the policy
+    does not have."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.model.policy)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        check_targets(cfg.learner.lora, model, cfg.model.policy)
+        model = get_peft_model(model, peft_config(cfg.learner.lora))
+    return {name: tuple(t.shape) for name, t in adapter_tensors(model)}
+
+
+def engine_args(lora: LoRAConfig, staleness: int) -> dict:
+    """vLLM engine arguments for serving versions of this adapter: a rank slot that holds it
+    (vLLM offers ranks 1, 8, 16, 32, ...) and room for every version a call may still use:
+    the newest, those `train.max_staleness` lets calls start under, and one being loaded."""
+    slots = staleness + 2
+    rank = min(r for r in VLLM_RANKS if r >= lora.rank)
+    return {"enable_lora": True, "max_lora_rank": rank, "max_loras": slots, "max_cpu_loras": slots}
+
+
+def scale(lora: LoRAConfig) -> float:
+    """What the adapter's output is multiplied by: alpha / rank."""
+    return lora.alpha / lora.rank
