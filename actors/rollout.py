@@ -69,9 +69,9 @@ class RolloutActor:
             )
         else:
             self._layout = adapter_layout(cfg)
+            self._direct = False
         self._version = 0  # the weights on disk at cfg.model.policy
         self._adapters: list[int] = []  # with LoRA: the versions whose adapters the engine holds, oldest first
-        self._direct = False if self._lora is not None else self._direct
         self._transport: WeightTransport = ObjectStoreTransport()
         self._reference = None
         if cfg.rollout.reference_logprobs:
