@@ -252,7 +252,7 @@ class Loop:
             self.throughput.generation_starts()
             prompts = self.source.take(n)
             slot.prompt_ids = [p.prompt_id for p in prompts]
-            self.pipeline.started(slot.actor_id, n)
+            self.pipeline.started(slot.actor_id, n, slot.version)
             self.pool.dispatch(slot, SlotState.GENERATING, slot.handle.generate.remote(prompts))
 
     def on_loaded(self, slot: Slot, result: LoadResult) -> None:

@@ -63,6 +63,13 @@ class Pipeline:
     """The batch of the update in flight."""
     generating: dict[int, int] = field(default_factory=dict)
     """Samples each actor was asked for and has not returned yet."""
+    generating_version: dict[int, int] = field(default_factory=dict)
+    """The policy version each of those calls generates with."""
+    generating_samples: int = 0
+    queued_samples: int = 0
+    training_samples: int = 0
+    """These three sums are kept as they change: the admission rule is asked once per idle
+    actor, and a pool of hundreds asks often."""
 
     def __post_init__(self) -> None:
         self.max_waiting = max(self.max_waiting, self.batch_size)
@@ -82,18 +89,19 @@ class Pipeline:
 
     # ----------------------------------------------------------------- counts
 
-    @property
-    def queued_samples(self) -> int:
-        return sum(len(g) for g in self.queue)
-
     def samples_waiting(self) -> int:
         """Samples queued or being generated."""
-        return self.queued_samples + sum(self.generating.values())
+        return self.queued_samples + self.generating_samples
 
     def samples_ahead(self) -> int:
         """Samples started and not trained yet: in training, queued, being generated."""
-        in_training = sum(len(g) for g in self.training) if self.training is not None else 0
-        return in_training + self.samples_waiting()
+        return self.training_samples + self.samples_waiting()
+
+    def most_calls(self) -> int:
+        """The most generation calls the admission rule lets run at once: full calls of
+        `max_prompts_per_call` prompts filling everything it admits ahead of the learner."""
+        admitted = min((self.max_staleness + 1) * self.batch_size, self.max_waiting)
+        return max(1, -(-admitted // (self.max_prompts_per_call * self.samples_per_prompt)))
 
     # ----------------------------------------------------------------- actors
 
@@ -103,18 +111,24 @@ class Pipeline:
         room = min(bound - self.samples_ahead(), self.max_waiting - self.samples_waiting())
         return max(0, min(self.max_prompts_per_call, room // self.samples_per_prompt))
 
-    def started(self, actor_id: int, n_prompts: int) -> None:
+    def started(self, actor_id: int, n_prompts: int, version: int) -> None:
         assert actor_id not in self.generating, f"actor {actor_id} already has a call in flight"
+        self.generating_version[actor_id] = version
         self.generating[actor_id] = n_prompts * self.samples_per_prompt
+        self.generating_samples += n_prompts * self.samples_per_prompt
 
     def finished(self, actor_id: int, groups: Iterable[PromptGroup]) -> None:
         """An actor's call returned these groups (prompts that failed are simply absent)."""
-        self.generating.pop(actor_id, None)
-        self.queue.extend(groups)
+        self.generating_samples -= self.generating.pop(actor_id, 0)
+        self.generating_version.pop(actor_id, None)
+        for group in groups:
+            self.queue.append(group)
+            self.queued_samples += len(group)
 
     def lost(self, actor_id: int) -> None:
         """An actor's call will never return (the actor died or was removed)."""
-        self.generating.pop(actor_id, None)
+        self.generating_samples -= self.generating.pop(actor_id, 0)
+        self.generating_version.pop(actor_id, None)
 
     # ----------------------------------------------------------------- learner
 
@@ -128,20 +142,30 @@ class Pipeline:
         self.queue.sort(key=lambda g: g.policy_version)  # stable: arrival order within a version
         dropped = [g for g in self.queue if self.version - g.policy_version > self.max_staleness]
         self.queue = [g for g in self.queue if self.version - g.policy_version <= self.max_staleness]
-        if self.queued_samples < self.batch_size:
+        self.queued_samples -= sum(len(g) for g in dropped)
+        if self.queued_samples < self.batch_size or self.waits_for_a_straggler():
             return None, dropped
         batch, n = [], 0
         while n < self.batch_size:
             group = self.queue.pop(0)
             batch.append(group)
             n += len(group)
-        self.training = batch
+        self.training, self.training_samples = batch, n
+        self.queued_samples -= n
         return batch, dropped
+
+    def waits_for_a_straggler(self) -> bool:
+        """Whether a call in flight would be left too stale by an update that started without
+        it: its samples could then be trained from version V + 1 at the earliest. Calls that
+        finish out of order (long-tailed responses, slower actors) make such stragglers; the
+        learner waits for one, and trains its samples first, rather than drop them."""
+        oldest = min(self.generating_version.values(), default=None)
+        return oldest is not None and self.version + 1 - oldest > self.max_staleness
 
     def update_done(self, trained: bool) -> list[PromptGroup]:
         """The update in flight ended; `trained` is false when it was skipped (its prompts must
         be handed out again by the caller). Returns its batch."""
-        batch, self.training = self.training or [], None
+        batch, self.training, self.training_samples = self.training or [], None, 0
         if trained:
             self.version += 1
         return batch

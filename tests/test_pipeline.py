@@ -66,7 +66,7 @@ def simulate(
                 at(now + load_s, "loaded", i, pipeline.version)
             elif n := pipeline.prompts_to_start(a["version"]):
                 busy(i)
-                pipeline.started(i, n)
+                pipeline.started(i, n, a["version"])
                 calls += 1
                 lost = 1 if lose_every and calls % lose_every == 0 else 0
                 at(now + generate_s[i], "generated", i, a["version"], n - lost)
@@ -152,9 +152,9 @@ def test_a_queue_bound_below_one_batch_still_fills_a_batch(k):
 def test_whole_prompts_are_admitted():
     pipeline = Pipeline(batch_size=8, max_staleness=0, samples_per_prompt=4, max_prompts_per_call=16, max_waiting=64)
     assert pipeline.prompts_to_start(0) == 2  # 8 samples: two prompts of four
-    pipeline.started(0, 1)
+    pipeline.started(0, 1, 0)
     assert pipeline.prompts_to_start(0) == 1
-    pipeline.started(1, 1)
+    pipeline.started(1, 1, 0)
     assert pipeline.prompts_to_start(0) == 0  # the batch is spoken for
     # An actor holding an older version may start nothing that would be trained too stale.
     pipeline.version = 3
