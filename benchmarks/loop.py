@@ -281,8 +281,8 @@ def tame(
     actor_threads: int,
     reward_threads: int,
 ) -> dict:
-    from cluster.controller import train
     from cluster.shared.config_file import load_config
+    from cluster.train import train
 
     name = f"k{k}-l{learner_threads}-a{actor_threads}-r{reward_threads}-{time.monotonic_ns()}"
     cfg = load_config(

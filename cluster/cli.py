@@ -90,7 +90,7 @@ def cmd_train_rm(args) -> int:
 
 def cmd_train(args) -> int:
     cfg = _config(args)
-    from cluster.controller import train
+    from cluster.train import train
 
     _prepare_models(cfg)
     train(cfg, resume=args.resume, log=log)
@@ -165,13 +165,22 @@ def cmd_serve_reward(args) -> int:
 def cmd_scale(args) -> int:
     from cluster.control import scale
 
-    if not 0 <= args.actors <= MAX_ACTORS:
+    if args.actors is not None and not 0 <= args.actors <= MAX_ACTORS:
         raise UserError(f"--actors {args.actors}: the pool size must be between 0 and {MAX_ACTORS}")
     now = scale(args.actors, run=args.run, address=args.address)
-    log(
-        f"run {now['run']}: rollout pool resized to {now['num_actors']} actors"
-        + (f"; {now['pending']}. The run goes on with the actors that are up" if now.get("pending") else "")
+    auto, pending = now.get("autoscale"), now.get("pending")
+    said = (
+        f"{now['num_actors']} rollout actors asked for, {now.get('live_actors', '?')} in the pool"
+        if args.actors is None
+        else f"rollout pool resized to {now['num_actors']} actors"
     )
+    log(f"run {now['run']}: {said}" + (f"; {pending}. The run goes on with the actors that are up" if pending else ""))
+    if auto:
+        state = "on" if auto["on"] and args.actors is None else "off (`tame scale --actors` set the size)"
+        log(
+            f"rollout.autoscale {state}, between {auto['min_actors']} and {auto['max_actors']} actors; "
+            f"last decision: {auto['last_decision'] or 'none yet'}"
+        )
     return EXIT_OK
 
 
@@ -272,8 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     s.set_defaults(func=cmd_serve_reward)
 
-    s = sub.add_parser("scale", help="resize the rollout pool of a running `tame train` job")
-    s.add_argument("--actors", type=int, required=True, help="the new number of rollout actors")
+    s = sub.add_parser("scale", help="resize the rollout pool of a running `tame train` job, or show it")
+    s.add_argument(
+        "--actors", type=int, help="the new number of rollout actors (turns rollout.autoscale off); none: show the pool"
+    )
     s.add_argument("--run", help="run name (default: the only running one)")
     s.add_argument("--address", help="Ray address (default RAY_ADDRESS or the local cluster)")
     s.set_defaults(func=cmd_scale)

@@ -31,18 +31,24 @@ class Control:
         self.run = run
         self.target = num_actors
         self.stopping = False
+        self.by_user = False
+        """A `tame scale` not yet seen by the loop: it turns rollout.autoscale off."""
         self.status: dict = {"run": run, "num_actors": num_actors}
 
-    def request(self, num_actors: int) -> dict:
+    def request(self, num_actors: int, by_user: bool = True) -> dict:
+        """Set the pool's size: `tame scale` (by the user), or the loop telling what it decided."""
         self.target = num_actors
-        return {"run": self.run, "num_actors": num_actors}
+        self.by_user = self.by_user or by_user
+        return {"run": self.run, "num_actors": num_actors, "autoscale": self.status.get("autoscale")}
 
     def stop(self) -> None:
         """Finish the run early, as if its last update were reached: checkpoint and summary."""
         self.stopping = True
 
-    def poll(self) -> tuple[int, bool]:
-        return self.target, self.stopping
+    def poll(self) -> tuple[int, bool, bool]:
+        """(the size asked for, a stop asked for, whether a user asked for that size since the last poll)."""
+        by_user, self.by_user = self.by_user, False
+        return self.target, self.stopping, by_user
 
     def report(self, status: dict) -> None:
         self.status = status
@@ -64,13 +70,23 @@ def start_control(cfg: TameConfig) -> Any:
         )
         .remote(cfg.run.name, cfg.rollout.num_actors)
     )
-    ray.get(control.request.remote(cfg.rollout.num_actors))
+    ray.get(control.request.remote(cfg.rollout.num_actors, by_user=False))
     return control
 
 
-def status(cfg: TameConfig, pool: ActorPool, placement: dict, version: int, counters: Counters) -> dict:
+def status(
+    cfg: TameConfig, pool: ActorPool, placement: dict, version: int, counters: Counters, autoscaler: Any = None
+) -> dict:
     """What the loop reports to the control actor each second: `tame scale` and the tests read it."""
+    scale = cfg.rollout.autoscale
     return {
+        "autoscale": scale
+        and {
+            "on": autoscaler is not None,
+            "min_actors": scale.min_actors,
+            "max_actors": scale.max_actors,
+            "last_decision": autoscaler.last.reason if autoscaler is not None and autoscaler.last else None,
+        },
         "run": cfg.run.name,
         "num_actors": pool.target,
         "live_actors": len(pool),
@@ -100,8 +116,19 @@ def _pending_actors(cfg: TameConfig, pool: ActorPool) -> str | None:
     )
 
 
-def scale(num_actors: int, run: str | None = None, address: str | None = None) -> dict:
-    """Ask the running job `run` (the only one when None) for `num_actors` rollout actors."""
+def ask_for_room(cfg: TameConfig, actors: int) -> None:
+    """Tell Ray's autoscaler what the run needs with `actors` rollout actors (every role's
+    bundles: the request is of the whole, not an increment). A cluster without an autoscaler
+    ignores it; the actors that do not fit wait, and the run goes on with those that are up."""
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = [dict(role.each) for role in roles(cfg) for _ in range(actors if role.name == "rollout" else role.count)]
+    request_resources(bundles=[b for b in bundles if b])
+
+
+def scale(num_actors: int | None, run: str | None = None, address: str | None = None) -> dict:
+    """Ask the running job `run` (the only one when None) for `num_actors` rollout actors;
+    None only reads its status (size, actors up, rollout.autoscale and its last decision)."""
     import ray
 
     # "auto": the running cluster of this machine; `tame scale` never starts one.
@@ -124,6 +151,8 @@ def scale(num_actors: int, run: str | None = None, address: str | None = None) -
     if run not in runs:
         raise UserError(f"--run {run}: no such running tame job (running: {', '.join(runs) or 'none'})")
     control = ray.get_actor(CONTROL_PREFIX + run, namespace=NAMESPACE)
+    if num_actors is None:
+        return ray.get(control.get_status.remote())
     answer = ray.get(control.request.remote(num_actors))
     # The loop applies the request within a second and reports the actors not up yet.
     deadline = time.monotonic() + 5.0

@@ -1,5 +1,5 @@
-"""`tame train`: check the inputs (`cluster.checks`), connect to Ray, launch the roles
-(`cluster.launch`), run the actor-learner loop (`Loop`), finish.
+"""The actor-learner loop (`Loop`), over the roles `cluster.launch` started (`cluster.train`
+is `tame train` around it).
 
 The loop runs in the driver and owns the prompt cursor and the experience pipeline
 (`cluster.pipeline`); the rollout actors (vLLM), the reward service (Serve) and the learner
@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from cluster.checks import check_start
-from cluster.control import Interrupted, StopSignal, restore_signals, status, stop_on_signals
-from cluster.launch import Launched, connect, launch, newest_checkpoint, node_of, prepare_run_dir
+from cluster.autoscale import Autoscaler, Interval
+from cluster.control import StopSignal, ask_for_room, status
+from cluster.launch import Launched, newest_checkpoint, node_of
 from cluster.metrics import Throughput, load_figures
 from cluster.pipeline import Pipeline, PromptGroup
 from cluster.pool import Slot, SlotState
@@ -28,76 +27,7 @@ from cluster.shared.data import load_prompts
 from cluster.shared.errors import NonFiniteUpdatesError, RunError, WorkerDiedError
 from cluster.shared.files import write_json
 from cluster.shared.records import LoadResult, Rollout, RolloutBatch, UpdateResult
-from cluster.shared.resources import check_cluster
 from cluster.state import DriverState, ScoringWatch, append_ledger
-
-
-def train(
-    cfg: TameConfig,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-    judge: Callable[[list[Rollout]], dict] | None = None,
-) -> dict:
-    """Run PPO with the actor-learner loop until the configured number of updates.
-
-    Ctrl-C or SIGTERM stops at the next safe point and raises KeyboardInterrupt after the
-    final checkpoint; a failure raises after it (RunError when the run cannot go on)."""
-    created = time.monotonic()
-    run_dir = cfg.run_dir
-    # 1. check what can be checked before Ray starts; the tokenizer's checks run meanwhile
-    tokenizers = check_start(cfg, resume, log)
-    # 2. connect (or start a local Ray), then refuse a run that can never be placed
-    connect(cfg, log)
-    check_cluster(cfg)
-    tokenizers.check()
-    log(f"run {cfg.run.name} in {run_dir} (tame's code from {Path(__file__).resolve().parents[1]})")
-    prepare_run_dir(cfg, resume)
-    stop = StopSignal()
-    previous = stop_on_signals(stop)
-
-    def log_stage(message: str) -> None:  # what the start is busy with, for a signal's message
-        stop.stage = message
-        log(message)
-
-    roles = loop = None
-    try:
-        # 3. launch every role (it stops what it started if it fails), 4. run the loop
-        roles = launch(cfg, resume, log_stage)
-        loop = Loop(cfg, roles, log, judge, stop, created)
-        summary = loop.run()
-    except KeyboardInterrupt:  # a signal while starting, or a second one: stop now
-        if not stop.started:
-            log(f"stopped while starting ({stop.stage}); nothing was trained")
-        else:
-            log(f"stopped at once; {newest_checkpoint(run_dir)}")
-        raise
-    except Exception as e:  # the run cannot go on: save what was trained
-        if loop is None:
-            raise  # it failed to start
-        why = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
-        summary = loop.finish(error=why)
-        log(f"{why}; " + _where_saved(summary, run_dir))
-        raise
-    finally:
-        restore_signals(previous)
-        if roles is not None:
-            roles.shutdown()  # every process the run started
-    # 5. finish: say where it ended
-    if summary["error"]:
-        log(f"{summary['error']}; " + _where_saved(summary, run_dir))
-        raise Interrupted(stop.signum)
-    log(
-        f"done: {summary['steps']} updates, {summary['samples']} samples in {summary['wall_seconds']:.0f}s, "
-        f"{summary['startup_seconds'] or 0:.0f}s of it starting up; {summary['samples_per_second']:.1f} samples/s "
-        f"after the first update; summary in {run_dir / 'summary.json'}"
-    )
-    return summary
-
-
-def _where_saved(summary: dict, run_dir: Path) -> str:
-    if summary["checkpoint"]:
-        return f"checkpoint at version {summary['steps']} in {summary['checkpoint']}"
-    return f"no new checkpoint; {newest_checkpoint(run_dir)}"
 
 
 class Loop:
@@ -140,6 +70,10 @@ class Loop:
         self.last_scale_poll, self.stop_requested = 0.0, False
         self.deaths_in_a_row = 0  # actor deaths since the last batch an actor produced
         self.scoring = ScoringWatch(cfg.reward.failing_timeout_s)
+        scale = cfg.rollout.autoscale  # the pool's size from what the loop measures, until `tame scale`
+        self.autoscaler = scale and Autoscaler(
+            scale, cfg.train.max_staleness, self.pipeline.most_calls(), roles.pool.target
+        )
 
     @property
     def version(self) -> int:
@@ -212,7 +146,10 @@ class Loop:
         if time.monotonic() - self.last_scale_poll < 1.0:
             return
         self.last_scale_poll = time.monotonic()
-        target, self.stop_requested = ray.get(self.roles.control.poll.remote())
+        target, self.stop_requested, by_user = ray.get(self.roles.control.poll.remote())
+        if by_user and self.autoscaler is not None:
+            self.autoscaler = None
+            self.log(f"`tame scale` asked for {target} actors: rollout.autoscale is off for the rest of the run")
         if target != self.pool.target:
             self.log(f"scaling the rollout pool from {self.pool.target} to {target} actors")
             self.pool.target = target
@@ -221,7 +158,9 @@ class Loop:
             self.start_actor()
         for slot in self.pool.drain(live - target):  # a busy actor finishes its call first
             self.retire(slot)
-        self.roles.control.report.remote(status(self.cfg, self.pool, self.roles.placement, self.version, self.counters))
+        self.roles.control.report.remote(
+            status(self.cfg, self.pool, self.roles.placement, self.version, self.counters, self.autoscaler)
+        )
 
     def start_actor(self) -> None:
         """A new actor loads the newest weights before it produces anything."""
@@ -267,6 +206,7 @@ class Loop:
         if slot.version < 0:
             import ray
 
+            self.pool.mark_up(slot)
             try:
                 self.roles.placement["actors"][slot.actor_id] = node_of(slot.handle)
             except ray.exceptions.RayActorError as e:  # died right after its first load
@@ -333,6 +273,7 @@ class Loop:
         staleness = [self.version - 1 - g.policy_version for g in batch]
         append_ledger(self.run_dir / "ledger.jsonl", self.version, batch)
         metrics = {**result.metrics, **self.loop_metrics(staleness, result.metrics.get("perf/publish_seconds"))}
+        metrics.update(self.autoscale(metrics, len(rollouts)))
         if self.judge is not None:
             metrics.update(self.judge(rollouts))
         self.first_update_metrics = self.first_update_metrics or metrics
@@ -350,7 +291,7 @@ class Loop:
         generate or load."""
         now = time.monotonic()
         start = self.pool.interval_start
-        actor_idle = self.pool.idle_share(now)  # and the next interval starts
+        actor_idle, self.busy_actor_seconds = self.pool.close_interval(now)  # and the next interval starts
         return {
             "rollout/staleness_mean": sum(staleness) / len(staleness),
             "rollout/staleness_max": max(staleness),
@@ -364,6 +305,24 @@ class Loop:
             **self.throughput.update_ended(now, self.counters.samples, start, self.update_started, actor_idle),
             **self.pool.tokens_per_s(),
         }
+
+    def autoscale(self, metrics: dict, samples: int) -> dict:
+        """Feed the update's interval to the autoscale rule; apply its decision. Returns the
+        decision's figures for the metrics (none when rollout.autoscale is off)."""
+        if self.autoscaler is None:
+            return {}
+        interval = Interval(
+            metrics["perf/step_seconds"], samples, metrics["perf/update_seconds_wall"], self.busy_actor_seconds
+        )
+        decision = self.autoscaler.observe(interval, can_grow=not self.pool.pending_start())
+        if decision is not None and decision.changed:
+            self.log(f"rollout.autoscale: {decision.reason}")
+            self.pool.target = decision.target
+            self.roles.control.request.remote(decision.target, by_user=False)
+            if decision.target > len(self.pool):
+                ask_for_room(self.cfg, decision.target)
+        last = self.autoscaler.last
+        return {"rollout/autoscale_target": self.autoscaler.target, "rollout/autoscale_reason": last and last.reason}
 
     def checkpoint(self) -> str:
         """Save this version's checkpoint. With learner.async_checkpoints the learner returns
@@ -411,7 +370,9 @@ class Loop:
         if self.cfg.rollout.replace_failed:
             return  # apply_scaling starts the replacement
         self.pool.target -= 1
-        self.roles.control.request.remote(self.pool.target)  # `tame scale` sees the smaller pool
+        self.roles.control.request.remote(self.pool.target, by_user=False)  # `tame scale` sees the smaller pool
+        if self.autoscaler is not None:
+            self.autoscaler.resized(self.pool.target)
         self.log(f"rollout.replace_failed is false: carrying on with {self.pool.target} actor(s)")
         if self.pool.target == 0:
             raise RunError(

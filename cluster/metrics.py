@@ -65,11 +65,11 @@ class Metrics:
         self.log(f"wandb {self.mode} run {self.run.id} in {run_dir / 'wandb'}")
 
     def step(self, step: int, metrics: dict[str, float], total: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        # Figures are floats; a few are text (`rollout/autoscale_reason`), kept as they are.
+        clean = {k: v if isinstance(v, str) else float(v) for k, v in metrics.items() if v is not None}
+        finite = {k: v if isinstance(v, str) or math.isfinite(v) else str(v) for k, v in clean.items()}
         with self.history.open("a") as f:
-            f.write(
-                json.dumps({"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}) + "\n"
-            )
+            f.write(json.dumps({"step": step, **finite}) + "\n")
         self._to_wandb(lambda run: run.log(clean, step=step))
         shown = "  ".join(f"{label} {fmt.format(clean[k])}" for k, label, fmt in CONSOLE_KEYS if k in clean)
         self.log(f"update {step}/{total}  {shown}")

@@ -43,6 +43,8 @@ class Slot:
     call_started: float = 0.0
     """When the call in flight started."""
     idle_since: float | None = None
+    up_since: float | None = None
+    """When its first load returned: from then on its time counts as busy or idle."""
     tokens: int = 0
     generate_seconds: float = 0.0
 
@@ -58,6 +60,7 @@ class ActorPool:
         self.next_actor_id = 0
         self.interval_start = time.monotonic()
         self.idle_closed = 0.0  # idle actor-seconds closed within the interval
+        self.up_closed = 0.0  # up actor-seconds of actors removed within the interval
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -80,6 +83,8 @@ class ActorPool:
         import ray
 
         self.mark_busy(slot)
+        if slot.up_since is not None:
+            self.up_closed += time.monotonic() - max(slot.up_since, self.interval_start)
         self.slots.pop(slot.actor_id, None)
         ray.kill(slot.handle)
         prompts, slot.prompt_ids = slot.prompt_ids, []
@@ -165,13 +170,18 @@ class ActorPool:
             self.idle_closed += time.monotonic() - max(slot.idle_since, self.interval_start)
             slot.idle_since = None
 
-    def idle_share(self, now: float) -> float:
-        """The share of the interval (since the last call) the actors sat idle; starts the
-        next interval."""
-        interval = max(now - self.interval_start, 1e-9)
-        still_idle = sum(
-            now - max(s.idle_since, self.interval_start) for s in self.slots.values() if s.idle_since is not None
+    def mark_up(self, slot: Slot) -> None:
+        """The actor's first load returned: it is up."""
+        slot.up_since = time.monotonic()
+
+    def close_interval(self, now: float) -> tuple[float, float]:
+        """(the share of the interval, since the last call, the actors that were up sat idle;
+        the actor-seconds they were busy: generating, scoring, loading). Starts the next
+        interval. Actors not up yet (placed by Ray, building their engine) count in neither."""
+        start = self.interval_start
+        idle = self.idle_closed + sum(
+            now - max(s.idle_since, start) for s in self.slots.values() if s.idle_since is not None
         )
-        share = (self.idle_closed + still_idle) / (interval * max(len(self.slots), 1))
-        self.interval_start, self.idle_closed = now, 0.0
-        return share
+        up = self.up_closed + sum(now - max(s.up_since, start) for s in self.slots.values() if s.up_since is not None)
+        self.interval_start, self.idle_closed, self.up_closed = now, 0.0, 0.0
+        return (idle / up if up > 0 else 0.0), max(0.0, up - idle)

@@ -9,8 +9,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.control import NAMESPACE
-from cluster.controller import train
 from cluster.shared.config_file import load_config
+from cluster.train import train
 
 config, out, *overrides = sys.argv[1:]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_node": 2}})

@@ -115,7 +115,7 @@ class Run(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        from cluster.controller import train
+        from cluster.train import train
 
         try:
             self.summary = train(self.cfg, log=self.logs.append)

@@ -584,3 +584,51 @@ def test_serve_reward_checks_its_replicas_fit_before_deploying(tiny_assets):
         "the reward service did not start within cluster.start_timeout_s 3 s: waiting for the reward service "
         "(reward.replicas 1 x reward.num_cpus 1, reward.num_gpus 1); free on the cluster: 2 of 2 CPU, 0 of 0 GPU"
     ) in out.stderr
+
+
+def test_an_autoscaled_pool_grows_for_its_reason_until_tame_scale_takes_over(tiny_assets, ray_local, tmp_path):
+    """rollout.autoscale between 1 and 2 actors, synchronous PPO: two calls of 4 prompts make a
+    batch, so the rule predicts 2 actors after its first window and the pool grows, with the
+    reason logged, in metrics.jsonl and in wandb. A `tame scale` then sets the size and turns
+    the rule off. Every prompt is trained once."""
+    from cluster.control import scale
+    from tests.wandb_offline import history
+
+    run = Run(
+        smoke(
+            tiny_assets,
+            tmp_path,
+            "run.name=autoscaled",
+            "rollout.num_actors=1",
+            "rollout.autoscale.min_actors=1",
+            "rollout.autoscale.max_actors=2",
+            "rollout.autoscale.window=1",
+            "rollout.autoscale.cooldown=1",
+            "rollout.autoscale.slack=0",
+            "train.total_updates=10000",
+            *SMALL_BATCHES,
+            "rollout.prompts_per_batch=4",
+            prompts=few_prompts(tiny_assets, tmp_path),
+        )
+    )
+    grown = run.wait_for("the pool grown by the rule", lambda s, e: trained_by(1, e))
+    reason = "grow 1 -> 2: the learner waited"
+    assert grown["autoscale"]["on"] and grown["autoscale"]["last_decision"], grown["autoscale"]
+    assert any(line.startswith(f"rollout.autoscale: {reason}") for line in run.logs), run.logs
+    address = __import__("ray").get_runtime_context().gcs_address
+    assert scale(1, run="autoscaled", address=address)["num_actors"] == 1
+    status = run.wait_for("the pool back to one", lambda s, e: len(s["actors"]) == 1 and not s["autoscale"]["on"])
+    assert status["num_actors"] == 1
+    assert "`tame scale` asked for 1 actors: rollout.autoscale is off for the rest of the run" in run.logs
+    run.stop()
+    run.join(timeout=300)
+    assert run.error is None and run.summary is not None, run.error
+
+    rows = [json.loads(line) for line in (run.cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    ruled = [r for r in rows if "rollout/autoscale_target" in r]  # until `tame scale`
+    assert [r["rollout/autoscale_target"] for r in ruled][:2] == [1, 2], rows  # update 1: the cooldown
+    assert ruled[1]["rollout/autoscale_reason"].startswith(reason) and len(ruled) < len(rows)
+    assert all("rollout/num_actors" in r for r in rows)
+    logged = [r for r in history(run.cfg.run_dir) if "rollout/autoscale_reason" in r]
+    assert logged and logged[1]["rollout/autoscale_reason"].startswith(reason)
+    assert_each_prompt_once(ledger(run.cfg.run_dir), run.summary, 24)

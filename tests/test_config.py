@@ -172,6 +172,20 @@ def test_a_duplicate_section_exits_2_and_merge_keys_still_override(tmp_path):
             "Serve would refuse to deploy. Raise max_replicas or lower min_replicas",
         ),
         ("reward:\n  autoscaling:\n    min_replicas: 2\n    max_replicas: 2\n", None),
+        (
+            "reward:\n  autoscaling:\n    min_replicas: 0\n    max_replicas: 2\n",
+            "c.yaml:3: reward.autoscaling.min_replicas is 0: when scoring pauses Serve may stop every replica",
+        ),
+        (
+            "rollout:\n  num_actors: 5\n  autoscale:\n    max_actors: 4\n",
+            "c.yaml:2: rollout.num_actors (5), the pool's size at start, is outside rollout.autoscale's [1, 4]",
+        ),
+        (
+            "rollout:\n  autoscale:\n    min_actors: 3\n    max_actors: 2\n",
+            "c.yaml:2: rollout.autoscale: min_actors (3) is greater than max_actors (2)",
+        ),
+        ("rollout:\n  autoscale:\n    mx_actors: 2\n", "mx_actors"),
+        ("rollout:\n  autoscale:\n    max_actors: 8\n", None),
     ],
 )
 def test_gpu_and_length_settings_are_checked_across_fields(tmp_path, text, needle):

@@ -144,10 +144,10 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
     import torch
     from rich.console import Console
 
-    from cluster.controller import train
     from cluster.demo import world as world_module
     from cluster.demo.assets import ensure_assets
     from cluster.launch import connect
+    from cluster.train import train
     from learner.sft import run_sft
     from reward_service.train import train_reward_model
 

@@ -17,6 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from cluster.shared.config_scaling import MAX_ACTORS, AutoscaleConfig, AutoscalingConfig
 from cluster.shared.config_stages import RewardModelTrainConfig, Section, SFTConfig
 
 # --------------------------------------------------------------------------- run / models
@@ -77,12 +78,13 @@ class SamplingConfig(Section):
     """Extra stop strings (the tokenizer's EOS token always stops)."""
 
 
-MAX_ACTORS = 1024
-
-
 class RolloutConfig(Section):
     num_actors: int = Field(1, ge=1, le=MAX_ACTORS)
     """Number of rollout actors (vLLM engines) at start; `tame scale` changes it while a job runs."""
+    autoscale: AutoscaleConfig | None = None
+    """Size the pool from what the run measures, between min_actors and max_actors
+    (`cluster.autoscale`); null keeps rollout.num_actors until `tame scale` changes it. A
+    `tame scale` during the run turns it off: the user's size holds from then on."""
     num_cpus: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved per actor."""
     threads: int | None = Field(None, ge=1, le=1024)
@@ -130,6 +132,16 @@ class RolloutConfig(Section):
     it with scoring. Costs each actor the reference's memory: on a GPU it must fit beside
     the engine's gpu_memory_utilization share. See docs/gpus.md."""
 
+    @model_validator(mode="after")
+    def _start_within_the_bounds(self) -> RolloutConfig:
+        scale = self.autoscale
+        if scale is not None and not scale.min_actors <= self.num_actors <= scale.max_actors:
+            raise ValueError(
+                f"rollout.num_actors ({self.num_actors}), the pool's size at start, is outside "
+                f"rollout.autoscale's [{scale.min_actors}, {scale.max_actors}]"
+            )
+        return self
+
     @field_validator("num_gpus")
     @classmethod
     def _one_gpu_per_engine(cls, value: float) -> float:
@@ -149,15 +161,6 @@ class RewardFunctionConfig(Section):
     """A Python callable `module:function` taking (prompt: str, response: str) and returning a float."""
     weight: float = 1.0
     """Weight of this callable in the summed reward."""
-
-
-class AutoscalingConfig(Section):
-    min_replicas: int = Field(1, ge=0)
-    """Serve autoscaling: fewest replicas."""
-    max_replicas: int = Field(1, ge=1)
-    """Serve autoscaling: most replicas."""
-    target_ongoing_requests: float = Field(2.0, gt=0.0)
-    """Serve autoscaling: ongoing requests per replica to aim for."""
 
 
 class RewardConfig(Section):
@@ -196,7 +199,8 @@ class RewardConfig(Section):
     call_items_per_s: float | None = Field(None, gt=0.0)
     """Slowest rate, in items a second, at which a healthy reward service gets through one
     scoring call when every rollout actor calls at once (right after each new policy version):
-    its items a second under load over rollout.num_actors (the most `tame scale` will set),
+    its items a second under load over the most actors the pool will have (rollout.num_actors, the
+    most `tame scale` will set, or rollout.autoscale.max_actors),
     since a call waits for the others' items too. A call of n items then gets a budget of
     timeout_s + (retries + 1) x n / call_items_per_s, each attempt an equal share of what is
     left: the first waits n / call_items_per_s beyond its share of timeout_s, so a call slowed
@@ -559,6 +563,17 @@ class TameConfig(Section):
                 f"reward.autoscaling.min_replicas ({scaling.min_replicas}) is greater than "
                 f"reward.autoscaling.max_replicas ({scaling.max_replicas}): Serve would refuse "
                 "to deploy. Raise max_replicas or lower min_replicas"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _a_replica_is_always_up(self, info: ValidationInfo) -> TameConfig:
+        scaling = self.reward.autoscaling
+        if _command(info) == "train" and scaling is not None and scaling.min_replicas == 0:
+            raise ValueError(
+                "reward.autoscaling.min_replicas is 0: when scoring pauses Serve may stop every replica, and "
+                "the next scoring calls would wait for a reward model to load within reward.timeout_s. Keep "
+                "at least 1"
             )
         return self
 
