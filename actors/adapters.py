@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from cluster.shared.config import LoRAConfig
-from cluster.shared.lora import scale
+from cluster.shared.lora import adapter_modules, scale
 
 PREFIX = "base_model.model."
 """What peft puts before a module's name in the adapter's tensor names."""
@@ -44,8 +44,7 @@ def lora_request(version: int) -> Any:
 def load_adapter(llm: Any, tensors: Mapping[str, Any], version: int, lora: LoRAConfig) -> None:
     """Register `version`'s adapter (published tensors, by peft name) in the engine and put it
     into a slot of the LoRA weights the kernels compute with."""
-    targets = sorted({name.split(".")[-3] for name in tensors})
-    config = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": targets, "bias": "none"}
+    config = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": adapter_modules(tensors), "bias": "none"}
     llm.collective_rpc(lambda worker: _load(worker, tensors, adapter_id(version), config))
 
 

@@ -7,13 +7,14 @@ actor and lets the actor reach the model to load new weights (`actors.weights`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from cluster.shared.config import TameConfig
-from cluster.shared.lora import engine_args
+from cluster.shared.lora import adapter_layout, adapter_modules, engine_args
 from cluster.shared.records import Prompt, Rollout
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import prompt_token_ids
@@ -56,20 +57,27 @@ def build_engine(cfg: TameConfig, seed: int) -> Any:
     else:
         memory = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}
     eager = cpu if cfg.rollout.enforce_eager is None else cfg.rollout.enforce_eager
+    kernels = contextlib.nullcontext()
     if cfg.learner.lora is not None:  # each version is an adapter (actors/adapters.py)
-        memory.update(engine_args(cfg.learner.lora, cfg.train.max_staleness))
-    return LLM(
-        model=cfg.model.policy,
-        tokenizer=cfg.model.policy,
-        dtype=cfg.model.dtype,
-        max_model_len=cfg.rollout.max_model_len,
-        seed=seed,
-        **memory,
-        logprobs_mode="processed_logprobs",
-        # CUDA graphs point at the weights' memory, and weight loads copy into that memory in
-        # place (reload_weights), so graphs stay valid on GPUs. CPU has none.
-        enforce_eager=eager,
-    )
+        from actors.lora_kernels import single_adapter_kernels
+
+        modules = adapter_modules(adapter_layout(cfg))
+        memory.update(engine_args(cfg.learner.lora, cfg.train.max_staleness, modules))
+        # Every call runs under one adapter: on CPU, dense LoRA kernels for such steps.
+        kernels = single_adapter_kernels()
+    with kernels:
+        return LLM(
+            model=cfg.model.policy,
+            tokenizer=cfg.model.policy,
+            dtype=cfg.model.dtype,
+            max_model_len=cfg.rollout.max_model_len,
+            seed=seed,
+            **memory,
+            logprobs_mode="processed_logprobs",
+            # CUDA graphs point at the weights' memory, and weight loads copy into that memory in
+            # place (reload_weights), so graphs stay valid on GPUs. CPU has none.
+            enforce_eager=eager,
+        )
 
 
 def sampling_params(cfg: TameConfig, max_new_tokens: int | None = None) -> Any:

@@ -130,6 +130,16 @@ def engine_adapters(actor) -> set[int]:
     return set(ids)
 
 
+def engine_kernels(worker) -> tuple[list[str], int | None]:
+    """The engine's LoRA layers, and the slot its wrapper last found every token under."""
+    from actors.lora_kernels import SingleAdapterPunicaCPU
+
+    manager = worker.model_runner.lora_manager._adapter_manager
+    (wrapper,) = manager.punica_wrapper_mapping.values()
+    assert isinstance(wrapper, SingleAdapterPunicaCPU)
+    return sorted(manager.modules), wrapper.slot
+
+
 def test_an_engine_serves_each_version_as_a_proven_adapter_with_the_learners_log_probs(tiny_assets, served):
     learner, actor = served
     texts = prompts(tiny_assets, 4, start=40)
@@ -145,12 +155,50 @@ def test_an_engine_serves_each_version_as_a_proven_adapter_with_the_learners_log
 
     batch = actor.generate([Prompt(f"p{i}", (("user", t),)) for i, t in enumerate(texts)])
     assert batch.policy_version == learner.version() == 4
+    # It ran on the dense single-adapter path (actors/lora_kernels.py), in the adapter's layers alone.
+    (wrapped, slot) = actor._llm.collective_rpc(engine_kernels)[0]
+    assert slot is not None and slot >= 0
+    assert wrapped and not any("embed" in name or "lm_head" in name for name in wrapped)
     learned = learner.logprobs(batch.rollouts)
     gap = max(abs(a - b) for r, row in zip(batch.rollouts, learned) for a, b in zip(r.behaviour_logprobs, row))
     assert gap < 1e-4, gap
     with torch.no_grad(), learner.policy.disable_adapter():  # and the adapter is what moved them
         base = learner.logprobs(batch.rollouts)
     assert max(abs(a - b) for x, y in zip(learned, base) for a, b in zip(x, y)) > 1e-2
+
+
+@pytest.mark.parametrize("lora_ids", [(2,) * 7, (0,) * 7, (2, 2, 0, 0, 3, 3, 3)], ids=["one", "none", "mixed"])
+def test_the_single_adapter_kernels_compute_what_vllms_compute(lora_ids):
+    """A fused qkv layer's LoRA (three slices, rank 8, scale 2) on 7 tokens, through tame's
+    wrapper and through vLLM's, for a step under one adapter, under none, and mixed."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from actors.lora_kernels import SingleAdapterPunicaCPU
+
+    g = torch.Generator().manual_seed(0)
+    slots, rank, width, slices = 3, 8, 32, (32, 16, 16)
+    a = tuple(torch.randn(slots, 1, rank, width, generator=g) for _ in slices)  # (slot, 1, rank, in)
+    b = tuple(torch.randn(slots, 1, out, rank, generator=g) for out in slices)  # (slot, 1, out, rank)
+    x = torch.randn(len(lora_ids), width, generator=g)
+    base = torch.randn(len(lora_ids), sum(slices), generator=g)
+    mapping = LoRAMapping(lora_ids, lora_ids, is_prefill=True)  # every token samples
+    outputs = {}
+    for wrapper_cls in (PunicaWrapperCPU, SingleAdapterPunicaCPU):
+        wrapper = wrapper_cls(64, 8, "cpu")
+        wrapper.update_metadata(mapping, [1, 2, 3], slots + 1, 100)  # lora id 2 is in slot 1
+        y = base.clone()
+        wrapper.add_lora_linear(y, x, a, b, 2.0, slices)
+        outputs[wrapper_cls] = y
+    # The slot the whole step runs under: slot 1, none (-1), or none shared (vLLM's kernels ran).
+    assert wrapper.slot == {(2,): 1, (0,): -1}.get(tuple(set(lora_ids)))
+    fast = outputs[SingleAdapterPunicaCPU]
+    torch.testing.assert_close(fast, outputs[PunicaWrapperCPU], rtol=1e-6, atol=1e-5)  # summed in another order
+    if set(lora_ids) == {2}:  # by hand: base + 2 * x @ A.T @ B.T of slot 1, slice by slice
+        expected = torch.cat([2.0 * x @ a_[1, 0].T @ b_[1, 0].T for a_, b_ in zip(a, b)], dim=1)
+        torch.testing.assert_close(fast, base + expected, rtol=1e-6, atol=1e-5)
+    if set(lora_ids) == {0}:
+        assert torch.equal(fast, base)
 
 
 def test_a_corrupted_adapter_is_refused_and_a_load_that_did_not_happen_is_caught(served, monkeypatch):

@@ -9,7 +9,7 @@ adapter it expects before loading it, as it checks full weights against the chec
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from cluster.shared.config import LoRAConfig, TameConfig
@@ -73,13 +73,25 @@ def adapter_layout(cfg: TameConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in adapter_tensors(model)}
 
 
-def engine_args(lora: LoRAConfig, staleness: int) -> dict:
+def adapter_modules(names: Iterable[str]) -> list[str]:
+    """The modules (q_proj, down_proj, ...) that an adapter's tensors, by peft name, target."""
+    return sorted({name.split(".")[-3] for name in names})
+
+
+def engine_args(lora: LoRAConfig, staleness: int, modules: Iterable[str] | None = None) -> dict:
     """vLLM engine arguments for serving versions of this adapter: a rank slot that holds it
     (vLLM offers ranks 1, 8, 16, 32, ...) and room for every version a call may still use:
-    the newest, those `train.max_staleness` lets calls start under, and one being loaded."""
+    the newest, those `train.max_staleness` lets calls start under, and one being loaded.
+
+    With `modules` (`adapter_modules` of the adapter's layout), vLLM wraps those layers
+    alone; by default it also wraps the embeddings and the LM head, which the adapter never
+    touches but every step would pay LoRA kernels for."""
     slots = staleness + 2
     rank = min(r for r in VLLM_RANKS if r >= lora.rank)
-    return {"enable_lora": True, "max_lora_rank": rank, "max_loras": slots, "max_cpu_loras": slots}
+    args = {"enable_lora": True, "max_lora_rank": rank, "max_loras": slots, "max_cpu_loras": slots}
+    if modules is not None:
+        args["lora_target_modules"] = list(modules)
+    return args
 
 
 def scale(lora: LoRAConfig) -> float:
