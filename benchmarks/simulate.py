@@ -92,9 +92,8 @@ class Actor:
 class Run:
     """One simulated run: the figures it reports."""
 
-    rates: list[float] = field(default_factory=list)
-    """(time at each update's end)"""
     times: list[float] = field(default_factory=list)
+    """When each update ended."""
     sizes: list[int] = field(default_factory=list)
     learner_idle: list[float] = field(default_factory=list)
     actor_idle: list[float] = field(default_factory=list)
@@ -107,6 +106,8 @@ class Run:
     busy_rate: list[float] = field(default_factory=list)
     """Samples per busy actor-second, per update."""
     update_seconds: list[float] = field(default_factory=list)
+    overlap: bool = True
+    """Whether generation overlapped the update (max_staleness >= 1)."""
 
 
 def simulate(
@@ -140,7 +141,7 @@ def simulate(
     learner_busy = False
     interval_start = update_started = 0.0
     idle_closed = busy_closed = 0.0  # actor-seconds within the interval
-    run = Run()
+    run = Run(overlap=max_staleness >= 1)
     counts = {"dropped": 0}
 
     def push(at: float, kind: str, actor_id: int, payload: object = None) -> None:
@@ -312,15 +313,19 @@ def simulate(
 # --------------------------------------------------------------------------- reading runs
 
 
-def rate(run: Run, first: int, last: int | None = None) -> float:
-    """Samples/s from update `first`'s end to update `last`'s (the end when None)."""
-    last = len(run.times) if last is None else last
-    if last - first < 1 or first < 1:
-        first = max(first, 1)
+def rate(run: Run, first: int, last: int) -> float:
+    """Samples/s from update `first`'s end (at least the first update's) to update `last`'s."""
+    first = max(first, 1)
     return (last - first) * BATCH / (run.times[last - 1] - run.times[first - 1])
 
 
 BATCH = World().batch
+
+
+def ideal(learner: float, actors: float, overlap: bool) -> float:
+    """The slower side's rate when generation overlaps the update (max_staleness >= 1); when the
+    sides take turns (0), one batch costs both sides' times."""
+    return min(learner, actors) if overlap else 1.0 / (1.0 / learner + 1.0 / actors)
 
 
 def steady(run: Run, first: int, last: int | None = None) -> dict:
@@ -333,9 +338,10 @@ def steady(run: Run, first: int, last: int | None = None) -> dict:
     samples = sum(hist.values())
     return {
         "samples_per_s": rate(run, first, last),
-        "ideal_samples_per_s": min(
+        "ideal_samples_per_s": ideal(
             BATCH / statistics.mean(run.update_seconds[sl]),
-            statistics.mean(run.sizes[sl]) * statistics.median(run.busy_rate[sl]) * (1 - 0.0),
+            statistics.mean(run.sizes[sl]) * statistics.median(run.busy_rate[sl]),
+            run.overlap,
         ),
         "learner_idle_share": statistics.mean(run.learner_idle[sl]),
         "actor_idle_share": statistics.mean(run.actor_idle[sl]),

@@ -117,44 +117,50 @@ class Autoscaler:
         waited = max(0.0, 1.0 - update * len(window) / seconds)
         idle = max(0.0, 1.0 - busy * len(window) / (seconds * self.target))
         seen = f"the learner waited {waited:.0%} and the actors {idle:.0%} of {len(window)} updates"
-        n, why = self.target, None
+        n = self.target
         if self.enough is not None and not _close(load, self.enough[1], WORK_CHANGED):
             self.enough = None  # the work changed: what was enough may not be any more
         if self.floor is not None and not _close(load, self.floor[1], WORK_CHANGED):
             self.floor = None
-        if self.trial is not None:  # the last change grew beyond the prediction: did it pay?
-            before, before_rate = self.trial
-            self.trial = None
-            gain = (rate / before_rate - 1.0) / (n / before - 1.0)
-            if gain < self.cfg.min_gain:
-                self.enough = (before, load)
-                self.target = before
-                why = (
-                    f"back {n} -> {before}: {n / before - 1:.0%} more actors gave {rate / before_rate - 1:+.0%} "
-                    f"samples/s ({seen})"
-                )
-            else:
-                self.floor = (n, load)  # the prediction undersizes this work: do not shrink below
-        grow_to = self.predicted_size(busy, update)
-        shrink_to = max(self.predicted_size(busy * (1.0 + self.cfg.margin), update), self.floor[0] if self.floor else 0)
-        if why is not None:
-            pass
-        elif grow_to > n and not can_grow or waited > self.cfg.wait and n < self.cfg.max_actors and not can_grow:
-            why = f"hold {n}: {seen}, but the actors asked for before still wait for room on the cluster"
-        elif grow_to > n:
-            self.target, why = grow_to, f"grow {n} -> {grow_to}: {seen}; {grow_to} are predicted to keep it fed"
-        elif waited > self.cfg.wait and n < self.cfg.max_actors and self.enough is None:
-            self.target, self.trial = min(self.cfg.max_actors, math.ceil(n * self.cfg.step)), (n, rate)
-            why = f"try {n} -> {self.target}: {seen}, more than predicted"
-        elif shrink_to < n and waited <= self.cfg.wait:
-            self.target, why = shrink_to, f"shrink {n} -> {shrink_to}: {seen}; {shrink_to} are predicted to do"
-        else:
-            why = f"hold {n}: {seen}" + (" (at max_actors)" if n == self.cfg.max_actors else "")
+        why = self._judge_try(rate, load, seen) if self.trial is not None else None
+        if why is None:
+            why = self._decide(busy, update, rate, waited, seen, can_grow)
         changed = self.target != n
         if changed:
             self.skip = self.cfg.cooldown
         self.last = Decision(self.target, why, changed)
         return self.last
+
+    def _judge_try(self, rate: float, load: tuple[float, float], seen: str) -> str | None:
+        """The last change grew beyond the prediction: keep it if it paid (then the pool does not
+        shrink below it while the work is the same), else go back; the reason when it goes back."""
+        (before, before_rate), n, self.trial = self.trial, self.target, None
+        gain = (rate / before_rate - 1.0) / (n / before - 1.0)
+        if gain >= self.cfg.min_gain:
+            self.floor = (n, load)
+            return None
+        self.enough, self.target = (before, load), before
+        gave = f"{n / before - 1:.0%} more actors gave {rate / before_rate - 1:+.0%} samples/s"
+        return f"back {n} -> {before}: {gave} ({seen})"
+
+    def _decide(self, busy: float, update: float, rate: float, waited: float, seen: str, can_grow: bool) -> str:
+        """Grow to the prediction, try beyond it, shrink, or hold; sets the target, returns why."""
+        n, cfg = self.target, self.cfg
+        grow_to = self.predicted_size(busy, update)
+        may_try = waited > cfg.wait and n < cfg.max_actors and self.enough is None
+        if (grow_to > n or may_try) and not can_grow:
+            return f"hold {n}: {seen}, but the actors asked for before still wait for room on the cluster"
+        if grow_to > n:
+            self.target = grow_to
+            return f"grow {n} -> {grow_to}: {seen}; {grow_to} are predicted to keep it fed"
+        if may_try:
+            self.target, self.trial = min(cfg.max_actors, math.ceil(n * cfg.step)), (n, rate)
+            return f"try {n} -> {self.target}: {seen}, more than predicted"
+        shrink_to = max(self.predicted_size(busy * (1.0 + cfg.margin), update), self.floor[0] if self.floor else 0)
+        if shrink_to < n and waited <= cfg.wait:
+            self.target = shrink_to
+            return f"shrink {n} -> {shrink_to}: {seen}; {shrink_to} are predicted to do"
+        return f"hold {n}: {seen}" + (" (at max_actors)" if n == cfg.max_actors else "")
 
     def resized(self, actors: int) -> None:
         """The pool was resized from outside the rule (an actor that died and is not replaced):

@@ -61,10 +61,8 @@ class Pipeline:
     queue: list[PromptGroup] = field(default_factory=list)
     training: list[PromptGroup] | None = None
     """The batch of the update in flight."""
-    generating: dict[int, int] = field(default_factory=dict)
-    """Samples each actor was asked for and has not returned yet."""
-    generating_version: dict[int, int] = field(default_factory=dict)
-    """The policy version each of those calls generates with."""
+    generating: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """(samples asked for, policy version) of each actor's call that has not returned yet."""
     generating_samples: int = 0
     queued_samples: int = 0
     training_samples: int = 0
@@ -113,22 +111,22 @@ class Pipeline:
 
     def started(self, actor_id: int, n_prompts: int, version: int) -> None:
         assert actor_id not in self.generating, f"actor {actor_id} already has a call in flight"
-        self.generating_version[actor_id] = version
-        self.generating[actor_id] = n_prompts * self.samples_per_prompt
+        self.generating[actor_id] = (n_prompts * self.samples_per_prompt, version)
         self.generating_samples += n_prompts * self.samples_per_prompt
 
     def finished(self, actor_id: int, groups: Iterable[PromptGroup]) -> None:
         """An actor's call returned these groups (prompts that failed are simply absent)."""
-        self.generating_samples -= self.generating.pop(actor_id, 0)
-        self.generating_version.pop(actor_id, None)
+        self._returned(actor_id)
         for group in groups:
             self.queue.append(group)
             self.queued_samples += len(group)
 
     def lost(self, actor_id: int) -> None:
         """An actor's call will never return (the actor died or was removed)."""
-        self.generating_samples -= self.generating.pop(actor_id, 0)
-        self.generating_version.pop(actor_id, None)
+        self._returned(actor_id)
+
+    def _returned(self, actor_id: int) -> None:
+        self.generating_samples -= self.generating.pop(actor_id, (0, 0))[0]
 
     # ----------------------------------------------------------------- learner
 
@@ -159,7 +157,7 @@ class Pipeline:
         it: its samples could then be trained from version V + 1 at the earliest. Calls that
         finish out of order (long-tailed responses, slower actors) make such stragglers; the
         learner waits for one, and trains its samples first, rather than drop them."""
-        oldest = min(self.generating_version.values(), default=None)
+        oldest = min((version for _, version in self.generating.values()), default=None)
         return oldest is not None and self.version + 1 - oldest > self.max_staleness
 
     def update_done(self, trained: bool) -> list[PromptGroup]:

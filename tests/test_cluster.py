@@ -591,6 +591,8 @@ def test_an_autoscaled_pool_grows_for_its_reason_until_tame_scale_takes_over(tin
     batch, so the rule predicts 2 actors after its first window and the pool grows, with the
     reason logged, in metrics.jsonl and in wandb. A `tame scale` then sets the size and turns
     the rule off. Every prompt is trained once."""
+    import ray
+
     from cluster.control import scale
     from tests.wandb_offline import history
 
@@ -615,8 +617,7 @@ def test_an_autoscaled_pool_grows_for_its_reason_until_tame_scale_takes_over(tin
     reason = "grow 1 -> 2: the learner waited"
     assert grown["autoscale"]["on"] and grown["autoscale"]["last_decision"], grown["autoscale"]
     assert any(line.startswith(f"rollout.autoscale: {reason}") for line in run.logs), run.logs
-    address = __import__("ray").get_runtime_context().gcs_address
-    assert scale(1, run="autoscaled", address=address)["num_actors"] == 1
+    assert scale(1, run="autoscaled", address=ray.get_runtime_context().gcs_address)["num_actors"] == 1
     status = run.wait_for("the pool back to one", lambda s, e: len(s["actors"]) == 1 and not s["autoscale"]["on"])
     assert status["num_actors"] == 1
     assert "`tame scale` asked for 1 actors: rollout.autoscale is off for the rest of the run" in run.logs
