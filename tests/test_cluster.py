@@ -482,7 +482,7 @@ def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_ever
             tiny_assets,
             tmp_path,
             "run.name=unscorable",
-            "reward.failing_timeout_s=4",
+            "reward.failing_timeout_s=8",  # room for a second call on a busy machine
             "reward.functions=[{function: 'tests.faults:unscorable', weight: 1.0}]",
             *SMALL_BATCHES,
         )
@@ -494,7 +494,7 @@ def test_a_run_whose_calls_can_never_be_scored_ends_at_its_deadline_keeping_ever
     assert isinstance(run.error, RunError), (run.error, run.logs[-10:])
     assert str(run.error).startswith("no generation call could be scored for "), run.error
     assert str(run.error).endswith(
-        " s of calls (reward.failing_timeout_s 4); the last failure: RewardError: the reward "
+        " s of calls (reward.failing_timeout_s 8); the last failure: RewardError: the reward "
         "service cannot score these items: items.0: reward function "
         "tests.faults:unscorable failed: ValueError: no reward for this item"
     ), run.error
