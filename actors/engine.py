@@ -15,7 +15,7 @@ from typing import Any
 
 from cluster.shared.config import TameConfig
 from cluster.shared.lora import adapter_layout, adapter_modules, engine_args
-from cluster.shared.records import Prompt, Rollout
+from cluster.shared.records import Prompt, Rollout, Scores
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import prompt_token_ids
 
@@ -182,16 +182,20 @@ def build_rollouts(
     return rollouts
 
 
-def apply_scores(rollouts: list[Rollout], scores: Sequence[float], score_seconds: float) -> set[str]:
-    """Write `scores` (one per rollout, in order) into the records; return the prompt ids whose
-    score is not a finite number, so those prompts are handed out again rather than trained on."""
-    if len(scores) != len(rollouts):
+def apply_scores(rollouts: list[Rollout], scores: Sequence[float] | Scores, score_seconds: float) -> set[str]:
+    """Write `scores` (one per rollout, in order; with a `Scores` record, the reward models'
+    spread too) into the records; return the prompt ids whose score is not a finite number, so
+    those prompts are handed out again rather than trained on."""
+    spread = scores.reward_std if isinstance(scores, Scores) else [None] * len(rollouts)
+    scores = scores.rewards if isinstance(scores, Scores) else scores
+    if len(scores) != len(rollouts) or len(spread) != len(rollouts):
         raise ValueError(f"the scorer returned {len(scores)} scores for {len(rollouts)} responses")
     bad = set()
-    for rollout, score in zip(rollouts, scores):
+    for rollout, score, std in zip(rollouts, scores, spread):
         value = float(score)
         if not math.isfinite(value):
             bad.add(rollout.prompt_id)
         rollout.score = value
+        rollout.reward_std = std
         rollout.score_seconds = score_seconds
     return bad

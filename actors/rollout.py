@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,15 +31,17 @@ from actors.reference import Reference
 from actors.weights import checkpoint_layout, engine_probes, load_into_engine, loads_directly, validate_specs
 from cluster.shared.config import TameConfig
 from cluster.shared.lora import adapter_layout
-from cluster.shared.records import LoadResult, Prompt, Rollout, RolloutBatch
+from cluster.shared.records import LoadResult, Prompt, Rollout, RolloutBatch, Scores
 from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import pad_token_id
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport, compare_probes
 
 log = logging.getLogger(__name__)
 
-Scorer = Callable[[list[str], list[str]], list[float]]
-"""scorer(prompt_texts, response_texts) -> scores in the same order; raises when it cannot."""
+Scorer = Callable[[list[str], list[str]], Sequence[float] | Scores]
+"""scorer(prompt_texts, response_texts) -> scores in the same order, or a `Scores` record that
+also says how far an ensemble's reward models disagree (`RewardClient(with_spread=True)`);
+raises when it cannot."""
 
 
 class RolloutActor:

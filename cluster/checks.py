@@ -12,6 +12,7 @@ from cluster.shared.config import TameConfig
 from cluster.shared.data import load_prompts
 from cluster.shared.errors import ConfigError, UserError
 from cluster.shared.hf_folder import check_model_folder
+from cluster.shared.reward_folder import check_reward_folder, first_reward_model
 from cluster.shared.tokens import require_chat_template
 
 
@@ -77,7 +78,7 @@ def check_inputs(cfg: TameConfig, log: Callable[[str], None] = lambda _: None) -
 
     check_model_folder("model.policy", cfg.model.policy, "causal LM")
     if cfg.model.reward is not None:
-        check_model_folder("model.reward", cfg.model.reward, "reward model")
+        check_reward_folder("model.reward", cfg.model.reward)
     worker = check(cfg, host_memory(cfg)).learner
     log(
         f"memory plan: a learner worker holds {worker.update_bytes / 2**30:.1f} GiB at its update peak "
@@ -120,7 +121,8 @@ class TokenizerChecks(threading.Thread):
                 limit, key = cfg.data.max_prompt_tokens, "data.max_prompt_tokens"
             check_prompt_lengths(cfg.data.prompts, tokenizer, cfg.data.chat_template, limit, key)
             if cfg.ppo.advantage == "gae" and cfg.learner.critic == "reward" and cfg.model.reward is not None:
-                reward = AutoTokenizer.from_pretrained(cfg.model.reward).get_vocab()
+                reward_tokenizer = first_reward_model("model.reward", cfg.model.reward)
+                reward = AutoTokenizer.from_pretrained(reward_tokenizer).get_vocab()
                 if any(reward.get(token) != i for token, i in tokenizer.get_vocab().items()):
                     raise ConfigError(
                         f"learner.critic: 'reward' makes the critic from model.reward ({cfg.model.reward}), which "

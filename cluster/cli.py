@@ -16,6 +16,7 @@ from cluster.shared.config import MAX_ACTORS, TameConfig, schema_json
 from cluster.shared.config_file import load_config
 from cluster.shared.errors import RunError, UserError
 from cluster.shared.hf_folder import check_model_folder
+from cluster.shared.reward_folder import check_reward_folder
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -83,8 +84,20 @@ def cmd_sft(args) -> int:
 def cmd_train_rm(args) -> int:
     from reward_service.train import train_reward_model
 
+    # The options are shortcuts for their config keys, so the run's config says what was trained.
+    if args.members is not None:
+        args.set = [*(args.set or []), f"reward_model.members={args.members}"]
+    if args.bootstrap:
+        args.set = [*(args.set or []), "reward_model.bootstrap=true"]
     result = _stage(args, train_reward_model)
-    log(f"reward model saved to {result['output']}: held-out pairwise accuracy {result['accuracy']:.3f}")
+    if "members" in result:
+        each = ", ".join(f"{name} {m['accuracy']:.3f}" for name, m in result["members"].items())
+        log(
+            f"reward-model ensemble saved to {result['output']}: held-out pairwise accuracy {each}; "
+            f"ensemble (mean) {result['accuracy']:.3f}"
+        )
+    else:
+        log(f"reward model saved to {result['output']}: held-out pairwise accuracy {result['accuracy']:.3f}")
     return EXIT_OK
 
 
@@ -104,7 +117,7 @@ def cmd_plan(args) -> int:
 
     check_model_folder("model.policy", cfg.model.policy, "causal LM")
     if cfg.model.reward is not None:
-        check_model_folder("model.reward", cfg.model.reward, "reward model")
+        check_reward_folder("model.reward", cfg.model.reward)
     print(check(cfg, host_memory(cfg)).render())
     return EXIT_OK
 
@@ -156,7 +169,7 @@ def cmd_serve_reward(args) -> int:
     if args.replicas is not None:
         overrides.append(f"reward.replicas={args.replicas}")
     cfg = load_config(args.config, overrides, command="serve-reward")
-    check_model_folder("--model", args.model, "reward model")
+    check_reward_folder("--model", args.model)
     check_reward_config(cfg)  # before Ray starts, which takes seconds
     serve_forever(cfg)
     return EXIT_OK
@@ -249,7 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_assets)
 
     training("sft", "stage 1: supervised fine-tuning on demonstrations").set_defaults(func=cmd_sft)
-    training("train-rm", "stage 2: train a reward model on preference pairs").set_defaults(func=cmd_train_rm)
+    s = training("train-rm", "stage 2: train a reward model (or an ensemble of them) on preference pairs")
+    s.add_argument(
+        "--members",
+        type=int,
+        metavar="K",
+        help="train an ensemble of K reward models, seeds run.seed + i, into <output>/member-<i>/ with "
+        "<output>/ensemble.json (reward_model.members; default 1: one reward model)",
+    )
+    s.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="train each member on a bootstrap resample of the training pairs (reward_model.bootstrap)",
+    )
+    s.set_defaults(func=cmd_train_rm)
     training("train", "stage 3: PPO with the actor-learner loop on Ray").set_defaults(func=cmd_train)
 
     s = sub.add_parser(
@@ -273,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve-reward", help="serve a reward model over HTTP (POST /v1/score) until interrupted")
-    s.add_argument("--model", required=True, help="Hugging Face sequence-classification folder")
+    s.add_argument(
+        "--model", required=True, help="Hugging Face sequence-classification folder, or a reward-model ensemble folder"
+    )
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default from the config, 8000)")
     s.add_argument("--replicas", type=int, help="Serve replicas")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from cluster.autoscale import Autoscaler, Interval
 from cluster.control import StopSignal, ask_for_room, status
 from cluster.launch import Launched, newest_checkpoint, node_of
-from cluster.metrics import Throughput, load_figures
+from cluster.metrics import Throughput, load_figures, reward_spread
 from cluster.pipeline import Pipeline, PromptGroup
 from cluster.pool import Slot, SlotState
 from cluster.prompts import PromptSource
@@ -273,6 +273,7 @@ class Loop:
         staleness = [self.version - 1 - g.policy_version for g in batch]
         append_ledger(self.run_dir / "ledger.jsonl", self.version, batch)
         metrics = {**result.metrics, **self.loop_metrics(staleness, result.metrics.get("perf/publish_seconds"))}
+        metrics.update(reward_spread(rollouts))
         metrics.update(self.autoscale(metrics, len(rollouts)))
         if self.judge is not None:
             metrics.update(self.judge(rollouts))

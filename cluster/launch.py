@@ -283,6 +283,7 @@ def launch(cfg: TameConfig, resume: bool, log: Callable[[str], None]) -> Launche
             cfg.reward.timeout_s,
             cfg.reward.retries,
             cfg.reward.call_items_per_s,
+            with_spread=True,  # each rollout's reward_std: the ensemble's spread metric
         )
         learner_role, rollout_role = roles(cfg, only=("learner", "rollout"))
         roles_up = [

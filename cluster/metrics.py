@@ -116,6 +116,15 @@ def load_figures(loads: Iterable[LoadResult]) -> dict[str, float]:
     }
 
 
+def reward_spread(rollouts: list[Rollout]) -> dict[str, float]:
+    """`objective/reward_std`: the mean over the update's samples of how far the reward
+    models of an ensemble disagree on each (the population std of their scores; 0 with one
+    model, and for a sample whose scorer did not say). A spread that grows while the reward
+    climbs is the policy finding what the members do not agree on: over-optimisation."""
+    spreads = [r.reward_std or 0.0 for r in rollouts]
+    return {"objective/reward_std": sum(spreads) / max(len(spreads), 1)}
+
+
 @dataclass
 class Generated:
     """What the actors' generation calls of one interval between updates cost."""

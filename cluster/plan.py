@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from cluster.shared.config import TameConfig
 from cluster.shared.errors import UserError
 from cluster.shared.lora import adapter_layout, engine_args
+from cluster.shared.reward_folder import reward_members
 from learner.memory import (
     CPU_PROCESS,
     GIB,
@@ -143,20 +144,23 @@ def rollout_actor(cfg: TameConfig, policy: Shape, gpu: int | None) -> RolePlan:
     return RolePlan("rollout actor", r.num_actors, "gpu" if r.num_gpus else "cpu", lines, budget, problem)
 
 
-def reward_replica(cfg: TameConfig, reward: Shape, gpu: int | None) -> RolePlan:
-    """One reward replica: its model and one scoring batch's activations (no gradient: the
-    hidden states and normalised copy beside one MLP's three intermediate-wide tensors)."""
+def reward_replica(cfg: TameConfig, members: list[Shape], gpu: int | None) -> RolePlan:
+    """One reward replica: its model (every member of an ensemble) and one scoring batch's
+    activations (no gradient: the hidden states and normalised copy beside one MLP's three
+    intermediate-wide tensors; an ensemble's members take the batch one after another)."""
     rc = cfg.reward
     element = _element(cfg.model.dtype)
     tokens = rc.max_batch_size * rc.max_length
+    parameters = sum(m.parameters for m in members)
+    ensemble = f", {len(members)} members" if len(members) > 1 else ""
     lines = [
         Line(
-            f"reward model weights, {cfg.model.dtype} ({reward.parameters / 1e9:.2f}B parameters)",
-            reward.parameters * element,
+            f"reward model weights{ensemble}, {cfg.model.dtype} ({parameters / 1e9:.2f}B parameters)",
+            parameters * element,
         ),
         Line(
             f"activations, {rc.max_batch_size} x {rc.max_length} tokens",
-            tokens * element * (2 * reward.hidden + 3 * reward.intermediate),
+            tokens * element * max(2 * m.hidden + 3 * m.intermediate for m in members),
         ),
         Line("the process", GPU_PROCESS if rc.num_gpus else CPU_PROCESS),
     ]
@@ -185,7 +189,8 @@ def plan(cfg: TameConfig, host_bytes: int | None = None) -> Plan:
     learner = learner_worker(cfg, budget)
     roles = [rollout_actor(cfg, shape(cfg, "policy", cfg.model.policy), gpu)]
     if cfg.model.reward is not None:
-        roles.append(reward_replica(cfg, shape(cfg, "critic", cfg.model.reward), gpu))
+        members = reward_members("model.reward", cfg.model.reward).values()
+        roles.append(reward_replica(cfg, [shape(cfg, "critic", m) for m in members], gpu))
     return Plan(learner, roles, Budget(host_bytes, "this machine's memory"))
 
 

@@ -35,6 +35,7 @@ import torch
 from cluster.shared.config import TameConfig
 from cluster.shared.hf_folder import checkpoint_dtype, tensor_headers
 from cluster.shared.precision import disable_dropout, float32_head, torch_dtype
+from cluster.shared.reward_folder import first_reward_model
 from cluster.shared.score_head import SCORE_BIAS_KEY, restore_score_bias, set_score_bias
 from learner import lora
 from learner.sharding import Shards
@@ -57,7 +58,8 @@ def roles(cfg: TameConfig) -> dict[Role, str]:
     if not cfg.rollout.reference_logprobs and cfg.learner.lora is None:  # LoRA: the policy, adapter off
         out["reference"] = cfg.model.policy
     if cfg.ppo.advantage == "gae":
-        out["critic"] = cfg.model.reward if cfg.learner.critic == "reward" else cfg.model.policy
+        reward = cfg.learner.critic == "reward"  # an ensemble's critic starts from its first member
+        out["critic"] = str(first_reward_model("model.reward", cfg.model.reward)) if reward else cfg.model.policy
     return out
 
 

@@ -1,7 +1,12 @@
 """The reward HTTP API's request and answer, validated with pydantic.
 
     POST /v1/score   {"items": [{"prompt": str, "response": str}, ...]}  ->  {"scores": [float, ...]}
+                     {"items": [...], "members": true}  ->  {"scores": [...], "members": [[float, ...], ...]}
     GET  /healthz    {"status": "ok", ...}
+
+`members: true` adds each reward model's own score of each item (an ensemble's K members, in
+its order; one for a plain reward model, none for rule functions alone), before aggregation
+and model_weight. Without it (or false) the answer is `{"scores": [...]}` alone.
 
 Every client error becomes a `RequestError` carrying a 4xx status and a reason; nothing a
 client sends may produce a 5xx. The body is parsed by pydantic's own JSON parser, which
@@ -12,7 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,8 @@ class ScoreRequest(BaseModel):
 
     items: list[ScoreItem] = Field(min_length=1)
     """The (prompt, response) pairs to score; the answer keeps their order."""
+    members: StrictBool = False
+    """Answer each reward model's own score of each item too (`ScoreResponse.members`)."""
 
     @field_validator("items")
     @classmethod
@@ -72,6 +88,8 @@ class ScoreRequest(BaseModel):
 class ScoreResponse(BaseModel):
     scores: list[float]
     """One reward per item, in the request's order."""
+    members: list[list[float]] | None = None
+    """Asked for with `members: true`: per item, each reward model's raw score (B, K); left out otherwise."""
 
 
 def _where(loc: tuple) -> str:

@@ -17,6 +17,7 @@ import time
 
 from ray.serve.handle import DeploymentHandle
 
+from cluster.shared.records import Scores
 from reward_service.rewards import UnscorableItemError
 
 
@@ -49,10 +50,19 @@ class RewardClient:
     """`client(prompts, responses) -> scores` through a reward deployment's handle.
 
     `call_items_per_s` (`reward.call_items_per_s`) lets the time budget grow with the batch
-    (`time_budget_s`); None keeps it at `timeout_s` whatever the batch.
+    (`time_budget_s`); None keeps it at `timeout_s` whatever the batch. `with_spread` answers
+    a `Scores` record instead of the list: the rewards with each reward model's own scores
+    and their spread (`Rollout.reward_std`), as the rollout actors ask for.
     """
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float, retries: int, call_items_per_s: float | None = None):
+    def __init__(
+        self,
+        handle: DeploymentHandle,
+        timeout_s: float,
+        retries: int,
+        call_items_per_s: float | None = None,
+        with_spread: bool = False,
+    ):
         if timeout_s <= 0 or retries < 0 or (call_items_per_s is not None and call_items_per_s <= 0):
             raise ValueError(
                 f"timeout_s and call_items_per_s must be > 0 and retries >= 0 "
@@ -62,12 +72,13 @@ class RewardClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self.call_items_per_s = call_items_per_s
+        self.with_spread = with_spread
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float] | Scores:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
-            return []
+            return Scores([], [], []) if self.with_spread else []
         budget_s = time_budget_s(self.timeout_s, self.retries, len(prompts), self.call_items_per_s)
         deadline = time.monotonic() + budget_s
         failures: list[str] = []
@@ -75,7 +86,8 @@ class RewardClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            response = self.handle.score.remote(list(prompts), list(responses))
+            method = self.handle.score_items if self.with_spread else self.handle.score
+            response = method.remote(list(prompts), list(responses))
             try:
                 scores = response.result(timeout_s=attempt_timeout_s(remaining, attempt, self.retries))
             except UnscorableItemError as e:  # the same items would fail again: no retry
@@ -86,9 +98,10 @@ class RewardClient:
                 # Back off a little (never past the deadline) so a restarting replica can come up.
                 time.sleep(max(0.0, min(0.1 * 2**attempt, deadline - time.monotonic())))
                 continue
-            if len(scores) != len(prompts):
-                raise RewardError(f"the reward service answered {len(scores)} scores for {len(prompts)} items")
-            return [float(s) for s in scores]
+            rewards = scores.rewards if self.with_spread else scores
+            if len(rewards) != len(prompts):
+                raise RewardError(f"the reward service answered {len(rewards)} scores for {len(prompts)} items")
+            return scores if self.with_spread else [float(s) for s in scores]
         raise RewardError(
             f"no reward after {len(failures)} attempt(s) within {budget_s:.1f}s: "
             + "; ".join(failures or ["time budget spent"])

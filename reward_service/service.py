@@ -1,10 +1,11 @@
 """The reward service: one Ray Serve deployment, reached by deployment handle and over HTTP.
 
-Rollout actors call `handle.score.remote(prompts, responses)` (no HTTP inside the
-cluster); people and other programs call `POST /v1/score`. Both paths end in the same
-`score` method, which queues each item into `serve.batch`, so concurrent callers share
-forward passes, and the reward (model score plus weighted rule functions) is the same
-figure whichever way it was asked for.
+Rollout actors call `handle.score_items.remote(prompts, responses)` through `RewardClient`
+(no HTTP inside the cluster; `handle.score` answers the rewards alone); people and other
+programs call `POST /v1/score`. Every path ends in the same `_scored` method, which queues
+each item into `serve.batch`, so concurrent callers share forward passes (one per reward
+model of an ensemble), and the reward (aggregated model score plus weighted rule functions)
+is the same figure whichever way it was asked for.
 
 Replicas and their CPUs/GPUs come from `cfg.reward` and change without touching the
 learner or the actors; Serve's autoscaling settings pass through. HTTP binds
@@ -30,10 +31,11 @@ from ray.serve.handle import DeploymentHandle
 from cluster.shared.config import TameConfig
 from cluster.shared.errors import RunError
 from cluster.shared.ray_cluster import connect_ray, started_here
+from cluster.shared.records import Scores
 from cluster.shared.resources import ask, check_cluster, gpu_env, roles
 from cluster.shared.startup import Pending, wait_until_up
 from reward_service.api import Limits, RequestError, ScoreResponse, parse_score_request
-from reward_service.rewards import RewardSum, UnscorableItemError, check_reward_config
+from reward_service.rewards import ItemReward, RewardSum, UnscorableItemError, check_reward_config
 
 REPLICA_HEADER = "x-tame-replica"
 """Response header naming the replica that answered (which replica served is useful when
@@ -81,8 +83,9 @@ class RewardDeployment:
     # -- the one scoring path --------------------------------------------------------
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_count_items)
-    async def _batch(self, chunks: list[list[tuple[str, str]]]) -> list[list[float | UnscorableItemError]]:
-        """Score chunks of items from any callers in one forward pass; answer chunk by chunk."""
+    async def _batch(self, chunks: list[list[tuple[str, str]]]) -> list[list[ItemReward | UnscorableItemError]]:
+        """Score chunks of items from any callers in one forward pass per reward model; answer
+        chunk by chunk."""
         flat = [item for chunk in chunks for item in chunk]
         self._forward_passes += 1
         self._items_scored += len(flat)
@@ -98,12 +101,26 @@ class RewardDeployment:
 
     async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Rewards of (prompt, response) pairs, in order: the handle API of the deployment.
+        Raises UnscorableItemError (a ValueError) naming the first item a rule function or a
+        reward model could not score."""
+        return [item.reward for item in await self._scored(prompts, responses)]
+
+    async def score_items(self, prompts: list[str], responses: list[str]) -> Scores:
+        """`score`, with each reward model's own score of each item and their spread (what
+        `RewardClient(with_spread=True)` asks for)."""
+        items = await self._scored(prompts, responses)
+        return Scores(
+            rewards=[item.reward for item in items],
+            member_scores=[list(item.member_scores) for item in items],
+            reward_std=[item.reward_std for item in items],
+        )
+
+    async def _scored(self, prompts: list[str], responses: list[str]) -> list[ItemReward]:
+        """Every item's reward, through the batcher.
 
         A request enters the batcher in chunks of at most `max_batch_size` items (not item
         by item: per-entry queueing costs more than a tiny model's forward pass), and the
-        batcher packs chunks of concurrent callers up to `max_batch_size` items. Raises
-        UnscorableItemError (a ValueError) naming the first item a rule function could not
-        score.
+        batcher packs chunks of concurrent callers up to `max_batch_size` items.
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -159,10 +176,14 @@ class RewardDeployment:
         self._authorize(request)
         parsed = parse_score_request(await self._body(request), self._limits)
         try:
-            scores = await self.score([it.prompt for it in parsed.items], [it.response for it in parsed.items])
+            items = await self._scored([it.prompt for it in parsed.items], [it.response for it in parsed.items])
         except UnscorableItemError as e:
             raise RequestError(422, str(e)) from None
-        return JSONResponse(ScoreResponse(scores=scores).model_dump(), headers={REPLICA_HEADER: self._replica})
+        answer = ScoreResponse(
+            scores=[item.reward for item in items],
+            members=[list(item.member_scores) for item in items] if parsed.members else None,
+        )
+        return JSONResponse(answer.model_dump(exclude_none=True), headers={REPLICA_HEADER: self._replica})
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -17,6 +17,13 @@ than a typical preferred answer".
 `init` may be a sequence-classification folder, or a causal LM (such as the SFT policy):
 its body is reused under a fresh one-output score head. Dropout is off throughout, so the
 scores the loss sees are the scores the service serves.
+
+`reward_model.members` K >= 2 trains an ensemble (docs/reward-ensembles.md): K members that
+differ by seed (run.seed + i: the fresh head, the order of the pairs and, with
+`reward_model.bootstrap`, a resample of the training pairs), held out on the same pairs and
+normalised on the same training `chosen` responses, so their scores share one scale. They are
+written as `<output>/member-<i>/` beside `<output>/ensemble.json`, with each member's held-out
+accuracy and the ensemble's (the mean of the members' scores).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from cluster.shared.config import TameConfig
 from cluster.shared.errors import ConfigError, UserError
 from cluster.shared.files import atomic_directory
 from cluster.shared.precision import compute_context
+from cluster.shared.reward_folder import ENSEMBLE_FILE, first_reward_model
 from cluster.shared.score_head import set_score_bias
 from cluster.shared.tokens import pad
 from reward_service.data import DataError, PreferencePair, load_preference_pairs
@@ -74,13 +82,15 @@ def _pair_scores(
 
 @torch.no_grad()
 def _evaluate(model, pad_id: int, encoded: list[tuple[list[int], list[int]]], batch_size: int, device: str) -> dict:
+    """Pairwise accuracy and loss over the pairs, and each pair's margin r(chosen) - r(rejected)."""
     model.eval()
-    losses, correct = [], 0
+    losses, margins = [], []
     for batch in _batches(encoded, batch_size):
         chosen, rejected = _pair_scores(model, pad_id, batch, device)
         losses.append(-F.logsigmoid(chosen - rejected).sum().item())
-        correct += int((chosen > rejected).sum().item())
-    return {"accuracy": correct / len(encoded), "loss": sum(losses) / len(encoded)}
+        margins += (chosen - rejected).tolist()
+    correct = sum(m > 0 for m in margins)
+    return {"accuracy": correct / len(encoded), "loss": sum(losses) / len(encoded), "margins": margins}
 
 
 @torch.no_grad()
@@ -103,38 +113,121 @@ def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int) ->
 
 
 def train_reward_model(cfg: TameConfig, log=print) -> dict:
-    """Train, evaluate, normalise and save the reward model of `cfg.reward_model`.
+    """Train, evaluate, normalise and save the reward model of `cfg.reward_model` (or the
+    ensemble of `reward_model.members` >= 2).
 
     Runs on `cfg.learner.device` with `cfg.learner.num_cpus` torch threads on CPU (the
     learner's budget: on small models, more threads than cores are free is many times
     slower, not faster). Returns {"accuracy", "accuracy_before", "eval_loss", "output",
-    "pairs", "train_pairs", "eval_pairs", "steps", "score_bias", "normalised_on",
-    "seconds"}. Raises DataError (a ValueError) naming the file and line of a bad pair, and
-    ConfigError naming reward_model.init (or model.reward) when it is no model to start from.
+    "pairs", "train_pairs", "eval_pairs", "steps", "score_bias", "normalised_on", "init",
+    "data", "seconds"} ("bootstrap" too when set); for an ensemble {"accuracy" (the ensemble's), "output",
+    "members": {name: that summary}, "seeds", "bootstrap", "eval_pairs", "seconds"}. Raises
+    DataError (a ValueError) naming the file and line of a bad pair, and ConfigError naming
+    reward_model.init (or model.reward) when it is no model to start from.
     """
     threads = torch.get_num_threads()
     if cfg.learner.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.learner.num_cpus)))
     try:
-        return _train(cfg, log)
+        return _train_ensemble(cfg, log) if cfg.reward_model.members > 1 else _train(cfg, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TameConfig, log) -> dict:
+def _pairs(cfg: TameConfig, log) -> tuple[str, list[PreferencePair], list[PreferencePair], list[PreferencePair]]:
+    """(init, all pairs, training pairs, held-out pairs): the held-out split comes from run.seed,
+    so every member of an ensemble is measured on the same pairs."""
     rm_cfg = cfg.reward_model
-    device = cfg.learner.device
     init = rm_cfg.init or cfg.model.reward
     if init is None:
         raise DataError("reward_model.init and model.reward are both null: there is no model to start from")
-    started = time.perf_counter()
-
-    # -- data: load, split, tokenise exactly as the service will ----------------------
+    if not rm_cfg.init:  # model.reward may be an ensemble: start from its first member
+        init = str(first_reward_model("model.reward", init))
     pairs = load_preference_pairs(rm_cfg.data)
     train_pairs, eval_pairs = split_pairs(pairs, rm_cfg.eval_fraction, cfg.run.seed)
     log(f"{len(pairs)} preference pairs from {rm_cfg.data}: {len(train_pairs)} to train, {len(eval_pairs)} held out")
+    return init, pairs, train_pairs, eval_pairs
 
-    torch.manual_seed(cfg.run.seed)  # a fresh score head (causal-LM init) is drawn from it
+
+def bootstrap_resample(pairs: list, seed: int) -> list:
+    """As many pairs as given, drawn with replacement (a bootstrap resample), from `seed`."""
+    return random.Random(f"bootstrap:{seed}").choices(pairs, k=len(pairs))
+
+
+def _train(cfg: TameConfig, log) -> dict:
+    """One reward model at reward_model.output, from run.seed."""
+    started = time.perf_counter()
+    init, pairs, train_pairs, eval_pairs = _pairs(cfg, log)
+    out = Path(cfg.reward_model.output)
+    with atomic_directory(out) as tmp:
+        summary = _train_member(cfg, init, len(pairs), train_pairs, eval_pairs, cfg.run.seed, tmp, str(out), log)
+        del summary["margins"]
+        summary["seconds"] = time.perf_counter() - started
+        (tmp / "reward_model.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"reward model saved to {out} ({summary['seconds']:.1f}s)")
+    return summary
+
+
+def _train_ensemble(cfg: TameConfig, log) -> dict:
+    """reward_model.members models at reward_model.output/member-<i>/, seeds run.seed + i, and
+    ensemble.json; written whole or not at all."""
+    rm_cfg, started = cfg.reward_model, time.perf_counter()
+    init, pairs, train_pairs, eval_pairs = _pairs(cfg, log)
+    out = Path(rm_cfg.output)
+    names = [f"member-{i}" for i in range(rm_cfg.members)]
+    seeds = [cfg.run.seed + i for i in range(rm_cfg.members)]
+    members: dict[str, dict] = {}
+    margins: list[list[float]] = []  # (K, N): each member's held-out margins
+    with atomic_directory(out) as tmp:
+        for i, (name, seed) in enumerate(zip(names, seeds)):
+            log(f"ensemble member {i + 1}/{rm_cfg.members} ({name}, seed {seed})")
+            folder = tmp / name
+            folder.mkdir()
+            summary = _train_member(cfg, init, len(pairs), train_pairs, eval_pairs, seed, folder, str(out / name), log)
+            margins.append(summary.pop("margins"))
+            summary["seed"] = seed
+            (folder / "reward_model.json").write_text(json.dumps(summary, indent=2) + "\n")
+            members[name] = summary
+        # Mean aggregation: the ensemble prefers `chosen` where the mean of its members' margins
+        # r_k(chosen) - r_k(rejected) is positive (the mean of the scores' difference).
+        accuracy = {name: m["accuracy"] for name, m in members.items()}
+        mean_margins = [sum(column) / len(column) for column in zip(*margins)]  # (N,)
+        accuracy["ensemble"] = sum(m > 0 for m in mean_margins) / len(mean_margins)
+        manifest = {"members": names, "seeds": seeds, "bootstrap": rm_cfg.bootstrap, "accuracy": accuracy}
+        (tmp / ENSEMBLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    seconds = time.perf_counter() - started
+    each = ", ".join(f"{name} {a:.3f}" for name, a in accuracy.items() if name != "ensemble")
+    log(f"held-out pairwise accuracy: {each}; ensemble (mean) {accuracy['ensemble']:.3f}")
+    log(f"reward-model ensemble of {len(names)} saved to {out} ({seconds:.1f}s)")
+    return {
+        "accuracy": accuracy["ensemble"],
+        "output": str(out),
+        "members": members,
+        "seeds": seeds,
+        "bootstrap": rm_cfg.bootstrap,
+        "eval_pairs": len(eval_pairs),
+        "seconds": seconds,
+    }
+
+
+def _train_member(
+    cfg: TameConfig,
+    init: str,
+    n_pairs: int,
+    train_pairs: list[PreferencePair],
+    eval_pairs: list[PreferencePair],
+    seed: int,
+    folder: Path,
+    output: str,
+    log,
+) -> dict:
+    """Train one reward model from `init` with `seed`, evaluate it on `eval_pairs`, normalise it
+    on the `chosen` responses of `train_pairs` and save it into `folder` (which becomes
+    `output`). Returns its summary, with the held-out margins under "margins"."""
+    rm_cfg = cfg.reward_model
+    device = cfg.learner.device
+    started = time.perf_counter()
+    torch.manual_seed(seed)  # a fresh score head (causal-LM init) is drawn from it
     # Float32 weights; the forward passes run in learner.compute_dtype (cluster.shared.precision).
     try:
         model, tokenizer = load_reward_model(init, dtype="float32", device=device, init_head=True)
@@ -147,18 +240,21 @@ def _train(cfg: TameConfig, log) -> dict:
         return [(encoder.encode(p.prompt, p.chosen), encoder.encode(p.prompt, p.rejected)) for p in group]
 
     train_encoded, eval_encoded = encode(train_pairs), encode(eval_pairs)
+    # A bootstrap trains on a resample; normalisation below keeps to the whole training split,
+    # so every member of an ensemble is put on the same scale.
+    fit_encoded = bootstrap_resample(train_encoded, seed) if rm_cfg.bootstrap else train_encoded
     before = _evaluate(model, pad_id, eval_encoded, rm_cfg.batch_size, device)
     log(f"held-out pairwise accuracy before training: {before['accuracy']:.3f}")
 
     # -- train: epochs over shuffled batches of pairs ---------------------------------
     optimizer = torch.optim.AdamW(model.parameters(), lr=rm_cfg.learning_rate)
-    steps_per_epoch = -(-len(train_encoded) // rm_cfg.batch_size)
+    steps_per_epoch = -(-len(fit_encoded) // rm_cfg.batch_size)
     total_steps = steps_per_epoch * rm_cfg.epochs
     report_every = max(1, total_steps // 10)
-    rng = random.Random(cfg.run.seed)
+    rng = random.Random(seed)
     step, window_loss, window_acc, window = 0, 0.0, 0.0, 0
     for epoch in range(rm_cfg.epochs):
-        order = list(train_encoded)
+        order = list(fit_encoded)
         rng.shuffle(order)
         model.train()  # dropout is already zeroed; train mode only matters to exotic layers
         for batch in _batches(order, rm_cfg.batch_size):
@@ -192,25 +288,22 @@ def _train(cfg: TameConfig, log) -> dict:
         f"score bias now {score_bias:+.4f}"
     )
 
-    # -- save in Hugging Face format, atomically ------------------------------------------
-    summary = {
+    # -- save in Hugging Face format --------------------------------------------------------
+    save_reward_model(model, tokenizer, folder)
+    return {
         "accuracy": after["accuracy"],
         "accuracy_before": before["accuracy"],
         "eval_loss": after["loss"],
-        "output": str(rm_cfg.output),
-        "pairs": len(pairs),
+        "output": output,
+        "pairs": n_pairs,
         "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs),
         "steps": step,
         "score_bias": score_bias,
         "normalised_on": "train_chosen",
+        **({"bootstrap": True} if rm_cfg.bootstrap else {}),
         "init": str(init),
         "data": str(rm_cfg.data),
         "seconds": time.perf_counter() - started,
+        "margins": after["margins"],
     }
-    out = Path(rm_cfg.output)
-    with atomic_directory(out) as tmp:
-        save_reward_model(model, tokenizer, tmp)
-        (tmp / "reward_model.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"reward model saved to {out} ({summary['seconds']:.1f}s)")
-    return summary

@@ -297,3 +297,17 @@ def test_cli_config_show_and_schema(tmp_path):
 )
 def test_estimators_are_checked_against_what_they_need(tmp_path, text, needle):
     loads_or_fails_with(tmp_path, text, needle)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("reward:\n  ensemble:\n    aggregation: median\n", "c.yaml:3: reward.ensemble.aggregation: Input should be"),
+        ("reward:\n  ensemble:\n    std_cof: 2\n", "c.yaml:3: reward.ensemble.std_cof: unknown key"),
+        ("reward:\n  ensemble:\n    std_coef: -1\n", "c.yaml:3: reward.ensemble.std_coef"),
+        ("reward_model:\n  members: 0\n", "c.yaml:2: reward_model.members"),
+        ("reward:\n  ensemble:\n    aggregation: mean_minus_std\n    std_coef: 0.5\n", None),
+    ],
+)
+def test_reward_ensemble_settings_are_checked(tmp_path, text, needle):
+    loads_or_fails_with(tmp_path, text, needle)

@@ -17,6 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from cluster.shared.config_reward import EnsembleConfig, RewardFunctionConfig
 from cluster.shared.config_scaling import MAX_ACTORS, AutoscaleConfig, AutoscalingConfig
 from cluster.shared.config_stages import RewardModelTrainConfig, Section, SFTConfig
 
@@ -36,7 +37,8 @@ class ModelConfig(Section):
     policy: str = "runs/assets/small/policy"
     """Path of the policy (a Hugging Face causal LM folder): the SFT model that PPO starts from."""
     reward: str | None = "runs/assets/small/reward"
-    """Path of the reward model (a Hugging Face sequence-classification folder), or null for rule-based rewards only."""
+    """Path of the reward model (a Hugging Face sequence-classification folder, or an ensemble
+    folder with ensemble.json, as `tame train-rm` writes), or null for rule-based rewards only."""
     build_assets: Literal["tiny", "small", "base"] | None = None
     """When set and the model paths do not exist, build the offline assets of this size there first (`tame assets`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -156,18 +158,13 @@ class RolloutConfig(Section):
 # --------------------------------------------------------------------------- reward
 
 
-class RewardFunctionConfig(Section):
-    function: str = Field(..., pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    """A Python callable `module:function` taking (prompt: str, response: str) and returning a float."""
-    weight: float = 1.0
-    """Weight of this callable in the summed reward."""
-
-
 class RewardConfig(Section):
     model_weight: float = 1.0
     """Weight of the reward model's score in the summed reward (ignored when model.reward is null)."""
     functions: list[RewardFunctionConfig] = Field(default_factory=list)
     """Rule-based rewards added to the model's score, each with its weight."""
+    ensemble: EnsembleConfig = EnsembleConfig()
+    """How the members of a reward-model ensemble are aggregated (docs/reward-ensembles.md)."""
     replicas: int = Field(1, ge=1, le=256)
     """Serve replicas of the reward deployment (ignored when autoscaling is set)."""
     autoscaling: AutoscalingConfig | None = None

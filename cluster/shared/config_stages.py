@@ -45,3 +45,10 @@ class RewardModelTrainConfig(Section):
     """Share of pairs held out to measure pairwise accuracy."""
     max_length: int = Field(256, ge=8)
     """Longest prompt plus response in tokens."""
+    members: int = Field(1, ge=1, le=64)
+    """Reward models to train (`tame train-rm --members K`): 1 writes one reward model folder at
+    `output`; K >= 2 an ensemble, `output/member-<i>/` trained with seed run.seed + i and
+    `output/ensemble.json` (docs/reward-ensembles.md). Every member is held out on the same pairs."""
+    bootstrap: bool = False
+    """Train each member on a bootstrap resample of the training pairs (as many, drawn with
+    replacement, from its own seed), so members differ by data as well as by seed."""

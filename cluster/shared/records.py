@@ -57,6 +57,22 @@ class Rollout:
     reference_logprobs: list[float] | None = None
     """log pi_ref(token) of each response token under the frozen reference model, at the
     sampling temperature, when the actor computes them (`rollout.reference_logprobs`)."""
+    reward_std: float | None = None
+    """How far the members of a reward-model ensemble disagree on this completion: the
+    population std of their scores (0 with one reward model); None when the scorer does not say."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The reward service's answer to one scoring call, item by item in the call's order."""
+
+    rewards: list[float]
+    """The reward of each item: the aggregated model score x model_weight plus the rule rewards."""
+    member_scores: list[list[float]]
+    """Each reward model's own score of each item (an ensemble's members in its order), before
+    aggregation and model_weight; an empty list per item when only rule functions score."""
+    reward_std: list[float]
+    """The population std of each item's member scores (0 with fewer than two members)."""
 
 
 @dataclass
