@@ -6,7 +6,10 @@ actor and make `--updates` updates on the same scored rollouts (the same tokens)
 every version; a rollout actor of the same config loads and verifies each. Reported:
 - one sync as the run pays it: the learner's publish (tensors and probes into the object
   store) plus the actor's load and its verification, with the bytes moved; full / LoRA;
-- the learner's update seconds (publication included) and its process's peak RSS;
+- the learner's update seconds (publication included) and its process's peak RSS, with the
+  batch in one micro-batch (the first PPO pass is the proximal one: no no-grad twin); once with
+  the learner's own reference pass, once with the reference log-probs the actors send
+  (`rollout.reference_logprobs`), when the trained pass is all the learner makes;
 - the rollout actor's tokens/s serving the adapter, against a full-weight actor's (no LoRA in
   its engine) on the same prompts and sampling, rounds alternating between the two.
 The first update of each learner is left out of the timings (allocation, first kernels).
@@ -19,6 +22,7 @@ Prints a table and, as its last line, one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -37,12 +41,13 @@ from cluster.shared.config import TameConfig  # noqa: E402
 RANK = 16
 
 
-def make_config(policy: Path, lora: bool, max_new_tokens: int) -> TameConfig:
+def make_config(policy: Path, lora: bool, max_new_tokens: int, actors_reference: bool = False) -> TameConfig:
     return TameConfig.model_validate(
         {
             "model": {"policy": str(policy), "reward": None},
             "reward": {"functions": [{"function": "cluster.demo.world:gold_reward"}]},
             "rollout": {
+                "reference_logprobs": actors_reference,
                 "num_cpus": 1,
                 "max_model_len": 512,
                 "kv_cache_gib": 0.5,
@@ -51,7 +56,7 @@ def make_config(policy: Path, lora: bool, max_new_tokens: int) -> TameConfig:
             "ppo": {
                 "advantage": "grpo",
                 "minibatch_size": 32,
-                "micro_batch_size": 16,
+                "micro_batch_size": 32,
                 "learning_rate": 1e-4 if lora else 1e-5,
             },
             "learner": {"num_cpus": 1, "threads": 2, **({"lora": {"rank": RANK, "alpha": 2 * RANK}} if lora else {})},
@@ -67,25 +72,29 @@ def peak_rss(learner) -> int:
 
 
 def train_and_sync(cfg: TameConfig, rollouts, actor, updates: int, ray) -> dict:
-    """`updates` updates of a learner actor on `rollouts`, each version loaded by `actor`."""
+    """`updates` updates of a learner actor on `rollouts`, each version loaded by `actor` (None:
+    the updates alone)."""
     from learner.learner import Learner
 
     learner = ray.remote(num_cpus=1)(Learner).remote(cfg, tempfile.mkdtemp(prefix="tame-lora-bench-"))
-    first = ray.get(actor.load_weights.remote(ray.get(learner.publish.remote())))
-    assert first.verified, first.problem
+    if actor is not None:
+        first = ray.get(actor.load_weights.remote(ray.get(learner.publish.remote())))
+        assert first.verified, first.problem
     rows = []
     for _ in range(updates):
         start = time.perf_counter()
         result = ray.get(learner.update.remote(rollouts))
         update_s = time.perf_counter() - start
-        load = ray.get(actor.load_weights.remote(result.weights))
-        if not load.verified:
+        load = None if actor is None else ray.get(actor.load_weights.remote(result.weights))
+        if load is not None and not load.verified:
             raise RuntimeError(f"version {result.version} not verified: {load.problem}")
         rows.append((update_s, result.metrics["perf/publish_seconds"], load))
     rss = ray.get(learner.__ray_call__.remote(peak_rss))
     trained = result.metrics["learner/trained_parameters"]
     ray.kill(learner)
     steady = rows[1:]
+    if actor is None:
+        return {"update_seconds": statistics.median(r[0] for r in steady), "peak_rss_gib": rss / 2**30}
     publish = statistics.median(r[1] for r in steady)
     load = statistics.median(r[2].seconds for r in steady)
     return {
@@ -114,6 +123,9 @@ def tokens_per_s(actors: dict, prompts, rounds: int, ray) -> dict[str, float]:
 
 
 def measure(size: str, args, ray) -> dict:
+    from transformers import AutoTokenizer
+
+    from actors.reference import Reference
     from actors.rollout import RolloutActor
     from cluster.demo.assets import ensure_assets
     from cluster.demo.world import gold_reward
@@ -131,6 +143,16 @@ def measure(size: str, args, ray) -> dict:
         rollout.score = gold_reward(rollout.prompt_text, rollout.response_text)
 
     out = {mode: train_and_sync(cfgs[mode], batch.rollouts, actors[mode], args.updates, ray) for mode in cfgs}
+    # The same rollouts with the reference log-probs the actors would send
+    # (`rollout.reference_logprobs`): the learner then makes no pass but the trained one.
+    given = copy.deepcopy(batch.rollouts)
+    pad_id = AutoTokenizer.from_pretrained(assets.policy).pad_token_id
+    Reference(make_config(assets.policy, False, args.max_new_tokens, True), pad_id).annotate(given)
+    for mode in cfgs:
+        cfg = make_config(assets.policy, mode == "lora", args.max_new_tokens, actors_reference=True)
+        sent = train_and_sync(cfg, given, None, args.updates, ray)
+        out[mode]["update_seconds_actors_reference"] = sent["update_seconds"]
+        out[mode]["peak_rss_gib_actors_reference"] = sent["peak_rss_gib"]
     speed = tokens_per_s(actors, load_prompts(assets.data / "prompts.jsonl", args.prompts), args.rounds, ray)
     for actor in actors.values():
         ray.kill(actor)
@@ -143,6 +165,8 @@ def measure(size: str, args, ray) -> dict:
         "sync_bytes_ratio": full["sync_bytes"] / lora["sync_bytes"],
         "sync_seconds_ratio": full["sync_seconds"] / lora["sync_seconds"],
         "update_speedup": full["update_seconds"] / lora["update_seconds"],
+        "update_speedup_actors_reference": full["update_seconds_actors_reference"]
+        / lora["update_seconds_actors_reference"],
         "peak_rss_ratio": lora["peak_rss_gib"] / full["peak_rss_gib"],
         "full_engine_tokens_per_s": speed["full"],
         "lora_engine_tokens_per_s": speed["lora"],
@@ -165,18 +189,23 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = [measure(size, args, ray) for size in args.sizes]
     ray.shutdown()
-    print(f"{'':<8}{'':<6}{'sync MB':>9}{'sync s':>9}{'update s':>10}{'peak RSS GiB':>14}{'tokens/s':>10}")
+    print(
+        f"{'':<8}{'':<6}{'sync MB':>9}{'sync s':>9}{'update s':>10}{'(ref sent)':>11}"
+        f"{'peak RSS GiB':>14}{'tokens/s':>10}"
+    )
     for r in results:
         for mode in ("full", "lora"):
             m = r[mode]
             speed = r[f"{mode}_engine_tokens_per_s"]
             print(
                 f"{r['size']:<8}{mode:<6}{m['sync_bytes'] / 1e6:>9.2f}{m['sync_seconds']:>9.3f}"
-                f"{m['update_seconds']:>10.2f}{m['peak_rss_gib']:>14.2f}{speed:>10.0f}"
+                f"{m['update_seconds']:>10.2f}{m['update_seconds_actors_reference']:>11.2f}"
+                f"{m['peak_rss_gib']:>14.2f}{speed:>10.0f}"
             )
         print(
             f"{r['size']:<8}ratio   bytes {r['sync_bytes_ratio']:.0f}x, sync {r['sync_seconds_ratio']:.1f}x, "
-            f"update {r['update_speedup']:.2f}x, RSS {r['peak_rss_ratio']:.2f}x, engine {r['engine_ratio']:.2f}x"
+            f"update {r['update_speedup']:.2f}x ({r['update_speedup_actors_reference']:.2f}x ref sent), "
+            f"RSS {r['peak_rss_ratio']:.2f}x, engine {r['engine_ratio']:.2f}x"
         )
     print(json.dumps({"lora": results}))
 
