@@ -51,8 +51,8 @@ class RewardClient:
 
     `call_items_per_s` (`reward.call_items_per_s`) lets the time budget grow with the batch
     (`time_budget_s`); None keeps it at `timeout_s` whatever the batch. `with_spread` answers
-    a `Scores` record instead of the list: the rewards with each reward model's own scores
-    and their spread (`Rollout.reward_std`), as the rollout actors ask for.
+    a `Scores` record instead of the list: the rewards with the spread of the reward models'
+    scores (`Rollout.reward_std`), as the rollout actors ask for.
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class RewardClient:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
-            return Scores([], [], []) if self.with_spread else []
+            return Scores([], []) if self.with_spread else []
         budget_s = time_budget_s(self.timeout_s, self.retries, len(prompts), self.call_items_per_s)
         deadline = time.monotonic() + budget_s
         failures: list[str] = []

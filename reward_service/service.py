@@ -106,14 +106,10 @@ class RewardDeployment:
         return [item.reward for item in await self._scored(prompts, responses)]
 
     async def score_items(self, prompts: list[str], responses: list[str]) -> Scores:
-        """`score`, with each reward model's own score of each item and their spread (what
+        """`score`, with the spread of the reward models' scores of each item (what
         `RewardClient(with_spread=True)` asks for)."""
         items = await self._scored(prompts, responses)
-        return Scores(
-            rewards=[item.reward for item in items],
-            member_scores=[list(item.member_scores) for item in items],
-            reward_std=[item.reward_std for item in items],
-        )
+        return Scores(rewards=[item.reward for item in items], reward_std=[item.reward_std for item in items])
 
     async def _scored(self, prompts: list[str], responses: list[str]) -> list[ItemReward]:
         """Every item's reward, through the batcher.

@@ -59,7 +59,7 @@ def test_scores_and_spread_reach_the_rollouts_and_the_update_metric():
         return Rollout(prompt_id, 0, "p", [1], [2], "r", [0.0], "stop", 0, 0, 0.0)
 
     rollouts = [rollout("a"), rollout("b"), rollout("c")]
-    answer = Scores([0.5, float("nan"), 2.0], [[0.0, 1.0], [0.0, 0.0], [1.0, 5.0]], [0.5, 0.0, 2.0])
+    answer = Scores([0.5, float("nan"), 2.0], [0.5, 0.0, 2.0])
     assert apply_scores(rollouts, answer, 0.1) == {"b"}  # not finite: handed out again
     assert [r.score for r in rollouts][::2] == [0.5, 2.0] and [r.reward_std for r in rollouts] == [0.5, 0.0, 2.0]
     # The mean over the update's samples of the members' std: (0.5 + 2.0) / 2 for a and c.

@@ -68,11 +68,9 @@ class Scores:
 
     rewards: list[float]
     """The reward of each item: the aggregated model score x model_weight plus the rule rewards."""
-    member_scores: list[list[float]]
-    """Each reward model's own score of each item (an ensemble's members in its order), before
-    aggregation and model_weight; an empty list per item when only rule functions score."""
     reward_std: list[float]
-    """The population std of each item's member scores (0 with fewer than two members)."""
+    """The population std of each item's reward-model scores (0 with fewer than two models).
+    The scores themselves stay in the service (`POST /v1/score` with `members`)."""
 
 
 @dataclass
