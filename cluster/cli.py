@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from cluster.demo.world import HELDOUT_SPLITS
 from cluster.shared.config import MAX_ACTORS, TameConfig, schema_json
 from cluster.shared.config_file import load_config
 from cluster.shared.errors import RunError, UserError
@@ -198,9 +199,14 @@ def cmd_scale(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cluster.demo.run import run_demo
+    from cluster.demo.run import run_demo, run_seeds
 
-    run_demo(out=Path(args.out), size=args.size, overrides=args.set or [], log=log)
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: must be at least 1")
+    if args.seeds == 1:
+        run_demo(out=Path(args.out), size=args.size, overrides=args.set or [], log=log, split=args.eval)
+    else:
+        run_seeds(Path(args.out), args.seeds, size=args.size, overrides=args.set or [], log=log, split=args.eval)
     return EXIT_OK
 
 
@@ -241,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo", help="folder for the demo's models and runs")
     s.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="model size")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a PPO config value")
+    s.add_argument(
+        "--eval",
+        default="test",
+        choices=HELDOUT_SPLITS,
+        help="the half of the held-out prompts to judge: validation to choose a recipe, test to report",
+    )
+    s.add_argument(
+        "--seeds", type=int, default=1, help="run the demo for N seeds (run.seed up) and report mean and range"
+    )
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("assets", help="build the offline tokenizer, policy, reward model and demo data")

@@ -55,7 +55,8 @@ def test_make_test_installs_the_cpu_build_so_the_demo_here_runs_as_configured():
 def test_short_demo_with_lora_produces_a_consistent_summary(ray_local, tmp_path):
     """The demo with `learner.lora` (the loop's full-weight path runs end to end in
     test_cluster, test_faults and test_ray_jobs): the actors serve verified adapters, and the
-    policy evaluated is the final adapter merged into its base."""
+    policy evaluated is the final adapter merged into its base. The policies are judged on
+    the validation half of the held-out prompts."""
     from cluster.demo.run import run_demo
     from cluster.shared.config_file import load_config as load
     from cluster.shared.lora import adapter_layout
@@ -76,6 +77,7 @@ def test_short_demo_with_lora_produces_a_consistent_summary(ray_local, tmp_path)
             "learner.lora.rank=8",
             "ppo.learning_rate=8e-4",
         ],
+        split="validation",
     )
     run_dir = tmp_path / "ppo"
     written = json.loads((run_dir / "summary.json").read_text())
@@ -89,6 +91,8 @@ def test_short_demo_with_lora_produces_a_consistent_summary(ray_local, tmp_path)
         assert abs(gold["score"] - (gold["truthful"] + gold["harmless"] + gold["helpful"]) / 3) < 1e-9
     assert 0.5 < written["rm_accuracy"] <= 1.0
     assert written["kl_to_sft"] == written["kl_end"]
+    assert written["eval"]["split"] == "validation" and written["eval"]["prompts"] == 120
+    assert written["score_seconds_per_sample"] > 0
     assert set(written["stage_seconds"]) == {"assets", "sft", "reward_model", "eval_sft", "ppo", "eval_ppo"}
     assert (run_dir / "demo.png").stat().st_size > 10_000
     # The PPO policy evaluated is the final checkpoint's adapter merged into its base, a model
@@ -105,3 +109,41 @@ def test_short_demo_with_lora_produces_a_consistent_summary(ray_local, tmp_path)
     assert all(row["sync/bytes"] == adapter_bytes for row in history)
     assert history[0]["rollout/max_abs_logp_delta"] < 1e-3  # version 0: every record is fresh
     assert all(row["val/logp_gap_fresh_mean"] < 1e-4 for row in history if "val/logp_gap_fresh_mean" in row)
+
+
+def test_the_spread_over_seeds_is_each_figure_s_mean_and_range():
+    from cluster.demo.run import seed_spread
+
+    def summary(seed, truthful, kl):
+        gold = {"truthful": truthful, "harmless": 1.0, "helpful": 0.5, "score": (truthful + 1.5) / 3}
+        return {
+            "seed": seed,
+            "eval": {"split": "test"},
+            "gold": {"sft": gold, "ppo": gold},
+            "kl_to_sft": kl,
+            "rm_accuracy": 0.8,
+            "score_seconds_per_sample": None,  # a run that logged no scoring time: left out
+        }
+
+    spread = seed_spread([summary(0, 0.9, 0.4), summary(1, 0.8, 0.6), summary(2, 0.85, 0.5)])
+    assert spread["seeds"] == [0, 1, 2] and spread["split"] == "test"
+    truthful = spread["figures"]["ppo/truthful"]
+    assert truthful["values"] == [0.9, 0.8, 0.85] and (truthful["min"], truthful["max"]) == (0.8, 0.9)
+    assert truthful["mean"] == pytest.approx(0.85)
+    assert spread["figures"]["kl_to_sft"]["mean"] == pytest.approx(0.5)
+    assert "score_seconds_per_sample" not in spread["figures"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--seeds", "0"], "tame demo: error: --seeds 0: must be at least 1"),
+        (["--seeds", "2", "--set", "run.output_dir=x"], "run.output_dir is <--out>/seed-<s> for each seed"),
+    ],
+)
+def test_a_demo_over_seeds_that_cannot_be_run_exits_2_before_any_stage(argv, message, tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing built

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 
@@ -183,6 +184,19 @@ def test_train_and_heldout_are_disjoint_new_combinations(world):
     kinds = [world.spec(p).kind for p in heldout]
     assert kinds.count("question") == kinds.count("one_word") == N_ENTITIES * 4
     assert kinds.count("kind") == N_ENTITIES * 2
+
+
+def test_the_heldout_prompts_halve_into_validation_and_test_alike_in_people_and_kinds(world):
+    validation, test = world.heldout_prompts("validation"), world.heldout_prompts("test")
+    assert sorted(validation + test) == sorted(world.heldout_prompts())
+    assert not set(validation) & set(test)
+    assert validation == World.build(0).heldout_prompts("validation")  # fixed by the seed
+    for half in (validation, test):
+        counts = Counter((world.spec(p).entity, world.spec(p).kind) for p in half)
+        # Per person: 2 of the 4 held-out questions, 2 of the 4 one-word ones, 1 of the 2 kinds.
+        assert counts == {(e, k): n for e in world.entities for k, n in (("question", 2), ("one_word", 2), ("kind", 1))}
+    with pytest.raises(ValueError, match="validation"):
+        world.heldout_prompts("dev")
 
 
 # -- generated data -------------------------------------------------------------------------

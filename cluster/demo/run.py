@@ -5,6 +5,10 @@ sometimes untruthful, toxic or unhelpful; train a reward model on preference pai
 by the gold judge with noise; PPO with the actor-learner loop against that reward model;
 then judge the SFT and the PPO policies on held-out prompts with the gold judge, which the
 policy never sees: what improves, improves because of preference feedback.
+
+The held-out prompts come in two halves: `--eval validation` for choosing a recipe, the test
+half (the default) for the figures one reports. `--seeds N` runs the pipeline N times, from
+run.seed up, and reports the mean and range of every figure: one seed is one draw.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from cluster.shared.records import Prompt, Rollout
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-EVAL_SAMPLES = 4
+EVAL_SAMPLES = 8
 """Completions sampled per held-out prompt at temperature 1: the policy as it behaves, not its mode."""
+FIGURES = ("truthful", "harmless", "helpful", "score")
 
 
 def demo_device_overrides(vllm: str | None, torch_cuda: str | None, gpus: int) -> list[str]:
@@ -124,7 +129,7 @@ def plot(history: Path, out: Path) -> None:
 def report(summary: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title="tame demo: held-out prompts, judged by the gold judge")
+    table = Table(title=f"tame demo: {summary['eval']['split']} prompts, judged by the gold judge")
     table.add_column("policy")
     for name in ("truthful", "harmless", "helpful", "gold score"):
         table.add_column(name, justify="right")
@@ -140,7 +145,13 @@ def report(summary: dict, console) -> None:
     console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
 
 
-def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Callable[[str], None] = print) -> dict:
+def run_demo(
+    out: Path,
+    size: str = "small",
+    overrides: list[str] = (),
+    log: Callable[[str], None] = print,
+    split: str = "test",
+) -> dict:
     import torch
     from rich.console import Console
 
@@ -169,7 +180,7 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
         log(f"a CUDA build of vLLM and a GPU: the rollout actors run on the GPU ({', '.join(device)})")
     cfg = load_config(DEMO_CONFIG, paths + device + list(overrides))
     world = world_module.World.build(0)  # the gold judge knows the seed-0 world only
-    heldout = world.heldout_prompts()
+    heldout = world.heldout_prompts(split)
     seconds: dict[str, float] = {}
 
     def stage(name: str, fn):
@@ -209,7 +220,9 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
             "rm_accuracy": rm["accuracy"],
             "kl_to_sft": ppo["kl_end"],
             "stage_seconds": seconds,
-            "eval": {"prompts": len(heldout), "samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0},
+            "eval": {"split": split, "prompts": len(heldout), "samples_per_prompt": EVAL_SAMPLES, "temperature": 1.0},
+            "seed": cfg.run.seed,
+            "score_seconds_per_sample": mean_metric(run_dir / "metrics.jsonl", "perf/score_seconds_per_sample"),
             "policy": final_policy,
         }
     )
@@ -218,3 +231,76 @@ def run_demo(out: Path, size: str = "small", overrides: list[str] = (), log: Cal
     report(summary, Console())
     log(f"summary in {run_dir / 'summary.json'}, plot in {run_dir / 'demo.png'}")
     return summary
+
+
+def mean_metric(history: Path, name: str) -> float | None:
+    """The mean of one metric over a run's updates (None if no update logged it)."""
+    values = [row[name] for row in map(json.loads, history.read_text().splitlines()) if name in row]
+    return sum(values) / len(values) if values else None
+
+
+def run_seeds(
+    out: Path,
+    seeds: int,
+    size: str = "small",
+    overrides: list[str] = (),
+    log: Callable[[str], None] = print,
+    split: str = "test",
+) -> dict:
+    """The demo once per seed (run.seed, run.seed + 1, ...) in `out/seed-<s>/`, then the mean
+    and range of each figure over the seeds in `out/seeds.json` and a table."""
+    from rich.console import Console
+
+    if any(o.split("=", 1)[0].strip() == "run.output_dir" for o in overrides):
+        raise UserError("tame demo --seeds: run.output_dir is <--out>/seed-<s> for each seed; give --out instead")
+    base = load_config(DEMO_CONFIG, [f"run.output_dir={out}", *overrides]).run
+    first = base.seed
+    summaries = []
+    for seed in range(first, first + seeds):
+        log(f"[bold]seed {seed}[/] ({seed - first + 1} of {seeds})")
+        summaries.append(run_demo(out / f"seed-{seed}", size, [*overrides, f"run.seed={seed}"], log, split))
+    spread = seed_spread(summaries)
+    Path(out, "seeds.json").write_text(json.dumps(spread, indent=2) + "\n")
+    report_seeds(spread, Console(width=max(Console().width, 120)))  # a cell is "mean [min, max]"
+    log(f"per-seed summaries in {out}/seed-<s>/{base.name}/summary.json, the spread in {out / 'seeds.json'}")
+    return spread
+
+
+def seed_spread(summaries: list[dict]) -> dict:
+    """{"seeds", "split", "figures": {name: {"mean", "min", "max", "values"}}} over demo summaries;
+    names are sft/<figure>, ppo/<figure>, kl_to_sft, rm_accuracy and score_seconds_per_sample."""
+    columns: dict[str, list[float]] = {}
+    for summary in summaries:
+        for stage in ("sft", "ppo"):
+            for figure in FIGURES:
+                columns.setdefault(f"{stage}/{figure}", []).append(summary["gold"][stage][figure])
+        for name in ("kl_to_sft", "rm_accuracy", "score_seconds_per_sample"):
+            if summary.get(name) is not None:
+                columns.setdefault(name, []).append(summary[name])
+    return {
+        "seeds": [s["seed"] for s in summaries],
+        "split": summaries[0]["eval"]["split"],
+        "figures": {
+            name: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "values": v} for name, v in columns.items()
+        },
+    }
+
+
+def report_seeds(spread: dict, console) -> None:
+    from rich.table import Table
+
+    figures = spread["figures"]
+    table = Table(title=f"tame demo over seeds {spread['seeds']}: {spread['split']} prompts, mean [min, max]")
+    table.add_column("policy")
+    for name in (*FIGURES[:3], "gold score", "KL to SFT"):
+        table.add_column(name, justify="right")
+
+    def cell(name: str) -> str:
+        f = figures.get(name)
+        return f"{f['mean']:.3f} [{f['min']:.3f}, {f['max']:.3f}]" if f else ""
+
+    for stage in ("sft", "ppo"):
+        kl = cell("kl_to_sft") if stage == "ppo" else ""
+        table.add_row(stage.upper(), *(cell(f"{stage}/{figure}") for figure in FIGURES), kl)
+    console.print(table)
+    console.print(f"reward-model held-out accuracy {cell('rm_accuracy')}")

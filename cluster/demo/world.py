@@ -129,6 +129,10 @@ class PromptSpec:
 # ---------------------------------------------------------------------------------------
 
 
+HELDOUT_SPLITS = ("validation", "test")
+"""The halves of the held-out prompts: one to choose a recipe with, one to report."""
+
+
 class World:
     """Facts, prompts, generators and the gold judge, all fixed by one seed.
 
@@ -198,9 +202,25 @@ class World:
         """User messages for SFT, reward-model pairs and PPO (shuffled, fixed order)."""
         return list(self._train)
 
-    def heldout_prompts(self) -> list[str]:
-        """User messages for evaluation only; disjoint from `train_prompts()`."""
-        return list(self._heldout)
+    def heldout_prompts(self, split: str | None = None) -> list[str]:
+        """User messages for evaluation only; disjoint from `train_prompts()`.
+
+        `split` halves them: "validation", for any choice of recipe, and "test", for the
+        reported figures only. Each person's held-out prompts of each kind go half to either
+        side (a seeded draw), so both halves ask about every person in every kind."""
+        if split is None:
+            return list(self._heldout)
+        if split not in HELDOUT_SPLITS:
+            raise ValueError(f"split must be one of {HELDOUT_SPLITS}, got {split!r}")
+        rng = random.Random(f"tame-heldout-split-{self.seed}")
+        groups: dict[tuple[str, str], list[str]] = {}
+        for prompt in self._heldout:
+            spec = self._specs[prompt]
+            groups.setdefault((spec.entity, spec.kind), []).append(prompt)
+        validation: set[str] = set()
+        for group in groups.values():
+            validation.update(rng.sample(group, len(group) // 2))
+        return [p for p in self._heldout if (p in validation) == (split == "validation")]
 
     def spec(self, prompt: str) -> PromptSpec:
         """What `prompt` asks. Accepts the exact text, the text with other case or
