@@ -403,7 +403,8 @@ def test_a_role_no_node_can_hold_ends_the_start_at_its_deadline(tiny_assets, tmp
     driver.wait(timeout=60)
     out = "".join(lines)
     assert driver.returncode == 1 and started is not None, out[-3000:]
-    assert time.monotonic() - started < 11 + 10
+    # The deadline, then the driver's own Ray shut down: 21 s on the 2-core AVX2 EPYC of 2026-12-06.
+    assert time.monotonic() - started < 11 + 25
     actor = "rollout actor 0 (rollout.num_cpus 1, rollout.resources.nowhere 1)"
     report = next(line for line in lines if "still starting after 10 s" in line)
     assert actor in report and "0 of 0 nowhere" in report, report
