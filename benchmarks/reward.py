@@ -3,12 +3,15 @@ against transformers' forward pass alone, in one run.
 
     .venv/bin/python benchmarks/reward.py [--size small] [--items 1024] [--request-items 32] [--concurrency 4]
 
-Four paths score the same (prompt, response) pairs of the synthetic world:
+Five paths score the same (prompt, response) pairs of the synthetic world:
 - raw:    `AutoModelForSequenceClassification` forward on pre-tokenised, right-padded
           batches of `max_batch_size` in this process (the floor: no tokenising, no Serve);
 - local:  `RewardModel.score` in this process (tokenising with the chat template + forward);
 - handle: `handle.score.remote(...)` with `--concurrency` requests of `--request-items` in flight;
-- http:   `POST /v1/score` with the same requests from `--concurrency` client threads.
+- http:   `POST /v1/score` with the same requests from `--concurrency` client threads;
+- ensemble: the handle path again, the replica holding `--members` K models (K links to the
+          same folder: the cost of scoring does not depend on the weights), aggregated by
+          `min`: what an ensemble adds per item, in the same run.
 The raw and local paths use one torch thread, as the single replica (num_cpus=1) does.
 The last line printed is one JSON object with the figures.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--max-batch-size", type=int, default=64, help="serve.batch size (and the raw batch)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--members", type=int, default=3, help="reward models in the ensemble path")
     args = parser.parse_args()
 
     import httpx
@@ -141,12 +146,40 @@ def main() -> None:
                 return [s for chunk in pool.map(post, requests) for s in chunk]
 
         http_rate, http_scores = _best_rate(run_http, len(ids), args.rounds)
+
+    # -- the same replica scoring with an ensemble of --members models ------------------------
+    import tempfile
+
+    serve.delete("bench-reward")  # its route and its CPU, for the ensemble's replica
+    ensemble = Path(tempfile.mkdtemp(prefix="tame-ensemble-"))
+    members = [f"member-{i}" for i in range(args.members)]
+    for member in members:
+        (ensemble / member).symlink_to(Path(assets.reward).resolve())
+    (ensemble / "ensemble.json").write_text(json.dumps({"members": members}))
+    ensemble_cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"reward": str(ensemble)}),
+            "reward": cfg.reward.model_copy(
+                update={"ensemble": cfg.reward.ensemble.model_copy(update={"aggregation": "min"})}
+            ),
+        }
+    )
+    ensemble_handle = deploy(ensemble_cfg, name="bench-ensemble")
+
+    def run_ensemble() -> list[float]:
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            chunks = pool.map(lambda pr: ensemble_handle.score.remote(*pr).result(timeout_s=300), requests)
+            return [s for chunk in chunks for s in chunk]
+
+    ensemble_rate, ensemble_scores = _best_rate(run_ensemble, len(ids), args.rounds)
     serve.shutdown()
+    shutil.rmtree(ensemble)
     ray.shutdown()
 
     # Every path scored the same items: the figures compare like with like.
     worst = max(
-        max(abs(a - b) for a, b in zip(raw_scores, other)) for other in (local_scores, handle_scores, http_scores)
+        max(abs(a - b) for a, b in zip(raw_scores, other))
+        for other in (local_scores, handle_scores, http_scores, ensemble_scores)  # K equal members: min = each
     )
 
     rows = [
@@ -154,6 +187,7 @@ def main() -> None:
         ("RewardModel.score in process", local_rate),
         ("Serve handle", handle_rate),
         ("HTTP POST /v1/score", http_rate),
+        (f"Serve handle, ensemble of {args.members}", ensemble_rate),
     ]
     print(
         f"\n{args.items} items, {args.request_items} per request, {args.concurrency} in flight, "
@@ -163,7 +197,12 @@ def main() -> None:
     print(f"|{'-' * 44}|{'-' * 11}|{'-' * 8}|")
     for name, rate in rows:
         print(f"| {name:<42} | {rate:>9.0f} | {rate / raw_rate:>6.2f} |")
+    extra_ms = 1000 * (1 / ensemble_rate - 1 / handle_rate)
     print(f"\nlargest score difference from the raw forward: {worst:.2e}")
+    print(
+        f"an ensemble of {args.members}: {handle_rate / ensemble_rate:.2f}x the scoring time of one model, "
+        f"{extra_ms:.2f} ms more per item"
+    )
     print(
         json.dumps(
             {
@@ -179,6 +218,10 @@ def main() -> None:
                 "http_items_per_s": round(http_rate, 1),
                 "handle_over_raw": round(handle_rate / raw_rate, 3),
                 "http_over_raw": round(http_rate / raw_rate, 3),
+                "members": args.members,
+                "ensemble_items_per_s": round(ensemble_rate, 1),
+                "ensemble_cost_ratio": round(handle_rate / ensemble_rate, 3),
+                "ensemble_extra_ms_per_item": round(extra_ms, 3),
                 "max_abs_score_diff": worst,
             }
         )
