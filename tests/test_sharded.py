@@ -23,6 +23,9 @@ from tests.runs import SMALL_BATCHES, Run, smoke
 from tests.support import bfloat16_copy, process
 from tests.test_learner import make_cfg, prompts, sample
 
+ADAM_GAP = 5e-5
+"""Largest weight gap allowed between one learner and two after the same update (float32)."""
+
 
 def test_each_row_goes_to_one_worker_and_every_worker_makes_as_many_passes():
     rows = torch.arange(11)
@@ -105,10 +108,13 @@ def test_two_workers_train_checkpoint_and_resume_as_one(tiny_assets, tmp_path, r
     # Each update published its version as its last step (rank 0's gathers, from both workers).
     assert handle_one is first_one.weights and first_two.weights.version == 1
     assert max_gap(weights(first_two.weights), published_v1) == 0
-    assert max_gap(weights(handle_one), published_v1) < 1e-5
+    # Adam's first step moves each weight by about ppo.learning_rate (2e-3) whatever the size of
+    # its gradient, so a gradient within a few eps (1e-8) of zero turns reduction-order bits
+    # into weight gaps: up to 1.03e-5 on the AVX2 EPYC, 1/200 of a step. ADAM_GAP allows 1/40.
+    assert max_gap(weights(handle_one), published_v1) < ADAM_GAP
     # The critic too, through the Hugging Face exports of both checkpoints.
     path_one, path_two = one.save_checkpoint({}), ray.get(two.save_checkpoint.remote({"cursor": 1}))
-    assert max_gap(hf_weights(path_one), hf_weights(path_two)) < 1e-5
+    assert max_gap(hf_weights(path_one), hf_weights(path_two)) < ADAM_GAP
     del one
 
     # The uninterrupted 2-worker run goes on; a fresh 2-worker learner resumes from the
@@ -261,6 +267,6 @@ def test_two_workers_fed_the_actors_reference_logprobs_train_as_one_computing_th
         ours, theirs = one.update(rollouts).metrics, ray.get(pending).metrics
         for key in ("objective/kl", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg", "val/ratio"):
             assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-6), key
-        assert max_gap(weights(one.publish()), weights(ray.get(two.publish.remote()))) < 1e-5
+        assert max_gap(weights(one.publish()), weights(ray.get(two.publish.remote()))) < ADAM_GAP
     finally:
         stop(two, group)
