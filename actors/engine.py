@@ -51,12 +51,19 @@ def build_engine(cfg: TameConfig, seed: int) -> Any:
         from vllm.platforms import current_platform
 
     cpu = current_platform.is_cpu()
+    eager = cpu if cfg.rollout.enforce_eager is None else cfg.rollout.enforce_eager
+    if eager:
+        # Eager means nothing compiled, also the few sampler helpers vLLM wraps in
+        # torch.compile: on a CPU, their first calls cost an inductor build of seconds at every
+        # start, and each later call a dispatch slower than the eager op.
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True
     if cpu:
         # Sizes the KV cache directly (VLLM_CPU_KVCACHE_SPACE takes only whole GiB).
         memory = {"kv_cache_memory_bytes": int(cfg.rollout.kv_cache_gib * 2**30)}
     else:
         memory = {"gpu_memory_utilization": cfg.rollout.gpu_memory_utilization}
-    eager = cpu if cfg.rollout.enforce_eager is None else cfg.rollout.enforce_eager
     kernels = contextlib.nullcontext()
     if cfg.learner.lora is not None:  # each version is an adapter (actors/adapters.py)
         from actors.lora_kernels import single_adapter_kernels
