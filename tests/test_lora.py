@@ -117,6 +117,13 @@ def test_the_learner_trains_the_adapter_alone_and_its_base_is_the_reference(tiny
     assert {s.name: s.shape for s in handle.specs} == layout
     assert handle.nbytes == 4 * adapter
     assert all(s.name.startswith("base_model.model.model.layers.") for s in handle.specs)
+    # ... and exactly peft's own state dict of the adapter, the tensors themselves.
+    from peft import get_peft_model_state_dict
+
+    peft_own = get_peft_model_state_dict(learner.policy, adapter_name="default")
+    ours = dict(adapter_tensors(learner.policy))
+    assert ours.keys() == peft_own.keys()
+    assert all(ours[n].data_ptr() == peft_own[n].data_ptr() for n in ours)
 
 
 def test_a_lora_run_resumes_exactly_and_its_checkpoint_is_a_peft_adapter(tiny_assets, tmp_path):

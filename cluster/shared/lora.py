@@ -51,10 +51,14 @@ def check_targets(lora: LoRAConfig, model: Any, where: str) -> None:
 
 
 def adapter_tensors(model: Any) -> Iterator[tuple[str, Any]]:
-    """The adapter's tensors of a peft model, named as peft saves them (and vLLM loads them)."""
-    from peft import get_peft_model_state_dict
-
-    yield from get_peft_model_state_dict(model, adapter_name=PEFT_ADAPTER).items()
+    """The adapter's tensors of a peft model, named as peft saves them (and vLLM loads them):
+    its A and B parameters with the adapter's name taken out of theirs, which is what peft's
+    `get_peft_model_state_dict` returns (`tests/test_lora.py`) without the walk through the
+    whole model's state dict that costs it 60 ms a version at 86M parameters."""
+    marker = f".{PEFT_ADAPTER}."
+    for name, param in model.named_parameters():
+        if marker in name and (".lora_A." in name or ".lora_B." in name):
+            yield name.replace(marker, "."), param.detach()
 
 
 def adapter_layout(cfg: TameConfig) -> dict[str, tuple[int, ...]]:
