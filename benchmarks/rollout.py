@@ -133,6 +133,87 @@ def throughput(args, assets_root: Path, ray) -> dict:
     }
 
 
+def tail_lengths(n: int, shortest: int, longest: int, seed: int = 0) -> list[int]:
+    """Long-tailed response lengths: log-uniform from a word (`shortest` tokens) to
+    `longest`, so the median response is their geometric mean and a few run to the cap."""
+    rng = np.random.default_rng(seed)
+    return [int(round(shortest * (longest / shortest) ** u)) for u in rng.random(n)]
+
+
+def long_tail(args, assets_root: Path) -> dict:
+    """One engine, three ways through the same long-tailed workload (`tail_lengths`, each
+    response's length fixed by its own max_tokens with EOS ignored): raw `LLM.generate` a call
+    of `--tail-slots` prompts at a time, as the rollout actor generates; the same calls through
+    `Continuous` (add a call, step until it ends); and `Continuous` keeping `--tail-slots`
+    prompts in flight, adding one as soon as one ends. Rounds alternate; medians."""
+    from transformers import AutoTokenizer
+
+    from actors.continuous import Continuous
+    from actors.engine import build_engine, encode_prompts, run_generate, sampling_params
+    from cluster.demo.assets import ensure_assets
+
+    assets = ensure_assets(assets_root / "small", "small", seed=0)
+    cfg = make_config(assets.policy, args.tail_max_new_tokens)
+    n = args.tail_prompts
+    prompts = (load_prompts(assets.data / "prompts.jsonl", n) * n)[:n]
+    llm = build_engine(cfg, seed=cfg.run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.data.chat_template, cfg.rollout.max_model_len)
+    base = sampling_params(cfg)
+    base.n = 1  # one sample a prompt: each response has its own length
+    lengths = tail_lengths(n, 4, args.tail_max_new_tokens)
+    params = [base.clone() for _ in lengths]
+    for p, length in zip(params, lengths):
+        p.max_tokens, p.ignore_eos = length, True
+    slots = args.tail_slots
+    calls = [range(i, min(i + slots, n)) for i in range(0, n, slots)]
+
+    def raw() -> tuple[int, None]:
+        made = 0
+        for call in calls:
+            outputs = llm.generate(
+                [{"prompt_token_ids": prompt_ids[i]} for i in call], [params[i] for i in call], use_tqdm=False
+            )
+            made += sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        return made, None
+
+    def stepped(refill: bool) -> tuple[int, float]:
+        engine = Continuous(llm, base)
+        waiting = list(range(n))
+        while waiting or engine.sequences:
+            if refill or not engine.sequences:
+                room = slots - engine.prompts if refill else min(slots, len(waiting))
+                for i in waiting[:room]:
+                    engine.add(prompts[i], prompt_ids[i], 0, params=params[i])
+                waiting = waiting[room:]
+            engine.step(0)
+        return engine.occupancy.tokens, engine.occupancy.mean
+
+    modes = {"raw_calls": raw, "stepped_calls": lambda: stepped(False), "continuous": lambda: stepped(True)}
+    run_generate(llm, prompt_ids[:2], base)  # warm-up
+    seen: dict[str, list[tuple[float, float | None]]] = {name: [] for name in modes}
+    for _ in range(args.rounds):
+        for name, mode in modes.items():
+            start = time.perf_counter()
+            tokens, occupancy = mode()
+            seen[name].append((tokens / (time.perf_counter() - start), occupancy))
+            assert tokens == sum(lengths), (name, tokens, sum(lengths))
+    out = {
+        "prompts": n,
+        "slots": slots,
+        "max_new_tokens": args.tail_max_new_tokens,
+        "tokens": sum(lengths),
+        "median_length": float(np.median(lengths)),
+        "rounds": args.rounds,
+    }
+    for name, values in seen.items():
+        out[f"{name}_tokens_per_s"] = statistics.median(v[0] for v in values)
+        if values[0][1] is not None:
+            out[f"{name}_occupancy"] = statistics.median(v[1] for v in values)
+    out["continuous_over_calls"] = out["continuous_tokens_per_s"] / out["raw_calls_tokens_per_s"]
+    return out
+
+
 def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
     from safetensors.torch import load_file
 
@@ -197,6 +278,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--loads", type=int, default=10, help="weight syncs per size (the second half is timed)")
     parser.add_argument("--load-sizes", nargs="*", default=["small", "base"])
+    parser.add_argument("--tail-prompts", type=int, default=128, help="prompts of the long-tailed workload")
+    parser.add_argument("--tail-slots", type=int, default=32, help="prompts per call, or in flight when continuous")
+    parser.add_argument("--tail-max-new-tokens", type=int, default=256)
+    parser.add_argument("--only", choices=["throughput", "long-tail", "loads"], help="run one part alone")
     args = parser.parse_args()
 
     import ray
@@ -212,32 +297,52 @@ def main() -> None:
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
     )
     root = Path(args.assets)
-    gen = throughput(args, root, ray)
-    loads = [weight_load(size, root, args.loads, ray) for size in args.load_sizes]
+    gen = throughput(args, root, ray) if args.only in (None, "throughput") else None
+    tail = long_tail(args, root) if args.only in (None, "long-tail") else None
+    sizes = args.load_sizes if args.only in (None, "loads") else []
+    loads = [weight_load(size, root, args.loads, ray) for size in sizes]
     ray.shutdown()
 
-    print()
-    print(
-        f"generation, small assets, {gen['prompts']} prompts x {gen['max_new_tokens']} new tokens, "
-        f"median of {gen['rounds']} rounds"
-    )
-    print(f"  {'path':<28}{'tokens/s':>12}")
-    print(f"  {'raw vLLM LLM.generate':<28}{gen['raw_tokens_per_s']:>12.0f}")
-    print(f"  {'RolloutActor.generate':<28}{gen['actor_tokens_per_s']:>12.0f}")
-    print(f"  {'actor / raw':<28}{gen['ratio']:>12.3f}   (target >= 0.95)")
-    print()
-    print("one weight sync as the actor pays it (median of the warm ones) vs one memcpy of the same bytes")
-    print(
-        f"  {'size':<6}{'MB':>8}{'publish s':>10}{'load s':>9}{'verify s':>9}{'sync s':>9}{'memcpy s':>10}"
-        f"{'sync/memcpy':>12}{'reload s':>10}{'probe err':>11}"
-    )
+    if gen is not None:
+        print()
+        print(
+            f"generation, small assets, {gen['prompts']} prompts x {gen['max_new_tokens']} new tokens, "
+            f"median of {gen['rounds']} rounds"
+        )
+        print(f"  {'path':<28}{'tokens/s':>12}")
+        print(f"  {'raw vLLM LLM.generate':<28}{gen['raw_tokens_per_s']:>12.0f}")
+        print(f"  {'RolloutActor.generate':<28}{gen['actor_tokens_per_s']:>12.0f}")
+        print(f"  {'actor / raw':<28}{gen['ratio']:>12.3f}   (target >= 0.95)")
+    if tail is not None:
+        print()
+        print(
+            f"long-tailed generation, small assets, {tail['prompts']} prompts of 4 to {tail['max_new_tokens']} "
+            f"tokens (median {tail['median_length']:.0f}), {tail['slots']} at a time, median of {tail['rounds']} rounds"
+        )
+        print(f"  {'path':<34}{'tokens/s':>10}{'sequences/step':>16}")
+        for name, label in (
+            ("raw_calls", "raw LLM.generate, call at a time"),
+            ("stepped_calls", "Continuous, call at a time"),
+            ("continuous", "Continuous, kept full"),
+        ):
+            occupancy = tail.get(f"{name}_occupancy")
+            shown = "" if occupancy is None else f"{occupancy:.1f}"
+            print(f"  {label:<34}{tail[f'{name}_tokens_per_s']:>10.0f}{shown:>16}")
+        print(f"  {'kept full / raw calls':<34}{tail['continuous_over_calls']:>10.2f}   (target >= 1.3)")
+    if loads:
+        print()
+        print("one weight sync as the actor pays it (median of the warm ones) vs one memcpy of the same bytes")
+        print(
+            f"  {'size':<6}{'MB':>8}{'publish s':>10}{'load s':>9}{'verify s':>9}{'sync s':>9}{'memcpy s':>10}"
+            f"{'sync/memcpy':>12}{'reload s':>10}{'probe err':>11}"
+        )
     for r in loads:
         print(
             f"  {r['size']:<6}{r['bytes'] / 1e6:>8.1f}{r['publish_seconds']:>10.4f}{r['load_seconds']:>9.4f}"
             f"{r['verify_seconds']:>9.4f}{r['sync_seconds']:>9.4f}{r['memcpy_seconds']:>10.4f}"
             f"{r['ratio_to_memcpy']:>12.1f}{r['reload_seconds']:>10.4f}{r['probe_rms_error']:>11.1e}"
         )
-    print(json.dumps({"generation": gen, "weight_load": loads}))
+    print(json.dumps({"generation": gen, "long_tail": tail, "weight_load": loads}))
 
 
 if __name__ == "__main__":
