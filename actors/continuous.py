@@ -21,12 +21,13 @@ The loop does not use it yet: its actors still generate a call at a time
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.engine import sampled_logprobs
-from cluster.shared.records import Prompt
+from actors.engine import FINISH_REASONS, sampled_logprobs
+from cluster.shared.records import Prompt, Rollout
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     """The weights version of the step that sampled each token."""
+    text: str = ""
+    """The response as vLLM detokenized it (with stop strings; else empty)."""
     finish_reason: str | None = None
 
 
@@ -48,6 +51,8 @@ class Started:
     prompt_ids: list[int]
     version: int
     samples: list[Sample]
+    added: float = field(default_factory=time.perf_counter)
+    ended: float | None = None
 
     @property
     def done(self) -> bool:
@@ -137,6 +142,7 @@ class Continuous:
             (completion,) = output.outputs
             new = list(completion.token_ids)
             sample.token_ids += new
+            sample.text += completion.text
             sample.logprobs += sampled_logprobs(completion)
             sample.versions += [version] * len(new)
             producing += bool(new)
@@ -145,7 +151,9 @@ class Continuous:
                 sample.finish_reason = completion.finish_reason
                 del self._requests[output.request_id]
                 if self._started[key].done:
-                    finished.append(self._started.pop(key))
+                    started = self._started.pop(key)
+                    started.ended = time.perf_counter()
+                    finished.append(started)
         if producing:
             self.occupancy.steps += 1
             self.occupancy.sequences += producing
@@ -158,6 +166,35 @@ class Continuous:
         while self._requests:
             finished += self.step(version)
         return finished
+
+
+def to_rollouts(started: Started, actor_id: int, tokenizer: Any = None) -> list[Rollout]:
+    """The records of a prompt that ended, in sample order: each made by the version it
+    started under (`policy_version`), with the version of every token. With `tokenizer`, the
+    text is decoded from the tokens (for samples vLLM did not detokenize)."""
+    rollouts = []
+    for index, sample in enumerate(started.samples):
+        text = tokenizer.decode(sample.token_ids, skip_special_tokens=True) if tokenizer else sample.text
+        finish = FINISH_REASONS.get(sample.finish_reason)
+        if finish is None:
+            raise RuntimeError(f"vLLM ended prompt {started.prompt.prompt_id!r} with {sample.finish_reason!r}")
+        rollouts.append(
+            Rollout(
+                prompt_id=started.prompt.prompt_id,
+                sample_index=index,
+                prompt_text=started.prompt.text,
+                prompt_token_ids=list(started.prompt_ids),
+                response_token_ids=sample.token_ids,
+                response_text=text,
+                behaviour_logprobs=sample.logprobs,
+                finish_reason=finish,
+                policy_version=started.version,
+                actor_id=actor_id,
+                generate_seconds=(started.ended or time.perf_counter()) - started.added,
+                token_versions=sample.versions,
+            )
+        )
+    return rollouts
 
 
 def _streamed(params: Any) -> Any:

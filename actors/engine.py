@@ -20,7 +20,7 @@ from cluster.shared.startup import heavy_imports
 from cluster.shared.tokens import prompt_token_ids
 
 # vLLM reports these finish reasons; the records carry only "stop" or "length".
-_FINISH_REASONS = {"stop": "stop", "length": "length"}
+FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
 def configure_vllm_env(threads: int | None = None) -> None:
@@ -164,7 +164,7 @@ def build_rollouts(
     rollouts = []
     for prompt, ids, output in zip(prompts, prompt_ids, outputs, strict=True):
         for sample_index, completion in enumerate(output.outputs):
-            finish = _FINISH_REASONS.get(completion.finish_reason)
+            finish = FINISH_REASONS.get(completion.finish_reason)
             if finish is None:
                 raise RuntimeError(
                     f"vLLM ended prompt {prompt.prompt_id!r} with finish reason {completion.finish_reason!r}"

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from actors.adapters import adapter_probes, load_adapter, lora_request, remove_adapter
+from actors.continuous import Continuous, to_rollouts
 from actors.engine import (
     apply_scores,
     build_engine,
@@ -75,6 +76,7 @@ class RolloutActor:
         self._version = 0  # the weights on disk at cfg.model.policy
         self._adapters: list[int] = []  # with LoRA: the versions whose adapters the engine holds, oldest first
         self._transport: WeightTransport = ObjectStoreTransport()
+        self._stepper: Continuous | None = None  # made by the first `submit`
         self._reference = None
         if cfg.rollout.reference_logprobs:
             self._reference = Reference(cfg, pad_token_id(self._tokenizer))
@@ -115,6 +117,8 @@ class RolloutActor:
         Prompts whose completions could not be scored are listed in `failed_prompt_ids`
         and their rollouts left out: they are handed out again, never scored as 0.
         """
+        if self._stepper is not None and self._stepper.sequences:
+            raise RuntimeError("generate would step the engine under prompts submitted to it: collect them first")
         # Tokenise exactly as every other role does (chat template or raw text).
         prompt_ids = encode_prompts(
             self._tokenizer, prompts, self.cfg.data.chat_template, self.cfg.rollout.max_model_len
@@ -144,8 +148,52 @@ class RolloutActor:
             generate_seconds=generate_seconds,
         )
 
-        # Score here, so the completions reach the reward service without a detour
-        # through the controller; the reference log-probs meanwhile.
+        self._finish(batch)
+        return batch
+
+    def submit(self, prompts: list[Prompt]) -> None:
+        """Start `prompts` under the weights the engine holds now, beside the prompts already
+        in it; `collect` returns each as it ends (continuous generation, `actors/continuous.py`;
+        the loop does not use it yet)."""
+        if self._stepper is None:
+            self._stepper = Continuous(self._llm, self._params)
+        prompt_ids = encode_prompts(
+            self._tokenizer, prompts, self.cfg.data.chat_template, self.cfg.rollout.max_model_len
+        )
+        adapter = lora_request(self._version) if self._lora is not None and self._adapters else None
+        for prompt, ids in zip(prompts, prompt_ids):
+            self._stepper.add(prompt, ids, self._version, adapter)
+
+    def collect(self, max_steps: int | None = None) -> RolloutBatch:
+        """Step the engine until a submitted prompt ends (or `max_steps` steps pass, or nothing
+        is left in it); the prompts that ended, scored as `generate`'s are. Weights loaded
+        between two collects (`load_weights`) load between two engine steps: the prompts in
+        flight go on under them, keeping their KV cache, and their later tokens carry the
+        new version (`Rollout.token_versions`)."""
+        start = time.perf_counter()
+        ended, steps = [], 0
+        while self._stepper is not None and self._stepper.sequences and not ended:
+            if max_steps is not None and steps == max_steps:
+                break
+            ended += self._stepper.step(self._version)
+            steps += 1
+        tokenizer = None if self._params.detokenize else self._tokenizer
+        rollouts = [r for started in ended for r in to_rollouts(started, self.actor_id, tokenizer)]
+        batch = RolloutBatch(
+            actor_id=self.actor_id,
+            policy_version=min((s.version for s in ended), default=self._version),
+            rollouts=rollouts,
+            prompt_ids=[s.prompt.prompt_id for s in ended],
+            generated_tokens=sum(len(r.response_token_ids) for r in rollouts),
+            generate_seconds=time.perf_counter() - start,
+        )
+        self._finish(batch)
+        return batch
+
+    def _finish(self, batch: RolloutBatch) -> None:
+        """Score the batch's records here, so they reach the reward service without a detour
+        through the controller, and compute their reference log-probs meanwhile."""
+        rollouts = batch.rollouts
         if self._reference is not None and rollouts:
             scoring = self._scoring.submit(self._score, batch) if self._scorer is not None else None
             try:
@@ -155,7 +203,6 @@ class RolloutActor:
                     scoring.result()
         elif self._scorer is not None and rollouts:
             self._score(batch)
-        return batch
 
     def _load_adapter(self, version: int, tensors: dict) -> None:
         """Put `version`'s adapter into the engine; drop the oldest beyond what calls may still
@@ -200,7 +247,8 @@ class RolloutActor:
             fetched = time.perf_counter()
             path = "direct" if self._direct else "vllm"
             if self._lora is None:
-                path = load_into_engine(self._llm, tensors, self._direct)
+                in_flight = self._stepper is not None and self._stepper.sequences > 0
+                path = load_into_engine(self._llm, tensors, self._direct, reset_prefix_cache=not in_flight)
             else:
                 self._load_adapter(handle.version, tensors)
             self._version = handle.version

@@ -63,9 +63,10 @@ def validate_specs(specs: Iterable[TensorSpec], layout: dict[str, tuple[int, ...
         raise WeightsMismatchError(f"weights handle: tensor {missing[0]!r}{more} of the engine's model is missing")
 
 
-def load_into_engine(llm: Any, tensors: Mapping[str, Any], direct: bool) -> str:
-    """Copy named checkpoint-format tensors into the live engine and drop its prefix cache;
-    returns the path taken, "direct" or "vllm".
+def load_into_engine(llm: Any, tensors: Mapping[str, Any], direct: bool, reset_prefix_cache: bool = True) -> str:
+    """Copy named checkpoint-format tensors into the live engine and drop its prefix cache
+    (not with requests in flight, whose prefixes are cached per version:
+    `actors/continuous.py`); returns the path taken, "direct" or "vllm".
 
     `direct` (on CPU, for an engine `loads_directly` approved): vLLM keeps each linear
     layer's weight only in a oneDNN kernel, and the kernels are rebuilt straight from the
@@ -76,8 +77,8 @@ def load_into_engine(llm: Any, tensors: Mapping[str, Any], direct: bool) -> str:
     (docs/performance.md, "Rollout: weight sync"). Either way the probes check the result.
     """
     (path,) = llm.collective_rpc(lambda worker: _load(worker, tensors, direct))
-    # Cached prefixes hold keys and values computed by the old weights.
-    llm.reset_prefix_cache()
+    if reset_prefix_cache:  # cached prefixes hold keys and values computed by the old weights
+        llm.reset_prefix_cache()
     return path
 
 

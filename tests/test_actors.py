@@ -279,6 +279,39 @@ def test_weight_load_changes_logprobs_and_version(actors, hf_policy):
     assert engine_holds(scored, state)
 
 
+def test_submitted_prompts_come_back_as_they_end_across_a_load_in_flight(actors, hf_policy):
+    """Continuous generation: prompts submitted, two engine steps, a new version loaded and
+    verified while they run, the rest collected. Every prompt comes back once, scored, with
+    its reference log-probs; the responses still running at the load span two versions: their
+    first two tokens carry the old version and its weights' log-probs, the rest the new one."""
+    import ray
+
+    scored, _, _ = actors
+    version = holding_disk_weights(scored, hf_policy)
+    ray.get(scored.submit.remote(PROMPTS))
+    early = ray.get(scored.collect.remote(max_steps=2))
+    handle, _ = perturbed_handle(hf_policy, version=version + 1, seed=3)
+    load = ray.get(scored.load_weights.remote(handle))
+    assert load.loaded and load.verified, load.problem
+    batches = [early]
+    while sum(len(b.prompt_ids) for b in batches) < len(PROMPTS):
+        batches.append(ray.get(scored.collect.remote()))
+        assert batches[-1].prompt_ids, "collect returned nothing with prompts in flight"
+
+    rollouts = [r for b in batches for r in b.rollouts]
+    assert sorted(p for b in batches for p in b.prompt_ids) == sorted(p.prompt_id for p in PROMPTS)
+    assert all(r.score == len(r.response_text) and r.policy_version == version for r in rollouts)
+    assert max_reference_error(hf_policy, batches[-1], temperature=1.0) < 1e-5
+    spanning = [r for r in rollouts if r.token_versions[-1] == version + 1]
+    assert spanning, "no response outlived the load"
+    for r in rollouts:
+        assert len(r.token_versions) == len(r.response_token_ids) == len(r.behaviour_logprobs)
+        old = hf_logprobs(hf_policy, r.prompt_token_ids, r.response_token_ids, 1.0)
+        before = 2 if r in spanning else len(r.token_versions)
+        assert r.token_versions == [version] * before + [version + 1] * (len(r.token_versions) - before)
+        assert np.abs(old[:before] - np.array(r.behaviour_logprobs[:before])).max() < 1e-4
+
+
 def test_a_policy_that_ends_at_once_finishes_with_stop(actors, hf_policy, tokenizer):
     """Weights rigged so EOS takes nearly all probability: every response is [EOS], 'stop'."""
     import ray

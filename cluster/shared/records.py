@@ -60,6 +60,10 @@ class Rollout:
     reward_std: float | None = None
     """How far the members of a reward-model ensemble disagree on this completion: the
     population std of their scores (0 with one reward model); None when the scorer does not say."""
+    token_versions: list[int] | None = None
+    """The policy version of the engine step that sampled each response token, from an actor
+    generating continuously (`actors/continuous.py`): weights loaded while a response was
+    generated make it span versions, `policy_version` being its oldest. None: all are that one."""
 
 
 @dataclass(frozen=True)
