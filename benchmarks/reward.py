@@ -26,6 +26,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,14 +123,18 @@ def main() -> None:
             },
         }
     )
-    handle = deploy(cfg, name="bench-reward")
 
-    def run_handle() -> list[float]:
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            chunks = pool.map(lambda pr: handle.score.remote(*pr).result(timeout_s=300), requests)
-            return [s for chunk in chunks for s in chunk]
+    def through(handle) -> Callable[[], list[float]]:
+        """Every request through `handle` at once, `--concurrency` in flight: the scores in order."""
 
-    handle_rate, handle_scores = _best_rate(run_handle, len(ids), args.rounds)
+        def run() -> list[float]:
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                chunks = pool.map(lambda pr: handle.score.remote(*pr).result(timeout_s=300), requests)
+                return [s for chunk in chunks for s in chunk]
+
+        return run
+
+    handle_rate, handle_scores = _best_rate(through(deploy(cfg, name="bench-reward")), len(ids), args.rounds)
 
     with httpx.Client(
         base_url=f"http://127.0.0.1:{port}", timeout=300, limits=httpx.Limits(max_connections=args.concurrency)
@@ -164,14 +169,9 @@ def main() -> None:
             ),
         }
     )
-    ensemble_handle = deploy(ensemble_cfg, name="bench-ensemble")
-
-    def run_ensemble() -> list[float]:
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            chunks = pool.map(lambda pr: ensemble_handle.score.remote(*pr).result(timeout_s=300), requests)
-            return [s for chunk in chunks for s in chunk]
-
-    ensemble_rate, ensemble_scores = _best_rate(run_ensemble, len(ids), args.rounds)
+    ensemble_rate, ensemble_scores = _best_rate(
+        through(deploy(ensemble_cfg, name="bench-ensemble")), len(ids), args.rounds
+    )
     serve.shutdown()
     shutil.rmtree(ensemble)
     ray.shutdown()
