@@ -1,9 +1,9 @@
 """The experience pipeline between the rollout actors and the learner, as pure bookkeeping.
 
-No Ray and no clock: the controller tells it what happened (an actor started or finished a
-generation call, an update started or ended) and asks it two questions: how many prompts
-may an idle actor start now, and is a batch ready to train. `tests/test_pipeline.py` drives
-the same object on a simulated clock.
+No Ray and no clock: the controller tells it what happened (an actor started prompts, some of
+them ended, an update started or ended) and asks it two questions: how many prompts may an
+actor start now, and is a batch ready to train. `tests/test_pipeline.py` drives the same
+object on a simulated clock.
 
 Staleness. A record made by policy version v and trained by the update from version V has
 staleness V - v, at most `max_staleness` (k). Records are trained in the order they were
@@ -15,7 +15,10 @@ actor holding version v may start n more samples only if
     p + n <= (k + 1 + v - V) * B
 
 which is AReaL's rule (Fu et al. 2025: samples started by versions <= v number at most
-(v + k + 1) * B) counted from the samples not yet trained. With k = 0 an actor waits for
+(v + k + 1) * B) counted from the samples not yet trained. An actor that loads newer weights
+while a prompt is in flight (`rollout.inflight_updates`) makes its later tokens with them; the
+prompt still counts from the version it started under, its oldest token's, so the rule and
+the bound hold for it unchanged. With k = 0 an actor waits for
 each update (synchronous PPO); with k >= 1 it generates the next batch while the learner
 trains, and no sample is ever generated only to be dropped. Dropping a record older than
 k versions remains as a counted guard for what the order cannot promise (several actors
@@ -24,6 +27,7 @@ finishing out of order, an actor scaled in while it held old weights).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -52,17 +56,17 @@ class Pipeline:
     samples_per_prompt: int
     """Completions per prompt: an actor starts whole prompts."""
     max_prompts_per_call: int
-    """Most prompts one generation call takes (`rollout.prompts_per_batch`)."""
+    """Most prompts one actor holds in flight at once (`rollout.prompts_per_batch`)."""
     max_waiting: int
-    """Most samples queued or being generated at once (`train.queue_size` generation calls),
+    """Most samples queued or being generated at once (`train.queue_size` actors' worth),
     never fewer than a batch: the learner waits for a whole one."""
     version: int = 0
     """V: the learner's newest version, which the next (or the current) update trains from."""
     queue: list[PromptGroup] = field(default_factory=list)
     training: list[PromptGroup] | None = None
     """The batch of the update in flight."""
-    generating: dict[int, tuple[int, int]] = field(default_factory=dict)
-    """(samples asked for, policy version) of each actor's call that has not returned yet."""
+    generating: dict[int, Counter[int]] = field(default_factory=dict)
+    """Each actor's samples in flight by the policy version they started under."""
     generating_samples: int = 0
     queued_samples: int = 0
     training_samples: int = 0
@@ -96,37 +100,45 @@ class Pipeline:
         return self.training_samples + self.samples_waiting()
 
     def most_calls(self) -> int:
-        """The most generation calls the admission rule lets run at once: full calls of
-        `max_prompts_per_call` prompts filling everything it admits ahead of the learner."""
+        """The most actors the admission rule keeps busy at once: each holding
+        `max_prompts_per_call` prompts, together everything it admits ahead of the learner."""
         admitted = min((self.max_staleness + 1) * self.batch_size, self.max_waiting)
         return max(1, -(-admitted // (self.max_prompts_per_call * self.samples_per_prompt)))
 
     # ----------------------------------------------------------------- actors
 
-    def prompts_to_start(self, actor_version: int) -> int:
-        """How many prompts an idle actor holding `actor_version` may start now (0: wait)."""
+    def prompts_to_start(self, actor_version: int, held: int = 0) -> int:
+        """How many prompts an actor holding `actor_version`, with `held` prompts in flight
+        already, may start now (0: wait)."""
         bound = (self.max_staleness + 1 + actor_version - self.version) * self.batch_size
         room = min(bound - self.samples_ahead(), self.max_waiting - self.samples_waiting())
-        return max(0, min(self.max_prompts_per_call, room // self.samples_per_prompt))
+        return max(0, min(self.max_prompts_per_call - held, room // self.samples_per_prompt))
 
     def started(self, actor_id: int, n_prompts: int, version: int) -> None:
-        assert actor_id not in self.generating, f"actor {actor_id} already has a call in flight"
-        self.generating[actor_id] = (n_prompts * self.samples_per_prompt, version)
+        """The actor started `n_prompts` prompts under `version`."""
+        self.generating.setdefault(actor_id, Counter())[version] += n_prompts * self.samples_per_prompt
         self.generating_samples += n_prompts * self.samples_per_prompt
 
-    def finished(self, actor_id: int, groups: Iterable[PromptGroup]) -> None:
-        """An actor's call returned these groups (prompts that failed are simply absent)."""
-        self._returned(actor_id)
+    def finished(self, actor_id: int, groups: Iterable[PromptGroup], ended: Iterable[int] | None = None) -> None:
+        """Prompts of the actor ended, `groups` the scored ones (prompts that failed are simply
+        absent); `ended` is the version each ended prompt started under, failed ones included.
+        None: every prompt the actor held ended."""
+        if ended is None:
+            self.lost(actor_id)
+        else:
+            held = self.generating.get(actor_id, Counter())
+            for version in ended:
+                assert held[version] >= self.samples_per_prompt, f"actor {actor_id} held no prompt of v{version}"
+                held[version] -= self.samples_per_prompt
+                self.generating_samples -= self.samples_per_prompt
+            self.generating[actor_id] = +held  # drops the versions none is left of
         for group in groups:
             self.queue.append(group)
             self.queued_samples += len(group)
 
     def lost(self, actor_id: int) -> None:
-        """An actor's call will never return (the actor died or was removed)."""
-        self._returned(actor_id)
-
-    def _returned(self, actor_id: int) -> None:
-        self.generating_samples -= self.generating.pop(actor_id, (0, 0))[0]
+        """Every prompt the actor held is gone (it died or was removed) or has ended."""
+        self.generating_samples -= sum(self.generating.pop(actor_id, Counter()).values())
 
     # ----------------------------------------------------------------- learner
 
@@ -153,11 +165,11 @@ class Pipeline:
         return batch, dropped
 
     def waits_for_a_straggler(self) -> bool:
-        """Whether a call in flight would be left too stale by an update that started without
-        it: its samples could then be trained from version V + 1 at the earliest. Calls that
-        finish out of order (long-tailed responses, slower actors) make such stragglers; the
+        """Whether a prompt in flight would be left too stale by an update that started without
+        it: its samples could then be trained from version V + 1 at the earliest. Prompts that
+        end out of order (long-tailed responses, slower actors) make such stragglers; the
         learner waits for one, and trains its samples first, rather than drop them."""
-        oldest = min((version for _, version in self.generating.values()), default=None)
+        oldest = min((v for held in self.generating.values() for v in held), default=None)
         return oldest is not None and self.version + 1 - oldest > self.max_staleness
 
     def update_done(self, trained: bool) -> list[PromptGroup]:
