@@ -1,9 +1,9 @@
 """Continuous generation: an in-process vLLM engine kept full, each prompt's samples handed
 back the moment the last of them ends, every token tagged with the weights version that made it.
 
-`RolloutActor.generate` hands vLLM a call of prompts and returns when the longest response
-ends; as the short ones finish the engine's batch shrinks, and with long-tailed response
-lengths the last steps run with a handful of sequences. `Continuous` steps the engine itself
+vLLM's `LLM.generate` takes a call of prompts and returns when the longest response ends; as
+the short ones finish the engine's batch shrinks, and with long-tailed response lengths the
+last steps run with a handful of sequences. `Continuous` steps the engine itself
 (`LLMEngine.step`, what `LLM.generate` runs in a loop), so its owner can add prompts whenever
 samples finish and take finished prompts out at once. Between two steps the owner may load
 new weights (`weights_changed`: the KV cache of the requests in flight kept or recomputed),
@@ -13,9 +13,8 @@ Each sample is a request of its own (n = 1), streamed as deltas: vLLM fans a req
 n > 1 out into such requests anyway, and the deltas are what tags each token with the
 version of the step that sampled it.
 
-Status: the engine driver and its measurement (`benchmarks/rollout.py --only long-tail`).
-The loop does not use it yet: its actors still generate a call at a time
-(docs/continuous.md says what remains).
+The rollout actor generates only through it (`RolloutActor.collect`); docs/continuous.md
+says how the loop uses it and what it measured.
 """
 
 from __future__ import annotations
@@ -71,6 +70,9 @@ class Occupancy:
     def mean(self) -> float:
         """Mean sequences per decoding step (0 before any step)."""
         return self.sequences / self.steps if self.steps else 0.0
+
+    def snapshot(self) -> Occupancy:
+        return Occupancy(self.steps, self.sequences, self.tokens)
 
 
 class Continuous:
@@ -131,27 +133,29 @@ class Continuous:
         if kv == "recompute":
             self._engine.reset_prefix_cache(reset_running_requests=True)
 
-    def step(self, version: int) -> list[Started]:
-        """One engine step under the weights of `version`; returns the prompts whose last
-        sample it ended, in the order they ended."""
+    def step(self, version: int | None) -> list[Started]:
+        """One engine step under the weights of `version` (None: each request's own start
+        version, as with LoRA, where a request keeps its adapter to the end); returns the
+        prompts whose last sample it ended, in the order they ended."""
         outputs = self._engine.step()
         finished, producing, made = [], 0, 0
         for output in outputs:
             key, index = self._requests[output.request_id]
-            sample = self._started[key].samples[index]
+            started = self._started[key]
+            sample = started.samples[index]
             (completion,) = output.outputs
             new = list(completion.token_ids)
             sample.token_ids += new
             sample.text += completion.text
             sample.logprobs += sampled_logprobs(completion)
-            sample.versions += [version] * len(new)
+            sample.versions += [started.version if version is None else version] * len(new)
             producing += bool(new)
             made += len(new)
             if output.finished:
                 sample.finish_reason = completion.finish_reason
                 del self._requests[output.request_id]
-                if self._started[key].done:
-                    started = self._started.pop(key)
+                if started.done:
+                    del self._started[key]
                     started.ended = time.perf_counter()
                     finished.append(started)
         if producing:
@@ -160,7 +164,7 @@ class Continuous:
             self.occupancy.tokens += made
         return finished
 
-    def drain(self, version: int) -> list[Started]:
+    def drain(self, version: int | None) -> list[Started]:
         """Step until nothing is left in the engine; every prompt that ended, in order."""
         finished = []
         while self._requests:

@@ -2,9 +2,10 @@
 
 A plain class; `cluster/` makes it a Ray actor with
 `ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)`, so on a GPU
-cluster each actor holds its own device. Each call reads top to bottom: tokenise, generate
-with the current weights, build records, score them through the reward service (and, with
-`rollout.reference_logprobs`, compute their reference log-probs meanwhile).
+cluster each actor holds its own device. Its engine is kept full (`actors/continuous.py`):
+each `collect` call starts the prompts it is given beside those in flight, steps the engine
+until some end, builds their records and scores them through the reward service (with
+`rollout.reference_logprobs`, computing their reference log-probs meanwhile).
 """
 
 from __future__ import annotations
@@ -18,16 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from actors.adapters import adapter_probes, load_adapter, lora_request, remove_adapter
-from actors.continuous import Continuous, to_rollouts
-from actors.engine import (
-    apply_scores,
-    build_engine,
-    build_rollouts,
-    configure_vllm_env,
-    encode_prompts,
-    run_generate,
-    sampling_params,
-)
+from actors.continuous import Continuous, Occupancy, Started, to_rollouts
+from actors.engine import apply_scores, build_engine, configure_vllm_env, encode_prompts, sampling_params
 from actors.reference import Reference
 from actors.weights import checkpoint_layout, engine_probes, load_into_engine, loads_directly, validate_specs
 from cluster.shared.config import TameConfig
@@ -38,6 +31,11 @@ from cluster.shared.tokens import pad_token_id
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport, compare_probes
 
 log = logging.getLogger(__name__)
+
+RETURN_AFTER_S = 0.25
+"""A collect call returns after this long at most (sooner once a quarter of the actor's
+prompts have ended): ended prompts reach the learner, new prompts the engine, and a newer
+version loads, within about this long; what a return costs is a Ray call, about a millisecond."""
 
 Scorer = Callable[[list[str], list[str]], Sequence[float] | Scores]
 """scorer(prompt_texts, response_texts) -> scores in the same order, or a `Scores` record that
@@ -76,7 +74,7 @@ class RolloutActor:
         self._version = 0  # the weights on disk at cfg.model.policy
         self._adapters: list[int] = []  # with LoRA: the versions whose adapters the engine holds, oldest first
         self._transport: WeightTransport = ObjectStoreTransport()
-        self._stepper: Continuous | None = None  # made by the first `submit`
+        self._stepper = Continuous(self._llm, self._params)
         self._reference = None
         if cfg.rollout.reference_logprobs:
             self._reference = Reference(cfg, pad_token_id(self._tokenizer))
@@ -85,11 +83,12 @@ class RolloutActor:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        # The first generate on CPU spends seconds preparing kernels; pay it before the
-        # actor reports ready, so the first real batch is timed fairly.
+        # The first steps on CPU spend seconds preparing kernels; pay them before the actor
+        # reports ready, so the first real batch is timed fairly.
         prompt = Prompt("warm-up", (("user", "Hello"),))
         ids = encode_prompts(self._tokenizer, [prompt], self.cfg.data.chat_template, self.cfg.rollout.max_model_len)
-        run_generate(self._llm, ids, sampling_params(self.cfg, max_new_tokens=4))
+        self._stepper.add(prompt, ids[0], self._version, params=sampling_params(self.cfg, max_new_tokens=4))
+        self._stepper.drain(self._version)
         if self._reference is not None:
             eos = self._tokenizer.eos_token_id
             self._reference.annotate(
@@ -111,72 +110,60 @@ class RolloutActor:
     def policy_version(self) -> int:
         return self._version
 
-    def generate(self, prompts: list[Prompt]) -> RolloutBatch:
-        """`samples_per_prompt` completions of each prompt, scored when a scorer was given.
+    def collect(self, prompts: Sequence[Prompt] = (), max_steps: int | None = None) -> RolloutBatch:
+        """Start `prompts` beside those in flight, step the engine until some end, and return
+        those, scored (`samples_per_prompt` completions each).
 
-        Prompts whose completions could not be scored are listed in `failed_prompt_ids`
-        and their rollouts left out: they are handed out again, never scored as 0.
+        The engine is kept full: a call returns once a quarter of the actor's prompts have
+        ended or `RETURN_AFTER_S` has passed (or nothing is left, or after `max_steps` steps),
+        and the next call starts more. Weights loaded
+        between two calls (`load_weights`) load between two engine steps; the prompts in flight
+        go on under them (`rollout.inflight_updates`), their later tokens carrying the new
+        version (`Rollout.token_versions`). Prompts whose completions could not be scored are
+        listed in `failed_prompt_ids` and their rollouts left out: they are handed out again,
+        never scored as 0.
         """
-        if self._stepper is not None and self._stepper.sequences:
-            raise RuntimeError("generate would step the engine under prompts submitted to it: collect them first")
-        # Tokenise exactly as every other role does (chat template or raw text).
-        prompt_ids = encode_prompts(
-            self._tokenizer, prompts, self.cfg.data.chat_template, self.cfg.rollout.max_model_len
-        )
-
-        # Generate with the current weights and tag every record with their version.
         start = time.perf_counter()
-        # With LoRA, under this version's adapter (held until no call can start under it).
-        adapter = lora_request(self._version) if self._lora is not None and self._adapters else None
-        outputs = run_generate(self._llm, prompt_ids, self._params, adapter)
-        generate_seconds = time.perf_counter() - start
-        rollouts = build_rollouts(
-            prompts,
-            prompt_ids,
-            outputs,
-            self._version,
-            self.actor_id,
-            generate_seconds,
-            tokenizer=None if self._params.detokenize else self._tokenizer,
-        )
-        batch = RolloutBatch(
-            actor_id=self.actor_id,
-            policy_version=self._version,
-            rollouts=rollouts,
-            prompt_ids=[p.prompt_id for p in prompts],
-            generated_tokens=sum(len(r.response_token_ids) for r in rollouts),
-            generate_seconds=generate_seconds,
-        )
-
-        self._finish(batch)
-        return batch
-
-    def submit(self, prompts: list[Prompt]) -> None:
-        """Start `prompts` under the weights the engine holds now, beside the prompts already
-        in it; `collect` returns each as it ends (continuous generation, `actors/continuous.py`;
-        the loop does not use it yet)."""
-        if self._stepper is None:
-            self._stepper = Continuous(self._llm, self._params)
-        prompt_ids = encode_prompts(
-            self._tokenizer, prompts, self.cfg.data.chat_template, self.cfg.rollout.max_model_len
-        )
-        adapter = lora_request(self._version) if self._lora is not None and self._adapters else None
-        for prompt, ids in zip(prompts, prompt_ids):
-            self._stepper.add(prompt, ids, self._version, adapter)
-
-    def collect(self, max_steps: int | None = None) -> RolloutBatch:
-        """Step the engine until a submitted prompt ends (or `max_steps` steps pass, or nothing
-        is left in it); the prompts that ended, scored as `generate`'s are. Weights loaded
-        between two collects (`load_weights`) load between two engine steps: the prompts in
-        flight go on under them, keeping their KV cache, and their later tokens carry the
-        new version (`Rollout.token_versions`)."""
-        start = time.perf_counter()
-        ended, steps = [], 0
-        while self._stepper is not None and self._stepper.sequences and not ended:
-            if max_steps is not None and steps == max_steps:
-                break
-            ended += self._stepper.step(self._version)
+        self._submit(prompts)
+        stepper, quarter = self._stepper, max(1, self.cfg.rollout.prompts_per_batch // 4)
+        # With LoRA a request keeps the adapter it started with: its tokens are that version's.
+        version = self._version if self._lora is None else None
+        ended, steps, since = [], 0, stepper.occupancy.snapshot()
+        while stepper.sequences and steps != max_steps:
+            ended += stepper.step(version)
             steps += 1
+            if max_steps is None and (len(ended) >= quarter or time.perf_counter() - start > RETURN_AFTER_S):
+                break
+        return self._batch(ended, start, since)
+
+    def generate(self, prompts: Sequence[Prompt]) -> RolloutBatch:
+        """`prompts` generated to their end beside nothing else, in their order: a call at a
+        time, for tools and tests (the loop uses `collect`)."""
+        if self._stepper.sequences:
+            raise RuntimeError("generate would step the engine under prompts in flight: collect them first")
+        start = time.perf_counter()
+        self._submit(prompts)
+        since = self._stepper.occupancy.snapshot()
+        ended = self._stepper.drain(self._version if self._lora is None else None)
+        order = {p.prompt_id: i for i, p in enumerate(prompts)}
+        ended.sort(key=lambda s: order[s.prompt.prompt_id])
+        return self._batch(ended, start, since)
+
+    def in_flight(self) -> int:
+        """Prompts started and not ended."""
+        return self._stepper.prompts
+
+    def _submit(self, prompts: Sequence[Prompt]) -> None:
+        """Start `prompts` under the weights the engine holds now (with LoRA, this version's
+        adapter, held until no prompt can be in flight under it)."""
+        ids = encode_prompts(self._tokenizer, prompts, self.cfg.data.chat_template, self.cfg.rollout.max_model_len)
+        adapter = lora_request(self._version) if self._lora is not None and self._adapters else None
+        for prompt, prompt_ids in zip(prompts, ids):
+            self._stepper.add(prompt, prompt_ids, self._version, adapter)
+
+    def _batch(self, ended: list[Started], start: float, since: Occupancy) -> RolloutBatch:
+        """The batch of the prompts that `ended` in a call that began at `start`, scored;
+        `since` is the engine's occupancy then."""
         tokenizer = None if self._params.detokenize else self._tokenizer
         rollouts = [r for started in ended for r in to_rollouts(started, self.actor_id, tokenizer)]
         batch = RolloutBatch(
@@ -184,8 +171,11 @@ class RolloutActor:
             policy_version=min((s.version for s in ended), default=self._version),
             rollouts=rollouts,
             prompt_ids=[s.prompt.prompt_id for s in ended],
+            prompt_versions=[s.version for s in ended],
             generated_tokens=sum(len(r.response_token_ids) for r in rollouts),
             generate_seconds=time.perf_counter() - start,
+            engine_steps=self._stepper.occupancy.steps - since.steps,
+            engine_sequences=self._stepper.occupancy.sequences - since.sequences,
         )
         self._finish(batch)
         return batch
@@ -247,8 +237,12 @@ class RolloutActor:
             fetched = time.perf_counter()
             path = "direct" if self._direct else "vllm"
             if self._lora is None:
-                in_flight = self._stepper is not None and self._stepper.sequences > 0
+                # Prefixes are cached per version (actors/continuous.py), so the cache needs no
+                # reset with requests in flight; `recompute` drops their keys and values too.
+                in_flight = self._stepper.sequences > 0
                 path = load_into_engine(self._llm, tensors, self._direct, reset_prefix_cache=not in_flight)
+                if in_flight and self.cfg.rollout.inflight_updates == "recompute":
+                    self._stepper.weights_changed("recompute")
             else:
                 self._load_adapter(handle.version, tensors)
             self._version = handle.version

@@ -4,10 +4,11 @@ is `tame train` around it).
 The loop runs in the driver and owns the prompt cursor and the experience pipeline
 (`cluster.pipeline`); the rollout actors (vLLM), the reward service (Serve) and the learner
 run as Ray actors. Each learner update ends by publishing its version v into the object store
-with its probes (a fingerprint, `cluster.shared.transport`); an actor loads it between
-generation batches and checks its engine's own probes against them. An actor starts a batch
-only if every sample in it will be trained within `max_staleness` versions of the weights
-that made it (`Pipeline.prompts_to_start`).
+with its probes (a fingerprint, `cluster.shared.transport`); an actor loads it between two
+steps of its engine, its prompts in flight going on, and checks its engine's own probes
+against them. An actor keeps its engine full, starting a prompt whenever one ends, but only
+if every sample of it will be trained within `max_staleness` versions of the weights it
+starts under (`Pipeline.prompts_to_start`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from cluster.autoscale import Autoscaler, Interval
 from cluster.control import StopSignal, ask_for_room, status
 from cluster.launch import Launched, newest_checkpoint, node_of
-from cluster.metrics import Throughput, load_figures, reward_spread
+from cluster.metrics import Throughput, load_figures, reward_spread, version_spans
 from cluster.pipeline import Pipeline, PromptGroup
 from cluster.pool import Slot, SlotState
 from cluster.prompts import PromptSource
@@ -34,7 +35,7 @@ class Loop:
     """The actor-learner loop, in the driver, over the roles `launch` started.
 
     One turn (`run`): (1) follow `tame scale` and a stop asked through the control actor;
-    (2) hand prompts to idle actors as far as the staleness bound admits, an actor holding
+    (2) keep the actors' engines full as far as the staleness bound admits, an actor holding
     older weights loading the newest first; (3) start a learner update once a batch of fresh
     records is queued; (4) wait for whichever actor or learner call finishes first and hand
     its result to the handler named after it (`on_loaded`, `on_generated`, `on_updated`,
@@ -177,22 +178,29 @@ class Loop:
     # ----------------------------------------------------------------- 2. generation
 
     def launch_generation(self) -> None:
-        """Hand prompts to idle actors, newest weights first, as far as the staleness bound
-        admits: with max_staleness 0 an actor waits for the update in flight."""
+        """Keep every actor's engine full as far as the staleness bound admits (with
+        max_staleness 0 an actor waits for the update in flight). An actor holding older weights
+        loads the newest first, between two engine steps: its prompts in flight go on under
+        them (`rollout.inflight_updates`; with `off` it loads once they have ended)."""
         for slot in list(self.pool.slots.values()):
-            if slot.state is not SlotState.IDLE:
+            if slot.pending is not None:
                 continue
-            if slot.version < self.version:
+            if slot.state is SlotState.DRAINING:  # scaled away: it finishes what it holds, then leaves
+                self.pool.dispatch(slot, SlotState.DRAINING, slot.handle.collect.remote([]))
+                continue
+            newer = slot.version < self.version
+            if newer and not (slot.prompt_ids and self.cfg.rollout.inflight_updates == "off"):
                 self.pool.dispatch(slot, SlotState.LOADING, slot.handle.load_weights.remote(self.weights))
                 continue
-            n = self.pipeline.prompts_to_start(slot.version)
-            if n == 0:
+            n = 0 if newer else self.pipeline.prompts_to_start(slot.version, held=len(slot.prompt_ids))
+            if n == 0 and not slot.prompt_ids:
                 continue  # every sample it could start now would be trained too stale: wait
-            self.throughput.generation_starts()
             prompts = self.source.take(n)
-            slot.prompt_ids = [p.prompt_id for p in prompts]
-            self.pipeline.started(slot.actor_id, n, slot.version)
-            self.pool.dispatch(slot, SlotState.GENERATING, slot.handle.generate.remote(prompts))
+            if prompts:
+                self.throughput.generation_starts()
+                slot.prompt_ids += [p.prompt_id for p in prompts]
+                self.pipeline.started(slot.actor_id, n, slot.version)
+            self.pool.dispatch(slot, SlotState.GENERATING, slot.handle.collect.remote(prompts))
 
     def on_loaded(self, slot: Slot, result: LoadResult) -> None:
         """An actor whose engine does not hold exactly the published weights is replaced."""
@@ -215,24 +223,29 @@ class Loop:
         slot.version = result.policy_version
         if result.loaded:
             self.last_loads[slot.actor_id] = result
-        if not self.pool.returned(slot):  # scaled away while it was loading
+        if not self.pool.returned(slot) and not slot.prompt_ids:  # scaled away while it was loading
             self.retire(slot)
 
     def on_generated(self, slot: Slot, batch: RolloutBatch) -> None:
+        """Some of the actor's prompts ended: their groups join the queue whole."""
         call_seconds = time.monotonic() - slot.call_started
-        self.deaths_in_a_row = 0
+        if batch.prompt_ids:
+            self.deaths_in_a_row = 0
         slot.tokens += batch.generated_tokens
         slot.generate_seconds += batch.generate_seconds
         self.throughput.generated.add(batch)
         if batch.failed_prompt_ids:
             self.counters.failed_prompts += len(batch.failed_prompt_ids)
             self.source.give_back(batch.failed_prompt_ids)
+        for prompt_id in batch.prompt_ids:
+            slot.prompt_ids.remove(prompt_id)
         groups: dict[str, list[Rollout]] = {}
         for r in batch.rollouts:
             groups.setdefault(r.prompt_id, []).append(r)
-        self.pipeline.finished(slot.actor_id, [PromptGroup(p, batch.policy_version, rs) for p, rs in groups.items()])
-        slot.prompt_ids = []
-        if not self.pool.returned(slot):
+        self.pipeline.finished(
+            slot.actor_id, [PromptGroup(p, rs[0].policy_version, rs) for p, rs in groups.items()], batch.prompt_versions
+        )
+        if not self.pool.returned(slot) and not slot.prompt_ids:  # scaled away and done
             self.retire(slot)
         self.scoring.after_call(batch, call_seconds)
 
@@ -274,6 +287,7 @@ class Loop:
         append_ledger(self.run_dir / "ledger.jsonl", self.version, batch)
         metrics = {**result.metrics, **self.loop_metrics(staleness, result.metrics.get("perf/publish_seconds"))}
         metrics.update(reward_spread(rollouts))
+        metrics.update(version_spans(rollouts))
         metrics.update(self.autoscale(metrics, len(rollouts)))
         if self.judge is not None:
             metrics.update(self.judge(rollouts))

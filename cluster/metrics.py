@@ -125,17 +125,32 @@ def reward_spread(rollouts: list[Rollout]) -> dict[str, float]:
     return {"objective/reward_std": sum(spreads) / max(len(spreads), 1)}
 
 
+def version_spans(rollouts: list[Rollout]) -> dict[str, float]:
+    """How many policy versions made each sample's tokens (weights load while responses are
+    in flight): `rollout/spanning_share`, the share made by more than one, and
+    `rollout/versions_per_sample`, their mean count."""
+    counts = [len(set(r.token_versions)) if r.token_versions else 1 for r in rollouts]
+    n = max(len(counts), 1)
+    return {"rollout/spanning_share": sum(c > 1 for c in counts) / n, "rollout/versions_per_sample": sum(counts) / n}
+
+
 @dataclass
 class Generated:
     """What the actors' generation calls of one interval between updates cost."""
 
     samples: int = 0
+    tokens: int = 0
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
     reference_seconds: float = 0.0
+    engine_steps: int = 0
+    engine_sequences: int = 0
 
     def add(self, batch: RolloutBatch) -> None:
         self.samples += len(batch.rollouts)
+        self.tokens += batch.generated_tokens
+        self.engine_steps += batch.engine_steps
+        self.engine_sequences += batch.engine_sequences
         self.generate_seconds += batch.generate_seconds
         self.score_seconds += batch.score_seconds
         self.reference_seconds += batch.reference_seconds
@@ -199,4 +214,8 @@ class Throughput:
             "perf/generate_seconds_per_sample": generated.generate_seconds / per_sample,
             "perf/score_seconds_per_sample": generated.score_seconds / per_sample,
             "perf/reference_seconds_per_sample": generated.reference_seconds / per_sample,
+            # The pool's generation: tokens of the prompts that ended in the interval, and how
+            # many sequences an engine step ran on average (its occupancy).
+            "rollout/tokens_per_s": generated.tokens / interval,
+            "rollout/engine_occupancy": generated.engine_sequences / max(generated.engine_steps, 1),
         }

@@ -1,9 +1,11 @@
 """The rollout actor pool as the loop sees it: one slot per actor, its state, the call the
 loop waits on, and how long the actors sat idle.
 
-A slot's life: LOADING (weights) -> IDLE <-> GENERATING, or back to LOADING for a newer
-version. `tame scale` down marks a slot DRAINING: an idle one leaves at once, one with a call
-in flight leaves when the call's result has been taken, so nothing it was given is lost.
+A slot's life: LOADING (weights) -> IDLE <-> GENERATING, or LOADING again for a newer version;
+the state is that of the call in flight, and an actor's prompts stay in flight across calls
+(`prompt_ids`), a load between two calls being a load between two engine steps. `tame scale`
+down marks a slot DRAINING: an idle one leaves at once, one holding prompts goes on collecting
+them and leaves once the last has come back, so nothing it was given is lost.
 Which result a finished call holds is told by its type (`LoadResult` or `RolloutBatch`).
 """
 
@@ -22,9 +24,9 @@ class SlotState(Enum):
     IDLE = "idle"
     """Holds a verified version and has nothing to do."""
     GENERATING = "generating"
-    """Generating and scoring its prompts (`prompt_ids`)."""
+    """Stepping its engine over its prompts (`prompt_ids`), scoring those that end."""
     DRAINING = "draining"
-    """Scaled away: finishes the call in flight, then leaves."""
+    """Scaled away: finishes the prompts it holds, then leaves."""
 
 
 @dataclass
@@ -38,8 +40,10 @@ class Slot:
     """The policy version its engine holds, verified; -1 before its first load."""
     pending: Any = None
     """The ObjectRef of the call in flight (LOADING, GENERATING, DRAINING)."""
+    loading: bool = False
+    """The call in flight is a weight load."""
     prompt_ids: list[str] = field(default_factory=list)
-    """The prompts of its generation in flight: handed out again if it dies."""
+    """The prompts in its engine, started and not ended: handed out again if it dies."""
     call_started: float = 0.0
     """When the call in flight started."""
     idle_since: float | None = None
@@ -74,7 +78,9 @@ class ActorPool:
     def add(self, actor_id: int, handle: Any, weights: Any) -> Slot:
         """Put an actor in the pool; it loads `weights` (the newest version's handle) before
         anything else."""
-        slot = Slot(actor_id, handle, pending=handle.load_weights.remote(weights), call_started=time.monotonic())
+        slot = Slot(
+            actor_id, handle, pending=handle.load_weights.remote(weights), loading=True, call_started=time.monotonic()
+        )
         self.slots[actor_id] = slot
         return slot
 
@@ -99,7 +105,7 @@ class ActorPool:
         (idle, or not up yet: a first load may wait for Ray to place the actor for ever), the
         others leave once their call in flight is done."""
         leaving = sorted(self.live(), key=lambda s: -s.actor_id)[: max(0, count)]
-        idle = [s for s in leaving if s.state is SlotState.IDLE or s.version < 0]
+        idle = [s for s in leaving if (s.state is SlotState.IDLE and not s.prompt_ids) or s.version < 0]
         for slot in leaving:
             slot.state = SlotState.DRAINING
         return idle
@@ -111,6 +117,7 @@ class ActorPool:
     def dispatch(self, slot: Slot, state: SlotState, call: Any) -> None:
         """Start a call on an actor (a load or a generation)."""
         slot.state, slot.pending, slot.call_started = state, call, time.monotonic()
+        slot.loading = state is SlotState.LOADING
         self.mark_busy(slot)
 
     def pending_start(self) -> list[Slot]:
@@ -124,7 +131,7 @@ class ActorPool:
 
     def generating(self) -> list[Slot]:
         """Actors with a generation call in flight (draining ones included)."""
-        return [s for s in self.slots.values() if s.pending is not None and s.prompt_ids]
+        return [s for s in self.slots.values() if s.pending is not None and s.prompt_ids and not s.loading]
 
     def overdue_generations(self, now: float, timeout_s: float) -> list[Slot]:
         """Actors whose generation call started more than `timeout_s` ago."""
@@ -151,7 +158,7 @@ class ActorPool:
         return True
 
     def held_prompts(self) -> list[str]:
-        """The prompts of the generation calls in flight."""
+        """The prompts in the actors' engines."""
         return [p for s in self.slots.values() for p in s.prompt_ids]
 
     def tokens_per_s(self) -> dict[str, float]:

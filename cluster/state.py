@@ -93,7 +93,10 @@ class ScoringWatch:
     failing_s: float = 0.0
 
     def after_call(self, batch: Any, call_seconds: float) -> None:
-        """Account for one generation call's `RolloutBatch`; a RunError past the limit."""
+        """Account for one generation call's `RolloutBatch`; a RunError past the limit. A call
+        in which no prompt ended says nothing either way."""
+        if not batch.prompt_ids:
+            return
         if batch.rollouts or not batch.failed_prompt_ids:
             self.failing_s = 0.0
             return

@@ -289,8 +289,7 @@ def test_submitted_prompts_come_back_as_they_end_across_a_load_in_flight(actors,
 
     scored, _, _ = actors
     version = holding_disk_weights(scored, hf_policy)
-    ray.get(scored.submit.remote(PROMPTS))
-    early = ray.get(scored.collect.remote(max_steps=2))
+    early = ray.get(scored.collect.remote(PROMPTS, max_steps=2))
     handle, _ = perturbed_handle(hf_policy, version=version + 1, seed=3)
     load = ray.get(scored.load_weights.remote(handle))
     assert load.loaded and load.verified, load.problem

@@ -96,3 +96,64 @@ def test_killed_actors_and_replica_and_nan_updates_lose_no_prompt(tiny_assets, r
     # the actors report their pass.
     rows = [json.loads(line) for line in (run.cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("perf/reference_seconds_per_sample", 0.0) > 0 for r in rows)
+
+
+def test_a_corrupted_load_in_flight_retires_the_actor_and_every_prompt_is_trained_once(
+    tiny_assets, ray_local, tmp_path, monkeypatch
+):
+    """Continuous generation with in-flight updates: the actor loads each new version while
+    its prompts run on. The first such load is sent with probes that do not match its weights
+    (a corrupted transfer, as the engine sees it): the actor is retired at once, a replacement
+    loads the version, and the prompts the retired actor held are generated again, each trained
+    exactly once. Responses that outlived a load span two versions and are trained within the
+    staleness bound counted from their oldest token."""
+    import dataclasses
+
+    from cluster.controller import Loop
+    from cluster.shared.transport import ObjectStoreTransport
+
+    corrupted = []  # (actor, version, the prompts it held)
+    launch = Loop.launch_generation
+
+    def launch_with_one_bad_handle(self):
+        held = [s for s in self.pool.slots.values() if s.pending is None and s.prompt_ids and s.version < self.version]
+        if corrupted or not held:
+            return launch(self)
+        good = self.weights
+        probes = ObjectStoreTransport.probes(good)
+        self.weights = dataclasses.replace(good, probes={name: p + 1.0 for name, p in probes.items()})
+        corrupted.append((held[0].actor_id, good.version, list(held[0].prompt_ids)))
+        try:
+            launch(self)
+        finally:
+            self.weights = good
+
+    monkeypatch.setattr(Loop, "launch_generation", launch_with_one_bad_handle)
+    run = Run(
+        smoke(
+            tiny_assets,
+            tmp_path,
+            "run.name=corrupted-in-flight",
+            "train.max_staleness=1",
+            "train.total_updates=6",
+            *SMALL_BATCHES,
+            "rollout.sampling.max_new_tokens=96",  # responses that outlive an update
+            prompts=few_prompts(tiny_assets, tmp_path),
+        )
+    )
+    run.join(timeout=400)
+    assert run.error is None, (run.error, run.logs[-10:])
+    assert corrupted, "no load was made with prompts in flight"
+    (actor, version, held) = corrupted[0]
+    summary, entries = run.summary, ledger(run.cfg.run_dir)
+    assert summary["steps"] == 6 and summary["fingerprint_mismatches"] == 1
+    assert any(f"actor {actor} removed: weight sync to version {version} not verified" in line for line in run.logs)
+    assert {a for e in entries for a in e["actors"]} == {actor, actor + 1}
+    assert_each_prompt_once(entries, summary, 24)
+    trained = [p for e in entries for p in e["prompts"]]
+    assert all(trained.count(p) <= 1 for p in held) and any(p in trained for p in held)
+    # Staleness from the version a response started under, its oldest token's.
+    assert all(e["version"] - 1 - v <= 1 for e in entries for v in e["record_versions"])
+    rows = [json.loads(line) for line in (run.cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["rollout/spanning_share"] > 0 and r["rollout/versions_per_sample"] > 1 for r in rows)
+    assert all(r["rollout/staleness_max"] <= 1 and r["rollout/dropped_stale"] == 0 for r in rows)

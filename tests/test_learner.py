@@ -897,3 +897,27 @@ def test_published_weights_load_into_vllm_and_match_the_learner(vllm_engine, tin
         gaps = [abs(a - b) for r, lp in zip(fresh, learner.logprobs(fresh)) for a, b in zip(r.behaviour_logprobs, lp)]
         assert len(gaps) > 50
         assert max(gaps) < 1e-4, path
+
+
+def test_a_response_spanning_two_versions_is_corrected_token_by_token():
+    """A response whose first tokens version 3 sampled and the rest version 4 (weights loaded
+    while it was generated): each position keeps the log-prob of the weights that sampled its
+    token, so the importance weight of each token is against its own behaviour; the record
+    counts as made by its oldest version, so it is not fresh for a learner at version 4."""
+    from learner import ppo
+    from learner.experience import tokenize
+
+    def record(versions, logprobs):
+        return Rollout(
+            "p", 0, "q", [5, 6, 7], [8, 9, 10, 11], "", logprobs, "length", min(versions), 0, 0.0, score=1.0,
+            token_versions=versions,
+        )  # fmt: skip
+
+    spanning = record([3, 3, 4, 4], [-1.0, -2.0, -0.5, -0.25])
+    batch = tokenize([spanning, record([4] * 4, [-1.0] * 4)], 0, 2, False, 4, torch.device("cpu"))
+    assert batch.fresh.tolist() == [False, True]
+    behaviour = batch.behaviour_logprobs[0][batch.mask[0] > 0]
+    assert behaviour.tolist() == [-1.0, -2.0, -0.5, -0.25]
+    proximal = torch.tensor([-1.5, -1.0, -0.5, -1.25])
+    weights = ppo.truncated_importance_weight(proximal, behaviour, cap=2.0)
+    assert weights.tolist() == pytest.approx([0.60653, 2.0, 1.0, 0.36788], abs=1e-5)

@@ -110,13 +110,21 @@ class RolloutConfig(Section):
     """Run the engine eagerly, without CUDA graphs; null: eager on CPU only (CUDA graphs on
     GPUs survive weight reloads, which are made in place)."""
     prompts_per_batch: int = Field(32, ge=1)
-    """Prompts an actor generates in one call before it checks for new weights."""
+    """Most prompts an actor holds in flight at once: it starts more as these end, so its
+    engine stays full (continuous generation, docs/continuous.md)."""
+    inflight_updates: Literal["keep", "recompute", "off"] = "keep"
+    """What an actor holding prompts does when a newer policy version is published. `keep`:
+    it loads the version between two engine steps and the responses in flight go on, their
+    next tokens attending to keys and values the old weights computed; `recompute`: it loads
+    it and recomputes those keys and values with the new weights first; `off`: it starts no
+    more prompts until those in flight end, then loads, so each response is one version's.
+    Every token's behaviour log-prob is recorded either way (docs/continuous.md)."""
     generate_timeout_s: float | None = Field(900.0, gt=0.0)
-    """How long one generation call (generating and scoring up to prompts_per_batch prompts, and
-    their reference log-probs with reference_logprobs)
-    may take; an actor that has not answered by then is taken as hung and handled as a dead
-    one: its prompts are handed out again and it is replaced (`generate_timeouts` in the
-    summary). Null: no limit."""
+    """How long one generation call may take: an actor steps its engine until some of its
+    prompts end (at most about a second), then scores them and answers, with their reference
+    log-probs under reference_logprobs. An actor that has not answered by then is taken as
+    hung and handled as a dead one: its prompts are handed out again and it is replaced
+    (`generate_timeouts` in the summary). Null: no limit."""
     load_timeout_s: float = Field(300.0, gt=0.0)
     """How long an actor that is up may take to load and verify a new policy version; one that
     has not confirmed by then is taken as hung: it is retired, replaced, and counted

@@ -79,13 +79,17 @@ class Scores:
 
 @dataclass
 class RolloutBatch:
-    """What one actor returns for one generation call: scored rollouts and its timings."""
+    """What one actor returns for one generation call: the prompts that ended in it, their
+    scored rollouts, and its timings."""
 
     actor_id: int
     policy_version: int
+    """The oldest version any of its prompts started under."""
     rollouts: list[Rollout]
     prompt_ids: list[str]
-    """Every prompt of the call, also those whose rollouts failed (for exact accounting)."""
+    """Every prompt that ended, also those whose rollouts failed (for exact accounting)."""
+    prompt_versions: list[int] = field(default_factory=list)
+    """The version each prompt of `prompt_ids` started under."""
     failed_prompt_ids: list[str] = field(default_factory=list)
     """Prompts that could not be scored: they are handed out again, never scored as 0."""
     score_error: str | None = None
@@ -95,6 +99,11 @@ class RolloutBatch:
     score_seconds: float = 0.0
     reference_seconds: float = 0.0
     """The reference log-prob pass, made while the reward service scores."""
+    engine_steps: int = 0
+    """Engine steps the call made."""
+    engine_sequences: int = 0
+    """Sequences that made a token, summed over those steps: / engine_steps is the engine's
+    mean occupancy."""
 
 
 @dataclass(frozen=True)
