@@ -1,7 +1,15 @@
 """The actor-learner loop against a one-process PPO baseline on the same cores, in one run.
 
 For each model size (the small assets, about 3.6M parameters, and the tiny ones), with 32
-prompts per update, 64-token responses, one PPO epoch and 16 updates:
+prompts per update, one PPO epoch and 16 updates, on each workload:
+
+- *uniform*: the untrained policy, whose responses nearly all run to the 64-token cap;
+- *long-tail*: the policy after a brief SFT on the demo world (96 examples, one epoch,
+  seconds; built once into `<assets>/<size>-early-sft`): it has learnt to answer and to stop,
+  not yet reliably, so its responses run from one token to the 128-token cap (on the small
+  assets: mean about 38, a tenth at 100 or more), as real chat and reasoning answers do.
+
+The configurations:
 
 - *one process*: what a single-process PPO trainer does, in this process with every core:
   Hugging Face `generate` with sampling, the reward model's forward (`RewardModel.score`),
@@ -26,8 +34,13 @@ the cores went in each tame run's steady state: the CPU time of each role's proc
 sample (Linux /proc), everything else (Ray, Serve, the driver, the kernel) and the share of
 the machine busy.
 
-    .venv/bin/python benchmarks/loop.py [--sizes small tiny] [--updates 16] [--sweep-threads]
+    .venv/bin/python benchmarks/loop.py [--sizes small tiny] [--workloads uniform long-tail]
+                                        [--updates 16] [--staleness 0 1] [--sweep-threads]
                                         [--compute-dtype float32|bfloat16] [--reference actors|learner]
+
+Each tame run also reports its engine's mean occupancy (sequences per step), generation
+tokens/s and the share of samples whose tokens span two versions (weights loaded while they
+were generated), where the run logs them.
 
 `--compute-dtype bfloat16` runs every learner update (the baseline's too) under bfloat16
 autocast (`learner.compute_dtype`), for a CPU with AVX-512 BF16.
@@ -39,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -53,17 +67,42 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BATCH, NEW_TOKENS, CORES = 32, 64, 2
+BATCH, CORES = 32, 2
+WORKLOADS = {"uniform": 64, "long-tail": 128}
+"""Workload -> max_new_tokens."""
+EARLY_SFT_EXAMPLES = 96
 THREADS = {0: (2, 2, 2), 1: (2, 1, 1)}
 """max_staleness -> threads of (learner, actor, reward replica): what this 2-core machine should use."""
 
 
-def overrides(assets: Path, updates: int, compute_dtype: str) -> list[str]:
+def early_sft(assets: Path, log) -> Path:
+    """The long-tailed workload's policy: `assets`' policy after one epoch of SFT on the first
+    EARLY_SFT_EXAMPLES examples of the demo world (configs/demo.yaml's settings), built once."""
+    from cluster.shared.config_file import load_config
+    from learner.sft import run_sft
+
+    out = assets.parent / f"{assets.name}-early-sft"
+    if (out / "config.json").exists():
+        return out
+    data = Path(tempfile.mkdtemp(prefix="tame-early-sft-")) / "sft.jsonl"
+    lines = (assets / "data/sft.jsonl").read_text().splitlines()[:EARLY_SFT_EXAMPLES]
+    data.write_text("".join(line + "\n" for line in lines))
+    log(f"building the long-tailed workload's policy: {out}")
+    sets = [f"sft.init={assets / 'policy'}", f"sft.data={data}", f"sft.output={out}", "sft.epochs=1"]
+    sets += [f"model.policy={assets / 'policy'}", f"model.reward={assets / 'reward'}"]
+    run_sft(
+        load_config(REPO / "configs/demo.yaml", [*sets, f"data.prompts={assets / 'data/prompts.jsonl'}"]),
+        log=lambda *_: None,
+    )
+    return out
+
+
+def overrides(assets: Path, policy: Path, new_tokens: int, updates: int, compute_dtype: str) -> list[str]:
     """The run both sides share: model-only reward, B prompts per update, one epoch, one
     micro-batch (so the first epoch's forward pass is the proximal one, in both), the
     learner's arithmetic."""
     return [
-        f"model.policy={assets / 'policy'}",
+        f"model.policy={policy}",
         f"model.reward={assets / 'reward'}",
         "model.build_assets=null",
         f"learner.compute_dtype={compute_dtype}",
@@ -74,7 +113,7 @@ def overrides(assets: Path, updates: int, compute_dtype: str) -> list[str]:
         "ppo.epochs=1",
         f"ppo.minibatch_size={BATCH}",
         f"ppo.micro_batch_size={BATCH}",
-        f"rollout.sampling.max_new_tokens={NEW_TOKENS}",
+        f"rollout.sampling.max_new_tokens={new_tokens}",
         "reward.functions=[]",
         "logging.wandb.mode=disabled",
         "learner.checkpoint_every=1000",
@@ -84,7 +123,7 @@ def overrides(assets: Path, updates: int, compute_dtype: str) -> list[str]:
 # --------------------------------------------------------------------------- one process
 
 
-def hf_rollouts(model, tokenizer, prompts, temperature: float):
+def hf_rollouts(model, tokenizer, prompts, temperature: float, new_tokens: int):
     """Sampled responses with their behaviour log-probs from Hugging Face `generate`."""
     import torch
 
@@ -106,7 +145,7 @@ def hf_rollouts(model, tokenizer, prompts, temperature: float):
             temperature=temperature,
             top_k=0,
             top_p=1.0,
-            max_new_tokens=NEW_TOKENS,
+            max_new_tokens=new_tokens,
             output_logits=True,
             return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
@@ -137,7 +176,7 @@ def hf_rollouts(model, tokenizer, prompts, temperature: float):
     return rollouts
 
 
-def one_process(assets: Path, updates: int, out: Path, compute_dtype: str) -> dict:
+def one_process(assets: Path, policy: Path, new_tokens: int, updates: int, out: Path, compute_dtype: str) -> dict:
     """The baseline: generate, score, update in sequence in this process, on every core."""
     import torch
 
@@ -150,7 +189,7 @@ def one_process(assets: Path, updates: int, out: Path, compute_dtype: str) -> di
     cfg = load_config(
         REPO / "configs/smoke.yaml",
         [
-            *overrides(assets, updates, compute_dtype),
+            *overrides(assets, policy, new_tokens, updates, compute_dtype),
             f"run.output_dir={out}",
             f"run.name=one-process-{time.monotonic_ns()}",
             f"learner.threads={CORES}",
@@ -166,7 +205,7 @@ def one_process(assets: Path, updates: int, out: Path, compute_dtype: str) -> di
     for _ in range(updates):
         prompts = source.take(BATCH)
         t0 = time.perf_counter()
-        rollouts = hf_rollouts(learner.policy, learner.tokenizer, prompts, cfg.rollout.sampling.temperature)
+        rollouts = hf_rollouts(learner.policy, learner.tokenizer, prompts, cfg.rollout.sampling.temperature, new_tokens)
         t1 = time.perf_counter()
         for r, s in zip(rollouts, reward.score([r.prompt_text for r in rollouts], [r.response_text for r in rollouts])):
             r.score = s
@@ -272,6 +311,8 @@ class CpuWatch(threading.Thread):
 
 def tame(
     assets: Path,
+    policy: Path,
+    new_tokens: int,
     updates: int,
     out: Path,
     compute_dtype: str,
@@ -288,7 +329,7 @@ def tame(
     cfg = load_config(
         REPO / "configs/smoke.yaml",
         [
-            *overrides(assets, updates, compute_dtype),
+            *overrides(assets, policy, new_tokens, updates, compute_dtype),
             f"run.output_dir={out}",
             f"run.name={name}",
             f"train.max_staleness={k}",
@@ -306,7 +347,7 @@ def tame(
     summary = train(cfg, log=lambda *_: None)
     cores = watch.core_ms_per_sample()
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-    mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
+    mean = lambda key: statistics.mean(r.get(key, math.nan) for r in rows)  # noqa: E731
     t_update = mean("perf/update_seconds")
     t_generate = BATCH * mean("perf/generate_seconds_per_sample")
     t_score = BATCH * mean("perf/score_seconds_per_sample")
@@ -333,6 +374,9 @@ def tame(
         "actor_s": t_actor,
         "pipeline_efficiency": rate * max(t_actor, t_update) / BATCH,
         "staleness_mean": mean("rollout/staleness_mean"),
+        "engine_occupancy": mean("rollout/engine_occupancy"),
+        "tokens_per_s": mean("rollout/tokens_per_s"),
+        "spanning_share": mean("rollout/spanning_share"),
         "generate_core_s_per_sample": mean("perf/generate_seconds_per_sample") * actor_threads,
         "in_run_core_ms_per_sample": cores,
     }
@@ -345,34 +389,48 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def bench_size(
-    size: str, root: Path, updates: int, repeats: int, sweep: bool, compute_dtype: str, reference: str, log
+    size: str,
+    workload: str,
+    root: Path,
+    updates: int,
+    repeats: int,
+    sweep: bool,
+    compute_dtype: str,
+    reference: str,
+    staleness: list[int],
+    log,
 ) -> dict:
     """Every configuration `repeats` times, in turns, so that load from other processes on a
     shared machine hits all of them alike; each reported by its median run."""
     from cluster.demo.assets import ensure_assets
 
     assets = ensure_assets(root / size, size, 0, log=lambda *_: None).root
+    policy = early_sft(assets, log) if workload == "long-tail" else assets / "policy"
+    new_tokens = WORKLOADS[workload]
     out = Path(tempfile.mkdtemp(prefix=f"tame-loop-{size}-"))
     settings = (
         [(k, lt, at, rt) for k in (0, 1) for lt in (1, 2) for at in (1, 2) for rt in (1, 2)]
         if sweep
-        else [(k, *THREADS[k]) for k in (0, 1)]
+        else [(k, *THREADS[k]) for k in staleness]
     )
     bases, runs = [], {s: [] for s in settings}
     for round_ in range(repeats):
-        log(f"{size} round {round_ + 1}/{repeats}: one-process baseline")
-        bases.append(one_process(assets, updates, out, compute_dtype))
+        log(f"{size} {workload} round {round_ + 1}/{repeats}: one-process baseline")
+        bases.append(one_process(assets, policy, new_tokens, updates, out, compute_dtype))
         for k, lt, at, rt in settings:
             log(
-                f"{size} round {round_ + 1}/{repeats}: tame max_staleness {k}, threads: learner {lt}, "
+                f"{size} {workload} round {round_ + 1}/{repeats}: tame max_staleness {k}, threads: learner {lt}, "
                 f"actor {at}, reward {rt}"
             )
-            runs[(k, lt, at, rt)].append(tame(assets, updates, out, compute_dtype, reference, k, lt, at, rt))
+            runs[(k, lt, at, rt)].append(
+                tame(assets, policy, new_tokens, updates, out, compute_dtype, reference, k, lt, at, rt)
+            )
     base = median_run(bases)
     tames = [median_run(r) for r in runs.values()]
     # The limit on these cores: each sample's generation (on one thread, as the k=1 actor runs
     # it), scoring and update (on one thread), packed perfectly onto CORES cores.
-    one_thread_actor = [r for rs in runs.values() for r in rs if r["actor_threads"] == 1]
+    every = [r for rs in runs.values() for r in rs]
+    one_thread_actor = [r for r in every if r["actor_threads"] == 1] or every
     generate = statistics.median(r["generate_core_s_per_sample"] for r in one_thread_actor)
     score = statistics.median(b["score_core_s_per_sample"] for b in bases)
     update = statistics.median(b["update_core_s_per_sample"] for b in bases)
@@ -382,6 +440,8 @@ def bench_size(
         r["of_limit"] = r["samples_per_s"] / limit
     return {
         "size": size,
+        "workload": workload,
+        "new_tokens": new_tokens,
         "compute_dtype": compute_dtype,
         "reference": reference,
         "one_process": base,
@@ -395,7 +455,9 @@ def bench_size(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["small", "tiny"], choices=["tiny", "small", "base"])
+    p.add_argument("--workloads", nargs="+", default=["uniform", "long-tail"], choices=list(WORKLOADS))
     p.add_argument("--updates", type=int, default=16)
+    p.add_argument("--staleness", nargs="+", type=int, default=[0, 1], choices=[0, 1], help="max_staleness values")
     p.add_argument("--repeats", type=int, default=3, help="runs of each configuration, in turns (median reported)")
     p.add_argument("--assets", type=Path, default=REPO / "runs/assets", help="folder of the <size>/ assets")
     p.add_argument("--sweep-threads", action="store_true", help="every learner/actor thread count, both staleness")
@@ -421,22 +483,26 @@ def main() -> None:
     results = [
         bench_size(
             size,
+            workload,
             args.assets,
             args.updates,
             args.repeats,
             args.sweep_threads,
             args.compute_dtype,
             args.reference,
+            args.staleness,
             lambda m: print(m, file=sys.stderr, flush=True),
         )
         for size in args.sizes
+        for workload in args.workloads
     ]
     ray.shutdown()
 
     for res in results:
         base = res["one_process"]
         print(
-            f"\n{res['size']} assets: {BATCH} prompts x {NEW_TOKENS} new tokens per update, {args.updates} updates, "
+            f"\n{res['size']} assets, {res['workload']} workload: {BATCH} prompts x at most {res['new_tokens']} new "
+            f"tokens per update, {args.updates} updates, "
             f"{CORES} cores, learner in {args.compute_dtype}, tame's reference pass on the {args.reference}"
         )
         print(
@@ -458,6 +524,11 @@ def main() -> None:
                 f"{r['pipeline_efficiency']:>6.2f}{r['dropped_stale']:>8}{r['learner_idle_share']:>13.2f}"
                 f"{r['actor_idle_share']:>11.2f}{r['actor_s']:>12.2f}{r['update_s']:>9.2f}"
                 f"{r['startup_s']:>11.1f}"
+            )
+        for r in res["tame"]:
+            print(
+                f"k={r['max_staleness']}: engine occupancy {r['engine_occupancy']:.1f} sequences per step, "
+                f"{r['tokens_per_s']:.0f} generated tokens/s, {r['spanning_share']:.0%} of samples span two versions"
             )
         cost = res["core_s_per_sample"]
         print(

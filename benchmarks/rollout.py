@@ -4,13 +4,19 @@
    sampling through one `RolloutActor` (a Ray actor), end to end: tokenising, generating,
    building the records and returning them to the caller. Rounds alternate between the two
    so that load from other processes hits both alike; the medians are compared.
-2. One weight sync as the actor pays it, versus a plain memory copy of the same bytes, for
+2. Long-tailed generation (`--only long-tail`): one engine through responses of 4 to 256
+   tokens (lengths fixed, EOS ignored), raw `LLM.generate` a call at a time against
+   `actors/continuous.py` keeping the engine full; and (`--only actor-tail`) one rollout
+   actor on the loop benchmark's long-tailed workload, as the policy samples it: `generate`
+   a call at a time against `collect` kept full, with the engine's occupancy.
+3. One weight sync as the actor pays it, versus a plain memory copy of the same bytes, for
    each asset size asked for: the learner's publish (tensors and probes into the object
    store), the actor's load (fetch, copy into the live engine) and its verification (the
    engine's probes against the published ones). `direct_loads` in the JSON counts the loads
    that rebuilt the CPU kernels themselves instead of going through vLLM's reload.
 
     .venv/bin/python benchmarks/rollout.py [--prompts 64] [--rounds 3] [--load-sizes small base]
+                                           [--only throughput|long-tail|actor-tail|loads]
 
 Prints a table and, as its last line, one JSON object with the figures.
 """
@@ -40,7 +46,7 @@ from cluster.shared.records import Prompt  # noqa: E402
 from cluster.shared.transport import ObjectStoreTransport  # noqa: E402
 
 
-def make_config(policy: Path, max_new_tokens: int) -> TameConfig:
+def make_config(policy: Path, max_new_tokens: int, prompts_per_batch: int = 32) -> TameConfig:
     return TameConfig.model_validate(
         {
             # Nothing is scored here; the config still needs something to score with.
@@ -49,6 +55,7 @@ def make_config(policy: Path, max_new_tokens: int) -> TameConfig:
             "reward": {"functions": [{"function": "cluster.demo.world:gold_reward"}]},
             "rollout": {
                 "num_cpus": 1,
+                "prompts_per_batch": prompts_per_batch,
                 "max_model_len": 512,
                 "kv_cache_gib": 1.0,
                 "sampling": {"max_new_tokens": max_new_tokens},
@@ -214,6 +221,59 @@ def long_tail(args, assets_root: Path) -> dict:
     return out
 
 
+def actor_tail(args, assets_root: Path, ray) -> dict:
+    """One rollout actor on the loop benchmark's long-tailed workload (`benchmarks/loop.py`'s
+    early-SFT policy: responses from one token to the cap, as the policy samples them, each
+    prompt's group ending with its longest sample): `generate` a call of `--tail-slots`
+    prompts at a time, as the actors generated before continuous generation, against `collect`
+    keeping `--tail-slots` prompts in flight, as the loop drives it now. Rounds alternate;
+    medians. Occupancy is the actor's own count of sequences per engine step."""
+    from loop import WORKLOADS, early_sft
+
+    from actors.rollout import RolloutActor
+    from cluster.demo.assets import ensure_assets
+
+    assets = ensure_assets(assets_root / "small", "small", seed=0)
+    policy = early_sft(assets.root, log=lambda m: print(m, file=sys.stderr, flush=True))
+    slots, n = args.tail_slots, args.tail_prompts
+    cfg = make_config(policy, WORKLOADS["long-tail"], prompts_per_batch=slots)
+    prompts = load_prompts(assets.data / "prompts.jsonl", n)
+    actor = ray.remote(num_cpus=cfg.rollout.num_cpus)(RolloutActor).remote(cfg, 0)
+    ray.get(actor.generate.remote(prompts[:slots]))  # warm-up
+
+    def calls() -> list:
+        return [ray.get(actor.generate.remote(prompts[i : i + slots])) for i in range(0, n, slots)]
+
+    def kept_full() -> list:
+        waiting, held, batches = list(prompts), 0, []
+        while waiting or held:
+            new, waiting = waiting[: slots - held], waiting[slots - held :]
+            batches.append(ray.get(actor.collect.remote(new)))
+            held += len(new) - len(batches[-1].prompt_ids)
+        return batches
+
+    seen: dict[str, list[tuple[float, float, float]]] = {"calls": [], "kept_full": []}
+    for _ in range(args.rounds):
+        for name, mode in (("calls", calls), ("kept_full", kept_full)):
+            start = time.perf_counter()
+            batches = mode()
+            seconds = time.perf_counter() - start
+            tokens = sum(b.generated_tokens for b in batches)
+            assert sum(len(b.prompt_ids) for b in batches) == n, name
+            occupancy = sum(b.engine_sequences for b in batches) / sum(b.engine_steps for b in batches)
+            seen[name].append((tokens / seconds, occupancy, tokens / (n * cfg.rollout.sampling.samples_per_prompt)))
+    ray.kill(actor)
+    out = {"prompts": n, "slots": slots, "samples_per_prompt": cfg.rollout.sampling.samples_per_prompt}
+    out["max_new_tokens"], out["rounds"] = cfg.rollout.sampling.max_new_tokens, args.rounds
+    for name, values in seen.items():
+        out[f"{name}_tokens_per_s"] = statistics.median(v[0] for v in values)
+        out[f"{name}_occupancy"] = statistics.median(v[1] for v in values)
+        out[f"{name}_mean_length"] = statistics.median(v[2] for v in values)
+        out[f"{name}_rounds"] = [round(v[0]) for v in values]
+    out["kept_full_over_calls"] = out["kept_full_tokens_per_s"] / out["calls_tokens_per_s"]
+    return out
+
+
 def weight_load(size: str, assets_root: Path, loads: int, ray) -> dict:
     from safetensors.torch import load_file
 
@@ -281,7 +341,7 @@ def main() -> None:
     parser.add_argument("--tail-prompts", type=int, default=128, help="prompts of the long-tailed workload")
     parser.add_argument("--tail-slots", type=int, default=32, help="prompts per call, or in flight when continuous")
     parser.add_argument("--tail-max-new-tokens", type=int, default=256)
-    parser.add_argument("--only", choices=["throughput", "long-tail", "loads"], help="run one part alone")
+    parser.add_argument("--only", choices=["throughput", "long-tail", "actor-tail", "loads"], help="run one part alone")
     args = parser.parse_args()
 
     import ray
@@ -299,6 +359,7 @@ def main() -> None:
     root = Path(args.assets)
     gen = throughput(args, root, ray) if args.only in (None, "throughput") else None
     tail = long_tail(args, root) if args.only in (None, "long-tail") else None
+    actor = actor_tail(args, root, ray) if args.only in (None, "actor-tail") else None
     sizes = args.load_sizes if args.only in (None, "loads") else []
     loads = [weight_load(size, root, args.loads, ray) for size in sizes]
     ray.shutdown()
@@ -329,6 +390,20 @@ def main() -> None:
             shown = "" if occupancy is None else f"{occupancy:.1f}"
             print(f"  {label:<34}{tail[f'{name}_tokens_per_s']:>10.0f}{shown:>16}")
         print(f"  {'kept full / raw calls':<34}{tail['continuous_over_calls']:>10.2f}   (target >= 1.3)")
+    if actor is not None:
+        print()
+        print(
+            f"one RolloutActor on the loop's long-tailed workload (early-SFT small policy, {actor['prompts']} prompts "
+            f"x {actor['samples_per_prompt']} samples, at most {actor['max_new_tokens']} tokens), {actor['slots']} "
+            f"prompts at a time, median of {actor['rounds']} rounds"
+        )
+        print(f"  {'path':<34}{'tokens/s':>10}{'sequences/step':>16}{'mean tokens':>13}")
+        for name, label in (("calls", "generate, a call at a time"), ("kept_full", "collect, kept full")):
+            print(
+                f"  {label:<34}{actor[f'{name}_tokens_per_s']:>10.0f}{actor[f'{name}_occupancy']:>16.1f}"
+                f"{actor[f'{name}_mean_length']:>13.1f}"
+            )
+        print(f"  {'kept full / calls':<34}{actor['kept_full_over_calls']:>10.2f}   (target >= 1.3)")
     if loads:
         print()
         print("one weight sync as the actor pays it (median of the warm ones) vs one memcpy of the same bytes")
@@ -342,7 +417,7 @@ def main() -> None:
             f"{r['verify_seconds']:>9.4f}{r['sync_seconds']:>9.4f}{r['memcpy_seconds']:>10.4f}"
             f"{r['ratio_to_memcpy']:>12.1f}{r['reload_seconds']:>10.4f}{r['probe_rms_error']:>11.1e}"
         )
-    print(json.dumps({"generation": gen, "long_tail": tail, "weight_load": loads}))
+    print(json.dumps({"generation": gen, "long_tail": tail, "actor_tail": actor, "weight_load": loads}))
 
 
 if __name__ == "__main__":
