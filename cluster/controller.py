@@ -157,7 +157,7 @@ class Loop:
         live = len(self.pool.live())
         for _ in range(target - live):
             self.start_actor()
-        for slot in self.pool.drain(live - target):  # a busy actor finishes its call first
+        for slot in self.pool.drain(live - target):  # one holding prompts finishes them first
             self.retire(slot)
         self.roles.control.report.remote(
             status(self.cfg, self.pool, self.roles.placement, self.version, self.counters, self.autoscaler)
@@ -181,7 +181,7 @@ class Loop:
         """Keep every actor's engine full as far as the staleness bound admits (with
         max_staleness 0 an actor waits for the update in flight). An actor holding older weights
         loads the newest first, between two engine steps: its prompts in flight go on under
-        them (`rollout.inflight_updates`; with `off` it loads once they have ended)."""
+        them (`rollout.inflight_updates`; with `drain` it loads once they have ended)."""
         for slot in list(self.pool.slots.values()):
             if slot.pending is not None:
                 continue
@@ -189,7 +189,7 @@ class Loop:
                 self.pool.dispatch(slot, SlotState.DRAINING, slot.handle.collect.remote([]))
                 continue
             newer = slot.version < self.version
-            if newer and not (slot.prompt_ids and self.cfg.rollout.inflight_updates == "off"):
+            if newer and not (slot.prompt_ids and self.cfg.rollout.inflight_updates == "drain"):
                 self.pool.dispatch(slot, SlotState.LOADING, slot.handle.load_weights.remote(self.weights))
                 continue
             n = 0 if newer else self.pipeline.prompts_to_start(slot.version, held=len(slot.prompt_ids))

@@ -112,11 +112,11 @@ class RolloutConfig(Section):
     prompts_per_batch: int = Field(32, ge=1)
     """Most prompts an actor holds in flight at once: it starts more as these end, so its
     engine stays full (continuous generation, docs/continuous.md)."""
-    inflight_updates: Literal["keep", "recompute", "off"] = "keep"
+    inflight_updates: Literal["keep", "recompute", "drain"] = "keep"
     """What an actor holding prompts does when a newer policy version is published. `keep`:
     it loads the version between two engine steps and the responses in flight go on, their
     next tokens attending to keys and values the old weights computed; `recompute`: it loads
-    it and recomputes those keys and values with the new weights first; `off`: it starts no
+    it and recomputes those keys and values with the new weights first; `drain`: it starts no
     more prompts until those in flight end, then loads, so each response is one version's.
     Every token's behaviour log-prob is recorded either way (docs/continuous.md)."""
     generate_timeout_s: float | None = Field(900.0, gt=0.0)
