@@ -1,4 +1,4 @@
-"""Building a vLLM engine from the config and turning its outputs into `Rollout` records.
+"""Building a vLLM engine from the config, its sampling parameters, and reading its outputs.
 
 Small functions without Ray, so the rollout actor, the benchmark and the tests share them.
 The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): that keeps one process per
@@ -148,45 +148,6 @@ def sampled_logprobs(completion: Any) -> list[float]:
         return list(flat)
     # General form: a mapping token id -> Logprob per position.
     return [position[token].logprob for position, token in zip(logprobs, token_ids)]
-
-
-def build_rollouts(
-    prompts: Sequence[Prompt],
-    prompt_ids: Sequence[list[int]],
-    outputs: Sequence[Any],
-    policy_version: int,
-    actor_id: int,
-    generate_seconds: float,
-    tokenizer: Any = None,
-) -> list[Rollout]:
-    """One `Rollout` per completion, in prompt order then sample order. With `tokenizer`,
-    the response text is decoded from the tokens (for outputs vLLM did not detokenize)."""
-    rollouts = []
-    for prompt, ids, output in zip(prompts, prompt_ids, outputs, strict=True):
-        for sample_index, completion in enumerate(output.outputs):
-            finish = FINISH_REASONS.get(completion.finish_reason)
-            if finish is None:
-                raise RuntimeError(
-                    f"vLLM ended prompt {prompt.prompt_id!r} with finish reason {completion.finish_reason!r}"
-                )
-            rollouts.append(
-                Rollout(
-                    prompt_id=prompt.prompt_id,
-                    sample_index=sample_index,
-                    prompt_text=prompt.text,
-                    prompt_token_ids=list(ids),
-                    response_token_ids=list(completion.token_ids),
-                    response_text=completion.text
-                    if tokenizer is None
-                    else tokenizer.decode(completion.token_ids, skip_special_tokens=True),
-                    behaviour_logprobs=sampled_logprobs(completion),
-                    finish_reason=finish,
-                    policy_version=policy_version,
-                    actor_id=actor_id,
-                    generate_seconds=generate_seconds,
-                )
-            )
-    return rollouts
 
 
 def apply_scores(rollouts: list[Rollout], scores: Sequence[float] | Scores, score_seconds: float) -> set[str]:

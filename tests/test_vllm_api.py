@@ -57,7 +57,7 @@ def test_sampling_params_and_outputs_have_the_fields_tame_reads():
     stopping = sampling_params(load_config(None, ["rollout.sampling.stop=[x]"]))
     assert stopping.stop == ["x"] and stopping.detokenize is True
     assert TokensPrompt(prompt_token_ids=[1, 2])["prompt_token_ids"] == [1, 2]
-    # actors.engine.build_rollouts and sampled_logprobs
+    # actors.continuous (its streamed outputs) and actors.engine.sampled_logprobs
     assert {"text", "token_ids", "logprobs", "finish_reason"} <= {f.name for f in dataclasses.fields(CompletionOutput)}
     assert "outputs" in inspect.signature(RequestOutput.__init__).parameters
 
