@@ -20,7 +20,7 @@ from typing import Any
 
 class SlotState(Enum):
     LOADING = "loading"
-    """Loading (and verifying) a policy version; no prompts."""
+    """Loading (and verifying) a policy version, its prompts (if any) waiting in its engine."""
     IDLE = "idle"
     """Holds a verified version and has nothing to do."""
     GENERATING = "generating"
@@ -102,8 +102,8 @@ class ActorPool:
 
     def drain(self, count: int) -> list[Slot]:
         """Mark the `count` newest live actors to leave; returns those that can leave now
-        (idle, or not up yet: a first load may wait for Ray to place the actor for ever), the
-        others leave once their call in flight is done."""
+        (idle with no prompts, or not up yet: a first load may wait for Ray to place the actor
+        for ever), the others leave once the prompts they hold have come back."""
         leaving = sorted(self.live(), key=lambda s: -s.actor_id)[: max(0, count)]
         idle = [s for s in leaving if (s.state is SlotState.IDLE and not s.prompt_ids) or s.version < 0]
         for slot in leaving:
@@ -125,9 +125,9 @@ class ActorPool:
         return [s for s in self.slots.values() if s.version < 0]
 
     def reloading(self) -> list[Slot]:
-        """Actors that are up and loading a newer version. (An actor's first load waits for its
-        engine to be built: `pending_start`.)"""
-        return [s for s in self.slots.values() if s.state is SlotState.LOADING and s.version >= 0]
+        """Actors that are up and loading a newer version, draining ones included. (An actor's
+        first load waits for its engine to be built: `pending_start`.)"""
+        return [s for s in self.slots.values() if s.pending is not None and s.loading and s.version >= 0]
 
     def generating(self) -> list[Slot]:
         """Actors with a generation call in flight (draining ones included)."""

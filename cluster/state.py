@@ -91,19 +91,26 @@ class ScoringWatch:
 
     limit_s: float
     failing_s: float = 0.0
+    last_failure: str = ""
 
     def after_call(self, batch: Any, call_seconds: float) -> None:
         """Account for one generation call's `RolloutBatch`; a RunError past the limit. A call
-        in which no prompt ended says nothing either way."""
+        in which no prompt ended scores nothing either way: its time counts only once calls
+        have failed (the responses it stepped will be scored by a later one)."""
         if not batch.prompt_ids:
+            if self.failing_s > 0:
+                self._failed(call_seconds)
             return
         if batch.rollouts or not batch.failed_prompt_ids:
             self.failing_s = 0.0
             return
-        self.failing_s += call_seconds
+        self.last_failure = batch.score_error or "scores that are not finite numbers"
+        self._failed(call_seconds)
+
+    def _failed(self, seconds: float) -> None:
+        self.failing_s += seconds
         if self.failing_s > self.limit_s:
             raise RunError(
                 f"no generation call could be scored for {self.failing_s:.0f} s of calls "
-                f"(reward.failing_timeout_s {self.limit_s:g}); the last failure: "
-                f"{batch.score_error or 'scores that are not finite numbers'}"
+                f"(reward.failing_timeout_s {self.limit_s:g}); the last failure: {self.last_failure}"
             )

@@ -256,13 +256,16 @@ def test_only_an_actor_that_is_up_can_be_overdue_with_a_load():
     from cluster.pool import ActorPool, Slot, SlotState
 
     pool = ActorPool(make_actor=None, target=4)
-    new = Slot(0, None, SlotState.LOADING, version=-1, call_started=0.0)
-    hung = Slot(1, None, SlotState.LOADING, version=4, call_started=0.0)
-    generating = Slot(2, None, SlotState.GENERATING, version=5, call_started=0.0)
-    recent = Slot(3, None, SlotState.LOADING, version=4, call_started=9.5)
-    pool.slots = {s.actor_id: s for s in (new, hung, generating, recent)}
-    assert pool.overdue_loads(now=10.0, timeout_s=5.0) == [hung]
-    assert pool.overdue_loads(now=15.0, timeout_s=5.0) == [hung, recent]
+    new = Slot(0, None, SlotState.LOADING, version=-1, pending="ref0", loading=True, call_started=0.0)
+    hung = Slot(1, None, SlotState.LOADING, version=4, pending="ref1", loading=True, call_started=0.0)
+    generating = Slot(2, None, SlotState.GENERATING, version=5, pending="ref2", call_started=0.0)
+    recent = Slot(3, None, SlotState.LOADING, version=4, pending="ref3", loading=True, call_started=9.5)
+    # Scaled away while it loaded, holding prompts: its load has a deadline too, or a hung one
+    # would keep its prompts in flight, and the learner waiting for them, for ever.
+    leaving = Slot(4, None, SlotState.DRAINING, 4, pending="ref4", loading=True, prompt_ids=["0:1"], call_started=0.0)
+    pool.slots = {s.actor_id: s for s in (new, hung, generating, recent, leaving)}
+    assert pool.overdue_loads(now=10.0, timeout_s=5.0) == [hung, leaving]
+    assert pool.overdue_loads(now=15.0, timeout_s=5.0) == [hung, recent, leaving]
     assert pool.pending_start() == [new]
 
 
@@ -291,3 +294,31 @@ def test_scaling_in_removes_idle_actors_and_those_not_up_yet_at_once_and_busy_on
     assert pool.drain(2) == [unplaced, idle]  # the newest first
     assert pool.drain(1) == []  # the live one left is busy: it leaves after its call
     assert busy.state is SlotState.DRAINING and pool.live() == []
+
+
+def test_scoring_failures_end_the_run_after_their_calls_time_counting_calls_that_ended_nothing():
+    """reward.failing_timeout_s counts the time of calls that came back with nothing scored;
+    once one has, the calls in which no prompt ended (the engine stepping long responses)
+    count too, or a reward service that stays down would be waited on for many times the
+    limit. A scored call resets the count; calls that end nothing before any failure do not
+    start it."""
+    from cluster.shared.errors import RunError
+    from cluster.shared.records import RolloutBatch
+    from cluster.state import ScoringWatch
+
+    def call(ended: int, scored: bool) -> RolloutBatch:
+        ids = [f"0:{i}" for i in range(ended)]
+        rollouts = [object()] * ended if scored else []
+        return RolloutBatch(0, 0, rollouts, ids, failed_prompt_ids=[] if scored else ids, score_error="down")
+
+    watch = ScoringWatch(limit_s=1.0)
+    watch.after_call(call(0, False), 5.0)  # nothing ended, nothing failed yet
+    assert watch.failing_s == 0.0
+    watch.after_call(call(2, False), 0.3)
+    watch.after_call(call(0, False), 0.3)
+    assert watch.failing_s == pytest.approx(0.6)
+    watch.after_call(call(1, True), 0.3)
+    assert watch.failing_s == 0.0
+    watch.after_call(call(2, False), 0.6)
+    with pytest.raises(RunError, match=r"for 1 s of calls .*the last failure: down"):
+        watch.after_call(call(0, False), 0.5)

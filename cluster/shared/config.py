@@ -118,13 +118,14 @@ class RolloutConfig(Section):
     next tokens attending to keys and values the old weights computed; `recompute`: it loads
     it and recomputes those keys and values with the new weights first; `drain`: it starts no
     more prompts until those in flight end, then loads, so each response is one version's.
-    Every token's behaviour log-prob is recorded either way (docs/continuous.md)."""
+    Every token's behaviour log-prob is recorded either way (docs/continuous.md). With LoRA a
+    request keeps the adapter it started with, so keep and recompute are the same."""
     generate_timeout_s: float | None = Field(900.0, gt=0.0)
     """How long one generation call may take: an actor steps its engine until some of its
-    prompts end (at most about a second), then scores them and answers, with their reference
-    log-probs under reference_logprobs. An actor that has not answered by then is taken as
-    hung and handled as a dead one: its prompts are handed out again and it is replaced
-    (`generate_timeouts` in the summary). Null: no limit."""
+    prompts end or a quarter second has passed (then finishes the step), scores those that
+    ended and answers, with their reference log-probs under reference_logprobs. An actor that
+    has not answered by then is taken as hung and handled as a dead one: its prompts are
+    handed out again and it is replaced (`generate_timeouts` in the summary). Null: no limit."""
     load_timeout_s: float = Field(300.0, gt=0.0)
     """How long an actor that is up may take to load and verify a new policy version; one that
     has not confirmed by then is taken as hung: it is retired, replaced, and counted
