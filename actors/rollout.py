@@ -116,21 +116,19 @@ class RolloutActor:
 
         The engine is kept full: a call returns once a quarter of the actor's prompts have
         ended or `RETURN_AFTER_S` has passed (or nothing is left, or after `max_steps` steps),
-        and the next call starts more. Weights loaded
-        between two calls (`load_weights`) load between two engine steps; the prompts in flight
-        go on under them (`rollout.inflight_updates`), their later tokens carrying the new
-        version (`Rollout.token_versions`). Prompts whose completions could not be scored are
+        and the next call starts more. Weights loaded between two calls (`load_weights`) load
+        between two engine steps; the prompts in flight go on under them
+        (`rollout.inflight_updates`), their later tokens carrying the new version
+        (`Rollout.token_versions`). Prompts whose completions could not be scored are
         listed in `failed_prompt_ids` and their rollouts left out: they are handed out again,
         never scored as 0.
         """
         start = time.perf_counter()
         self._submit(prompts)
         stepper, quarter = self._stepper, max(1, self.cfg.rollout.prompts_per_batch // 4)
-        # With LoRA a request keeps the adapter it started with: its tokens are that version's.
-        version = self._version if self._lora is None else None
         ended, steps, since = [], 0, stepper.occupancy.snapshot()
         while stepper.sequences and steps != max_steps:
-            ended += stepper.step(version)
+            ended += stepper.step(self._step_version)
             steps += 1
             if max_steps is None and (len(ended) >= quarter or time.perf_counter() - start > RETURN_AFTER_S):
                 break
@@ -144,14 +142,16 @@ class RolloutActor:
         start = time.perf_counter()
         self._submit(prompts)
         since = self._stepper.occupancy.snapshot()
-        ended = self._stepper.drain(self._version if self._lora is None else None)
+        ended = self._stepper.drain(self._step_version)
         order = {p.prompt_id: i for i, p in enumerate(prompts)}
         ended.sort(key=lambda s: order[s.prompt.prompt_id])
         return self._batch(ended, start, since)
 
-    def in_flight(self) -> int:
-        """Prompts started and not ended."""
-        return self._stepper.prompts
+    @property
+    def _step_version(self) -> int | None:
+        """The version the engine's next step samples with; None with LoRA, where a request
+        keeps the adapter it started with, so its tokens are its start version's."""
+        return self._version if self._lora is None else None
 
     def _submit(self, prompts: Sequence[Prompt]) -> None:
         """Start `prompts` under the weights the engine holds now (with LoRA, this version's
@@ -162,8 +162,9 @@ class RolloutActor:
             self._stepper.add(prompt, prompt_ids, self._version, adapter)
 
     def _batch(self, ended: list[Started], start: float, since: Occupancy) -> RolloutBatch:
-        """The batch of the prompts that `ended` in a call that began at `start`, scored;
-        `since` is the engine's occupancy then."""
+        """The batch of the prompts that `ended` in a call that began at `start`, scored here,
+        so the records reach the reward service without a detour through the controller, with
+        their reference log-probs computed meanwhile; `since` is the engine's occupancy then."""
         tokenizer = None if self._params.detokenize else self._tokenizer
         rollouts = [r for started in ended for r in to_rollouts(started, self.actor_id, tokenizer)]
         batch = RolloutBatch(
@@ -177,13 +178,6 @@ class RolloutActor:
             engine_steps=self._stepper.occupancy.steps - since.steps,
             engine_sequences=self._stepper.occupancy.sequences - since.sequences,
         )
-        self._finish(batch)
-        return batch
-
-    def _finish(self, batch: RolloutBatch) -> None:
-        """Score the batch's records here, so they reach the reward service without a detour
-        through the controller, and compute their reference log-probs meanwhile."""
-        rollouts = batch.rollouts
         if self._reference is not None and rollouts:
             scoring = self._scoring.submit(self._score, batch) if self._scorer is not None else None
             try:
@@ -193,6 +187,7 @@ class RolloutActor:
                     scoring.result()
         elif self._scorer is not None and rollouts:
             self._score(batch)
+        return batch
 
     def _load_adapter(self, version: int, tensors: dict) -> None:
         """Put `version`'s adapter into the engine; drop the oldest beyond what calls may still

@@ -73,15 +73,7 @@ def simulate(
                 calls += 1
                 lost = 1 if lose_every and calls % lose_every == 0 else 0
                 at(now + generate_s[i], "generated", i, a["version"], n - lost)
-        if not learner_busy:
-            batch, dropped = pipeline.next_batch()
-            trace.dropped += sum(len(g) for g in dropped)
-            if batch is not None:
-                learner_busy = True
-                trace.staleness += [pipeline.version - g.policy_version for g in batch]
-                trace.batches.append([g.prompt_id for g in batch for _ in g.rollouts])
-                trace.updates.append((now, now + update_s))
-                at(now + update_s, "updated")
+        learner_busy = learner_busy or start_update(pipeline, trace, now, update_s, at)
         now, _, kind, args = heapq.heappop(events)
         if kind == "updated":
             pipeline.update_done(trained=True)
@@ -98,6 +90,20 @@ def simulate(
             actors[i].update(state="idle", idle_since=now)
     trace.actor_time = len(actors) * (now - trace.updates[0][1])
     return trace
+
+
+def start_update(pipeline: Pipeline, trace: Trace, now: float, update_s: float, at) -> bool:
+    """The controller's learner step: train the next batch if one is ready (dropping what is
+    too stale), recording it in `trace`; whether an update started."""
+    batch, dropped = pipeline.next_batch()
+    trace.dropped += sum(len(g) for g in dropped)
+    if batch is None:
+        return False
+    trace.staleness += [pipeline.version - g.policy_version for g in batch]
+    trace.batches.append([g.prompt_id for g in batch for _ in g.rollouts])
+    trace.updates.append((now, now + update_s))
+    at(now + update_s, "updated")
+    return True
 
 
 def learner_idle_share(trace: Trace) -> float:
@@ -160,10 +166,10 @@ def simulate_continuous(
     longer). An actor starts prompts as they end, as far as the rule admits, and loads a newer
     version between two of its steps while its prompts run on (in-flight updates), as the
     controller drives `RolloutActor.collect`. Returns the trace, how often each prompt was
-    trained, and how many prompts were in flight across a load."""
+    trained (in samples), and how many prompts were in flight across a load."""
     rng = random.Random(seed)
     pipeline = Pipeline(32, k, 4, capacity, max_waiting=10**6)
-    trace, trained, spanning = Trace(), Counter(), 0
+    trace, spanning = Trace(), 0
     now, events, seq, ids = 0.0, [], 0, iter(range(10**9))
     held = [dict() for _ in range(actors)]  # prompt id -> the version it started under
     version, loading, learner_busy = [0] * actors, [False] * actors, False
@@ -187,15 +193,7 @@ def simulate_continuous(
                     prompt = str(next(ids))
                     held[i][prompt] = version[i]
                     at(now + math.exp(rng.uniform(math.log(0.02), math.log(2.0))), "ended", i, prompt)
-        if not learner_busy:
-            batch, dropped = pipeline.next_batch()
-            trace.dropped += sum(len(g) for g in dropped)
-            if batch is not None:
-                learner_busy = True
-                trace.staleness += [pipeline.version - g.policy_version for g in batch]
-                trained.update(g.prompt_id for g in batch)
-                trace.updates.append((now, now + update_s))
-                at(now + update_s, "updated")
+        learner_busy = learner_busy or start_update(pipeline, trace, now, update_s, at)
         now, _, kind, args = heapq.heappop(events)
         if kind == "updated":
             pipeline.update_done(trained=True)
@@ -206,7 +204,7 @@ def simulate_continuous(
             i, prompt = args
             started = held[i].pop(prompt)
             pipeline.finished(i, [PromptGroup(prompt, started, [None] * 4)], [started])
-    return trace, trained, spanning
+    return trace, Counter(p for batch in trace.batches for p in batch), spanning
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -216,7 +214,7 @@ def test_continuous_actors_never_start_a_sample_too_stale_to_train(k, actors, up
     versions of the weights it started under, none is dropped, each prompt once."""
     trace, trained, spanning = simulate_continuous(k, actors, update_s)
     assert max(trace.staleness) <= k and trace.dropped == 0
-    assert set(trained.values()) == {1}
+    assert set(trained.values()) == {4}  # each prompt's 4 samples, once
     if k == 0:
         assert set(trace.staleness) == {0} and spanning == 0  # synchronous: no load meets a prompt
     elif update_s < 3.0:  # generation is the slower side: new weights reach prompts in flight
