@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.demo.assets import ensure_assets  # noqa: E402
 from cluster.shared.config_file import load_config  # noqa: E402
+from cluster.shared.threads import available_cores  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 from learner.sampling import sample_rollouts  # noqa: E402
-from learner.training import available_cores  # noqa: E402
 
 
 def best_seconds(fns: dict, repeats: int) -> dict[str, float]:

@@ -33,8 +33,8 @@ from cluster.demo.assets import ensure_assets  # noqa: E402
 from cluster.launch import start_learner  # noqa: E402
 from cluster.shared.config_file import load_config  # noqa: E402
 from cluster.shared.records import Rollout  # noqa: E402
+from cluster.shared.threads import available_cores  # noqa: E402
 from cluster.shared.tokens import prompt_token_ids  # noqa: E402
-from learner.training import available_cores  # noqa: E402
 
 
 def rollouts(assets, n: int, new_tokens: int) -> list[Rollout]:

@@ -45,6 +45,7 @@ from cluster.shared.lora import adapter_tensors
 from cluster.shared.precision import compute_context, torch_dtype
 from cluster.shared.records import Rollout, UpdateResult
 from cluster.shared.startup import heavy_imports
+from cluster.shared.threads import set_torch_threads
 from cluster.shared.tokens import pad_token_id
 from cluster.shared.transport import ObjectStoreTransport, WeightsHandle, WeightTransport
 from learner import checkpoints, lora, ppo
@@ -53,7 +54,7 @@ from learner.loading import export_dtypes, load_models, value_head
 from learner.memory import check_device
 from learner.rollback import HostSnapshot
 from learner.sharding import Rank, Shards, full
-from learner.training import optimizers_for, ptx_backward, ptx_examples, set_torch_threads
+from learner.training import optimizers_for, ptx_backward, ptx_examples
 
 
 class Forward(NamedTuple):

@@ -19,6 +19,7 @@ import torch
 from cluster.shared.config import TameConfig
 from cluster.shared.files import atomic_directory
 from cluster.shared.precision import compute_context, disable_dropout
+from cluster.shared.threads import available_cores, set_torch_threads
 from cluster.shared.tokens import pad_token_id
 from learner.data import (
     DataError,
@@ -26,12 +27,7 @@ from learner.data import (
     encode_demonstrations,
     read_demonstrations,
 )
-from learner.training import (
-    available_cores,
-    demonstration_nll,
-    make_scheduler,
-    set_torch_threads,
-)
+from learner.training import demonstration_nll, make_scheduler
 
 __all__ = ["DataError", "run_sft"]
 

@@ -42,6 +42,7 @@ from cluster.shared.files import atomic_directory
 from cluster.shared.precision import compute_context
 from cluster.shared.reward_folder import ENSEMBLE_FILE, first_reward_model
 from cluster.shared.score_head import set_score_bias
+from cluster.shared.threads import available_cores, set_torch_threads
 from cluster.shared.tokens import pad
 from reward_service.data import DataError, PreferencePair, load_preference_pairs
 from reward_service.model import (
@@ -116,10 +117,9 @@ def train_reward_model(cfg: TameConfig, log=print) -> dict:
     """Train, evaluate, normalise and save the reward model of `cfg.reward_model` (or the
     ensemble of `reward_model.members` >= 2).
 
-    Runs on `cfg.learner.device` with `cfg.learner.num_cpus` torch threads on CPU (the
-    learner's budget: on small models, more threads than cores are free is many times
-    slower, not faster). Returns {"accuracy", "accuracy_before", "eval_loss", "output",
-    "pairs", "train_pairs", "eval_pairs", "steps", "score_bias", "normalised_on", "init",
+    Runs on `cfg.learner.device`; on CPU with a torch thread per core this process may use, as
+    SFT does (the stage runs alone, before the loop). Returns {"accuracy", "accuracy_before",
+    "eval_loss", "output", "pairs", "train_pairs", "eval_pairs", "steps", "score_bias", "normalised_on", "init",
     "data", "seconds"} ("bootstrap" too when set); for an ensemble {"accuracy" (the ensemble's), "output",
     "members": {name: that summary}, "seeds", "bootstrap", "eval_pairs", "seconds"}. Raises
     DataError (a ValueError) naming the file and line of a bad pair, and ConfigError naming
@@ -127,7 +127,7 @@ def train_reward_model(cfg: TameConfig, log=print) -> dict:
     """
     threads = torch.get_num_threads()
     if cfg.learner.device == "cpu":
-        torch.set_num_threads(max(1, int(cfg.learner.num_cpus)))
+        set_torch_threads(available_cores())
     try:
         return _train_ensemble(cfg, log) if cfg.reward_model.members > 1 else _train(cfg, log)
     finally:
