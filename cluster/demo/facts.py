@@ -30,6 +30,7 @@ import torch
 
 from cluster.demo.vocabulary import ANSWER_TEMPLATES, ATTRIBUTE_VALUES
 from cluster.demo.world import HELDOUT_SPLITS, World, words
+from cluster.shared.logprobs import response_logprobs
 from cluster.shared.reward_folder import is_ensemble, reward_members
 from cluster.shared.threads import available_cores, set_torch_threads
 from cluster.shared.tokens import pad, prompt_token_ids, response_token_ids
@@ -75,12 +76,11 @@ def policy_logprobs(policy: str | Path, qs: list[Question]) -> list[torch.Tensor
         prompt = prompt_token_ids(tokenizer, q.prompt)
         sequences = [prompt + response_token_ids(tokenizer, a) for a in q.answers]
         input_ids, attention_mask = pad(sequences, tokenizer.pad_token_id)
-        logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        token_logprobs = torch.log_softmax(logits, -1).gather(2, input_ids[:, 1:, None])[..., 0]
-        response = torch.zeros_like(token_logprobs)
+        offset = len(prompt) - 1  # the position that predicts the first answer token
+        mask = torch.zeros(len(sequences), input_ids.shape[1] - 1 - offset)
         for i, s in enumerate(sequences):
-            response[i, len(prompt) - 1 : len(s) - 1] = 1.0
-        out.append((token_logprobs * response).sum(1))
+            mask[i, : len(s) - len(prompt)] = 1.0
+        out.append(response_logprobs(model, input_ids, attention_mask, mask, offset)[0].sum(1))
     return out
 
 
